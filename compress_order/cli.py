@@ -1,0 +1,140 @@
+"""`compress-order` command line: run (Hydra), validate, list, and the analysis commands.
+
+Bad input anywhere is reported as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from compress_order.errors import UserError
+
+USAGE = """usage: compress-order COMMAND [ARGS]
+
+commands:
+  run [OVERRIDES] [-m]     run every order of the stage list (Hydra: --cfg job, -m for sweeps)
+  validate [OVERRIDES]     compose and check a config (and every point of a sweep) without running
+  list                     models, datasets, stages, experiments and metrics available
+  table PATH...            pivot results of runs into order-vs-order tables
+  analyze PATH...          order advantage, intensity gaps and the Progressive Intensity test
+  collect PATH...          every run under PATH into one tidy file
+
+examples:
+  compress-order run                                   # embedded char-LLaMA, magnitude & RTN, 3 bits, 70%
+  compress-order run stages=[rtn,magnitude] bits=4 sparsity=0.5
+  compress-order run -m bits=3,4 sparsity=0.5,0.7
+"""
+
+HYDRA_ONLY_FLAGS = {"--cfg", "-c", "--info", "--help", "-h", "--hydra-help", "--resolve", "--package", "-p"}
+
+
+def _overrides(args: list[str]) -> list[str]:
+    """The override arguments of a Hydra command line (flags and their values dropped)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--cfg", "-c", "--package", "-p", "--info", "-cn", "--config-name", "-cp", "--config-path",
+                 "--experimental-rerun", "-cd", "--config-dir"):  # fmt: skip
+            skip = a not in ("--info",)
+            continue
+        if a.startswith("-"):
+            continue
+        out.append(a)
+    return out
+
+
+def cmd_run(args: list[str]) -> int:
+    from compress_order import config  # noqa: F401  (registers resolvers before Hydra composes)
+
+    if not HYDRA_ONLY_FLAGS.intersection(args):
+        config.validate_overrides(_overrides(args))  # every sweep point, before any heavy work
+    from compress_order.launch import hydra_main
+
+    return hydra_main(args)
+
+
+def cmd_validate(args: list[str]) -> int:
+    from compress_order.config import validate_overrides
+    from compress_order.stages import stage_configs
+    from compress_order.trie import build_trie, count_applications
+
+    cfgs = validate_overrides(args)
+    for cfg in cfgs:
+        labels = [sc["label"] for sc in stage_configs(cfg)]
+        trie = build_trie(labels)
+        n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
+        print(
+            f"ok: model={cfg.model.name} data={cfg.data.name} stages={labels} bits={cfg.bits} "
+            f"sparsity={cfg.sparsity}: {n_full} orders, {count_applications(trie)} stage applications"
+        )
+    print(f"{len(cfgs)} configuration(s) valid")
+    return 0
+
+
+def cmd_list(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from compress_order.config import GROUPS
+    from compress_order.metrics import METRICS
+    from compress_order.paths import CONF_DIR, group_options
+
+    for group in GROUPS:
+        print(f"{group}:")
+        for name in group_options(group):
+            node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+            doc = _first_comment(CONF_DIR / group / f"{name}.yaml")
+            print(f"  {name:<22} {doc}")
+    print("stage:")
+    for name in group_options("stage"):
+        node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / f"{name}.yaml"))
+        params = " ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
+        print(f"  {name:<22} {params}")
+    print("metrics:")
+    for m in METRICS.values():
+        print(f"  {m.name:<22} {'↑' if m.higher_is_better else '↓'} {m.description}")
+    return 0
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def cmd_analysis(cmd: str, args: list[str]) -> int:
+    try:
+        from compress_order import analysis
+    except ModuleNotFoundError as e:
+        if e.name != "compress_order.analysis":
+            raise
+        raise UserError(f"'{cmd}' is not available in this version") from None
+    return analysis.main(cmd, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # torchao (imported by transformers) registers enums that torch now warns about on every start.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}
+    try:
+        if cmd in commands:
+            return commands[cmd](rest)
+        if cmd in ("table", "analyze", "collect"):
+            return cmd_analysis(cmd, rest)
+        raise UserError(f"unknown command '{cmd}'; valid: analyze, collect, list, run, table, validate")
+    except UserError as e:
+        print(f"compress-order: error: {e}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Hydra composition outside a run (validate, list, tests) and the `${asset:...}` resolver."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from compress_order.errors import UserError, choices
+from compress_order.paths import ASSETS_DIR, CONF_DIR, group_options
+
+OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), replace=True)
+
+GROUPS = ("model", "data", "eval", "experiment", "hydra/launcher")
+MAX_COMBINATIONS = 4096
+
+
+def expand_overrides(overrides: list[str]) -> list[list[str]]:
+    """Every combination of a sweep (`bits=3,4 sparsity=0.5,0.7` → 4 lists of plain overrides)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # Hydra's grammar errors span lines; keep the first
+        raise UserError(f"cannot parse overrides: {str(e).strip().splitlines()[0]}") from None
+    axes = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+        group = o.key_or_group.lstrip("+~")
+        if group in GROUPS and o.value_type is not None and not o.is_delete():
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+            for v in values:
+                if isinstance(v, str) and v not in group_options(group) and v != "null":
+                    raise UserError(f"unknown {group} '{v}'; valid: {choices(group_options(group))}")
+    combos = [list(c) for c in itertools.product(*axes)]
+    if len(combos) > MAX_COMBINATIONS:
+        raise UserError(f"the sweep has {len(combos)} combinations, more than {MAX_COMBINATIONS}")
+    return combos or [[]]
+
+
+def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose conf/config.yaml with overrides, as `compress-order run` would (without running)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(str(e).strip().splitlines()[0]) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def validate_overrides(overrides: list[str]) -> list[DictConfig]:
+    """Compose and check every combination of a (possibly swept) command line; model-free checks only."""
+    from compress_order.stages import build_stage, stage_configs
+    from compress_order.validate import check_config
+
+    cfgs = []
+    for combo in expand_overrides(overrides):
+        cfg = compose_config(combo)
+        check_config(cfg)
+        for sc in stage_configs(cfg):
+            build_stage(sc)
+        cfgs.append(cfg)
+    return cfgs

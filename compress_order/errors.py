@@ -1,0 +1,14 @@
+"""Errors the command line reports as one line on stderr with exit code 2 (no traceback)."""
+
+
+class UserError(Exception):
+    """Bad input: a config value, a name, a path. The message names the problem and the valid choices."""
+
+
+class InvariantError(RuntimeError):
+    """A compression stage broke a constraint of an earlier stage (or its own). Always a bug, never a warning."""
+
+
+def choices(valid) -> str:
+    """Format a sorted list of valid choices for an error message."""
+    return ", ".join(sorted(str(v) for v in valid))

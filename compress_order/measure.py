@@ -1,0 +1,72 @@
+"""What a compressed model costs: sparsity, packed bits and bytes, and forward latency."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compress_order.targets import Target
+
+
+def layer_bits(t: Target, dense_bits: int = 16) -> tuple[float, str]:
+    """Bits of one layer in its packed form, and the format used.
+
+    Values take `bits` each when quantized, else `dense_bits`. A quantized layer adds a 16-bit scale per
+    (row, group) and, when asymmetric, a `bits`-wide zero-point. A pruned layer stores only kept values plus
+    its index metadata: ceil(log2 M) bits per kept value for N:M, a 1-bit-per-weight bitmask otherwise
+    (or plain dense storage, when that is smaller).
+    """
+    rows, cols = t.shape
+    numel = rows * cols
+    c = t.constraint
+    vbits = c.grid.bits if c.grid is not None else dense_bits
+    overhead = 0.0
+    if c.grid is not None:
+        overhead = c.grid.scale.numel() * (16 + (0 if c.grid.sym else c.grid.bits))
+    if c.mask is None:
+        return numel * vbits + overhead, "dense"
+    kept = int(c.mask.sum())
+    if c.nm is not None:
+        return kept * (vbits + math.ceil(math.log2(c.nm[1]))) + overhead, f"{c.nm[0]}:{c.nm[1]}"
+    bitmask = kept * vbits + numel
+    dense = numel * vbits
+    return (bitmask, "bitmask") if bitmask < dense else (dense, "dense")
+
+
+@torch.no_grad()
+def compression_metrics(model: nn.Module, targets: dict[str, Target], dense_bits: int = 16) -> dict[str, float]:
+    target_params = {id(t.module.weight) for t in targets.values()}
+    numel = zeros = 0
+    bits = 0.0
+    for t in targets.values():
+        w = t.weight
+        numel += w.numel()
+        zeros += int((w == 0).sum())
+        bits += layer_bits(t, dense_bits)[0]
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in target_params)
+    return {
+        "sparsity": zeros / numel,
+        "avg_bits": bits / numel,
+        "size_bytes": (bits + rest * dense_bits) / 8,
+    }
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10) -> tuple[float, float]:
+    """Median and inter-quartile range (ms) of `fn()`; CUDA is synchronised around every call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[2] - q[0]

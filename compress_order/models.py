@@ -1,0 +1,61 @@
+"""Model loaders named by `_target_` in conf/model/*.yaml. Each returns a LoadedModel."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress_order.errors import UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    kind: str  # selects the task: "causal_lm" or "image_classifier"
+    name: str
+    skip: list[str] = field(default_factory=list)  # regexes of layers left dense
+    tokenizer: Any = None
+    seqlen: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _dtype(name: str) -> Any:
+    if name not in DTYPES:
+        raise UserError(f"model.dtype={name} is unknown; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def causal_lm(
+    name: str,
+    path: str,
+    dtype: str = "auto",
+    seqlen: int | None = None,
+    skip: list[str] = ("lm_head",),
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """A Hugging Face causal LM through from_pretrained: a hub id or a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kw)
+    except (OSError, ValueError) as e:
+        local = os.path.isdir(path) or os.path.isfile(path)
+        why = str(e).strip().splitlines()[0][:160]
+        hint = "" if local else "; download the weights and pass model.path=/dir/with/config.json (offline: set HF_HUB_OFFLINE=1)"
+        raise UserError(f"model '{name}': cannot load '{path}' ({why}){hint}") from None
+    model.eval()
+    if seqlen is None:
+        seqlen = int(getattr(model.config, "max_position_embeddings", 2048))
+    return LoadedModel(model=model, kind="causal_lm", name=name, skip=list(skip), tokenizer=tok, seqlen=int(seqlen))

@@ -1,0 +1,143 @@
+"""Tidy results: one row per (node, metric), written atomically after every node.
+
+Each evaluated node is also kept in a content-addressed store keyed by everything that determines it, so a
+re-run (or a resumed, killed run) reloads finished nodes instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from compress_order.metrics import METRICS
+
+COLUMNS = [
+    "run_id", "model", "dataset", "stages", "order", "depth", "bits", "sparsity", "group_size", "seed",
+    "metric", "value", "higher_is_better", "backend", "status", "error", "config_hash", "node_key",
+    "git_sha", "torch_version", "device", "timestamp",
+]  # fmt: skip
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder and rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+class NodeStore:
+    """Finished nodes by key: {metrics, samples, timestamp}. One JSON file each, written atomically."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root else None
+
+    def _path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        if self.root is None:
+            return None
+        p = self._path(key)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:  # a torn write cannot happen with atomic_write, but a manual edit can
+            return None
+
+    def put(self, key: str, record: dict) -> None:
+        if self.root is not None:
+            write_text(self._path(key), json.dumps(record))
+
+
+class RunWriter:
+    """Accumulates rows and per-unit samples of one run and rewrites the tidy files after each node."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.rows: list[dict] = []
+        self.samples: list[pd.DataFrame] = []
+
+    def add(self, rows: list[dict], samples: dict[str, list[float]], order: str, node_key: str) -> None:
+        self.rows.extend(rows)
+        for metric, values in samples.items():
+            self.samples.append(
+                pd.DataFrame({"order": order, "node_key": node_key, "metric": metric,
+                              "unit": np.arange(len(values)), "value": np.asarray(values, dtype=float)})
+            )  # fmt: skip
+        self.flush()
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=COLUMNS)
+
+    def flush(self) -> None:
+        df = self.frame()
+        atomic_write(self.out_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+        atomic_write(self.out_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+        if self.samples:
+            s = pd.concat(self.samples, ignore_index=True)
+            atomic_write(self.out_dir / "samples.parquet", lambda tmp: s.to_parquet(tmp, index=False))
+
+
+def make_rows(context: dict, order: str, depth: int, node_key: str, metrics: dict[str, float],
+              backends: dict[str, str], timestamp: str, status: str = "ok", error: str = "") -> list[dict]:  # fmt: skip
+    return [
+        {**context, "order": order, "depth": depth, "metric": m, "value": float(v),
+         "higher_is_better": METRICS[m].higher_is_better, "backend": backends.get(m, backends.get("*", "")),
+         "status": status, "error": error, "node_key": node_key, "timestamp": timestamp}
+        for m, v in metrics.items()
+    ]  # fmt: skip
+
+
+SUMMARY_METRICS = ["perplexity", "top1", "top5", "nll", "sparsity", "avg_bits", "size_bytes", "latency_ms"]
+
+
+def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
+    """Orders as rows, metrics as columns; the best full order is marked."""
+    ok = df[df["status"] == "ok"]
+    if ok.empty:
+        return "no results\n"
+    wide = ok.pivot_table(index=["depth", "order"], columns="metric", values="value", aggfunc="first", sort=False)
+    wide = wide[[m for m in SUMMARY_METRICS if m in wide.columns]].reset_index()
+    full = wide[wide["depth"] == wide["depth"].max()]
+    best_order = None
+    if primary in wide.columns and wide["depth"].max() > 0 and full[primary].notna().any():
+        pick = full[primary].idxmax() if METRICS[primary].higher_is_better else full[primary].idxmin()
+        best_order = wide.loc[pick, "order"]
+    wide.insert(2, "best", ["◀ best" if o == best_order else "" for o in wide["order"]])
+    if "size_bytes" in wide.columns:
+        wide["size_bytes"] = wide["size_bytes"].map(lambda b: f"{b / 1e6:.3f} MB")
+    arrow = "↑" if METRICS[primary].higher_is_better else "↓"
+    lines = [
+        f"# {ok['model'].iloc[0]} on {ok['dataset'].iloc[0]}: stages {ok['stages'].iloc[0]}",
+        "",
+        f"- {protocol}",
+        f"- primary metric: {primary} ({arrow} better); latency backend: {_backend(ok)}",
+    ]
+    if best_order is not None and len(full) > 1:
+        vals = full[primary]
+        lines.append(f"- order effect on {primary}: best − worst full order = {vals.max() - vals.min():.4g}")
+    lines += ["", wide.to_markdown(index=False, floatfmt=".4g"), ""]
+    return "\n".join(lines)
+
+
+def _backend(df: pd.DataFrame) -> str:
+    b = df.loc[df["metric"] == "latency_ms", "backend"]
+    return ", ".join(sorted(set(b))) if len(b) else "n/a"

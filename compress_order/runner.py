@@ -1,0 +1,152 @@
+"""One run: config → model + data → stage trie → evaluation → tidy rows → summary.
+
+Every node of the trie (dense baseline, each prefix, each full order) is evaluated once; its record goes
+to the node store and its rows to results.parquet / results.csv immediately, so a crash loses at most the
+node in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import compress_order
+from compress_order.errors import UserError
+from compress_order.measure import compression_metrics
+from compress_order.paths import PACKAGE_DIR
+from compress_order.results import NodeStore, RunWriter, make_rows, summary_markdown, write_text
+from compress_order.stages import build_stage, stage_configs
+from compress_order.stages.base import Stage
+from compress_order.targets import ModelState, find_targets
+from compress_order.tasks import Task, build_task
+from compress_order.trie import Node, build_trie, run_trie
+from compress_order.validate import check_config, resolve_device
+
+# Keys that change where results go, not what they are.
+NON_IDENTITY_KEYS = ("hydra", "store_dir", "force", "threads", "stages")
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(PACKAGE_DIR), "rev-parse", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def identity(cfg: DictConfig) -> dict:
+    """Everything besides the stage prefix that determines a node's result."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    base = {k: v for k, v in c.items() if k not in NON_IDENTITY_KEYS}
+    base["code"] = [compress_order.__version__, git_sha()]
+    return base
+
+
+def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig) -> None:
+    """Apply one stage to every target layer, then check every layer's invariants."""
+    if stage.needs is None:
+        for t in state.targets.values():
+            stage.compress(t, None)
+    else:
+        from compress_order.calibration import calibrate_and_compress
+
+        calibrate_and_compress(state.model, state.targets, task.calibration_batches(), stage, cfg.calibration)
+    state.check()
+
+
+def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
+    check_config(cfg)
+    device = resolve_device(str(cfg.device))
+    cfg.device = str(device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+
+    scfgs = stage_configs(cfg)
+    stages = {sc["label"]: build_stage(sc) for sc in scfgs}
+    by_label = {sc["label"]: sc for sc in scfgs}
+    trie = build_trie([sc["label"] for sc in scfgs])
+    nodes = list(trie.walk())
+
+    base = identity(cfg)
+    keys = {n.order: digest({"base": base, "prefix": [by_label[lab] for lab in n.order]}) for n in nodes}
+    store = NodeStore(cfg.store_dir)
+    force = bool(cfg.force)
+    done = {n.order: (not force) and store.get(keys[n.order]) is not None for n in nodes}
+    needed = {n.order: any(not done[d.order] for d in n.walk()) for n in nodes}
+
+    context = {
+        "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{digest(base)[:8]}",
+        "model": cfg.model.name, "dataset": cfg.data.name, "stages": ",".join(stages),
+        "bits": cfg.bits, "sparsity": cfg.sparsity, "group_size": cfg.group_size, "seed": cfg.seed,
+        "config_hash": digest(base)[:16], "git_sha": git_sha(), "torch_version": torch.__version__,
+        "device": str(device),
+    }  # fmt: skip
+    writer = RunWriter(out_dir)
+    primary, protocol = "perplexity", ""
+
+    if not needed[()]:  # everything is in the store: no model needed
+        for n in nodes:
+            rec = store.get(keys[n.order])
+            primary, protocol = rec.get("primary", primary), rec.get("protocol", protocol)
+            _emit(writer, context, n, keys[n.order], rec)
+    else:
+        lm = instantiate(cfg.model, _convert_="all")
+        data = instantiate(cfg.data, _convert_="all")
+        lm.model.to(device)
+        targets = find_targets(lm.model, lm.skip)
+        for s in stages.values():
+            s.validate(targets)
+        task = build_task(lm, data, cfg)
+        primary, protocol = task.primary_metric, task.protocol
+        state = ModelState(lm.model, targets)
+        bar = tqdm(total=len(nodes), desc="orders", unit="node")
+
+        def visit(node: Node) -> None:
+            key = keys[node.order]
+            rec = store.get(key) if done[node.order] else None
+            if rec is None:
+                metrics, samples = task.evaluate(lm.model)
+                metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
+                metrics.update(task.latency(lm.model))
+                rec = {
+                    "metrics": metrics, "samples": {k: v.tolist() for k, v in samples.items()},
+                    "backends": {"*": "dense-simulated"}, "primary": primary, "protocol": protocol,
+                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }  # fmt: skip
+                store.put(key, rec)
+            _emit(writer, context, node, key, rec)
+            bar.set_postfix_str(node.label)
+            bar.update(1)
+
+        def apply(node: Node) -> None:
+            apply_stage(stages[node.stage], state, task, cfg)
+
+        run_trie(trie, state, apply, visit, needed=lambda n: needed[n.order])
+        bar.close()
+
+    df = writer.frame()
+    text = summary_markdown(df, primary, protocol)
+    write_text(out_dir / "summary.md", text)
+    return df
+
+
+def _emit(writer: RunWriter, context: dict, node: Node, key: str, rec: dict) -> None:
+    rows = make_rows(context, node.label, node.depth, key, rec["metrics"], rec["backends"], rec["timestamp"])
+    writer.add(rows, rec.get("samples", {}), node.label, key)

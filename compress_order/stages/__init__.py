@@ -1,0 +1,76 @@
+"""Stage loading: `stages=[magnitude, rtn]` names files of the `conf/stage/` group.
+
+An entry is a name, or a mapping with `name` plus overrides (`{name: magnitude, sparsity: 0.3}`), so one
+method can appear twice with split budgets. Each entry's yaml is resolved against the root config, so
+`${bits}` and `${sparsity}` reach every stage, then instantiated through its `_target_`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from compress_order.errors import UserError, choices
+from compress_order.paths import CONF_DIR, group_options
+from compress_order.stages.base import Stage
+
+
+def _entry_name_overrides(entry: Any) -> tuple[str, dict]:
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, (dict, DictConfig)):
+        d = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else dict(entry)
+        if "name" not in d:
+            raise UserError(f"stage entry {d} has no 'name'; valid names: {choices(group_options('stage'))}")
+        return str(d.pop("name")), d
+    raise UserError(f"stage entry {entry!r} is neither a name nor a mapping with 'name'")
+
+
+def stage_configs(cfg: DictConfig) -> list[dict]:
+    """Resolved config (a plain dict with `name` and `label`) of every entry of `cfg.stages`, in list order."""
+    entries = list(cfg.stages or [])
+    if not entries:
+        raise UserError(f"the stage list is empty; choose from: {choices(group_options('stage'))}")
+    root = OmegaConf.to_container(cfg, resolve=False)
+    out = []
+    for entry in entries:
+        name, overrides = _entry_name_overrides(entry)
+        path = CONF_DIR / "stage" / f"{name}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown stage '{name}'; valid stages: {choices(group_options('stage'))}")
+        node = OmegaConf.merge(OmegaConf.load(path), overrides)
+        # Resolve the stage's ${...} against the root config (bits, sparsity, group_size, ...).
+        tmp = OmegaConf.create({**{k: v for k, v in root.items() if k != "hydra"}, "_stage_": node})
+        resolved = OmegaConf.to_container(tmp["_stage_"], resolve=True)
+        label = overrides.pop("label", None) or resolved.pop("label", None) or _label(name, overrides)
+        resolved.update(name=name, label=label)
+        out.append(resolved)
+    labels: dict[str, dict] = {}
+    for sc in out:
+        if sc["label"] in labels and labels[sc["label"]] != sc:
+            raise UserError(f"two different stages share the label '{sc['label']}'; give one a distinct label")
+        labels[sc["label"]] = sc
+    return out
+
+
+def _label(name: str, overrides: dict) -> str:
+    if not overrides:
+        return name
+    return f"{name}(" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
+
+
+def build_stage(sc: dict) -> Stage:
+    """Instantiate one resolved stage config; constructor checks raise UserError."""
+    try:
+        return instantiate(sc, _convert_="all")
+    except UserError:
+        raise
+    except Exception as e:  # Hydra wraps constructor errors; surface our own message when there is one
+        cause = e.__cause__ or e
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, TypeError):
+            raise UserError(f"stage '{sc['name']}': {cause}") from None
+        raise

@@ -1,0 +1,103 @@
+"""The stage interface. A stage compresses one layer at a time and must keep every earlier constraint.
+
+Data-free stages implement `compress(target, None)`. Calibrated stages set `needs` to the statistics they use
+("hessian": X Xᵀ of the layer's inputs, from which Wanda reads the diagonal) and receive them from the generic
+calibration driver; the runner never special-cases a method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from compress_order.errors import UserError
+from compress_order.prune import nm_sparsity, parse_nm
+from compress_order.quant import QuantGrid
+from compress_order.targets import Target
+
+
+class Stage:
+    kind: ClassVar[str] = ""  # "prune", "quantize" or "joint"
+    needs: ClassVar[str | None] = None  # calibration statistics, None for data-free stages
+
+    def __init__(self, name: str, label: str | None = None, **params: Any):
+        self.name = name
+        self.label = label or name
+        self.params = params
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label})"
+
+    def validate(self, targets: dict[str, Target]) -> None:
+        """Raise UserError for settings that cannot apply to these layers (before any work is done)."""
+
+    def compress(self, target: Target, stats: Any = None) -> None:
+        raise NotImplementedError
+
+    # What the stage promises, for rows and tables.
+    bits: int | None = None
+    sparsity: float | None = None
+
+
+class PruneMixin:
+    """Sparsity settings shared by pruning stages: an unstructured target or an N:M pattern."""
+
+    def _init_sparsity(self, sparsity: float, nm: str | None) -> None:
+        self.nm = parse_nm(nm)
+        if self.nm is not None:
+            implied = nm_sparsity(self.nm)
+            if sparsity not in (None, 0) and abs(float(sparsity) - implied) > 1e-9:
+                raise UserError(
+                    f"sparsity={sparsity} contradicts N:M {self.nm[0]}:{self.nm[1]} (which means {implied:g}); "
+                    f"set sparsity={implied:g} or drop nm"
+                )
+            sparsity = implied
+        if not 0 <= float(sparsity) < 1:
+            raise UserError(f"sparsity={sparsity} is outside [0, 1)")
+        self.sparsity = float(sparsity)
+
+    def _validate_nm(self, targets: dict[str, Target]) -> None:
+        if self.nm is None:
+            return
+        bad = [t.name for t in targets.values() if t.shape[1] % self.nm[1]]
+        if bad:
+            raise UserError(f"N:M {self.nm[0]}:{self.nm[1]}: M does not divide the inputs of {bad[0]}")
+
+
+class QuantMixin:
+    def _init_quant(self, bits: int, group_size: int, sym: bool) -> None:
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise UserError(f"bits={bits} is outside 2-8")
+        self.bits, self.group_size, self.sym = int(bits), int(group_size), bool(sym)
+
+    def _validate_groups(self, targets: dict[str, Target]) -> None:
+        if self.group_size <= 0:
+            return
+        for t in targets.values():
+            if t.shape[1] % self.group_size:
+                raise UserError(
+                    f"group_size={self.group_size} does not divide the {t.shape[1]} input features of {t.name}; "
+                    f"use a divisor of it or group_size=-1 (per-channel)"
+                )
+
+
+def set_pruned(target: Target, w: Tensor, mask: Tensor, sparsity: float, nm: tuple[int, int] | None, label: str) -> None:
+    """Write pruned weights and record the (intersected) mask; zeros are on any grid, so a grid is kept."""
+    c = target.constraint
+    mask = mask if c.mask is None else (mask & c.mask)
+    target.set_weight(w * mask)
+    c.mask = mask
+    c.min_sparsity = max(c.min_sparsity, sparsity)
+    c.nm = nm or c.nm
+    c.applied.append(label)
+
+
+def set_quantized(target: Target, w: Tensor, grid: QuantGrid, label: str) -> None:
+    """Write weights already on `grid`; pruned positions are forced to the grid's exact zero."""
+    c = target.constraint
+    if c.mask is not None:
+        w = w * c.mask
+    target.set_weight(w)
+    c.grid = grid
+    c.applied.append(label)

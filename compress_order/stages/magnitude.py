@@ -1,0 +1,26 @@
+"""Magnitude pruning: drop the weights of smallest |w| (per layer, per row, or N:M)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compress_order.prune import select_mask
+from compress_order.stages.base import PruneMixin, Stage, set_pruned
+from compress_order.targets import Target
+
+
+class Magnitude(PruneMixin, Stage):
+    kind = "prune"
+
+    def __init__(self, sparsity: float, nm: str | None = None, scope: str = "layer", **kw: Any):
+        super().__init__(**kw)
+        self._init_sparsity(sparsity, nm)
+        self.scope = scope
+
+    def validate(self, targets: dict[str, Target]) -> None:
+        self._validate_nm(targets)
+
+    def compress(self, target: Target, stats: Any = None) -> None:
+        w = target.weight
+        mask = select_mask(w.abs(), self.sparsity, self.nm, target.constraint.mask, self.scope)
+        set_pruned(target, w, mask, self.sparsity, self.nm, self.label)

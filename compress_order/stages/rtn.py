@@ -1,0 +1,29 @@
+"""Round-to-nearest quantization onto a min-max grid (per channel or per group, symmetric or asymmetric).
+
+On a pruned layer the zeros stay zero: 0 is a grid point (integer zero-points), so rounding cannot refill them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compress_order.quant import fit_grid
+from compress_order.stages.base import QuantMixin, Stage, set_quantized
+from compress_order.targets import Target
+
+
+class RTN(QuantMixin, Stage):
+    kind = "quantize"
+
+    def __init__(self, bits: int, group_size: int = -1, sym: bool = False, clip: float = 1.0, **kw: Any):
+        super().__init__(**kw)
+        self._init_quant(bits, group_size, sym)
+        self.clip = float(clip)
+
+    def validate(self, targets: dict[str, Target]) -> None:
+        self._validate_groups(targets)
+
+    def compress(self, target: Target, stats: Any = None) -> None:
+        w = target.weight
+        grid = fit_grid(w, self.bits, self.group_size, self.sym, self.clip)
+        set_quantized(target, grid.project(w), grid, self.label)

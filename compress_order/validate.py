@@ -1,0 +1,35 @@
+"""Checks of config values that need no model: run before any heavy work, each failure one line."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from compress_order.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} but CUDA is not available here; valid: auto, cpu")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"device={name} is unknown; valid: auto, cpu, cuda, cuda:N")
+
+
+def check_config(cfg: DictConfig) -> None:
+    bits = cfg.bits
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise UserError(f"bits={bits} is outside 2-8 (an integer)")
+    sp = cfg.sparsity
+    if not isinstance(sp, (int, float)) or isinstance(sp, bool) or not 0 <= sp < 1:
+        raise UserError(f"sparsity={sp} is outside [0, 1)")
+    gs = cfg.group_size
+    if not isinstance(gs, int) or isinstance(gs, bool) or (gs <= 0 and gs != -1):
+        raise UserError(f"group_size={gs} must be a positive integer or -1 (per-channel)")
+    if not isinstance(cfg.seed, int):
+        raise UserError(f"seed={cfg.seed} must be an integer")
+    resolve_device(str(cfg.device))
