@@ -43,7 +43,12 @@ def causal_lm(
 ) -> LoadedModel:
     """A Hugging Face causal LM through from_pretrained: a hub id or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar (the order trie's) is enough
+
+    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(path)):
+        raise UserError(f"model '{name}': local path '{path}' does not exist; pass model.path=/dir/with/config.json")
     kw: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -53,7 +58,7 @@ def causal_lm(
     except (OSError, ValueError) as e:
         local = os.path.isdir(path) or os.path.isfile(path)
         why = str(e).strip().splitlines()[0][:160]
-        hint = "" if local else "; download the weights and pass model.path=/dir/with/config.json (offline: set HF_HUB_OFFLINE=1)"
+        hint = "" if local else "; download the weights and pass model.path=/dir/with/config.json"
         raise UserError(f"model '{name}': cannot load '{path}' ({why}){hint}") from None
     model.eval()
     if seqlen is None:

@@ -17,12 +17,11 @@ from typing import Any
 
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import compress_order
-from compress_order.errors import UserError
+from compress_order.config import build
 from compress_order.measure import compression_metrics
 from compress_order.paths import PACKAGE_DIR
 from compress_order.results import NodeStore, RunWriter, make_rows, summary_markdown, write_text
@@ -34,7 +33,7 @@ from compress_order.trie import Node, build_trie, run_trie
 from compress_order.validate import check_config, resolve_device
 
 # Keys that change where results go, not what they are.
-NON_IDENTITY_KEYS = ("hydra", "store_dir", "force", "threads", "stages")
+NON_IDENTITY_KEYS = ("hydra", "store_dir", "force", "threads", "stages", "joint")
 
 
 @lru_cache(maxsize=1)
@@ -79,9 +78,10 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     torch.manual_seed(int(cfg.seed))
 
     scfgs = stage_configs(cfg)
-    stages = {sc["label"]: build_stage(sc) for sc in scfgs}
-    by_label = {sc["label"]: sc for sc in scfgs}
-    trie = build_trie([sc["label"] for sc in scfgs])
+    jcfgs = stage_configs(cfg, key="joint") if cfg.get("joint") else []
+    stages = {sc["label"]: build_stage(sc) for sc in scfgs + jcfgs}
+    by_label = {sc["label"]: sc for sc in scfgs + jcfgs}
+    trie = build_trie([sc["label"] for sc in scfgs], [sc["label"] for sc in jcfgs])
     nodes = list(trie.walk())
 
     base = identity(cfg)
@@ -93,7 +93,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 
     context = {
         "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{digest(base)[:8]}",
-        "model": cfg.model.name, "dataset": cfg.data.name, "stages": ",".join(stages),
+        "model": cfg.model.name, "dataset": cfg.data.name, "stages": ",".join(sc["label"] for sc in scfgs),
         "bits": cfg.bits, "sparsity": cfg.sparsity, "group_size": cfg.group_size, "seed": cfg.seed,
         "config_hash": digest(base)[:16], "git_sha": git_sha(), "torch_version": torch.__version__,
         "device": str(device),
@@ -107,8 +107,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
             primary, protocol = rec.get("primary", primary), rec.get("protocol", protocol)
             _emit(writer, context, n, keys[n.order], rec)
     else:
-        lm = instantiate(cfg.model, _convert_="all")
-        data = instantiate(cfg.data, _convert_="all")
+        lm = build(cfg.model)
+        data = build(cfg.data)
         lm.model.to(device)
         targets = find_targets(lm.model, lm.skip)
         for s in stages.values():

@@ -18,10 +18,11 @@ from compress_order.targets import ModelState
 class Node:
     order: tuple[str, ...]  # labels from the root; () is the dense baseline
     children: list["Node"] = field(default_factory=list)
+    covers: int | None = None  # stages a joint node stands for (it is one application but a full order)
 
     @property
     def depth(self) -> int:
-        return len(self.order)
+        return self.covers if self.covers is not None else len(self.order)
 
     @property
     def label(self) -> str:
@@ -37,8 +38,9 @@ class Node:
             yield from c.walk()
 
 
-def build_trie(labels: list[str], extra_orders: list[tuple[str, ...]] = ()) -> Node:
-    """Trie of all distinct permutations of `labels` (plus explicit extra orders, e.g. a joint stage)."""
+def build_trie(labels: list[str], joint: list[str] = ()) -> Node:
+    """Trie of all distinct permutations of `labels`, plus one full-order node per joint stage label
+    (a schedule that prunes and quantizes in one pass, compared beside the sequential orders)."""
     root = Node(())
 
     def grow(node: Node, left: Counter) -> None:
@@ -49,19 +51,13 @@ def build_trie(labels: list[str], extra_orders: list[tuple[str, ...]] = ()) -> N
                 grow(child, left - Counter({lab: 1}))
 
     grow(root, Counter(labels))
-    for order in extra_orders:
-        node = root
-        for i, lab in enumerate(order):
-            nxt = next((c for c in node.children if c.stage == lab), None)
-            if nxt is None:
-                nxt = Node(order[: i + 1])
-                node.children.append(nxt)
-            node = nxt
+    for lab in joint:
+        root.children.append(Node((lab,), covers=len(labels)))
     return root
 
 
 def count_applications(root: Node) -> int:
-    return sum(1 for n in root.walk() if n.depth)
+    return sum(1 for n in root.walk() if n.order)
 
 
 def full_orders(root: Node) -> list[Node]:

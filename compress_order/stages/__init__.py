@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.errors import UserError, choices
@@ -28,10 +27,10 @@ def _entry_name_overrides(entry: Any) -> tuple[str, dict]:
     raise UserError(f"stage entry {entry!r} is neither a name nor a mapping with 'name'")
 
 
-def stage_configs(cfg: DictConfig) -> list[dict]:
-    """Resolved config (a plain dict with `name` and `label`) of every entry of `cfg.stages`, in list order."""
-    entries = list(cfg.stages or [])
-    if not entries:
+def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
+    """Resolved config (a plain dict with `name` and `label`) of every entry of `cfg[key]`, in list order."""
+    entries = list(cfg.get(key) or [])
+    if not entries and key == "stages":
         raise UserError(f"the stage list is empty; choose from: {choices(group_options('stage'))}")
     root = OmegaConf.to_container(cfg, resolve=False)
     out = []
@@ -63,14 +62,6 @@ def _label(name: str, overrides: dict) -> str:
 
 def build_stage(sc: dict) -> Stage:
     """Instantiate one resolved stage config; constructor checks raise UserError."""
-    try:
-        return instantiate(sc, _convert_="all")
-    except UserError:
-        raise
-    except Exception as e:  # Hydra wraps constructor errors; surface our own message when there is one
-        cause = e.__cause__ or e
-        if isinstance(cause, UserError):
-            raise cause from None
-        if isinstance(cause, TypeError):
-            raise UserError(f"stage '{sc['name']}': {cause}") from None
-        raise
+    from compress_order.config import build
+
+    return build(OmegaConf.create(sc))

@@ -1,0 +1,3 @@
+from compress_order.cli import entry
+
+entry()

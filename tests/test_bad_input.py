@@ -1,0 +1,61 @@
+"""Every bad input gives one line on stderr, exit code 2, no traceback, and no result files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from compress_order.cli import main
+
+BAD = [
+    (["stages=[foo]"], "unknown stage 'foo'; valid stages: "),
+    (["model=foo"], "unknown model 'foo'; valid: "),
+    (["data=bar"], "unknown data 'bar'; valid: "),
+    (["bits=9"], "bits=9 is outside 2-8"),
+    (["bits=1"], "bits=1 is outside 2-8"),
+    (["sparsity=1.0"], "sparsity=1.0 is outside [0, 1)"),
+    (["sparsity=-0.1"], "sparsity=-0.1 is outside [0, 1)"),
+    (["stages=[]"], "the stage list is empty; choose from: "),
+    (["group_size=96"], "group_size=96 does not divide the 128 input features"),
+    (["stages=[{name:magnitude,nm:'4:4'}]"], "needs 0 < N < M"),
+    (["-m", "bits=3,9"], "bits=9 is outside 2-8"),  # every sweep point is checked before the first runs
+    (["model.path=/nonexistent/dir"], "local path '/nonexistent/dir' does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line(args, message, tiny_overrides, tmp_path, capsys):
+    rc = _rc(["run", *tiny_overrides, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and message in err[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run" / "results.parquet").exists() and not (tmp_path / "sweep").exists()
+
+
+def _rc(argv: list[str]) -> int:
+    """Exit code of the CLI: errors found inside the Hydra job exit through SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def test_unknown_command_and_validate(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'; valid: " in capsys.readouterr().err
+    assert main(["validate", "bits=3,4", "sparsity=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok: ") == 2 and "2 orders, 4 stage applications" in out
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "compress_order", "run", "stages=[wanda_typo]", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "unknown stage 'wanda_typo'" in out.stderr
