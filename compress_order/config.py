@@ -20,6 +20,8 @@ from compress_order.paths import ASSETS_DIR, CONF_DIR, group_options
 OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), replace=True)
 
 GROUPS = ("model", "data", "eval", "experiment", "hydra/launcher")
+# Launcher plugins register their own options (joblib, submitit_slurm, ...): Hydra checks those names.
+NAME_CHECKED = ("model", "data", "eval", "experiment")
 MAX_COMBINATIONS = 4096
 
 
@@ -43,14 +45,19 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
     except Exception as e:  # Hydra's grammar errors span lines; keep the first
         raise UserError(f"cannot parse overrides: {str(e).strip().splitlines()[0]}") from None
     axes = []
+    seen: dict[str, str] = {}
     for o in parsed:
+        k = o.key_or_group
+        if k in seen:
+            raise UserError(f"{k} is given twice ({seen[k]} and {o.input_line}); give it once (a sweep: {k}=a,b)")
+        seen[k] = o.input_line
         key = o.get_key_element()
         if o.is_sweep_override():
             axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
             axes.append([o.input_line])
         group = o.key_or_group.lstrip("+~")
-        if group in GROUPS and o.value_type is not None and not o.is_delete():
+        if group in NAME_CHECKED and o.value_type is not None and not o.is_delete():
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
             for v in values:
                 if isinstance(v, str) and v not in group_options(group) and v != "null":
@@ -78,13 +85,20 @@ def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfi
 def validate_overrides(overrides: list[str]) -> list[DictConfig]:
     """Compose and check every combination of a (possibly swept) command line; model-free checks only."""
     from compress_order.stages import build_stage, stage_configs
-    from compress_order.validate import check_config
+    from compress_order.validate import check_config, check_writable
 
     cfgs = []
     for combo in expand_overrides(overrides):
         cfg = compose_config(combo)
         check_config(cfg)
-        for sc in stage_configs(cfg):
+        for sc in stage_configs(cfg) + stage_configs(cfg, key="joint"):
             build_stage(sc)
+        check_writable(str(cfg.store_dir), "store_dir")
         cfgs.append(cfg)
+    for o in overrides:  # Hydra's output folders are outside the composed job config
+        key, _, value = o.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
+            check_writable(value, key)
+    if not any(o.partition("=")[0] in ("hydra.run.dir", "hydra.sweep.dir") for o in overrides):
+        check_writable("outputs", "the output folder")
     return cfgs

@@ -1,13 +1,19 @@
-"""The Hydra application behind `compress-order run`: single runs, sweeps and launchers."""
+"""The Hydra application behind `compress-order run`: single runs, sweeps and launchers.
+
+In a sweep a failing job is recorded (a `failed.json` and a failed row in its results) and the others go on;
+the sweep ends with a summary of every job and a non-zero exit when any failed.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import traceback
+from datetime import datetime
 from pathlib import Path
 
 import hydra
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -31,27 +37,65 @@ def _job(cfg: DictConfig) -> None:
         if not multirun:
             print(f"compress-order: error: {e}", file=sys.stderr)
             sys.exit(2)
-        _record_failure(out, hc, str(e), "UserError")
+        _record_failure(cfg, out, hc, str(e), "")
         return
     except Exception as e:  # noqa: BLE001  (a sweep records the failure and goes on)
         if not multirun:
             raise
-        _record_failure(out, hc, f"{type(e).__name__}: {e}", traceback.format_exc())
+        _record_failure(cfg, out, hc, f"{type(e).__name__}: {e}", traceback.format_exc())
         return
     print((out / "summary.md").read_text())
     print(f"results: {out / 'results.parquet'} (also results.csv, summary.md)")
 
 
-def _record_failure(out: Path, hc, message: str, detail: str) -> None:
-    from compress_order.results import write_text
+def _record_failure(cfg: DictConfig, out: Path, hc, message: str, detail: str) -> None:
+    from compress_order.results import failure_frame, write_text
 
-    print(f"compress-order: job {hc.job.num} failed: {message.splitlines()[0]}", file=sys.stderr)
-    record = {"job": hc.job.num, "overrides": list(hc.overrides.task), "error": message, "detail": detail}
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"compress-order: job {hc.job.num} failed: {first}", file=sys.stderr)
+    record = {"job": hc.job.num, "overrides": list(hc.overrides.task), "error": first, "detail": detail}
     write_text(out / FAILURE_FILE, json.dumps(record, indent=1))
+    failure_frame(cfg, first, out)
+
+
+def _flag(args: list[str], *names: str) -> bool:
+    return any(a in names for a in args)
 
 
 def hydra_main(args: list[str]) -> int:
-    sys.argv = ["compress-order"] + list(args)
+    args = list(args)
+    multirun = _flag(args, "-m", "--multirun")
+    sweep_dir = None
+    if multirun and not any(a.startswith("hydra.sweep.dir=") for a in args):
+        # Fix the sweep folder here so the summary below can read every job, whatever the launcher.
+        sweep_dir = Path("outputs/multirun") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+        args.append(f"hydra.sweep.dir={sweep_dir}")
+    elif multirun:
+        sweep_dir = Path(next(a for a in args if a.startswith("hydra.sweep.dir=")).split("=", 1)[1])
+    sys.argv = ["compress-order"] + args
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)
     app()
+    return report_sweep(sweep_dir) if sweep_dir is not None and not _flag(args, "--cfg", "-c", "--info") else 0
+
+
+def report_sweep(sweep_dir: Path) -> int:
+    """Print one line per job, gather every job's rows into the sweep folder, exit 1 if any job failed."""
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    frames, failed = [], []
+    for job in jobs:
+        if (job / FAILURE_FILE).is_file():
+            rec = json.loads((job / FAILURE_FILE).read_text())
+            failed.append(f"  job {job.name} [{' '.join(rec['overrides'])}]: {rec['error']}")
+        if (job / "results.parquet").is_file():
+            frames.append(pd.read_parquet(job / "results.parquet").assign(job=int(job.name)))
+    if frames:
+        from compress_order.results import atomic_write
+
+        df = pd.concat(frames, ignore_index=True)
+        atomic_write(sweep_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+        atomic_write(sweep_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+    print(f"sweep: {len(jobs)} jobs, {len(jobs) - len(failed)} ok, {len(failed)} failed; rows in {sweep_dir}/results.parquet")
+    if failed:
+        print("failed jobs:\n" + "\n".join(failed), file=sys.stderr)
+        return 1
     return 0

@@ -6,6 +6,7 @@ re-run (or a resumed, killed run) reloads finished nodes instead of recomputing 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,25 +16,32 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from compress_order.errors import UserError
 from compress_order.metrics import METRICS
 
 COLUMNS = [
     "run_id", "model", "dataset", "stages", "order", "depth", "bits", "sparsity", "group_size", "seed",
     "metric", "value", "higher_is_better", "backend", "status", "error", "config_hash", "node_key",
-    "git_sha", "torch_version", "device", "timestamp",
+    "git_sha", "torch_version", "device", "timestamp", "library_versions",
 ]  # fmt: skip
 
 
 def atomic_write(path: Path, write: Any) -> None:
     """Write through a temp file in the same folder and rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing {path}; free space or set hydra.run.dir / store_dir elsewhere") from None
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise UserError(f"cannot write {path} ({e.strerror}); choose a writable hydra.run.dir / store_dir") from None
         raise
 
 
@@ -94,6 +102,35 @@ class RunWriter:
         if self.samples:
             s = pd.concat(self.samples, ignore_index=True)
             atomic_write(self.out_dir / "samples.parquet", lambda tmp: s.to_parquet(tmp, index=False))
+
+
+def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
+    """A job that failed before or while running still leaves one row saying so (status=failed)."""
+    from datetime import datetime, timezone
+
+    def get(path: str) -> Any:
+        try:
+            node = cfg
+            for part in path.split("."):
+                node = node[part]
+            return node
+        except Exception:  # noqa: BLE001  (the config itself may be what is broken)
+            return None
+
+    row = {c: None for c in COLUMNS}
+    row.update(
+        model=get("model.name"), dataset=get("data.name"), bits=get("bits"), sparsity=get("sparsity"),
+        group_size=get("group_size"), seed=get("seed"), status="failed", error=error, metric="", value=float("nan"),
+        stages=",".join(str(s if isinstance(s, str) else dict(s).get("name")) for s in (get("stages") or [])),
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )  # fmt: skip
+    existing = out_dir / "results.parquet"
+    df = pd.DataFrame([row], columns=COLUMNS)
+    if existing.is_file():  # keep the nodes that finished before the failure
+        df = pd.concat([pd.read_parquet(existing), df], ignore_index=True)
+    atomic_write(out_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write(out_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+    return df
 
 
 def make_rows(context: dict, order: str, depth: int, node_key: str, metrics: dict[str, float],

@@ -45,6 +45,20 @@ def git_sha() -> str:
         return "unknown"
 
 
+@lru_cache(maxsize=1)
+def library_versions() -> str:
+    """Versions of the libraries that shape a result, as a JSON object for the `library_versions` column."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("transformers", "timm", "datasets", "hydra-core", "numpy", "torchao"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return json.dumps(out, sort_keys=True)
+
+
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -96,7 +110,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         "model": cfg.model.name, "dataset": cfg.data.name, "stages": ",".join(sc["label"] for sc in scfgs),
         "bits": cfg.bits, "sparsity": cfg.sparsity, "group_size": cfg.group_size, "seed": cfg.seed,
         "config_hash": digest(base)[:16], "git_sha": git_sha(), "torch_version": torch.__version__,
-        "device": str(device),
+        "device": str(device), "library_versions": library_versions(),
     }  # fmt: skip
     writer = RunWriter(out_dir)
     primary, protocol = "perplexity", ""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig
 
@@ -33,3 +36,12 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(cfg.seed, int):
         raise UserError(f"seed={cfg.seed} must be an integer")
     resolve_device(str(cfg.device))
+
+
+def check_writable(path: str, what: str) -> None:
+    """The folder (or its first existing ancestor, where it will be created) must be writable."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{path}' is not writable (checked {p}); choose another folder")

@@ -1,0 +1,144 @@
+"""Sweeps that survive: failures recorded, resume after a crash or SIGKILL, launchers, validation, list."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from compress_order.cli import main
+from compress_order.config import compose_config
+from compress_order.errors import UserError
+from compress_order.runner import run
+from compress_order.tasks.lm import LMTask
+
+
+def _rc(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def _sweep_overrides(tiny_overrides: list[str]) -> list[str]:
+    """The fixture's overrides without its run folder (for sweeps, or to give another)."""
+    return [o for o in tiny_overrides if not o.startswith("hydra.run.dir")]
+
+
+def test_failing_job_is_recorded_and_the_sweep_finishes(tiny_overrides, tmp_path, capsys):
+    base = [o for o in _sweep_overrides(tiny_overrides) if not o.startswith("model.path")]
+    good = next(o for o in tiny_overrides if o.startswith("model.path")).split("=", 1)[1]
+    rc = _rc(["run", "-m", *base, f"model.path={good},/no/such/model"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "sweep: 2 jobs, 1 ok, 1 failed" in captured.out and "/no/such/model" in captured.err
+    sweep = tmp_path / "sweep"
+    df = pd.read_parquet(sweep / "results.parquet")
+    failed = df[df["status"] == "failed"]
+    assert len(failed) == 1 and "does not exist" in failed["error"].iloc[0] and failed["job"].iloc[0] == 1
+    assert (df[df["job"] == 0]["status"] == "ok").all() and len(df[df["job"] == 0]) == 5 * 6
+    assert (sweep / "1" / "failed.json").is_file()
+
+
+def test_resume_after_a_crash_recomputes_only_missing_nodes(tiny_overrides, tmp_path, monkeypatch):
+    cfg = compose_config(tiny_overrides + ["stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"])
+    calls = {"n": 0}
+    real = LMTask.evaluate
+
+    def flaky(self, model):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return real(self, model)
+
+    monkeypatch.setattr(LMTask, "evaluate", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, tmp_path / "a")
+    partial = pd.read_parquet(tmp_path / "a" / "results.parquet")
+    assert partial["order"].nunique() == 3  # everything finished before the crash is on disk
+    calls["n"] = -100  # no more crashes
+    df = run(cfg, tmp_path / "b")
+    assert df["order"].nunique() == df["node_key"].nunique() == 16  # three distinct labels: 1 + 3 + 6 + 6
+    assert calls["n"] == -100 + 16 - 3  # only the nodes missing after the crash were evaluated
+    assert not df.duplicated(["order", "metric"]).any()
+
+
+def test_sigkill_loses_at_most_the_node_in_flight(tiny_overrides, tmp_path):
+    store = tmp_path / "store"
+    stages = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # 1 + 3 + 6 + 6 = 16 nodes
+    cmd = [sys.executable, "-m", "compress_order", "run", *tiny_overrides, stages]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(store.rglob("*.json"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.stem: p.stat().st_mtime_ns for p in store.rglob("*.json")}
+    assert 2 <= len(finished) < 16, proc.stderr.read()[-1500:]
+    assert not list(store.rglob("*.tmp"))  # no torn files pose as results
+    again = tmp_path / "again"
+    rerun = [a for a in cmd if not a.startswith("hydra.run.dir")] + [f"hydra.run.dir={again}"]
+    out = subprocess.run(rerun, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-1500:]
+    df = pd.read_parquet(again / "results.parquet")
+    assert df["order"].nunique() == 16 and not df.duplicated(["order", "metric"]).any()
+    after = {p.stem: p.stat().st_mtime_ns for p in store.rglob("*.json")}
+    assert all(after[k] == t for k, t in finished.items())  # finished nodes were reloaded, not recomputed
+    assert len(after) == 16
+
+
+def test_joblib_launcher_runs_a_grid_and_collects(tiny_overrides, tmp_path, capsys):
+    rc = _rc(["run", "-m", "hydra/launcher=local_parallel", *_sweep_overrides(tiny_overrides), "bits=3,4"])
+    assert rc == 0, capsys.readouterr().err[-1500:]
+    df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
+    assert sorted(df["bits"].unique()) == [3, 4] and set(df["job"]) == {0, 1}
+    assert (df["status"] == "ok").all() and len(df) == 2 * 5 * 6
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher(tiny_overrides, tmp_path, capsys):
+    rc = _rc(["run", "-m", "hydra/launcher=local_submitit", *_sweep_overrides(tiny_overrides), "sparsity=0.5,0.7"])
+    assert rc == 0, capsys.readouterr().err[-1500:]
+    df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
+    assert sorted(df["sparsity"].unique()) == [0.5, 0.7]
+
+
+def test_unwritable_output_and_disk_full(tiny_overrides, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert _rc(["run", *_sweep_overrides(tiny_overrides), f"hydra.run.dir={blocker}/out"]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    assert _rc(["validate", f"store_dir={blocker}/store"]) == 2
+    assert "store_dir" in capsys.readouterr().err
+
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".parquet"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    assert _rc(["run", *tiny_overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk full while writing" in err[0]
+
+
+def test_conflicting_overrides(capsys):
+    assert _rc(["validate", "bits=3", "bits=4"]) == 2
+    assert "bits is given twice" in capsys.readouterr().err
+
+
+def test_list_names_every_group(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("model:", "charllama", "data:", "shakespeare", "stage:", "magnitude", "rtn", "metrics:",
+                 "perplexity", "hydra/launcher:", "local_parallel"):  # fmt: skip
+        assert word in out
