@@ -26,7 +26,7 @@ def test_stage_configs_build(name):
     cfg = compose_config([f"stages=[{name}]", "bits=4", "sparsity=0.5"])
     (sc,) = stage_configs(cfg)
     stage = build_stage(sc)
-    assert stage.label == name and stage.kind in ("prune", "quantize", "joint")
+    assert stage.label == sc["label"] and stage.kind in ("prune", "quantize", "joint")
     if stage.kind in ("quantize", "joint") and "bits" in sc:
         assert stage.bits == 4  # ${bits} reached the stage
     if stage.kind in ("prune", "joint") and sc.get("nm") is None and "sparsity" in sc:
