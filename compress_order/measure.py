@@ -35,7 +35,7 @@ def layer_bits(t: Target, dense_bits: int = 16) -> tuple[float, str]:
         return kept * (vbits + math.ceil(math.log2(c.nm[1]))) + overhead, f"{c.nm[0]}:{c.nm[1]}"
     bitmask = kept * vbits + numel
     dense = numel * vbits
-    return (bitmask, "bitmask") if bitmask < dense else (dense, "dense")
+    return (bitmask + overhead, "bitmask") if bitmask < dense else (dense + overhead, "dense")
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ METRICS: dict[str, Metric] = {
         Metric("latency_ms", False, "median milliseconds of a fixed-shape forward"),
         Metric("latency_ms_iqr", False, "inter-quartile range of the forward timings (ms)"),
         Metric("images_per_s", True, "images per second at a fixed batch"),
+        Metric("decode_ms_per_token", False, "median milliseconds per generated token with a KV cache"),
     ]
 }
 

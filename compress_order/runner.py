@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import compress_order
+from compress_order.backends import SIMULATED, select_backends
 from compress_order.config import build
 from compress_order.measure import compression_metrics
 from compress_order.paths import PACKAGE_DIR
@@ -129,6 +130,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
             s.validate(targets)
         task = build_task(lm, data, cfg)
         primary, protocol = task.primary_metric, task.protocol
+        backends = select_backends(cfg.eval.get("backends", "auto"), device)
         state = ModelState(lm.model, targets)
         bar = tqdm(total=len(nodes), desc="orders", unit="node")
 
@@ -140,8 +142,9 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
                 metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
                 metrics.update(task.latency(lm.model))
                 rec = {
-                    "metrics": metrics, "samples": {k: v.tolist() for k, v in samples.items()},
-                    "backends": {"*": "dense-simulated"}, "primary": primary, "protocol": protocol,
+                    "entries": [{"metric": m, "value": v, "backend": SIMULATED} for m, v in metrics.items()]
+                    + backend_entries(backends, lm.model, targets, task, device),
+                    "samples": {k: v.tolist() for k, v in samples.items()}, "primary": primary, "protocol": protocol,
                     "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }  # fmt: skip
                 store.put(key, rec)
@@ -161,6 +164,23 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     return df
 
 
+def backend_entries(backends: list, model, targets, task: Task, device: torch.device) -> list[dict]:
+    """Latency of each deployable backend on a packed copy of the model, or n/a with the reason."""
+    out = []
+    for b in backends:
+        why = b.fits(targets)
+        if why is None:
+            try:
+                packed = b.convert(model, targets, device)
+                out += [{"metric": m, "value": v, "backend": b.name} for m, v in task.latency(packed).items()]
+                del packed
+                continue
+            except (RuntimeError, NotImplementedError, ImportError, AssertionError) as e:  # no kernel at run time
+                why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        out.append({"metric": "latency_ms", "value": float("nan"), "backend": b.name, "status": "n/a", "error": why})
+    return out
+
+
 def _emit(writer: RunWriter, context: dict, node: Node, key: str, rec: dict) -> None:
-    rows = make_rows(context, node.label, node.depth, key, rec["metrics"], rec["backends"], rec["timestamp"])
+    rows = make_rows(context, node.label, node.depth, key, rec["entries"], rec["timestamp"])
     writer.add(rows, rec.get("samples", {}), node.label, key)

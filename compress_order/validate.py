@@ -35,7 +35,9 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"group_size={gs} must be a positive integer or -1 (per-channel)")
     if not isinstance(cfg.seed, int):
         raise UserError(f"seed={cfg.seed} must be an integer")
-    resolve_device(str(cfg.device))
+    from compress_order.backends import select_backends
+
+    select_backends(cfg.eval.get("backends", "auto"), resolve_device(str(cfg.device)))
 
 
 def check_writable(path: str, what: str) -> None:

@@ -28,15 +28,19 @@ def test_run_writes_tidy_rows_for_every_node(tiny_overrides, tmp_path):
     disk = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert list(disk.columns) == COLUMNS and len(disk) == len(df)
     assert set(disk["order"]) == {"dense", "magnitude", "rtn", "magnitude > rtn", "rtn > magnitude"}
-    assert disk.groupby("order")["metric"].apply(set).map(lambda s: s == NODE_METRICS).all()
-    assert not disk.duplicated(["order", "metric"]).any()
+    sim = disk[disk["backend"] == "dense-simulated"]
+    assert sim.groupby("order")["metric"].apply(set).map(lambda s: s == NODE_METRICS).all()
+    assert not disk.duplicated(["order", "metric", "backend"]).any()
     assert all(disk["higher_is_better"] == disk["metric"].map(lambda m: METRICS[m].higher_is_better))
-    v = disk.pivot(index="order", columns="metric", values="value")
+    v = sim.pivot(index="order", columns="metric", values="value")
     assert v.loc["dense", "sparsity"] == 0 and v.loc["dense", "avg_bits"] == 16
     for order in ("magnitude", "magnitude > rtn", "rtn > magnitude"):
         assert v.loc[order, "sparsity"] >= 0.7
     assert v.loc["magnitude > rtn", "avg_bits"] < v.loc["rtn", "avg_bits"] < v.loc["magnitude", "avg_bits"]
-    assert (disk.loc[disk["metric"] == "latency_ms", "backend"] == "dense-simulated").all()
+    real = disk[disk["backend"] != "dense-simulated"]
+    assert set(real["backend"]) == {"int8_weight_only", "int4_weight_only"}  # CPU kernels, labelled
+    assert real[real["order"] == "dense"]["status"].eq("n/a").all()  # dense weights: no int kernel applies
+    assert real[(real["order"] == "magnitude > rtn") & (real["metric"] == "latency_ms")]["value"].gt(0).all()
     assert set(disk["depth"]) == {0, 1, 2} and disk["stages"].iloc[0] == "magnitude,rtn"
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "◀ best" in summary and "non-overlapping windows of 64 tokens" in summary
@@ -48,10 +52,10 @@ def test_run_writes_tidy_rows_for_every_node(tiny_overrides, tmp_path):
 def test_rerun_reloads_finished_nodes_and_force_recomputes(tiny_overrides, tmp_path):
     first = _run(tiny_overrides, tmp_path / "a")
     second = _run(tiny_overrides, tmp_path / "b")  # same store: nothing recomputed, same values and stamps
-    cols = ["order", "metric", "value", "timestamp", "node_key"]
+    cols = ["order", "metric", "backend", "value", "timestamp", "node_key"]
     pd.testing.assert_frame_equal(first[cols], second[cols])
     forced = _run(tiny_overrides + ["force=true"], tmp_path / "c")
-    q = forced[forced["metric"] == "perplexity"].set_index("order")["value"]
+    q = forced[forced["metric"] == "perplexity"].set_index("order")["value"]  # bit-identical values
     p = first[first["metric"] == "perplexity"].set_index("order")["value"]
     pd.testing.assert_series_equal(p, q)  # deterministic on CPU
 
@@ -59,8 +63,8 @@ def test_rerun_reloads_finished_nodes_and_force_recomputes(tiny_overrides, tmp_p
 def test_reversed_stage_list_shares_nodes(tiny_overrides, tmp_path):
     a = _run(tiny_overrides + ["stages=[magnitude,rtn]"], tmp_path / "a")
     b = _run(tiny_overrides + ["stages=[rtn,magnitude]"], tmp_path / "b")
-    ka = a.set_index(["order", "metric"])["node_key"]
-    kb = b.set_index(["order", "metric"])["node_key"]
+    ka = a.set_index(["order", "metric", "backend"])["node_key"]
+    kb = b.set_index(["order", "metric", "backend"])["node_key"]
     assert (ka.sort_index() == kb.sort_index()).all()
 
 
