@@ -1,0 +1,212 @@
+"""`compress-order table | analyze | collect`: from the tidy rows of runs to the paper's tables and figures.
+
+    compress-order collect outputs/multirun/2025-01-01/12-00-00 --out all.parquet
+    compress-order table outputs/multirun/... --metric perplexity --where bits=4 --format latex --out t.tex
+    compress-order analyze outputs/multirun/... --out-dir report/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from compress_order.analysis import bootstrap, collect, pih
+from compress_order.analysis.tables import (
+    SETTING, apply_where, direction, node_values, order_table, primary_metric, render,
+)
+from compress_order.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as UserError (one line, exit 2 from the CLI), not its own exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _parser(cmd: str) -> _Parser:
+    p = _Parser(prog=f"compress-order {cmd}", description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, multirun folders or collected files")
+    p.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
+                   help="keep rows where COL equals VALUE (or one of VALUE,VALUE); repeatable")  # fmt: skip
+    if cmd == "collect":
+        p.add_argument("--out", default="collected.parquet", help="output file, .parquet or .csv")
+        return p
+    p.add_argument("--metric", help="metric to compare (default: perplexity if present, else top1)")
+    if cmd == "table":
+        p.add_argument("--format", default="markdown", choices=["markdown", "csv", "latex"])
+        p.add_argument("--out", help="write the table to this file instead of printing it")
+        p.add_argument("--dense", action="store_true", help="add the dense baseline column")
+        p.add_argument("--singles", action="store_true", help="add a column per stage applied alone")
+        p.add_argument("--names", default="auto", choices=["auto", "label", "pattern"],
+                       help="order columns by label, or by kind/position to compare across stage lists")  # fmt: skip
+    else:
+        p.add_argument("--out-dir", help="where tables and figures go (default: PATH/analysis)")
+        p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
+        p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def main(cmd: str, args: list[str]) -> int:
+    try:
+        ns = _parser(cmd).parse_args(args)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    df = apply_where(collect.collect(ns.paths), ns.where)
+    if df.empty:
+        raise UserError("no rows left after --where " + " ".join(ns.where))
+    return {"collect": _collect, "table": _table, "analyze": _analyze}[cmd](df, ns)
+
+
+def _collect(df: pd.DataFrame, ns: argparse.Namespace) -> int:
+    out = Path(ns.out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise UserError(f"--out {out}: use a .parquet or .csv file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        df.to_parquet(out, index=False)
+    else:
+        df.to_csv(out, index=False)
+    print(f"{collect.describe(df)} → {out}")
+    for _, row in df[df["status"] == "failed"].drop_duplicates("path").iterrows():
+        print(f"  failed: {row['path']}: {str(row['error']).splitlines()[0] if pd.notna(row['error']) else ''}")
+    return 0
+
+
+def _table(df: pd.DataFrame, ns: argparse.Namespace) -> int:
+    metric = ns.metric or primary_metric(df)
+    table, caption = order_table(df, metric, dense=ns.dense, singles=ns.singles, names=ns.names)
+    text = render(table, ns.format, caption)
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(text)
+        print(f"{collect.describe(df)}; table → {ns.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _analyze(df: pd.DataFrame, ns: argparse.Namespace) -> int:
+    first = Path(ns.paths[0])
+    out_dir = Path(ns.out_dir) if ns.out_dir else (first if first.is_dir() else first.parent) / "analysis"
+    text = write_report(df, out_dir, metric=ns.metric, n_boot=ns.n_boot, plots=not ns.no_plots)
+    print(f"{collect.describe(df)}\n\n{text}", end="")
+    return 0
+
+
+# --- the analysis report ------------------------------------------------------------------------------------------
+
+
+def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_boot: int = 1000,
+                 plots: bool = True) -> str:  # fmt: skip
+    """Tables (md/csv/tex), per-setting PIH quantities with bootstrap CIs, seed summaries and figures into
+    `out_dir`; returns the markdown report (also written as analysis.md)."""
+    metric = metric or primary_metric(df)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table, caption = order_table(df, metric, dense=True, singles=True)
+    for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
+        (out_dir / f"table.{suffix}").write_text(render(table, fmt, caption))
+
+    stages, settings = pih.analyze(df, metric)
+    diffs = bootstrap.order_differences(df, metric, n_boot) if n_boot > 0 else pd.DataFrame()
+    settings = bootstrap.attach_a_interval(settings, diffs)
+    stages.to_csv(out_dir / "stages.csv", index=False)
+    settings.to_csv(out_dir / "settings.csv", index=False)
+    if not diffs.empty:
+        diffs.to_csv(out_dir / "differences.csv", index=False)
+
+    arrow = "higher" if direction(df, metric) > 0 else "lower"
+    lines = [f"# Order analysis: {metric} ({arrow} is better)", "", f"## Orders\n\n{caption}", "",
+             table.to_markdown(index=False, floatfmt=".4g"), ""]  # fmt: skip
+    lines += _pih_section(stages, settings)
+    lines += _significance_section(diffs)
+    lines += _seed_section(df, metric, settings)
+    if plots:
+        from compress_order.analysis import plots as figs
+
+        intervals = bootstrap.node_intervals(df, metric, n_boot)
+        written = figs.a_vs_g(settings, out_dir, metric) + figs.order_bars(intervals, out_dir, metric)
+        written += figs.a_heatmap(settings, out_dir)
+        lines += ["## Figures", "", *[f"- {p.name}" for p in written if p.suffix == ".png"], ""]
+    text = "\n".join(lines)
+    (out_dir / "analysis.md").write_text(text)
+    return text + f"\nwritten to {out_dir}/\n"
+
+
+def _varying(frame: pd.DataFrame, cols: list[str]) -> tuple[list[str], str]:
+    """Columns that change across rows, and 'col=value' for those that do not (said once above a table)."""
+    varying = [c for c in cols if frame[c].nunique(dropna=False) > 1]
+    fixed = ", ".join(f"{c}={frame[c].iloc[0]}" for c in cols if c not in varying and pd.notna(frame[c].iloc[0]))
+    return varying, fixed
+
+
+def _pih_section(stages: pd.DataFrame, settings: pd.DataFrame) -> list[str]:
+    if settings.empty:
+        return ["## Progressive Intensity Hypothesis", "", "no setting has two or more stages", ""]
+    key, fixed = _varying(settings, SETTING)
+    shown = settings.assign(
+        A_ci=[f"[{lo:.3g}, {hi:.3g}]" if pd.notna(lo) else "" for lo, hi in zip(settings["A_low"], settings["A_high"])]
+    )  # fmt: skip
+    cols = key + ["f1", "f2", "I_f1", "I_f2", "G", "A", "A_ci", "A_significant", "cer_f1", "cer_f2",
+                  "predicted", "observed", "agree"]  # fmt: skip
+    cols = [c for c in cols if shown[c].notna().any()]
+    rate, k, n = pih.agreement(settings)
+    rho, p, m = pih.rank_correlation(settings, "G", "A")
+    rho_c, p_c, m_c = pih.rank_correlation(settings, "dCER", "A")
+    intensity_key, _ = _varying(stages, SETTING)
+    return [
+        "## Progressive Intensity Hypothesis",
+        "",
+        "I(f) = gap of f alone to dense (positive = degrades); G = I(f2) − I(f1); "
+        "A = advantage of f1→f2 over f2→f1 (positive = f1 first is better); CER in equivalent bits.",
+        f"Fixed: {fixed}" if fixed else "",
+        "",
+        shown[cols].to_markdown(index=False, floatfmt=".4g"),
+        "",
+        f"- PIH agreement (predicted weaker-first order is the observed best): {k}/{n} = {rate:.0%}"
+        if n else "- PIH agreement: no setting with a decided prediction and observation",
+        f"- Spearman(A, G): rho = {rho:.3f} (p = {p:.3g}, n = {m})",
+        f"- Spearman(A, ΔCER): rho = {rho_c:.3f} (p = {p_c:.3g}, n = {m_c})",
+        "",
+        "### Stages alone",
+        "",
+        stages[intensity_key + ["stage", "kind", "alone", "intensity", "cer_bits"]].to_markdown(index=False,
+                                                                                              floatfmt=".4g"),
+        "",
+    ]  # fmt: skip
+
+
+def _significance_section(diffs: pd.DataFrame) -> list[str]:
+    if diffs.empty:
+        return ["## Significance", "", "no per-unit samples (samples.parquet) for this metric: no intervals", ""]
+    key, _ = _varying(diffs, SETTING)
+    shown = diffs.assign(significant=diffs["significant"].map({True: "yes", False: "no (CI covers 0)"}))
+    return [
+        "## Significance (paired bootstrap, 95%)",
+        "",
+        "diff > 0: order_a is better than order_b.",
+        "",
+        shown[key + ["order_a", "order_b", "diff", "low", "high", "significant"]].to_markdown(index=False,
+                                                                                              floatfmt=".4g"),
+        "",
+    ]
+
+
+def _seed_section(df: pd.DataFrame, metric: str, settings: pd.DataFrame) -> list[str]:
+    if df["seed"].nunique() < 2:
+        return []
+    nodes = node_values(df, metric)
+    full = nodes[nodes["role"] == "full"]
+    by = [c for c in SETTING if c != "seed"]
+    per_order = bootstrap.seed_summary(full, ["value"], by=[*by, "order"])
+    per_order["value"] = [bootstrap.mean_sd(m, s) for m, s in zip(per_order["value_mean"], per_order["value_std"])]
+    key, _ = _varying(per_order, by)
+    lines = ["## Seeds (mean ± sd over calibration seeds)", "",
+             per_order[key + ["order", "value", "n_seeds"]].to_markdown(index=False), ""]  # fmt: skip
+    if settings["A"].notna().any():
+        a = bootstrap.seed_summary(settings.dropna(subset=["A"]), ["A"])
+        a["A"] = [bootstrap.mean_sd(m, s) for m, s in zip(a["A_mean"], a["A_std"])]
+        lines += [a[key + ["A", "n_seeds"]].to_markdown(index=False), ""]
+    return lines

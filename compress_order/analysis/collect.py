@@ -1,0 +1,130 @@
+"""Gather the tidy rows of every run under some paths: single runs, multirun sweeps, and their failures.
+
+A run folder is any folder holding `results.parquet` or `failed.json` (Hydra puts each sweep job in a numbered
+subfolder). Every row gets the folder it came from (`path`) and whether that run is `partial`: it has no
+`summary.md` (killed, or still running) or its job failed part-way. A failed job is one row with
+status="failed" and its error (from its results, or else from its failed.json), so a table of a sweep never
+silently loses a grid point.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from compress_order.errors import UserError
+from compress_order.results import COLUMNS
+
+RESULTS = "results.parquet"
+FAILURE = "failed.json"  # written by compress_order.launch for a failed sweep job
+SUMMARY = "summary.md"  # written last by the runner: its absence means the run did not finish
+COLLECTED = [*COLUMNS, "path", "partial"]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Every run folder under `root` (itself included), in path order.
+
+    A sweep folder gets a combined results.parquet of its numbered job folders at the end of a sweep: it is
+    skipped and its jobs are read instead, so no row is counted twice.
+    """
+    found = {p.parent for name in (RESULTS, FAILURE) for p in root.rglob(name)}
+    sweeps = {d.parent for d in found if d.name.isdigit()}
+    return sorted(found - sweeps)
+
+
+def _config_context(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Model, data and targets of a failed job: from Hydra's saved config, else from its override strings."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.is_file():
+        cfg = yaml.safe_load(saved.read_text()) or {}
+        return {
+            "model": (cfg.get("model") or {}).get("name"), "dataset": (cfg.get("data") or {}).get("name"),
+            "stages": ",".join(_entry_label(e) for e in cfg.get("stages") or []),
+            **{k: cfg.get(k) for k in ("bits", "sparsity", "group_size", "seed")},
+        }  # fmt: skip
+    out: dict[str, Any] = {}
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in ("bits", "sparsity", "group_size", "seed"):
+            out[key] = yaml.safe_load(value)
+        elif key in ("model.name", "data.name"):
+            out["model" if key.startswith("model") else "dataset"] = value
+    return out
+
+
+def _entry_label(entry: Any) -> str:
+    """A stage entry's label as the runner writes it (a name, or a mapping's label/name)."""
+    if isinstance(entry, dict):
+        return str(entry.get("label") or entry.get("name"))
+    return str(entry)
+
+
+def failure_row(run_dir: Path) -> dict[str, Any]:
+    record = json.loads((run_dir / FAILURE).read_text())
+    ctx = _config_context(run_dir, record.get("overrides") or [])
+    return {**ctx, "status": "failed", "error": str(record.get("error", "")), "order": None, "metric": None}
+
+
+def read_run(run_dir: Path) -> pd.DataFrame:
+    """The rows of one run folder, plus a failure row when its job failed."""
+    failed = (run_dir / FAILURE).is_file()
+    frames = []
+    if (run_dir / RESULTS).is_file():
+        frames.append(pd.read_parquet(run_dir / RESULTS).reindex(columns=COLUMNS))
+    if failed and not any((f["status"] == "failed").any() for f in frames):  # newer runs write the row themselves
+        frames.append(pd.DataFrame([failure_row(run_dir)], columns=COLUMNS))
+    df = pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True)
+    df["path"] = str(run_dir)
+    df["partial"] = failed or not (run_dir / SUMMARY).is_file()
+    return df
+
+
+def collect(paths: list[str | Path]) -> pd.DataFrame:
+    """One tidy frame (COLUMNS + path, partial) from run folders, sweep folders, or previously collected files."""
+    frames = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"'{p}' does not exist; pass run or multirun folders (or a collected .parquet/.csv)")
+        if p.is_file():
+            frames.append(_read_file(p))
+            continue
+        dirs = run_dirs(p)
+        if not dirs:
+            raise UserError(f"no {RESULTS} or {FAILURE} under '{p}'")
+        frames.extend(read_run(d) for d in dirs)
+    df = pd.concat(frames, ignore_index=True)
+    df["partial"] = df["partial"].astype(bool)
+    return df
+
+
+def _read_file(p: Path) -> pd.DataFrame:
+    """A run's own results file, or a file written by `collect --out`."""
+    if p.name == RESULTS:
+        return read_run(p.parent)
+    reader = {".parquet": pd.read_parquet, ".csv": pd.read_csv}.get(p.suffix)
+    if reader is None:
+        raise UserError(f"'{p}' is not a .parquet or .csv file of results")
+    df = reader(p)
+    missing = [c for c in ("order", "metric", "value", "stages") if c not in df.columns]
+    if missing:
+        raise UserError(f"'{p}' has no column(s) {', '.join(missing)}: not a results table")
+    if "path" not in df.columns:
+        df["path"] = str(p.parent)
+    if "partial" not in df.columns:
+        df["partial"] = False
+    return df.reindex(columns=COLLECTED)
+
+
+def describe(df: pd.DataFrame) -> str:
+    """One line per kind of run: how many runs, rows, failures and partial runs were found."""
+    runs = df.groupby("path", sort=False).agg(partial=("partial", "first"),
+                                               failed=("status", lambda s: (s == "failed").any()))  # fmt: skip
+    n_ok = int((df["status"] == "ok").sum())
+    return (
+        f"{len(runs)} run(s), {n_ok} result row(s); {int(runs['failed'].sum())} failed, "
+        f"{int(runs['partial'].sum())} partial"
+    )

@@ -1,0 +1,102 @@
+"""Figures of an analysis, each saved as PNG and PDF: A vs G with its trend (the paper's Figures 3/4/6),
+metric per order as grouped bars with bootstrap CIs, and a bits × sparsity heatmap of A."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from compress_order.analysis.pih import rank_correlation, trend  # noqa: E402
+from compress_order.analysis.tables import order_pattern  # noqa: E402
+
+
+def save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def a_vs_g(settings: pd.DataFrame, out_dir: Path, metric: str) -> list[Path]:
+    """Order advantage A against performance gap G, one colour per stage pair, least-squares trend line."""
+    pts = settings.dropna(subset=["A", "G"])
+    if pts.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for pair, g in pts.groupby("stages", sort=False):
+        yerr = None
+        if {"A_low", "A_high"} <= set(g.columns) and g["A_low"].notna().any():
+            yerr = np.vstack([g["A"] - g["A_low"], g["A_high"] - g["A"]]).clip(min=0)
+        ax.errorbar(g["G"], g["A"], yerr=yerr, fmt="o", capsize=2, label=pair.replace(",", " / "))
+    if len(pts) >= 2 and pts["G"].nunique() >= 2:
+        slope, intercept = trend(pts["G"], pts["A"])
+        xs = np.linspace(pts["G"].min(), pts["G"].max(), 50)
+        ax.plot(xs, slope * xs + intercept, "k--", lw=1, label=f"trend (slope {slope:.3g})")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.axvline(0, color="grey", lw=0.6)
+    rho, _, n = rank_correlation(pts)
+    ax.set_title(f"A vs G ({metric}); Spearman ρ = {rho:.2f}, n = {n}")
+    ax.set_xlabel("G = I(f2) − I(f1)   (f2 stronger →)")
+    ax.set_ylabel("A(f1→f2)   (f1 first better ↑)")
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, "a_vs_g")
+
+
+def order_bars(intervals: pd.DataFrame, out_dir: Path, metric: str) -> list[Path]:
+    """Metric of every full order, grouped by setting, with bootstrap CI error bars where samples exist."""
+    if intervals.empty:
+        return []
+    df = intervals.assign(
+        setting=[f"{m}\n{s}\nb{b} s{sp:g}" for m, s, b, sp in
+                 zip(intervals["model"], intervals["stages"], intervals["bits"], intervals["sparsity"])],
+        column=[order_pattern(o, s) for o, s in zip(intervals["order"], intervals["stages"])],
+    )  # fmt: skip
+    wide = df.pivot_table(index="setting", columns="column", values=["value", "low", "high"], aggfunc="mean",
+                          sort=False, dropna=False)  # fmt: skip
+    settings, orders = wide.index.tolist(), df["column"].drop_duplicates().tolist()
+    width = 0.8 / len(orders)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(settings) * len(orders) ** 0.5), 4.2))
+    x = np.arange(len(settings))
+    for k, order in enumerate(orders):
+        v = wide["value"][order].to_numpy(float)
+        err = np.vstack([v - wide["low"][order].to_numpy(float), wide["high"][order].to_numpy(float) - v])
+        err = None if np.isnan(err).all() else np.nan_to_num(err).clip(min=0)
+        ax.bar(x + (k - (len(orders) - 1) / 2) * width, v, width, yerr=err, capsize=2, label=order)
+    ax.set_xticks(x, settings, fontsize=6)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per order (95% bootstrap CI)")
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, "order_bars")
+
+
+def a_heatmap(settings: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Mean A over seeds on a bits × sparsity grid, one panel per (model, stage pair); red = f1 first better."""
+    pts = settings.dropna(subset=["A"])
+    if pts.empty:
+        return []
+    panels = list(pts.groupby(["model", "stages"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
+    vmax = float(pts["A"].abs().max()) or 1.0
+    for ax, ((model, pair), g) in zip(axes[0], panels):
+        grid = g.pivot_table(index="bits", columns="sparsity", values="A", aggfunc="mean")
+        im = ax.imshow(grid.to_numpy(float), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
+        ax.set_xticks(range(grid.shape[1]), [f"{s:g}" for s in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{b:g}" for b in grid.index])
+        for (i, j), a in np.ndenumerate(grid.to_numpy(float)):
+            if not np.isnan(a):
+                ax.text(j, i, f"{a:.3g}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(a) > 0.6 * vmax else "black")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("bits")
+        ax.set_title(f"{model}: A({pair.replace(',', '→')})", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return save(fig, out_dir, "a_heatmap")

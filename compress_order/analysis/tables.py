@@ -1,0 +1,178 @@
+"""Order-vs-order tables: one row per setting, one column per full order, plus the winner and the gap.
+
+A *setting* is everything but the order that fixes a result (model, data, stage list, targets, seed); the
+helpers here turn collected rows into per-node values of one metric, which the analysis modules share.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+
+from compress_order.errors import UserError
+from compress_order.metrics import METRICS
+from compress_order.paths import CONF_DIR
+
+SETTING = ["model", "dataset", "stages", "bits", "sparsity", "group_size", "seed"]
+TABLE_INDEX = [c for c in SETTING if c != "seed"]  # tables average over seeds
+PRIMARY = ("perplexity", "top1")  # first present is the default metric
+FORMATS = ("markdown", "csv", "latex")
+LATEX_SYMBOLS = {" > ": r" $\rightarrow$ ", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "−": "--"}
+
+
+# --- selecting rows -------------------------------------------------------------------------------------------
+
+
+def primary_metric(df: pd.DataFrame) -> str:
+    present = set(df.loc[df["status"] == "ok", "metric"].dropna())
+    if not present:
+        raise UserError("no successful result rows to tabulate")
+    return next((m for m in PRIMARY if m in present), sorted(present)[0])
+
+
+def higher_is_better(df: pd.DataFrame, metric: str) -> bool:
+    if metric in METRICS:
+        return METRICS[metric].higher_is_better
+    return bool(df.loc[df["metric"] == metric, "higher_is_better"].iloc[0])
+
+
+def direction(df: pd.DataFrame, metric: str) -> int:
+    """+1 when larger values are better, -1 otherwise: multiply a difference by it so positive = better."""
+    return 1 if higher_is_better(df, metric) else -1
+
+
+def apply_where(df: pd.DataFrame, clauses: list[str]) -> pd.DataFrame:
+    """Keep rows matching every `column=value` clause; `value` may list alternatives (`bits=3,4`)."""
+    for clause in clauses:
+        col, sep, value = clause.partition("=")
+        if not sep or not col:
+            raise UserError(f"--where '{clause}' is not column=value")
+        if col not in df.columns:
+            raise UserError(f"--where: unknown column '{col}'; valid: {', '.join(df.columns)}")
+        df = df[_matches(df[col], value)]
+    return df
+
+
+def _matches(col: pd.Series, value: str) -> pd.Series:
+    # The whole value first: a stage list ("magnitude,rtn") contains commas itself.
+    options = [value, *value.split(",")]
+    hit = col.astype(str).isin(options)
+    numbers = pd.to_numeric(pd.Series(options), errors="coerce").dropna()
+    return hit | pd.to_numeric(col, errors="coerce").isin(numbers)
+
+
+def node_values(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Successful rows of one metric with `n_stages`, `role` (dense/single/full/partial) and appearance rank."""
+    rows = df[(df["status"] == "ok") & (df["metric"] == metric)].copy()
+    if rows.empty:
+        present = ", ".join(sorted(set(df["metric"].dropna()))) or "none"
+        raise UserError(f"no successful rows for metric '{metric}'; metrics present: {present}")
+    rows["n_stages"] = rows["stages"].str.split(",").str.len()
+    rows["role"] = np.select(
+        [rows["depth"] == 0, rows["depth"] == rows["n_stages"], rows["depth"] == 1],
+        ["dense", "full", "single"], "partial",
+    )  # fmt: skip
+    rows["rank"] = np.arange(len(rows))  # the trie writes the stage-list order first
+    return rows
+
+
+def is_sequential(order: str, stages: str) -> bool:
+    """A full order made of the stage list itself (a joint one-pass node is not)."""
+    return sorted(order.split(" > ")) == sorted(stages.split(","))
+
+
+# --- naming orders across stage lists ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def stage_kind(label: str) -> str:
+    """'prune', 'quantize' or 'joint' for a label naming a conf/stage file ('' for custom labels)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "stage" / f"{label.split('(')[0]}.yaml"
+    if not path.is_file():
+        return ""
+    try:
+        return str(getattr(get_class(OmegaConf.load(path)["_target_"]), "kind", ""))
+    except Exception:  # noqa: BLE001  (a stage still being written must not break a table)
+        return ""
+
+
+def order_pattern(order: str, stages: str) -> str:
+    """An order in words that compare across stage lists: `prune > quantize` when the stages' kinds are distinct,
+    else positions in the stage list (`s2 > s1`); dense and single stages keep their names."""
+    labels = stages.split(",")
+    kinds = [stage_kind(lab) for lab in labels]
+    if " > " not in order and order not in labels:  # dense or a joint node
+        return order if order == "dense" else (stage_kind(order) or order)
+    if all(kinds) and len(set(kinds)) == len(kinds):
+        names = dict(zip(labels, kinds))
+    else:
+        names = {lab: f"s{labels.index(lab) + 1}" for lab in labels}
+    return " > ".join(names[lab] for lab in order.split(" > "))
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+
+
+def order_table(
+    df: pd.DataFrame, metric: str, dense: bool = False, singles: bool = False, names: str = "auto"
+) -> tuple[pd.DataFrame, str]:
+    """Settings × orders table of `metric` (mean over seeds) and a one-line caption saying how to read it.
+
+    `names`: "label" keeps order labels as columns, "pattern" uses order_pattern, "auto" labels when every row
+    has the same stage list. Beside the orders: `best` (the winning full order) and, with exactly two full-order
+    columns, `A` = the first column's advantage (positive: first is better), else `spread` = best − worst.
+    """
+    nodes = node_values(df, metric)
+    keep = {"dense": dense, "single": singles, "full": True, "partial": False}
+    nodes = nodes[nodes["role"].map(keep)]
+    if names == "auto":
+        names = "label" if nodes["stages"].nunique() == 1 else "pattern"
+    if names == "pattern":
+        nodes["column"] = [order_pattern(o, s) for o, s in zip(nodes["order"], nodes["stages"])]
+    else:
+        nodes["column"] = nodes["order"]
+    role_rank = nodes["role"].map({"dense": 0, "single": 1, "full": 2})
+    columns = nodes.assign(r=role_rank).sort_values(["r", "rank"])["column"].drop_duplicates().tolist()
+    full_cols = nodes.loc[nodes["role"] == "full", "column"].drop_duplicates().tolist()
+
+    index = [c for c in TABLE_INDEX if nodes[c].notna().any()]
+    table = nodes.pivot_table(index=index, columns="column", values="value", aggfunc="mean", dropna=False)
+    table = table.reindex(columns=columns).dropna(how="all")
+    d = direction(df, metric)
+    scores = table[full_cols] * d
+    winners = scores.eq(scores.max(axis=1), axis=0).sum(axis=1)
+    table["best"] = scores.fillna(-np.inf).idxmax(axis=1).where(winners == 1, np.where(winners > 1, "tie", None))
+    if len(full_cols) == 2:
+        table["A"] = scores[full_cols[0]] - scores[full_cols[1]]
+        how = f"A = advantage of '{full_cols[0]}' over '{full_cols[1]}' (positive: the first is better)"
+    else:
+        table["spread"] = scores.max(axis=1) - scores.min(axis=1)
+        how = "spread = best − worst full order"
+    seeds = nodes.groupby(index)["seed"].nunique()
+    if (seeds > 1).any():
+        table["n_seeds"] = seeds
+        how += "; values are means over seeds"
+    arrow = "↑" if d > 0 else "↓"
+    caption = f"{metric} ({arrow} better) per order; {how}"
+    table.columns.name = None
+    return table.reset_index(), caption
+
+
+def render(table: pd.DataFrame, fmt: str, caption: str = "", floatfmt: str = ".4g") -> str:
+    if fmt == "markdown":
+        head = f"{caption}\n\n" if caption else ""
+        return head + table.to_markdown(index=False, floatfmt=floatfmt) + "\n"
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "latex":
+        text = table.to_latex(index=False, float_format=lambda v: format(v, floatfmt), caption=caption or None,
+                              na_rep="--", escape=True)  # fmt: skip
+        for plain, tex in LATEX_SYMBOLS.items():  # characters that plain LaTeX fonts do not have
+            text = text.replace(plain, tex)
+        return text
+    raise UserError(f"--format {fmt} is unknown; valid: {', '.join(FORMATS)}")
