@@ -27,6 +27,7 @@ from compress_order.measure import compression_metrics
 from compress_order.paths import PACKAGE_DIR
 from compress_order.results import NodeStore, RunWriter, make_rows, summary_markdown, write_text
 from compress_order.stages import build_stage, stage_configs
+from compress_order.state_cache import StateCache
 from compress_order.stages.base import Stage
 from compress_order.targets import ModelState, find_targets
 from compress_order.tasks import Task, build_task
@@ -34,7 +35,7 @@ from compress_order.trie import Node, build_trie, run_trie
 from compress_order.validate import check_config, resolve_device
 
 # Keys that change where results go, not what they are.
-NON_IDENTITY_KEYS = ("hydra", "store_dir", "force", "threads", "stages", "joint")
+NON_IDENTITY_KEYS = ("hydra", "store_dir", "force", "threads", "stages", "joint", "state_cache", "save")
 
 
 @lru_cache(maxsize=1)
@@ -131,6 +132,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         task = build_task(lm, data, cfg)
         primary, protocol = task.primary_metric, task.protocol
         backends = select_backends(cfg.eval.get("backends", "auto"), device)
+        sc = cfg.get("state_cache") or {}
+        cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
         state = ModelState(lm.model, targets)
         bar = tqdm(total=len(nodes), desc="orders", unit="node")
 
@@ -153,7 +156,14 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
             bar.update(1)
 
         def apply(node: Node) -> None:
+            key = keys[node.order]
+            snap = cache.load(key) if done[node.order] else None
+            if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
+                state.restore(snap)
+                return
             apply_stage(stages[node.stage], state, task, cfg)
+            if node.children and cache.root is not None:
+                cache.save(key, state.snapshot())
 
         run_trie(trie, state, apply, visit, needed=lambda n: needed[n.order])
         bar.close()

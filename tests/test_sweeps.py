@@ -142,3 +142,32 @@ def test_list_names_every_group(capsys):
     for word in ("model:", "charllama", "data:", "shakespeare", "stage:", "magnitude", "rtn", "metrics:",
                  "perplexity", "hydra/launcher:", "local_parallel"):  # fmt: skip
         assert word in out
+
+
+def test_state_cache_skips_finished_prefixes_and_stays_bounded(tiny_overrides, tmp_path, monkeypatch):
+    from compress_order import runner
+
+    cache_dir = tmp_path / "states"
+    overrides = tiny_overrides + [f"state_cache.dir={cache_dir}", "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"]
+    calls = {"n": 0}
+    real = runner.apply_stage
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "apply_stage", counting)
+    with pytest.raises(RuntimeError):
+        run(compose_config(overrides), tmp_path / "a")
+    cached = len(list(cache_dir.glob("*.pt")))
+    assert cached >= 2  # the inner nodes finished before the crash
+    calls["n"] = -1000
+    df = run(compose_config(overrides), tmp_path / "b")
+    assert df["order"].nunique() == 16
+    # 15 applications in all (3 + 6 + 6); those of cached finished inner nodes are not repeated
+    assert calls["n"] - (-1000) <= 15 - cached
+    small = tiny_overrides + [f"state_cache.dir={tmp_path / 's2'}", "state_cache.max_gb=0.000001", "force=true"]
+    run(compose_config(small), tmp_path / "c")
+    assert len(list((tmp_path / "s2").glob("*.pt"))) == 1  # evicted down to the newest state
