@@ -93,6 +93,11 @@ def cmd_list(args: list[str]) -> int:
         node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / f"{name}.yaml"))
         params = " ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
         print(f"  {name:<22} {params}")
+    from compress_order.backends import BACKENDS
+
+    print("backends (eval.backends):")
+    for b in BACKENDS.values():
+        print(f"  {b.name:<22} {'/'.join(b.devices):<9} {b.description}")
     print("metrics:")
     for m in METRICS.values():
         print(f"  {m.name:<22} {'↑' if m.higher_is_better else '↓'} {m.description}")
