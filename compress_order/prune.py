@@ -51,10 +51,10 @@ def select_mask(
         groups = score.reshape(rows, cols // m, m)
         drop = groups.topk(m - n, dim=-1, largest=False).indices
         mask.reshape(rows, cols // m, m).scatter_(-1, drop, False)
-    elif scope == "row":
-        k = required_zeros(sparsity, cols)
-        if k:
-            mask.scatter_(1, score.topk(k, dim=1, largest=False).indices, False)
+    elif scope == "row":  # each row its share, the layer total exact (rows differ by at most one)
+        from compress_order.obs import row_quota_mask
+
+        return row_quota_mask(score, required_zeros(sparsity, score.numel()), prior)
     else:
         k = required_zeros(sparsity, score.numel())
         if k:

@@ -116,3 +116,14 @@ def test_stage_settings_are_checked():
     model = _model()
     with pytest.raises(UserError, match="does not divide"):
         RTN(4, 96, name="r").validate(find_targets(model))
+
+
+def test_row_scope_prunes_the_exact_layer_total():
+    torch.manual_seed(0)
+    w = torch.randn(19, 128)
+    from compress_order.prune import select_mask
+
+    mask = select_mask(w.abs(), 0.3, scope="row")
+    assert int((~mask).sum()) == round(0.3 * w.numel())
+    per_row = (~mask).sum(1)
+    assert int(per_row.max() - per_row.min()) <= 1

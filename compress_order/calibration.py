@@ -1,0 +1,378 @@
+"""One calibration driver for every calibrated stage and every model: block by block, through forward hooks.
+
+Decoder LMs (LLaMA, Mistral, Qwen, OPT, GPT-2, ...) are found by structure, not by name: the repeated blocks are
+the nn.ModuleList whose children all hold target layers and that holds the most of them (model.layers,
+transformer.h, decoder.layers). One forward per calibration sample records what every block is called with
+(blocks replaced by pass-through recorders, so nothing heavy runs); then for each block in turn:
+
+  hooks on the block's targets accumulate input statistics over all samples → the stage compresses the
+  block's targets → the block is re-run on all samples, and its compressed outputs are the next block's inputs.
+
+Only the current block (and its statistics) needs to be on the compute device, so a model may sit on CPU.
+`true_sequential` compresses a block's layers group by group in forward order (layers fed the same tensor,
+e.g. q/k/v, form one group and share one statistic), re-collecting after each group so later layers see the
+compressed earlier ones. A model without such a list (a CNN, a ViT with Sequential blocks), or whose list is
+not a plain chain, is one block: the model's own forward on the batches. Targets outside the blocks (an
+un-skipped lm_head) are done last the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from compress_order.errors import UserError
+from compress_order.hessian import HessianStats
+from compress_order.stages.base import Stage
+from compress_order.targets import Target
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward early once what it was run for has been recorded."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding and feeding the blocks
+
+
+def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of repeated blocks: every child holds a target; most targets covered, then most children."""
+    ids = {id(t.module) for t in targets.values()}
+    best: tuple[int, int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        per_child = [sum(id(m) in ids for m in child.modules()) for child in mod]
+        if min(per_child) == 0:
+            continue
+        key = (sum(per_child), len(mod))
+        if best is None or key > best[:2]:
+            best = (*key, name, mod)
+    return None if best is None else (best[2], best[3])
+
+
+@dataclass
+class _Call:
+    """What a block was called with for one sample, minus the hidden state (bound per block and sample)."""
+
+    args: tuple
+    kwargs: dict
+    slot: int | str  # positional index 0, or the keyword that carried the hidden state
+
+    def bind(self, hidden: Tensor) -> tuple[tuple, dict]:
+        if self.slot == 0:
+            return (hidden, *self.args[1:]), self.kwargs
+        return self.args, {**self.kwargs, self.slot: hidden}
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> tuple[int | str, Tensor] | None:
+    if args and isinstance(args[0], Tensor):
+        return 0, args[0]
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return "hidden_states", kwargs["hidden_states"]
+    return None
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def model_forward(model: nn.Module, batch: Any) -> Any:
+    """A calibration batch through the model: a tensor (first input), a dict (keywords) or a tuple (positional).
+    Hugging Face models get use_cache=False: no KV cache is built or passed between blocks."""
+    kw = {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
+    if isinstance(batch, Mapping):
+        return model(**batch, **kw)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch, **kw)
+    return model(batch, **kw)
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else default
+
+
+def _move_constraints(targets: list[Target], device: torch.device) -> None:
+    for t in targets:
+        c = t.constraint
+        if (c.mask is not None and c.mask.device != device) or (c.grid is not None and c.grid.scale.device != device):
+            t.constraint = c.clone(device)
+
+
+@contextmanager
+def _on_device(module: nn.Module, targets: list[Target], device: torch.device) -> Iterator[None]:
+    """Move a module (and its targets' masks and grids) to the compute device for the duration, then back."""
+    home = _device_of(module, device)
+    if home == device:
+        yield
+        return
+    module.to(device)
+    _move_constraints(targets, device)
+    try:
+        yield
+    finally:
+        module.to(home)
+        _move_constraints(targets, home)
+
+
+@contextmanager
+def _without(model: nn.Module, list_name: str) -> Iterator[None]:
+    """Temporarily detach the block list, so `model.to(...)` moves only what is around the blocks."""
+    parent_name, _, attr = list_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = parent._modules[attr]
+    parent._modules[attr] = nn.ModuleList()
+    try:
+        yield
+    finally:
+        parent._modules[attr] = blocks
+
+
+def capture_block_calls(
+    model: nn.Module, list_name: str, blocks: nn.ModuleList, batches: list[Any], device: torch.device
+) -> tuple[list[Tensor], list[list[_Call]]] | None:
+    """First-block hidden states and every block's call (args, kwargs) per sample, or None if the blocks are
+    not a plain chain (some block's input is not the previous block's output, or a block is never called).
+
+    Each block's forward is replaced by a recorder that returns its hidden input unchanged (shaped like the
+    block's real output, learnt from one real call), so one cheap model forward per sample records
+    the per-block keywords too (masks can differ between blocks, e.g. sliding-window layers); the last
+    block's recorder stops the forward.
+    """
+    n_blocks, n = len(blocks), len(batches)
+    hiddens: list[Tensor] = []
+    calls: list[list[_Call | None]] = [[None] * n for _ in range(n_blocks)]
+    st: dict[str, Any] = {"k": 0, "prev": None, "chain": True, "wrap": None, "passed": False}
+
+    def recorder(i: int, block: nn.Module, real: Callable) -> Callable:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            found = _hidden_of(args, kwargs)
+            if found is None:
+                st["chain"] = False
+                raise _Stop
+            slot, hidden = found
+            if i == 0:
+                hiddens.append(hidden)
+            elif hidden is not st["prev"]:  # something ran between two blocks: not a plain chain
+                st["chain"] = False
+                raise _Stop
+            rest_args = (None, *args[1:]) if slot == 0 else args
+            rest_kw = kwargs if slot == 0 else {k: v for k, v in kwargs.items() if k != slot}
+            calls[i][st["k"]] = _Call(rest_args, rest_kw, slot)
+            if i == n_blocks - 1:
+                raise _Stop
+            if st["wrap"] is None:  # learn the output structure from one real call
+                with _on_device(block, [], hidden.device):
+                    out = real(*args, **kwargs)
+                st["wrap"] = ("tuple", tuple(out[1:])) if isinstance(out, tuple) else ("tensor", None)
+                del out
+            st["prev"] = hidden
+            st["passed"] = True
+            kind, extra = st["wrap"]
+            return hidden if kind == "tensor" else (hidden, *extra)
+
+        return forward
+
+    home = _device_of(model, device)
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i, block, block.forward)
+        with _without(model, list_name):
+            model.to(device)
+        for k, batch in enumerate(batches):
+            st["k"], st["prev"] = k, None
+            try:
+                model_forward(model, _to(batch, device))
+            except _Stop:
+                pass
+            except Exception:
+                # Code between blocks choked on a passed-through (unprocessed) hidden state: the list is not a
+                # plain chain. Errors before any pass-through are the model's own and propagate.
+                if not st["passed"]:
+                    raise
+                return None
+            if not st["chain"]:
+                return None
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+        if home != device:
+            with _without(model, list_name):
+                model.to(home)
+    if len(hiddens) != n or any(c is None for row in calls for c in row):
+        return None
+    return hiddens, calls  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One unit (a block, or the whole model): statistics, then compression
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    if args:
+        return args[0]
+    return next(v for v in kwargs.values() if isinstance(v, Tensor))
+
+
+def input_groups(run: Callable[[int], Any], targets: list[Target]) -> tuple[list[list[Target]], list[Target]]:
+    """Targets grouped by the tensor they are fed, in forward order (q/k/v share one input), from one run of
+    sample 0; and the targets that forward never reached."""
+    by_id = {id(t.module): t for t in targets}
+    seen: list[tuple[Target, Tensor]] = []
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = by_id[id(mod)]
+        if all(s[0] is not t for s in seen):
+            seen.append((t, _first_input(args, kwargs)))  # kept alive, so identity means "same tensor"
+
+    handles = [t.module.register_forward_pre_hook(hook, with_kwargs=True) for t in targets]
+    try:
+        run(0)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[Tensor, list[Target]]] = []
+    for t, x in seen:
+        g = next((g for g in groups if g[0] is x), None)
+        if g is None:
+            groups.append((x, [t]))
+        else:
+            g[1].append(t)
+    reached = {id(t) for t, _ in seen}
+    return [g[1] for g in groups], [t for t in targets if id(t) not in reached]
+
+
+def compress_unit(
+    run: Callable[[int], Any],
+    n: int,
+    targets: list[Target],
+    stage: Stage,
+    true_sequential: bool,
+    device: torch.device,
+) -> int:
+    """Collect statistics of `targets` over samples 0..n-1 of `run`, compress them; return how many targets
+    calibration reached. Unreached targets are compressed with empty statistics (Hessian-free fallback)."""
+    groups, unreached = input_groups(run, targets)
+    diag_only = bool(getattr(stage, "diag_only", False))
+
+    def collect(gs: list[list[Target]], stop: bool) -> list[HessianStats]:
+        stats = [HessianStats(g[0].module, device, diag_only) for g in gs]
+        handles = []
+        for g, s in zip(gs, stats):
+
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, s: HessianStats = s) -> None:
+                s.add_batch(_first_input(args, kwargs))
+                if stop:  # true-sequential: nothing after this group's input matters yet
+                    raise _Stop
+
+            handles.append(g[0].module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            for k in range(n):
+                try:
+                    run(k)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    def apply(g: list[Target], s: HessianStats) -> None:
+        for t in g:
+            stage.compress(t, s)
+        s.free()
+
+    if true_sequential:
+        for g in groups:
+            apply(g, collect([g], stop=True)[0])
+    else:
+        for g, s in zip(groups, collect(groups, stop=False)):
+            apply(g, s)
+    for t in unreached:
+        apply([t], HessianStats(t.module, device, diag_only))
+    return sum(len(g) for g in groups)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver
+
+
+@torch.no_grad()
+def calibrate_and_compress(
+    model: nn.Module,
+    targets: Mapping[str, Target],
+    batches: list[Any],
+    stage: Stage,
+    calib_cfg: Mapping[str, Any],
+    device: torch.device | str | None = None,
+) -> None:
+    """Compress every target with `stage`, feeding it input statistics from `batches`, block by block.
+
+    `device`: where blocks and statistics are computed (default: calib_cfg.device if set, else where the
+    model's parameters are); the model may live elsewhere (CPU) and is left where it was.
+    """
+    if not batches:
+        raise UserError(f"stage '{stage.label}' needs calibration data but calibration.nsamples=0; set it >= 1")
+    true_seq = bool(calib_cfg.get("true_sequential", False))
+    dev = torch.device(device or calib_cfg.get("device", None) or _device_of(model, torch.device("cpu")))
+    if dev.type == "cuda" and dev.index is None:  # compare equal to the parameters' "cuda:N"
+        dev = torch.device("cuda", torch.cuda.current_device())
+    all_targets = list(targets.values())
+    was_training = model.training
+    model.eval()
+    try:
+        done: set[int] = set()
+        found = find_blocks(model, targets)
+        captured = None if found is None else capture_block_calls(model, found[0], found[1], batches, dev)
+        if captured is not None:
+            hiddens, calls = captured
+            for i, block in enumerate(found[1]):
+                mods = {id(m) for m in block.modules()}
+                block_targets = [t for t in all_targets if id(t.module) in mods]
+                with _on_device(block, block_targets, dev):
+
+                    def run(k: int, i: int = i, block: nn.Module = block) -> Any:
+                        args, kwargs = calls[i][k].bind(hiddens[k])
+                        return block(*args, **kwargs)
+
+                    compress_unit(run, len(batches), block_targets, stage, true_seq, dev)
+                    for k in range(len(batches)):  # the next block sees this block's compressed outputs
+                        out = run(k)
+                        hiddens[k] = out[0] if isinstance(out, (tuple, list)) else out
+                calls[i] = []  # free this block's recorded calls
+                done.update(id(t) for t in block_targets)
+        rest = [t for t in all_targets if id(t) not in done]
+        if rest:  # no usable block list, or layers outside it: the whole model is one block
+            with _on_device(model, rest, dev):
+
+                def run_model(k: int) -> Any:
+                    return model_forward(model, _to(batches[k], dev))
+
+                if compress_unit(run_model, len(batches), rest, stage, true_seq, dev) == 0:
+                    raise UserError(
+                        f"stage '{stage.label}': calibration inputs reach none of the {len(rest)} target layers of "
+                        f"{type(model).__name__} (first: {rest[0].name}); use a data-free stage (magnitude, rtn)"
+                    )
+    finally:
+        model.train(was_training)

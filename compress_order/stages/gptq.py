@@ -1,0 +1,82 @@
+"""GPTQ (Frantar et al., 2022): quantize column by column, feeding each rounding error to the columns not yet
+quantized through the damped inverse Hessian, with lazy block updates.
+
+Grids: per channel (group_size=-1) fit once from the weights; per group either fit when the solver reaches
+the group's first column, from the updated weights (default), or all fit up front (static_groups=true).
+act_order processes columns by decreasing H_jj; the grid still indexes groups in the original column order,
+so with groups it needs static groups. On a pruned layer the mask is kept: pruned weights stay exactly zero
+and take no part in error feedback, so unstructured and N:M patterns survive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from compress_order.errors import UserError
+from compress_order.hessian import HessianStats, damped_inverse_cholesky
+from compress_order.obs import ColumnGrid, obs_solve
+from compress_order.quant import QuantGrid, fit_grid
+from compress_order.stages.base import QuantMixin, Stage, set_quantized
+from compress_order.stages.sparsegpt import check_solver_params
+from compress_order.targets import Target
+
+
+def column_grid(w: Tensor, bits: int, group_size: int, sym: bool, static: bool) -> ColumnGrid:
+    """Per-channel and static grids are fit now from `w`; otherwise an empty grid the solver fills per group."""
+    rows, cols = w.shape
+    if group_size <= 0 or static:
+        return ColumnGrid(fit_grid(w, bits, group_size, sym), fit=False)
+    ones = torch.ones(rows, cols // group_size, dtype=torch.float32, device=w.device)
+    return ColumnGrid(QuantGrid(bits, group_size, sym, ones, torch.zeros_like(ones)), fit=True)
+
+
+class GPTQ(QuantMixin, Stage):
+    kind = "quantize"
+    needs = "hessian"
+
+    def __init__(
+        self,
+        bits: int,
+        group_size: int = -1,
+        sym: bool = False,
+        act_order: bool = False,
+        static_groups: bool = False,
+        percdamp: float = 0.01,
+        blocksize: int = 128,
+        **kw: Any,
+    ):
+        super().__init__(**kw)
+        self._init_quant(bits, group_size, sym)
+        check_solver_params("gptq", blocksize, percdamp)
+        if act_order and self.group_size > 0 and not static_groups:
+            raise UserError(
+                f"gptq act_order=true with group_size={self.group_size} needs static_groups=true "
+                f"(groups fit before reordering), or set act_order=false or group_size=-1"
+            )
+        self.act_order, self.static_groups = bool(act_order), bool(static_groups)
+        self.percdamp, self.blocksize = float(percdamp), int(blocksize)
+
+    def validate(self, targets: dict[str, Target]) -> None:
+        self._validate_groups(targets)
+
+    def compress(self, target: Target, stats: HessianStats) -> None:
+        c = target.constraint
+        w = target.weight.float()
+        H = stats.H.to(w.device)
+        prior = c.mask
+        rounding = column_grid(w, self.bits, self.group_size, self.sym, self.static_groups)
+        perm = None
+        if self.act_order:
+            # Most-active inputs first: their errors can still be absorbed by the most other columns.
+            perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+            w, H = w[:, perm], H[perm][:, perm]
+            prior = None if prior is None else prior[:, perm]
+            rounding.col_ids = perm.tolist()
+        U = damped_inverse_cholesky(H, self.percdamp)
+        q, _ = obs_solve(w, U, prior, 0, None, rounding, self.blocksize)
+        if perm is not None:
+            q = q[:, torch.argsort(perm)]
+        set_quantized(target, q, rounding.grid, self.label)
