@@ -70,3 +70,23 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, r
         times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return statistics.median(times), q[2] - q[0]
+
+
+@torch.no_grad()
+def decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device,
+                        warmup: int = 1, repeats: int = 5) -> float:  # fmt: skip
+    """Median ms per generated token with a KV cache: prefill the prompt (untimed), then time greedy steps."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + repeats):
+        out = model(input_ids=prompt, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3 / new_tokens)
+    return statistics.median(times)
