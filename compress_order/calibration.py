@@ -233,6 +233,13 @@ def _first_input(args: tuple, kwargs: dict) -> Tensor:
     return next(v for v in kwargs.values() if isinstance(v, Tensor))
 
 
+def _view(module: nn.Module) -> tuple:
+    """What decides a layer's column view of its input (see hessian.layer_columns)."""
+    if isinstance(module, nn.Conv2d):
+        return ("conv", module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
+    return (type(module).__name__,)
+
+
 def input_groups(run: Callable[[int], Any], targets: list[Target]) -> tuple[list[list[Target]], list[Target]]:
     """Targets grouped by the tensor they are fed, in forward order (q/k/v share one input), from one run of
     sample 0; and the targets that forward never reached."""
@@ -253,8 +260,8 @@ def input_groups(run: Callable[[int], Any], targets: list[Target]) -> tuple[list
         for h in handles:
             h.remove()
     groups: list[tuple[Tensor, list[Target]]] = []
-    for t, x in seen:
-        g = next((g for g in groups if g[0] is x), None)
+    for t, x in seen:  # same tensor AND same column view: a 3×3 conv and a 1×1 shortcut unfold it differently
+        g = next((g for g in groups if g[0] is x and _view(g[1][0].module) == _view(t.module)), None)
         if g is None:
             groups.append((x, [t]))
         else:
@@ -300,6 +307,8 @@ def compress_unit(
 
     def apply(g: list[Target], s: HessianStats) -> None:
         for t in g:
+            if s.cols != t.shape[1]:  # a statistic shared by layers that view their input differently
+                raise RuntimeError(f"{t.name}: input statistic has {s.cols} columns, the layer {t.shape[1]}")
             stage.compress(t, s)
         s.free()
 
