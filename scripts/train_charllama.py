@@ -34,7 +34,7 @@ import tokenizers
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "compress_order" / "assets" / "shakespeare"
@@ -138,6 +138,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 writes tokenizer_class "TokenizersBackend", unknown to 4.x;
+    "PreTrainedTokenizerFast" loads the same tokenizer.json in both."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def check_reload(out: Path, valid_text: str) -> float:
+    """Load the saved files the way the runner does and recompute validation ppl."""
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    check_round_trip(tok, valid_text[:2000])
+    return validation_ppl(model, encode(tok, valid_text))
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -146,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--intermediate-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=150)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--time-steps", type=int, default=0, help="only time this many steps, then exit without saving")
     args = ap.parse_args(argv)
@@ -226,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     hf_tok.save_pretrained(args.out)
+    portable_tokenizer_config(args.out / "tokenizer_config.json")
+    reloaded_ppl = check_reload(args.out, valid_text)
+    if abs(reloaded_ppl - final_ppl) > 1e-4:
+        raise AssertionError(f"reloaded checkpoint ppl {reloaded_ppl} != trained {final_ppl}")
 
     record = {
         "model": {
