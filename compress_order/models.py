@@ -40,15 +40,23 @@ def causal_lm(
     gguf_file: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    group_size: int | None = None,
+    missing_hint: str | None = None,
 ) -> LoadedModel:
-    """A Hugging Face causal LM through from_pretrained: a hub id or a local directory."""
+    """A Hugging Face causal LM through from_pretrained: a hub id or a local directory.
+
+    `group_size` is the quantization group size that divides this model's layers: the top-level `group_size`
+    defaults to it (conf/config.yaml). `missing_hint` says how to obtain local weights that are not there.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar (the order trie's) is enough
 
-    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(path)):
-        raise UserError(f"model '{name}': local path '{path}' does not exist; pass model.path=/dir/with/config.json")
+    local_file = os.path.join(path, gguf_file) if gguf_file else path
+    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(local_file)):
+        hint = missing_hint or "pass model.path=/dir/with/config.json"
+        raise UserError(f"model '{name}': local path '{local_file}' does not exist; {hint}")
     kw: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     if gguf_file:
         kw["gguf_file"] = gguf_file

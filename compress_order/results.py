@@ -134,10 +134,13 @@ def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
 
 
 def make_rows(context: dict, order: str, depth: int, node_key: str, entries: list[dict], timestamp: str) -> list[dict]:
-    """Rows of one node: each entry is {metric, value, backend[, status, error]}."""
+    """Rows of one node: each entry is {metric, value, backend[, higher_is_better, status, error]}.
+
+    Entries carry their metric's direction, so rows rebuilt from the store need no task to register it."""
     return [
         {**context, "order": order, "depth": depth, "metric": e["metric"], "value": float(e["value"]),
-         "higher_is_better": METRICS[e["metric"]].higher_is_better, "backend": e["backend"],
+         "higher_is_better": e.get("higher_is_better", METRICS[e["metric"]].higher_is_better) if e["metric"] else None,
+         "backend": e["backend"],
          "status": e.get("status", "ok"), "error": e.get("error", ""), "node_key": node_key, "timestamp": timestamp}
         for e in entries
     ]  # fmt: skip
@@ -153,7 +156,10 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
         return "no results\n"
     sim = ok[ok["backend"] == "dense-simulated"]
     wide = sim.pivot_table(index=["depth", "order"], columns="metric", values="value", aggfunc="first", sort=False)
-    wide = wide[[m for m in SUMMARY_METRICS if m in wide.columns]]
+    # The usual metrics first, then any task-specific ones (word perplexity, lm-eval tasks, ...)
+    extra = [m for m in wide.columns if m not in SUMMARY_METRICS and m not in ("latency_ms_iqr",)]
+    wide = wide[[m for m in SUMMARY_METRICS if m in wide.columns and m != "latency_ms"] + extra
+                + (["latency_ms"] if "latency_ms" in wide.columns else [])]
     real = df[(df["backend"] != "dense-simulated") & (df["metric"] == "latency_ms")]
     for backend, rows in real.groupby("backend", sort=True):
         ms = rows.set_index(["depth", "order"])["value"].reindex(wide.index)

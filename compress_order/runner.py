@@ -23,7 +23,9 @@ from tqdm import tqdm
 import compress_order
 from compress_order.backends import SIMULATED, select_backends
 from compress_order.config import build
+from compress_order.export import save_node
 from compress_order.measure import compression_metrics
+from compress_order.metrics import METRICS
 from compress_order.paths import PACKAGE_DIR
 from compress_order.results import NodeStore, RunWriter, make_rows, summary_markdown, write_text
 from compress_order.stages import build_stage, stage_configs
@@ -145,13 +147,16 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
                 metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
                 metrics.update(task.latency(lm.model))
                 rec = {
-                    "entries": [{"metric": m, "value": v, "backend": SIMULATED} for m, v in metrics.items()]
+                    "entries": [{"metric": m, "value": v, "backend": SIMULATED,
+                                 "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()]
                     + backend_entries(backends, lm.model, targets, task, device),
                     "samples": {k: v.tolist() for k, v in samples.items()}, "primary": primary, "protocol": protocol,
                     "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }  # fmt: skip
                 store.put(key, rec)
             _emit(writer, context, node, key, rec)
+            if cfg.get("save"):  # full orders computed in this run: write the compressed model
+                save_node(lm, targets, node, len(scfgs), out_dir, computed=not done[node.order])
             bar.set_postfix_str(node.label)
             bar.update(1)
 

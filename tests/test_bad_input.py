@@ -28,7 +28,9 @@ BAD = [
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line(args, message, tiny_overrides, tmp_path, capsys):
-    rc = _rc(["run", *tiny_overrides, *args])
+    keys = {a.split("=", 1)[0] for a in args}
+    base = [o for o in tiny_overrides if o.split("=", 1)[0] not in keys]
+    rc = _rc(["run", *base, *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and message in err[0], err

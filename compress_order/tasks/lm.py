@@ -1,8 +1,13 @@
-"""Causal language models: token-level perplexity on the validation text, calibration segments from train."""
+"""Causal language models: token-level perplexity on the validation text, calibration segments from train.
+
+Optional extras on the same in-memory model: lm-eval's word/byte perplexity of the validation text
+(`eval.word_perplexity`) and lm-eval tasks (`eval.tasks`), each under its own metric names.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -13,8 +18,19 @@ from torch import Tensor, nn
 from compress_order.data import TextSplits
 from compress_order.errors import UserError
 from compress_order.measure import time_call
+from compress_order.metrics import Metric
+from compress_order.metrics import register as register_metric
 from compress_order.models import LoadedModel
 from compress_order.tasks import register
+
+# The GPTQ/SparseGPT number is `perplexity` (per token, fixed windows); these follow lm-eval's
+# loglikelihood_rolling protocol and normalise the same total NLL by words or bytes instead of tokens.
+for _m in (
+    Metric("word_perplexity", False, "lm-eval protocol: exp(total NLL / words) of the validation text"),
+    Metric("byte_perplexity", False, "lm-eval protocol: exp(total NLL / UTF-8 bytes) of the validation text"),
+    Metric("bits_per_byte", False, "lm-eval protocol: total NLL / UTF-8 bytes / ln 2 of the validation text"),
+):
+    register_metric(_m)
 
 
 def encode(tokenizer, text: str) -> Tensor:
@@ -32,9 +48,8 @@ class LMTask:
         self.seqlen = int(cfg.eval.seqlen or lm.seqlen)
         self.batch_size = int(cfg.eval.batch_size)
         ids = encode(lm.tokenizer, data.valid)
-        n = ids.numel() // self.seqlen
-        if cfg.eval.max_windows:
-            n = min(n, int(cfg.eval.max_windows))
+        full = ids.numel() // self.seqlen
+        n = min([full, *(int(c) for c in (cfg.eval.max_windows, data.max_windows) if c)])
         if n == 0:
             raise UserError(f"validation text of '{data.name}' has {ids.numel()} tokens, fewer than seqlen={self.seqlen}")
         self.windows = ids[: n * self.seqlen].view(n, self.seqlen)
@@ -54,6 +69,26 @@ class LMTask:
         self.lat_cfg = lat
         self._calib: list[Tensor] | None = None
 
+        self.tokenizer = lm.tokenizer
+        self.rolling: Tensor | None = None
+        self.rolling_text = ""
+        if cfg.eval.get("word_perplexity"):
+            # lm-eval scores a whole text; when windows are capped, the text they cover.
+            text = data.valid if n == full else _text_prefix(lm.tokenizer, data.valid, n * self.seqlen)
+            self.rolling_text = text
+            self.rolling = torch.tensor(lm.tokenizer(text)["input_ids"], dtype=torch.long)  # encoded as lm-eval does
+            what = "the whole validation text" if n == full else "the text of those windows"
+            self.protocol += f"; word/byte perplexity: lm-eval rolling windows of {self.seqlen} tokens over {what}"
+        self.lmeval = None
+        tasks = list(cfg.eval.get("tasks") or [])
+        if tasks:
+            from compress_order.lmeval import LMEval
+
+            opts = dict(cfg.eval.get("lm_eval") or {})
+            max_length = int(opts.pop("max_length", None) or self.seqlen)
+            self.lmeval = LMEval(tasks, lm.tokenizer, max_length=max_length, **opts)
+            self.protocol += f"; lm-eval tasks: {', '.join(tasks)}"
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         nll = []
@@ -64,7 +99,28 @@ class LMTask:
             nll.append(loss.view(x.shape[0], -1).mean(1).double().cpu())
         per_window = torch.cat(nll).numpy()
         ppl = math.exp(float(per_window.mean()))
-        return {"perplexity": ppl if math.isfinite(ppl) else float("inf")}, {"nll": per_window}
+        metrics = {"perplexity": ppl if math.isfinite(ppl) else float("inf")}
+        samples = {"nll": per_window}
+        if self.rolling is not None:
+            metrics.update(self._rolling_metrics(model))
+        if self.lmeval is not None:
+            m, s = self.lmeval.evaluate(model)
+            metrics.update(m)
+            samples.update(s)
+        return metrics, samples
+
+    @torch.no_grad()
+    def _rolling_metrics(self, model: nn.Module) -> dict[str, float]:
+        tok = self.tokenizer
+        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        total = rolling_nll(model, self.rolling, prefix, self.seqlen, self.batch_size, self.device)
+        words = len(re.split(r"\s+", self.rolling_text))  # lm-eval's count: split on whitespace runs
+        nbytes = len(self.rolling_text.encode("utf-8"))
+        return {
+            "word_perplexity": _exp(total / words),
+            "byte_perplexity": _exp(total / nbytes),
+            "bits_per_byte": total / nbytes / math.log(2),
+        }
 
     def calibration_batches(self) -> list[Tensor]:
         """`nsamples` random segments of `seqlen` train tokens, drawn once with the run's seed."""
@@ -83,3 +139,49 @@ class LMTask:
             lambda: model(input_ids=x, use_cache=False), self.device, int(self.lat_cfg.warmup), int(self.lat_cfg.repeats)
         )
         return {"latency_ms": med, "latency_ms_iqr": iqr}
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+def _text_prefix(tokenizer, text: str, ntokens: int) -> str:
+    """The characters covered by the first `ntokens` tokens of `text` (as `encode` splits it)."""
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[: offsets[ntokens - 1][1]]
+    return tokenizer.decode(encode(tokenizer, text)[:ntokens])
+
+
+def rolling_windows(n_targets: int, seqlen: int) -> list[tuple[int, int, int]]:
+    """lm-eval's loglikelihood_rolling windows (context 1) over a sequence s whose tokens s[1..n] are scored.
+
+    Each window is (start, length, scored): input s[start:start+length] predicts s[start+1:start+length+1], of
+    which the last `scored` count. Windows score disjoint runs of `seqlen` targets, each with as much left
+    context as fits; the last, shorter run is right-aligned so it still sees a full window of context.
+    """
+    out, done = [], 0
+    while done < n_targets:
+        k = min(seqlen, n_targets - done)
+        out.append((done, k, k) if done == 0 or k == seqlen else (n_targets - seqlen, seqlen, k))
+        done += k
+    return out
+
+
+@torch.no_grad()
+def rolling_nll(model: nn.Module, ids: Tensor, prefix: int | None, seqlen: int, batch_size: int,
+                device: torch.device) -> float:  # fmt: skip
+    """Total NLL (nats) of every token of `ids`, the first predicted from `prefix` (lm-eval's BOS/EOS prefix; none:
+    the first token is context only, as there is nothing to predict it from)."""
+    s = ids if prefix is None else torch.cat([torch.tensor([prefix], dtype=torch.long), ids])
+    windows = rolling_windows(s.numel() - 1, seqlen)
+    total = 0.0
+    for length in sorted({w[1] for w in windows}):  # batch windows of equal length
+        same = [w for w in windows if w[1] == length]
+        for i in range(0, len(same), batch_size):
+            chunk = same[i : i + batch_size]
+            x = torch.stack([s[a : a + length + 1] for a, _, _ in chunk]).to(device)
+            logp = torch.log_softmax(model(input_ids=x[:, :-1], use_cache=False).logits.float(), -1)
+            nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)
+            total += sum(float(nll[j, length - k :].double().sum()) for j, (_, _, k) in enumerate(chunk))
+    return total

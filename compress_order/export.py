@@ -1,0 +1,168 @@
+"""`save=true`: each full order's compressed model as a Hugging Face checkpoint, with its per-layer constraints.
+
+<run dir>/models/<order slug>/ holds what `save_pretrained` writes (the weights as evaluated: pruned weights are
+exact zeros, quantized weights lie exactly on their grids, in the model's dtype), the tokenizer, and:
+
+  compression.json          order, model, and per layer: shape, stages applied, mask density / sparsity / N:M,
+                            quantization bits, group size, symmetry; tensor entries name keys of ↓
+  compression.safetensors   per layer `<layer>.mask` (np.packbits of the row-major keep-mask, True = kept),
+                            `<layer>.scale` (float32) and `<layer>.zero` (uint8 integer zero-points), (rows, groups)
+
+A quantized weight w[r, c] = (code - zero[r, g]) * scale[r, g] with g = c // group_size, code in [0, 2^bits - 1].
+`AutoModelForCausalLM.from_pretrained(dir)` reloads the compressed model as it was evaluated.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from compress_order.errors import UserError
+from compress_order.models import LoadedModel
+from compress_order.targets import Target
+from compress_order.trie import Node
+
+MODELS_DIR = "models"
+FORMAT = "compress-order/compression-v1"
+log = logging.getLogger(__name__)
+
+
+def order_slug(order: tuple[str, ...]) -> str:
+    """A folder name for an order: 'magnitude > rtn' → 'magnitude_then_rtn'."""
+    return "_then_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", lab).strip("-") or "stage" for lab in order)
+
+
+def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path,
+              computed: bool) -> Path | None:  # fmt: skip
+    """Called for every visited node when `save=true`: checks at the dense node that the model can be saved
+    (before any compression work), writes full orders whose model was just computed."""
+    if node.depth == 0 and not hasattr(lm.model, "save_pretrained"):
+        raise UserError(f"save=true needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
+    if node.depth != full_depth or node.depth == 0:
+        return None
+    if not computed:  # a finished node reloaded from the store: the trie did not rebuild its weights
+        log.warning("not saving '%s': its result came from the store and its model was not recomputed "
+                    "(add force=true to recompute and save it)", node.label)  # fmt: skip
+        return None
+    return save_model(lm, targets, node.order, Path(out_dir) / MODELS_DIR / order_slug(node.order))
+
+
+def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path) -> Path:
+    """Write the model, tokenizer and constraint files into `dest`, replacing it whole (written beside, renamed)."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _as_plain_model(lm.model):
+            lm.model.save_pretrained(tmp)
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(tmp)
+        record, tensors = constraint_record(targets)
+        record = {"format": FORMAT, "model": lm.name, "order": list(order), "label": " > ".join(order), **record}
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp / "compression.safetensors"))
+        (tmp / "compression.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while saving {dest}; free space or set hydra.run.dir elsewhere") from None
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise UserError(f"cannot write {dest} ({e.strerror}); choose a writable hydra.run.dir") from None
+        raise
+    log.info("saved %s", dest)
+    return dest
+
+
+@contextmanager
+def _as_plain_model(model: torch.nn.Module) -> Iterator[None]:
+    """A model read from a GGUF file keeps transformers' GGUF quantizer, which refuses to save. Once its weights are
+    dequantized into ordinary layers (compress-order compresses those), it is an ordinary model: save it as one."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        yield
+        return
+    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
+    if packed:
+        raise UserError(f"save=true: the GGUF weights are still packed ({', '.join(packed)}); cannot save them")
+    attrs = {k: getattr(model, k) for k in ("hf_quantizer", "is_quantized", "quantization_method") if hasattr(model, k)}
+    qc = model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    try:
+        yield
+    finally:
+        for k, v in attrs.items():
+            setattr(model, k, v)
+        if qc is not None:
+            model.config.quantization_config = qc
+
+
+@torch.no_grad()
+def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Per-layer constraints as JSON-ready scalars, and their tensors (masks, scales, zeros) by key."""
+    layers: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in targets.items():
+        c, w = t.constraint, t.weight
+        entry: dict[str, Any] = {
+            "shape": list(w.shape),  # the weight as every stage sees it: (out, in·kh·kw)
+            "applied": list(c.applied),
+            "sparsity": float((w == 0).float().mean()),  # measured on the saved weight
+            "density": 1.0,
+            "min_sparsity": float(c.min_sparsity),
+            "nm": list(c.nm) if c.nm else None,
+            "mask": None,
+            "quant": None,
+        }
+        if c.mask is not None:
+            entry["density"] = float(c.mask.float().mean())
+            entry["mask"] = f"{name}.mask"
+            tensors[entry["mask"]] = torch.from_numpy(np.packbits(c.mask.cpu().numpy().reshape(-1)))
+        if c.grid is not None:
+            g = c.grid
+            entry["quant"] = {
+                "bits": g.bits, "group_size": g.group_size, "sym": g.sym, "n_groups": g.n_groups,
+                "scale": f"{name}.scale", "zero": f"{name}.zero",
+            }  # fmt: skip
+            tensors[f"{name}.scale"] = g.scale.detach().float().cpu().contiguous()
+            tensors[f"{name}.zero"] = g.zero.detach().cpu().to(torch.uint8).contiguous()  # integers in [0, 2^bits-1]
+        layers[name] = entry
+    return {"weights_dtype": _dtype(targets), "layers": layers}, tensors
+
+
+def _dtype(targets: dict[str, Target]) -> str:
+    return str(next(iter(targets.values())).module.weight.dtype).removeprefix("torch.")
+
+
+def load_constraints(model_dir: str | Path) -> dict[str, Any]:
+    """compression.json with its tensors filled in: masks as bool (rows, cols), scales and zeros as float32."""
+    d = Path(model_dir)
+    record = json.loads((d / "compression.json").read_text(encoding="utf-8"))
+    side = d / "compression.safetensors"
+    if side.is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(side))
+        for entry in record["layers"].values():
+            if entry["mask"]:
+                rows, cols = entry["shape"]
+                bits = np.unpackbits(tensors[entry["mask"]].numpy(), count=rows * cols)
+                entry["mask"] = torch.from_numpy(bits.astype(bool).reshape(rows, cols))
+            if entry["quant"]:
+                q = entry["quant"]
+                q["scale"], q["zero"] = tensors[q["scale"]], tensors[q["zero"]].float()
+    return record
