@@ -157,7 +157,7 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
     sim = ok[ok["backend"] == "dense-simulated"]
     wide = sim.pivot_table(index=["depth", "order"], columns="metric", values="value", aggfunc="first", sort=False)
     # The usual metrics first, then any task-specific ones (word perplexity, lm-eval tasks, ...)
-    extra = [m for m in wide.columns if m not in SUMMARY_METRICS and m not in ("latency_ms_iqr",)]
+    extra = [m for m in wide.columns if m not in SUMMARY_METRICS and m not in ("latency_ms_iqr", "decode_ms_per_token")]
     wide = wide[[m for m in SUMMARY_METRICS if m in wide.columns and m != "latency_ms"] + extra
                 + (["latency_ms"] if "latency_ms" in wide.columns else [])]
     real = df[(df["backend"] != "dense-simulated") & (df["metric"] == "latency_ms")]

@@ -585,3 +585,14 @@ def test_quality_on_the_embedded_model(tmp_path):
         ppl[stages.strip("[]")] = float(df[(df.metric == "perplexity") & (df.depth == 1)]["value"].iloc[0])
     assert ppl["sparsegpt"] <= ppl["magnitude"] and ppl["wanda"] <= ppl["magnitude"], ppl
     assert ppl["gptq"] <= ppl["rtn"], ppl
+
+
+def test_calibration_larger_than_the_text_is_a_one_line_error(tiny_overrides, capsys):
+    from compress_order.cli import main
+
+    args = [o for o in tiny_overrides if not o.startswith("calibration.nsamples")]
+    with pytest.raises(SystemExit) as exc:
+        main(["run", *args, "stages=[wanda]", "calibration.nsamples=100000"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lower calibration.nsamples or calibration.seqlen" in err[0]

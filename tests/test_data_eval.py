@@ -92,7 +92,7 @@ def test_c4_shards_first_docs_seeded_train_sample_and_window_cap(tmp_path):
 
 
 def test_lm_task_honours_the_dataset_window_cap(tiny_llama, tmp_path):
-    cfg = compose_config([f"model.path={tiny_llama}", "model.seqlen=16", "device=cpu"])
+    cfg = compose_config([f"model.path={tiny_llama}", "model.seqlen=16", "device=cpu", "calibration.nsamples=8"])
     lm = build(cfg.model)
     text = "To be, or not to be, that is the question:\n" * 40
     assert len(LMTask(lm, TextSplits("t", text, text), cfg).windows) == len(text) // 16

@@ -14,7 +14,7 @@ from compress_order.metrics import METRICS
 from compress_order.results import COLUMNS
 from compress_order.runner import run
 
-NODE_METRICS = {"perplexity", "sparsity", "avg_bits", "size_bytes", "latency_ms", "latency_ms_iqr"}
+NODE_METRICS = {"perplexity", "sparsity", "avg_bits", "size_bytes", "latency_ms", "latency_ms_iqr", "decode_ms_per_token"}
 
 
 def _run(overrides, out: Path) -> pd.DataFrame:
@@ -41,6 +41,7 @@ def test_run_writes_tidy_rows_for_every_node(tiny_overrides, tmp_path):
     assert set(real["backend"]) == {"int8_weight_only", "int4_weight_only"}  # CPU kernels, labelled
     assert real[real["order"] == "dense"]["status"].eq("n/a").all()  # dense weights: no int kernel applies
     assert real[(real["order"] == "magnitude > rtn") & (real["metric"] == "latency_ms")]["value"].gt(0).all()
+    assert set(real[real["status"] == "ok"]["metric"]) == {"latency_ms", "latency_ms_iqr", "decode_ms_per_token"}
     assert set(disk["depth"]) == {0, 1, 2} and disk["stages"].iloc[0] == "magnitude,rtn"
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "◀ best" in summary and "non-overlapping windows of 64 tokens" in summary

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from compress_order.data import TextSplits
 from compress_order.errors import UserError
-from compress_order.measure import time_call
+from compress_order.measure import decode_ms_per_token, time_call
 from compress_order.metrics import Metric
 from compress_order.metrics import register as register_metric
 from compress_order.models import LoadedModel
@@ -64,6 +64,11 @@ class LMTask:
             raise UserError(
                 f"calibration seqlen={self.cal_seqlen} needs more than the {self.train_ids.numel()} tokens "
                 f"of '{data.name}' train; lower calibration.seqlen"
+            )
+        if self.nsamples * self.cal_seqlen > self.train_ids.numel():
+            raise UserError(
+                f"calibration needs nsamples×seqlen = {self.nsamples}×{self.cal_seqlen} tokens but '{data.name}' "
+                f"train has {self.train_ids.numel()}; lower calibration.nsamples or calibration.seqlen"
             )
         lat = cfg.eval.latency
         self.lat_cfg = lat
@@ -135,10 +140,14 @@ class LMTask:
     def latency(self, model: nn.Module) -> dict[str, float]:
         x = self.windows[:1].repeat(int(self.lat_cfg.batch), 1)[:, : int(self.lat_cfg.seqlen or self.seqlen)]
         x = x.to(self.device)
-        med, iqr = time_call(
-            lambda: model(input_ids=x, use_cache=False), self.device, int(self.lat_cfg.warmup), int(self.lat_cfg.repeats)
-        )
-        return {"latency_ms": med, "latency_ms_iqr": iqr}
+        warmup, repeats = int(self.lat_cfg.warmup), int(self.lat_cfg.repeats)
+        med, iqr = time_call(lambda: model(input_ids=x, use_cache=False), self.device, warmup, repeats)
+        out = {"latency_ms": med, "latency_ms_iqr": iqr}
+        new = int(self.lat_cfg.get("decode_tokens") or 0)
+        if new:  # generation speed: one token at a time against a KV cache, after a prefill of the window
+            prompt = x[:, : max(1, x.shape[1] - new)]
+            out["decode_ms_per_token"] = decode_ms_per_token(model, prompt, new, self.device, 1, max(1, repeats // 3))
+        return out
 
 
 def _exp(x: float) -> float:
