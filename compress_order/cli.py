@@ -15,7 +15,7 @@ USAGE = """usage: compress-order COMMAND [ARGS]
 
 commands:
   run [OVERRIDES] [-m]     run every order of the stage list (Hydra: --cfg job, -m for sweeps)
-  validate [OVERRIDES]     compose and check a config (and every point of a sweep) without running
+  validate [-m] [OVERRIDES]  compose and check a config (with -m: every point of the sweep) without running
   list                     models, datasets, stages, experiments and metrics available
   table PATH...            pivot results of runs into order-vs-order tables
   analyze PATH...          order advantage, intensity gaps and the Progressive Intensity test
@@ -51,7 +51,8 @@ def cmd_run(args: list[str]) -> int:
     from compress_order import config  # noqa: F401  (registers resolvers before Hydra composes)
 
     if not HYDRA_ONLY_FLAGS.intersection(args):
-        config.validate_overrides(_overrides(args))  # every sweep point, before any heavy work
+        multirun = any(a in ("-m", "--multirun") for a in args)
+        config.validate_overrides(_overrides(args), multirun)  # every sweep point, before any heavy work
     from compress_order.launch import hydra_main
 
     return hydra_main(args)
@@ -62,10 +63,10 @@ def cmd_validate(args: list[str]) -> int:
     from compress_order.stages import stage_configs
     from compress_order.trie import build_trie, count_applications
 
-    cfgs = validate_overrides(args)
+    cfgs = validate_overrides(_overrides(args), multirun=any(a in ("-m", "--multirun") for a in args))
     for cfg in cfgs:
         labels = [sc["label"] for sc in stage_configs(cfg)]
-        trie = build_trie(labels)
+        trie = build_trie(labels, [sc["label"] for sc in stage_configs(cfg, key="joint")])
         n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
         print(
             f"ok: model={cfg.model.name} data={cfg.data.name} stages={labels} bits={cfg.bits} "

@@ -68,12 +68,12 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
     return combos or [[]]
 
 
-def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfig:
+def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR, hydra: bool = False) -> DictConfig:
     """Compose conf/config.yaml with overrides, as `compress-order run` would (without running)."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
+            return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
     except UserError:
         raise
     except Exception as e:
@@ -82,11 +82,23 @@ def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfi
         GlobalHydra.instance().clear()
 
 
-def validate_overrides(overrides: list[str]) -> list[DictConfig]:
-    """Compose and check every combination of a (possibly swept) command line; model-free checks only."""
+def sweep_params(overrides: list[str]) -> list[str]:
+    """The sweep an experiment config declares (`hydra.sweeper.params`), for keys the command line leaves alone."""
+    given = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    plain = [c[0][0] for c in (expand_overrides([o]) for o in overrides) if len(c) == 1]  # sweeps dropped
+    params = compose_config(plain, hydra=True).hydra.sweeper.get("params") or {}
+    return [f"{k}={v}" for k, v in params.items() if k not in given]
+
+
+def validate_overrides(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
+    """Compose and check every combination of a (possibly swept) command line; model-free checks only.
+
+    With `multirun`, the sweep an experiment declares in `hydra.sweeper.params` is expanded too."""
     from compress_order.stages import build_stage, stage_configs
     from compress_order.validate import check_config, check_writable
 
+    if multirun:
+        overrides = list(overrides) + sweep_params(overrides)
     cfgs = []
     for combo in expand_overrides(overrides):
         cfg = compose_config(combo)

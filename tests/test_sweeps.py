@@ -171,3 +171,11 @@ def test_state_cache_skips_finished_prefixes_and_stays_bounded(tiny_overrides, t
     small = tiny_overrides + [f"state_cache.dir={tmp_path / 's2'}", "state_cache.max_gb=0.000001", "force=true"]
     run(compose_config(small), tmp_path / "c")
     assert len(list((tmp_path / "s2").glob("*.pt"))) == 1  # evicted down to the newest state
+
+
+def test_validate_expands_an_experiments_own_sweep(capsys):
+    assert main(["validate", "-m", "experiment=mini_lm_calibrated"]) == 0
+    out = capsys.readouterr().out
+    assert "8 configuration(s) valid" in out and "3 orders, 5 stage applications" in out  # + the joint order
+    assert _rc(["validate", "-m", "experiment=mini_lm", "bits=3,9"]) == 2
+    assert "bits=9 is outside 2-8" in capsys.readouterr().err
