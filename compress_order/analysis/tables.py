@@ -95,10 +95,7 @@ def stage_kind(label: str) -> str:
     path = CONF_DIR / "stage" / f"{label.split('(')[0]}.yaml"
     if not path.is_file():
         return ""
-    try:
-        return str(getattr(get_class(OmegaConf.load(path)["_target_"]), "kind", ""))
-    except Exception:  # noqa: BLE001  (a stage still being written must not break a table)
-        return ""
+    return str(getattr(get_class(OmegaConf.load(path)["_target_"]), "kind", ""))
 
 
 def order_pattern(order: str, stages: str) -> str:
