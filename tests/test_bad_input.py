@@ -23,6 +23,10 @@ BAD = [
     (["stages=[{name:magnitude,nm:'4:4'}]"], "needs 0 < N < M"),
     (["-m", "bits=3,9"], "bits=9 is outside 2-8"),  # every sweep point is checked before the first runs
     (["model.path=/nonexistent/dir"], "local path '/nonexistent/dir' does not exist"),
+    (["stages=[{name:magnitude,nm:'2:4',sparsity:0.7}]"], "contradicts N:M 2:4"),
+    (["stages=[{name:gptq,act_order:true}]", "group_size=32"], "act_order"),
+    (["group_size=0"], "group_size=0 must be a positive integer or -1"),
+    (["eval.backends=[turbo]"], "unknown backend 'turbo'"),
 ]
 
 
@@ -44,6 +48,12 @@ def _rc(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as e:
         return int(e.code)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(tiny_overrides, capsys):
+    assert _rc(["run", *tiny_overrides, "device=cuda"]) == 2
+    assert "device=cuda but CUDA is not available here; valid: auto, cpu" in capsys.readouterr().err
 
 
 def test_unknown_command_and_validate(capsys):
