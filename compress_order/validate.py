@@ -11,16 +11,16 @@ from omegaconf import DictConfig
 from compress_order.errors import UserError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"device={name} but CUDA is not available here; valid: auto, cpu")
+            raise UserError(f"{key}={name} but CUDA is not available here; valid: auto, cpu")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise UserError(f"device={name} is unknown; valid: auto, cpu, cuda, cuda:N")
+    raise UserError(f"{key}={name} is unknown; valid: auto, cpu, cuda, cuda:N")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -38,6 +38,8 @@ def check_config(cfg: DictConfig) -> None:
     from compress_order.backends import select_backends
 
     select_backends(cfg.eval.get("backends", "auto"), resolve_device(str(cfg.device)))
+    if cfg.calibration.get("device"):
+        resolve_device(str(cfg.calibration.device), "calibration.device")
 
 
 def check_writable(path: str, what: str) -> None:
