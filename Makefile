@@ -30,8 +30,9 @@ test: $(STAMP)  ## fast test suite
 test-slow: $(STAMP)  ## slow tests (shipped models, quality checks)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)  ## benchmarks under scripts/
+bench: $(STAMP)  ## benchmarks under scripts/ (tables of stage time/memory and backend latency)
 	$(BIN)/python scripts/bench_stages.py
+	$(BIN)/python scripts/bench_latency.py
 
 clean:  ## remove the virtualenv and outputs
 	rm -rf $(VENV) outputs/* multirun
