@@ -105,8 +105,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     base = identity(cfg)
     keys = {n.order: digest({"base": base, "prefix": [by_label[lab] for lab in n.order]}) for n in nodes}
     store = NodeStore(cfg.store_dir)
-    force = bool(cfg.force)
-    done = {n.order: (not force) and store.get(keys[n.order]) is not None for n in nodes}
+    stored = {n.order: None if cfg.force else store.get(keys[n.order]) for n in nodes}  # read once
+    done = {order: rec is not None for order, rec in stored.items()}
     needed = {n.order: any(not done[d.order] for d in n.walk()) for n in nodes}
 
     context = {
@@ -121,7 +121,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 
     if not needed[()]:  # everything is in the store: no model needed
         for n in nodes:
-            rec = store.get(keys[n.order])
+            rec = stored[n.order]
             primary, protocol = rec.get("primary", primary), rec.get("protocol", protocol)
             _emit(writer, context, n, keys[n.order], rec)
     else:
@@ -141,7 +141,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 
         def visit(node: Node) -> None:
             key = keys[node.order]
-            rec = store.get(key) if done[node.order] else None
+            rec = stored[node.order]
             if rec is None:
                 metrics, samples = task.evaluate(lm.model)
                 metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
