@@ -103,3 +103,37 @@ def test_requesting_a_gpu_backend_on_cpu_exits_2(tiny_overrides, capsys):
     assert main(["run", *tiny_overrides, "eval.backends=[sparse_2_4]", "device=cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "backend 'sparse_2_4' cannot run on cpu" in err[0]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels need a GPU")
+
+
+@needs_cuda
+def test_cuda_int4_matches_fake_quant():
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).to(dev).eval()
+    targets = find_targets(model)
+    for t in targets.values():
+        RTN(4, 64, False, name="r").compress(t)
+    packed = BACKENDS["int4_weight_only"].convert(model, targets, dev)
+    x = torch.randn(8, 256, device=dev)
+    with torch.no_grad():
+        ref, out = model(x), packed(x.to(torch.bfloat16)).float()
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@needs_cuda
+def test_cuda_semi_structured_2_4_matches_masked_dense():
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).to(dev).eval()
+    targets = find_targets(model)
+    for t in targets.values():
+        Magnitude(0.5, nm="2:4", name="m").compress(t)
+    assert BACKENDS["sparse_2_4"].fits(targets) is None
+    packed = BACKENDS["sparse_2_4"].convert(model, targets, dev)
+    x = torch.randn(64, 256, device=dev)
+    with torch.no_grad():
+        ref, out = model(x), packed(x.half()).float()
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
