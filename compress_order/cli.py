@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from compress_order.errors import UserError
+from compress_order.errors import Interrupted, UserError
 
 USAGE = """usage: compress-order COMMAND [ARGS]
 
@@ -47,9 +47,22 @@ def _overrides(args: list[str]) -> list[str]:
     return out
 
 
+CFG_CHOICES = ("job", "hydra", "all")
+
+
+def _check_flags(args: list[str]) -> None:
+    """Hydra answers a bad flag value with its whole usage text: say what is wrong in one line instead."""
+    for i, a in enumerate(args):
+        if a in ("--cfg", "-c"):
+            value = args[i + 1] if i + 1 < len(args) else None
+            if value not in CFG_CHOICES:
+                raise UserError(f"{a} takes one of: {', '.join(CFG_CHOICES)} (got {value!r})")
+
+
 def cmd_run(args: list[str]) -> int:
     from compress_order import config  # noqa: F401  (registers resolvers before Hydra composes)
 
+    _check_flags(args)
     if not HYDRA_ONLY_FLAGS.intersection(args):
         multirun = any(a in ("-m", "--multirun") for a in args)
         config.validate_overrides(_overrides(args), multirun)  # every sweep point, before any heavy work
@@ -140,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"compress-order: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: finished nodes are in the store already
+        detail = str(e) if isinstance(e, Interrupted) else "interrupted; finished nodes are stored and re-running the same command resumes from them"
+        print(f"compress-order: {detail}", file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 from typing import Any
@@ -77,9 +78,29 @@ def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR, hydra: bool 
     except UserError:
         raise
     except Exception as e:
-        raise UserError(str(e).strip().splitlines()[0]) from None
+        first = str(e).strip().splitlines()[0]
+        bad = re.match(r"Could not override '([^']+)'", first)
+        if bad:  # a key the config does not have: name the closest one
+            raise _unknown_override(bad.group(1), overrides, conf_dir) from None
+        raise UserError(first) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _unknown_override(key: str, overrides: list[str], conf_dir: Path) -> UserError:
+    """The error for `key=value` when the composed config has no `key`, listing the keys beside it."""
+    from compress_order.validate import unknown_key
+
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != key]
+    parent, _, _ = key.rpartition(".")
+    try:
+        node = compose_config(rest, conf_dir, hydra=parent.startswith("hydra"))
+        node = OmegaConf.select(node, parent) if parent else node
+    except UserError:
+        node = None
+    if not isinstance(node, DictConfig):
+        return UserError(f"unknown key '{key}'; the config has no such key (to add one, use +{key}=...)")
+    return unknown_key(key, [k for k in node.keys() if k not in ("hydra", "_target_")])
 
 
 def sweep_params(overrides: list[str]) -> list[str]:

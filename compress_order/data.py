@@ -25,7 +25,13 @@ def _read(path: str, what: str, name: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data '{name}': {what} file '{path}' does not exist; set data.{what}=/path/to/text")
-    return p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"data '{name}': {what} file '{path}' is not UTF-8 text (byte {e.start}); expected plain text") from None
+    if not text.strip():
+        raise UserError(f"data '{name}': {what} file '{path}' is empty; expected plain text")
+    return text
 
 
 def text_files(name: str, train: str, valid: str) -> TextSplits:
@@ -110,7 +116,9 @@ def _local_rows(
     name: str, path: str | list[str], split: str, files: str | None, config: str | None, field: str, line_rows: str
 ) -> list[str]:
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
+    datasets.disable_progress_bars()  # reading local files takes seconds; the run's own bar is enough
     paths = [Path(p).expanduser() for p in ([path] if isinstance(path, str) else path)]
     for p in paths:
         if not p.exists():
@@ -135,9 +143,11 @@ def _local_rows(
     kw: dict[str, Any] = {"keep_linebreaks": True} if builder == "text" else {}
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in found], split="train", **kw)
-    except (OSError, ValueError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"data '{name}': cannot read {found[0]} ({why})") from None
+    except (OSError, ValueError, DatasetGenerationError) as e:  # unreadable bytes surface as a generation error
+        cause = e.__cause__ or e
+        why = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+        files = ", ".join(map(str, found))
+        raise UserError(f"data '{name}': cannot read {files} as {builder} ({type(cause).__name__}: {why})") from None
     if builder == "text":  # one row per line, shaped like the hub's rows of the same files
         return [ln.strip() if line_rows == "strip" else (ln if ln.strip() else "") for ln in ds["text"]]
     return _column(name, ds, field, str(found[0]))

@@ -12,3 +12,7 @@ class InvariantError(RuntimeError):
 def choices(valid) -> str:
     """Format a sorted list of valid choices for an error message."""
     return ", ".join(sorted(str(v) for v in valid))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, carrying what was finished (a KeyboardInterrupt, so nothing on the way catches it)."""

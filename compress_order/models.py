@@ -57,6 +57,13 @@ def causal_lm(
     if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(local_file)):
         hint = missing_hint or "pass model.path=/dir/with/config.json"
         raise UserError(f"model '{name}': local path '{local_file}' does not exist; {hint}")
+    if not gguf_file and os.path.isdir(os.path.expanduser(path)) and not os.path.isfile(
+        os.path.join(os.path.expanduser(path), "config.json")
+    ):
+        raise UserError(
+            f"model '{name}': folder '{path}' has no config.json; expected a Hugging Face checkpoint folder "
+            f"(config.json, *.safetensors weights, tokenizer files) or model.gguf_file=<file in it>"
+        )
     kw: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -67,7 +74,7 @@ def causal_lm(
         local = os.path.isdir(path) or os.path.isfile(path)
         why = str(e).strip().splitlines()[0][:160]
         hint = "" if local else "; download the weights and pass model.path=/dir/with/config.json"
-        raise UserError(f"model '{name}': cannot load '{path}' ({why}){hint}") from None
+        raise UserError(f"model '{name}': cannot load '{path}' ({type(e).__name__}: {why}){hint}") from None
     model.eval()
     if seqlen is None:
         seqlen = int(getattr(model.config, "max_position_embeddings", 2048))

@@ -7,9 +7,12 @@ re-run (or a resumed, killed run) reloads finished nodes instead of recomputing 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import logging
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,25 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def file_mode() -> int:
+    """The mode a new ordinary file gets under the current umask (mkstemp's temp files are 0600, but results are
+    shared: collaborators read a sweep on a cluster filesystem). Linux reports the umask without changing it."""
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+        mask = int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write through a temp file in the same folder and rename: readers never see a half-written file."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, file_mode())
         os.close(fd)
         write(tmp)
         os.replace(tmp, path)
@@ -49,8 +65,41 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+RECORD_VERSION = 1
+QUARANTINE = "quarantine"
+log = logging.getLogger("compress_order.store")
+
+
+def _checksum(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a stored record cannot be trusted (None: it can): schema first, then the checksum written with it."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    for key, kind in (("entries", list), ("timestamp", str), ("checksum", str), ("version", int)):
+        if not isinstance(record.get(key), kind):
+            return f"field '{key}' is missing or not a {kind.__name__}"
+    if record["version"] != RECORD_VERSION:
+        return f"record version {record['version']}, expected {RECORD_VERSION}"
+    for e in record["entries"]:
+        if not (isinstance(e, dict) and isinstance(e.get("metric"), str) and isinstance(e.get("backend"), str)
+                and isinstance(e.get("value"), (int, float))):  # fmt: skip
+            return "an entry lacks metric, backend or a numeric value"
+    samples = record.get("samples", {})
+    if not isinstance(samples, dict) or not all(isinstance(v, list) for v in samples.values()):
+        return "field 'samples' is not a mapping of lists"
+    if record["checksum"] != _checksum(record):
+        return "checksum mismatch (the file was changed after it was written)"
+    return None
+
+
 class NodeStore:
-    """Finished nodes by key: {metrics, samples, timestamp}. One JSON file each, written atomically."""
+    """Finished nodes by key: {entries, samples, timestamp, version, checksum}. One JSON file each, written
+    atomically. A record that fails its schema or checksum on read is moved to `quarantine/` with a warning
+    and reported missing, so the node is recomputed rather than one damaged file breaking every later run."""
 
     def __init__(self, root: str | Path | None):
         self.root = Path(root) if root else None
@@ -66,12 +115,32 @@ class NodeStore:
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:  # a torn write cannot happen with atomic_write, but a manual edit can
-            return None
+            record = json.loads(p.read_bytes().decode("utf-8"))
+            why = record_problem(record)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = f"not JSON ({type(e).__name__})"
+        except OSError as e:
+            raise UserError(f"cannot read store record {p} ({e.strerror}); check store_dir") from None
+        if why is None:
+            return record
+        self.quarantine(p, why)
+        return None
+
+    def quarantine(self, path: Path, why: str) -> Path:
+        assert self.root is not None
+        dest = self.root / QUARANTINE / f"{path.name}.{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, dest)
+        except FileNotFoundError:  # a parallel job moved it first
+            pass
+        log.warning("store record %s is damaged (%s): moved to %s; the node is recomputed", path, why, dest)
+        return dest
 
     def put(self, key: str, record: dict) -> None:
         if self.root is not None:
+            record = {**record, "version": RECORD_VERSION}
+            record["checksum"] = _checksum(record)
             write_text(self._path(key), json.dumps(record))
 
 
@@ -106,8 +175,6 @@ class RunWriter:
 
 def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
     """A job that failed before or while running still leaves one row saying so (status=failed)."""
-    from datetime import datetime, timezone
-
     def get(path: str) -> Any:
         try:
             node = cfg

@@ -23,6 +23,7 @@ from tqdm import tqdm
 import compress_order
 from compress_order.backends import SIMULATED, select_backends
 from compress_order.config import build
+from compress_order.errors import Interrupted
 from compress_order.export import save_node
 from compress_order.measure import compression_metrics
 from compress_order.metrics import METRICS
@@ -170,7 +171,15 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
             if node.children and cache.root is not None:
                 cache.save(key, state.snapshot())
 
-        run_trie(trie, state, apply, visit, needed=lambda n: needed[n.order])
+        try:
+            run_trie(trie, state, apply, visit, needed=lambda n: needed[n.order])
+        except KeyboardInterrupt:
+            bar.close()
+            finished = len({r["order"] for r in writer.rows})
+            raise Interrupted(
+                f"interrupted: {finished} of {len(nodes)} nodes finished and stored in {cfg.store_dir}; "
+                f"re-running the same command resumes from them"
+            ) from None
         bar.close()
 
     df = writer.frame()

@@ -7,6 +7,7 @@ node's key and reloaded instead; the least recently used files are evicted beyon
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 
 from compress_order.results import atomic_write
 from compress_order.targets import Snapshot
+
+log = logging.getLogger("compress_order.state_cache")
 
 
 class StateCache:
@@ -30,7 +33,14 @@ class StateCache:
             return None
         path = self._path(key)
         os.utime(path)  # mark as recently used
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001  (torch raises many types for a torn or foreign file)
+            # A cached state is only a shortcut: a damaged one is dropped and its prefix re-applied.
+            log.warning("state cache file %s is unreadable (%s: %s); recomputing that prefix", path,
+                        type(e).__name__, str(e).strip().splitlines()[0][:120] if str(e).strip() else "")
+            path.unlink(missing_ok=True)
+            return None
 
     def save(self, key: str, snap: Snapshot) -> None:
         if self.root is None:

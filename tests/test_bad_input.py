@@ -27,6 +27,31 @@ BAD = [
     (["stages=[{name:gptq,act_order:true}]", "group_size=32"], "act_order"),
     (["group_size=0"], "group_size=0 must be a positive integer or -1"),
     (["eval.backends=[turbo]"], "unknown backend 'turbo'"),
+    # A typo never runs with the default value: unknown keys name the closest valid one.
+    (["stages=[{name:magnitude,spars:0.3},rtn]"], "unknown parameter 'spars' for stage 'magnitude'; did you mean 'sparsity'? valid: label, nm, scope, sparsity"),
+    (["joint=[{name:sparsegpt_gptq,bitz:3}]"], "unknown parameter 'bitz' for stage 'sparsegpt_gptq'; did you mean 'bits'?"),
+    (["spartsity=0.5"], "unknown key 'spartsity'; did you mean 'sparsity'? valid: "),
+    (["+spartsity=0.5"], "unknown key 'spartsity'; did you mean 'sparsity'? valid: "),
+    (["eval.max_windowz=3"], "unknown key 'eval.max_windowz'; did you mean 'max_windows'?"),
+    (["calibration.nsample=3"], "unknown key 'calibration.nsample'; did you mean 'nsamples'?"),
+    (["+eval.latency.repeat=3"], "unknown key 'eval.latency.repeat'; did you mean 'repeats'?"),
+    (["+model.pth=/x"], "unknown key 'model.pth'; did you mean 'path'?"),
+    # Numbers are checked before any model is loaded.
+    (["calibration.nsamples=0"], "calibration.nsamples=0 must be an integer ≥ 1"),
+    (["calibration.nsamples=-1"], "calibration.nsamples=-1 must be an integer ≥ 1"),
+    (["calibration.seqlen=0"], "calibration.seqlen=0 must be an integer ≥ 1 or null"),
+    (["eval.max_windows=-5"], "eval.max_windows=-5 must be an integer ≥ 1 or null (null: all windows)"),
+    (["eval.max_windows=0"], "eval.max_windows=0 must be an integer ≥ 1 or null (null: all windows)"),
+    (["eval.batch_size=0"], "eval.batch_size=0 must be an integer ≥ 1"),
+    (["eval.latency.repeats=0"], "eval.latency.repeats=0 must be an integer ≥ 1"),
+    (["threads=-1"], "threads=-1 must be an integer ≥ 1 or null"),
+    (["seed=-3"], "seed=-3 must be an integer ≥ 0"),
+    (["state_cache.max_gb=0"], "state_cache.max_gb=0 must be a number > 0"),
+    (["force=maybe"], "force=maybe must be true or false"),
+    (["bits=${oc.env:COMPRESS_ORDER_NO_SUCH_VAR}"], "cannot resolve bits: "),
+    (["--cfg", "bogus"], "--cfg takes one of: job, hydra, all (got 'bogus')"),
+    (["hydra.run.dir=/proc/compress-order"], "hydra.run.dir '/proc/compress-order' is not writable"),
+    (["store_dir=/proc/compress-order"], "store_dir '/proc/compress-order' is not writable"),
 ]
 
 

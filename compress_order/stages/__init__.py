@@ -39,7 +39,9 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
         path = CONF_DIR / "stage" / f"{name}.yaml"
         if not path.is_file():
             raise UserError(f"unknown stage '{name}'; valid stages: {choices(group_options('stage'))}")
-        node = OmegaConf.merge(OmegaConf.load(path), overrides)
+        node = OmegaConf.load(path)
+        _check_params(name, node, overrides)
+        node = OmegaConf.merge(node, overrides)
         # Resolve the stage's ${...} against the root config (bits, sparsity, group_size, ...).
         tmp = OmegaConf.create({**{k: v for k, v in root.items() if k != "hydra"}, "_stage_": node})
         resolved = OmegaConf.to_container(tmp["_stage_"], resolve=True)
@@ -52,6 +54,19 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
             raise UserError(f"two different stages share the label '{sc['label']}'; give one a distinct label")
         labels[sc["label"]] = sc
     return out
+
+
+def _check_params(name: str, node: DictConfig, overrides: dict) -> None:
+    """A stage entry may set only parameters its class takes: a typo must not run with the default value."""
+    from compress_order.validate import target_params, unknown_key
+
+    params = target_params(str(node.get("_target_")))
+    if params is None:
+        return
+    valid = (params | {"label"}) - {"name"}
+    for key in [k for k in node if k != "_target_"] + list(overrides):
+        if key not in valid:
+            raise unknown_key(key, valid, "parameter", f" for stage '{name}'")
 
 
 def _label(name: str, overrides: dict) -> str:

@@ -21,10 +21,9 @@ class Stage:
     kind: ClassVar[str] = ""  # "prune", "quantize" or "joint"
     needs: ClassVar[str | None] = None  # calibration statistics, None for data-free stages
 
-    def __init__(self, name: str, label: str | None = None, **params: Any):
+    def __init__(self, name: str, label: str | None = None):
         self.name = name
         self.label = label or name
-        self.params = params
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
