@@ -30,9 +30,10 @@ test: $(STAMP)  ## fast test suite
 test-slow: $(STAMP)  ## slow tests (shipped models, quality checks)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)  ## benchmarks under scripts/ (tables of stage time/memory and backend latency)
+bench: $(STAMP)  ## benchmarks under scripts/ (stage time/memory, backend latency, grid sharing)
 	$(BIN)/python scripts/bench_stages.py
 	$(BIN)/python scripts/bench_latency.py
+	$(BIN)/python scripts/bench_sweep.py
 
 clean:  ## remove the virtualenv and outputs
 	rm -rf $(VENV) outputs/* multirun

@@ -64,8 +64,11 @@ def cmd_run(args: list[str]) -> int:
 
     _check_flags(args)
     if not HYDRA_ONLY_FLAGS.intersection(args):
+        from compress_order.plan import cost, plan_sweep
+
         multirun = any(a in ("-m", "--multirun") for a in args)
-        config.validate_overrides(_overrides(args), multirun)  # every sweep point, before any heavy work
+        cfgs = config.validate_overrides(_overrides(args), multirun)  # every sweep point, before any heavy work
+        print(cost(plan_sweep(cfgs)).line(), flush=True)
     from compress_order.launch import hydra_main
 
     return hydra_main(args)
@@ -73,19 +76,19 @@ def cmd_run(args: list[str]) -> int:
 
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config import validate_overrides
-    from compress_order.stages import stage_configs
-    from compress_order.trie import build_trie, count_applications
+    from compress_order.plan import cost, plan_sweep
 
     cfgs = validate_overrides(_overrides(args), multirun=any(a in ("-m", "--multirun") for a in args))
-    for cfg in cfgs:
-        labels = [sc["label"] for sc in stage_configs(cfg)]
-        trie = build_trie(labels, [sc["label"] for sc in stage_configs(cfg, key="joint")])
-        n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
+    plans = plan_sweep(cfgs)
+    for cfg, plan in zip(cfgs, plans):
+        labels = [sc["label"] for sc in plan.stage_cfgs]
+        n_full = sum(1 for n in plan.nodes if n.depth == len(labels))
         print(
             f"ok: model={cfg.model.name} data={cfg.data.name} stages={labels} bits={cfg.bits} "
-            f"sparsity={cfg.sparsity}: {n_full} orders, {count_applications(trie)} stage applications"
+            f"sparsity={cfg.sparsity}: {n_full} orders, {sum(1 for n in plan.nodes if n.order)} stage applications"
         )
     print(f"{len(cfgs)} configuration(s) valid")
+    print(cost(plans).line())
     return 0
 
 

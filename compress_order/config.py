@@ -126,7 +126,8 @@ def validate_overrides(overrides: list[str], multirun: bool = False) -> list[Dic
         check_config(cfg)
         for sc in stage_configs(cfg) + stage_configs(cfg, key="joint"):
             build_stage(sc)
-        check_writable(str(cfg.store_dir), "store_dir")
+        if cfg.store_dir is not None:  # null: no store (every node computed, nothing shared or resumed)
+            check_writable(str(cfg.store_dir), "store_dir")
         cfgs.append(cfg)
     for o in overrides:  # Hydra's output folders are outside the composed job config
         key, _, value = o.partition("=")

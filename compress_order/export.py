@@ -42,17 +42,12 @@ def order_slug(order: tuple[str, ...]) -> str:
     return "_then_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", lab).strip("-") or "stage" for lab in order)
 
 
-def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path,
-              computed: bool) -> Path | None:  # fmt: skip
-    """Called for every visited node when `save=true`: checks at the dense node that the model can be saved
-    (before any compression work), writes full orders whose model was just computed."""
+def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path) -> Path | None:
+    """Called for every visited node when `save=true`, with the node's weights in the model: checks at the dense
+    node that the model can be saved (before any compression work) and writes every full order."""
     if node.depth == 0 and not hasattr(lm.model, "save_pretrained"):
         raise UserError(f"save=true needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
     if node.depth != full_depth or node.depth == 0:
-        return None
-    if not computed:  # a finished node reloaded from the store: the trie did not rebuild its weights
-        log.warning("not saving '%s': its result came from the store and its model was not recomputed "
-                    "(add force=true to recompute and save it)", node.label)  # fmt: skip
         return None
     return save_model(lm, targets, node.order, Path(out_dir) / MODELS_DIR / order_slug(node.order))
 

@@ -1,15 +1,11 @@
 """Tidy results: one row per (node, metric), written atomically after every node.
 
-Each evaluated node is also kept in a content-addressed store keyed by everything that determines it, so a
-re-run (or a resumed, killed run) reloads finished nodes instead of recomputing them.
+Each evaluated node is also kept in the node store (store.py), so a re-run reloads finished nodes.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
-import logging
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -22,6 +18,7 @@ import pandas as pd
 from compress_order.errors import UserError
 from compress_order.metrics import METRICS
 
+STATS_FILE = "run_stats.json"  # what a run did: evaluations, stage applications, nodes reused (runner.RunStats)
 COLUMNS = [
     "run_id", "model", "dataset", "stages", "order", "depth", "bits", "sparsity", "group_size", "seed",
     "metric", "value", "higher_is_better", "backend", "status", "error", "config_hash", "node_key",
@@ -63,85 +60,6 @@ def atomic_write(path: Path, write: Any) -> None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-RECORD_VERSION = 1
-QUARANTINE = "quarantine"
-log = logging.getLogger("compress_order.store")
-
-
-def _checksum(record: dict) -> str:
-    body = {k: v for k, v in record.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def record_problem(record: Any) -> str | None:
-    """Why a stored record cannot be trusted (None: it can): schema first, then the checksum written with it."""
-    if not isinstance(record, dict):
-        return f"not a JSON object but {type(record).__name__}"
-    for key, kind in (("entries", list), ("timestamp", str), ("checksum", str), ("version", int)):
-        if not isinstance(record.get(key), kind):
-            return f"field '{key}' is missing or not a {kind.__name__}"
-    if record["version"] != RECORD_VERSION:
-        return f"record version {record['version']}, expected {RECORD_VERSION}"
-    for e in record["entries"]:
-        if not (isinstance(e, dict) and isinstance(e.get("metric"), str) and isinstance(e.get("backend"), str)
-                and isinstance(e.get("value"), (int, float))):  # fmt: skip
-            return "an entry lacks metric, backend or a numeric value"
-    samples = record.get("samples", {})
-    if not isinstance(samples, dict) or not all(isinstance(v, list) for v in samples.values()):
-        return "field 'samples' is not a mapping of lists"
-    if record["checksum"] != _checksum(record):
-        return "checksum mismatch (the file was changed after it was written)"
-    return None
-
-
-class NodeStore:
-    """Finished nodes by key: {entries, samples, timestamp, version, checksum}. One JSON file each, written
-    atomically. A record that fails its schema or checksum on read is moved to `quarantine/` with a warning
-    and reported missing, so the node is recomputed rather than one damaged file breaking every later run."""
-
-    def __init__(self, root: str | Path | None):
-        self.root = Path(root) if root else None
-
-    def _path(self, key: str) -> Path:
-        assert self.root is not None
-        return self.root / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> dict | None:
-        if self.root is None:
-            return None
-        p = self._path(key)
-        if not p.is_file():
-            return None
-        try:
-            record = json.loads(p.read_bytes().decode("utf-8"))
-            why = record_problem(record)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            why = f"not JSON ({type(e).__name__})"
-        except OSError as e:
-            raise UserError(f"cannot read store record {p} ({e.strerror}); check store_dir") from None
-        if why is None:
-            return record
-        self.quarantine(p, why)
-        return None
-
-    def quarantine(self, path: Path, why: str) -> Path:
-        assert self.root is not None
-        dest = self.root / QUARANTINE / f"{path.name}.{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(path, dest)
-        except FileNotFoundError:  # a parallel job moved it first
-            pass
-        log.warning("store record %s is damaged (%s): moved to %s; the node is recomputed", path, why, dest)
-        return dest
-
-    def put(self, key: str, record: dict) -> None:
-        if self.root is not None:
-            record = {**record, "version": RECORD_VERSION}
-            record["checksum"] = _checksum(record)
-            write_text(self._path(key), json.dumps(record))
 
 
 class RunWriter:

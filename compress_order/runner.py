@@ -1,26 +1,27 @@
-"""One run: config → model + data → stage trie → evaluation → tidy rows → summary.
+"""One run: plan (keys, store, cost) → execute (the stage trie) → record (tidy rows, summary, stats).
 
-Every node of the trie (dense baseline, each prefix, each full order) is evaluated once; its record goes
-to the node store and its rows to results.parquet / results.csv immediately, so a crash loses at most the
-node in flight.
+Every node of the trie (dense baseline, each prefix, each full order) is evaluated once across every run that
+shares the store (identity.py says what makes two nodes the same); its record goes to the store and its rows to
+results.parquet / results.csv immediately, so a crash loses at most the node in flight.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-import compress_order
 from compress_order.backends import SIMULATED, select_backends
 from compress_order.config import build
 from compress_order.errors import Interrupted
@@ -28,17 +29,19 @@ from compress_order.export import save_node
 from compress_order.measure import compression_metrics
 from compress_order.metrics import METRICS
 from compress_order.paths import PACKAGE_DIR
-from compress_order.results import NodeStore, RunWriter, make_rows, summary_markdown, write_text
-from compress_order.stages import build_stage, stage_configs
+from compress_order.identity import base_identity, digest
+from compress_order.plan import Plan, cost, make_plan
+from compress_order.results import STATS_FILE, RunWriter, make_rows, summary_markdown, write_text
+from compress_order.stages import build_stage
 from compress_order.state_cache import StateCache
 from compress_order.stages.base import Stage
-from compress_order.targets import ModelState, find_targets
+from compress_order.store import NodeStore
+from compress_order.targets import ModelState, Snapshot, find_targets
 from compress_order.tasks import Task, build_task
-from compress_order.trie import Node, build_trie, run_trie
+from compress_order.trie import Node, run_trie
 from compress_order.validate import check_config, resolve_device
 
-# Keys that change where results go, not what they are.
-NON_IDENTITY_KEYS = ("hydra", "store_dir", "force", "threads", "stages", "joint", "state_cache", "save")
+log = logging.getLogger("compress_order.runner")
 
 
 @lru_cache(maxsize=1)
@@ -64,18 +67,6 @@ def library_versions() -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def identity(cfg: DictConfig) -> dict:
-    """Everything besides the stage prefix that determines a node's result."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    base = {k: v for k, v in c.items() if k not in NON_IDENTITY_KEYS}
-    base["code"] = [compress_order.__version__, git_sha()]
-    return base
-
-
 def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig) -> None:
     """Apply one stage to every target layer, then check every layer's invariants."""
     if stage.needs is None:
@@ -88,7 +79,23 @@ def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig) ->
     state.check()
 
 
+@dataclass
+class RunStats:
+    """What a run did, written to run_stats.json: the cost plan's figures, measured."""
+
+    nodes: int = 0
+    evaluations: int = 0  # nodes evaluated by this run
+    applications: int = 0  # stage applications (state-cache reloads not counted)
+    from_store: int = 0  # nodes whose record was already stored when reached
+    from_other_jobs: int = 0  # nodes another job was computing, picked up at the end
+    taken_over: int = 0  # stale claims of dead jobs, computed here
+    saved: int = 0
+    wall_s: float = 0.0
+
+
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
+    """Plan (keys, store, cost) → execute (the trie) → record (rows, summary, stats)."""
+    start = time.perf_counter()
     check_config(cfg)
     device = resolve_device(str(cfg.device))
     cfg.device = str(device)
@@ -96,96 +103,173 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
 
-    scfgs = stage_configs(cfg)
-    jcfgs = stage_configs(cfg, key="joint") if cfg.get("joint") else []
-    stages = {sc["label"]: build_stage(sc) for sc in scfgs + jcfgs}
-    by_label = {sc["label"]: sc for sc in scfgs + jcfgs}
-    trie = build_trie([sc["label"] for sc in scfgs], [sc["label"] for sc in jcfgs])
-    nodes = list(trie.walk())
-
-    base = identity(cfg)
-    keys = {n.order: digest({"base": base, "prefix": [by_label[lab] for lab in n.order]}) for n in nodes}
-    store = NodeStore(cfg.store_dir)
-    stored = {n.order: None if cfg.force else store.get(keys[n.order]) for n in nodes}  # read once
-    done = {order: rec is not None for order, rec in stored.items()}
-    needed = {n.order: any(not done[d.order] for d in n.walk()) for n in nodes}
-
+    store = NodeStore(cfg.store_dir, float(cfg.store_claim_timeout))
+    plan = make_plan(cfg, store, force=bool(cfg.force))
+    log.info(cost([plan]).line())
     context = {
-        "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{digest(base)[:8]}",
-        "model": cfg.model.name, "dataset": cfg.data.name, "stages": ",".join(sc["label"] for sc in scfgs),
+        "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{digest(base_identity(cfg))[:8]}",
+        "model": cfg.model.name, "dataset": cfg.data.name, "stages": ",".join(sc["label"] for sc in plan.stage_cfgs),
         "bits": cfg.bits, "sparsity": cfg.sparsity, "group_size": cfg.group_size, "seed": cfg.seed,
-        "config_hash": digest(base)[:16], "git_sha": git_sha(), "torch_version": torch.__version__,
+        "config_hash": digest(base_identity(cfg))[:16], "git_sha": git_sha(), "torch_version": torch.__version__,
         "device": str(device), "library_versions": library_versions(),
     }  # fmt: skip
     writer = RunWriter(out_dir)
-    primary, protocol = "perplexity", ""
-
-    if not needed[()]:  # everything is in the store: no model needed
-        for n in nodes:
-            rec = stored[n.order]
-            primary, protocol = rec.get("primary", primary), rec.get("protocol", protocol)
-            _emit(writer, context, n, keys[n.order], rec)
-    else:
-        lm = build(cfg.model)
-        data = build(cfg.data)
-        lm.model.to(device)
-        targets = find_targets(lm.model, lm.skip)
-        for s in stages.values():
-            s.validate(targets)
-        task = build_task(lm, data, cfg)
-        primary, protocol = task.primary_metric, task.protocol
-        backends = select_backends(cfg.eval.get("backends", "auto"), device)
-        sc = cfg.get("state_cache") or {}
-        cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
-        state = ModelState(lm.model, targets)
-        bar = tqdm(total=len(nodes), desc="orders", unit="node")
-
-        def visit(node: Node) -> None:
-            key = keys[node.order]
-            rec = stored[node.order]
-            if rec is None:
-                metrics, samples = task.evaluate(lm.model)
-                metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
-                metrics.update(task.latency(lm.model))
-                rec = {
-                    "entries": [{"metric": m, "value": v, "backend": SIMULATED,
-                                 "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()]
-                    + backend_entries(backends, lm.model, targets, task, device),
-                    "samples": {k: v.tolist() for k, v in samples.items()}, "primary": primary, "protocol": protocol,
-                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                }  # fmt: skip
-                store.put(key, rec)
-            _emit(writer, context, node, key, rec)
-            if cfg.get("save"):  # full orders computed in this run: write the compressed model
-                save_node(lm, targets, node, len(scfgs), out_dir, computed=not done[node.order])
-            bar.set_postfix_str(node.label)
-            bar.update(1)
-
-        def apply(node: Node) -> None:
-            key = keys[node.order]
-            snap = cache.load(key) if done[node.order] else None
-            if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
-                state.restore(snap)
-                return
-            apply_stage(stages[node.stage], state, task, cfg)
-            if node.children and cache.root is not None:
-                cache.save(key, state.snapshot())
-
-        try:
-            run_trie(trie, state, apply, visit, needed=lambda n: needed[n.order])
-        except KeyboardInterrupt:
-            bar.close()
-            finished = len({r["order"] for r in writer.rows})
-            raise Interrupted(
-                f"interrupted: {finished} of {len(nodes)} nodes finished and stored in {cfg.store_dir}; "
-                f"re-running the same command resumes from them"
-            ) from None
-        bar.close()
+    stats = RunStats(nodes=len(plan.nodes))
+    try:
+        primary, protocol = _execute(cfg, plan, store, writer, context, out_dir, device, stats)
+    except KeyboardInterrupt:
+        finished = len({r["order"] for r in writer.rows})
+        raise Interrupted(
+            f"interrupted: {finished} of {len(plan.nodes)} nodes finished and stored in {cfg.store_dir}; "
+            f"re-running the same command resumes from them"
+        ) from None
+    finally:
+        store.close()
 
     df = writer.frame()
-    text = summary_markdown(df, primary, protocol)
-    write_text(out_dir / "summary.md", text)
+    write_text(out_dir / "summary.md", summary_markdown(df, primary, protocol))
+    stats.wall_s = round(time.perf_counter() - start, 3)
+    write_text(out_dir / STATS_FILE, json.dumps(asdict(stats), indent=1))
     return df
+
+
+def _execute(cfg: DictConfig, plan: Plan, store: NodeStore, writer: RunWriter, context: dict, out_dir: Path,
+             device: torch.device, stats: RunStats) -> tuple[str, str]:  # fmt: skip
+    """Walk the trie: reuse stored nodes, claim and evaluate the others, defer those another job is computing."""
+    records = {o: store.get(k) if done else None for o, k in plan.keys.items() if (done := plan.done[o])}
+    plan.done.update({o: rec is not None for o, rec in records.items()})  # a damaged record was quarantined
+    primary, protocol = "perplexity", ""
+
+    def emit(node: Node, rec: dict) -> None:
+        rows = make_rows(context, node.label, node.depth, plan.keys[node.order], rec["entries"], rec["timestamp"])
+        writer.add(rows, rec.get("samples", {}), node.label, plan.keys[node.order])
+
+    if not plan.needed(plan.trie):  # everything is in the store: no model needed
+        for n in plan.nodes:
+            rec = records[n.order]
+            primary, protocol = rec.get("primary", primary), rec.get("protocol", protocol)
+            emit(n, rec)
+            stats.from_store += 1
+        return primary, protocol
+
+    lm = build(cfg.model)
+    data = build(cfg.data)
+    lm.model.to(device)
+    targets = find_targets(lm.model, lm.skip)
+    stages = {lab: build_stage(sc) for lab, sc in plan.by_label.items()}
+    for s in stages.values():
+        s.validate(targets)
+    task = build_task(lm, data, cfg)
+    primary, protocol = task.primary_metric, task.protocol
+    backends = select_backends(cfg.eval.get("backends", "auto"), device)
+    sc = cfg.get("state_cache") or {}
+    cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
+    state = ModelState(lm.model, targets)
+    bar = tqdm(total=len(plan.nodes), desc="orders", unit="node")
+    deferred: list[Node] = []
+
+    def evaluate(node: Node) -> dict:
+        metrics, samples = task.evaluate(lm.model)
+        metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
+        metrics.update(task.latency(lm.model))
+        rec = {
+            "entries": [{"metric": m, "value": v, "backend": SIMULATED,
+                         "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()]
+            + backend_entries(backends, lm.model, targets, task, device),
+            "samples": {k: v.tolist() for k, v in samples.items()}, "primary": primary, "protocol": protocol,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }  # fmt: skip
+        store.put(plan.keys[node.order], rec)
+        stats.evaluations += 1
+        return rec
+
+    def finish(node: Node, rec: dict) -> None:
+        emit(node, rec)
+        bar.set_postfix_str(node.label)
+        bar.update(1)
+
+    def visit(node: Node) -> None:
+        rec = records.get(node.order)
+        status, rec = ("stored", rec) if rec is not None else _claim(store, plan.keys[node.order])
+        if status == "claimed":
+            try:
+                rec = evaluate(node)
+            finally:
+                store.release(plan.keys[node.order])
+        stats.from_store += status == "stored"
+        if cfg.save and save_node(lm, targets, node, plan.full_depth, out_dir) is not None:
+            stats.saved += 1
+        if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
+            deferred.append(node)
+        else:
+            finish(node, rec)
+
+    def apply(node: Node) -> None:
+        key = plan.keys[node.order]
+        snap = cache.load(key) if plan.done[node.order] else None
+        if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
+            state.restore(snap)
+            return
+        apply_stage(stages[node.stage], state, task, cfg)
+        stats.applications += 1
+        if node.children and cache.root is not None:
+            cache.save(key, state.snapshot())
+
+    try:
+        run_trie(plan.trie, state, apply, visit, needed=plan.needed)
+        dense: Snapshot | None = None
+        for node, rec in _wait_for(deferred, store, plan.keys):
+            if rec is None:  # its owner died: rebuild the node from the dense weights and compute it here
+                if dense is None:
+                    fresh = build(cfg.model)
+                    dense = ModelState(fresh.model, find_targets(fresh.model, lm.skip)).snapshot()
+                    del fresh
+                state.restore(dense)
+                for lab in node.order:
+                    apply_stage(stages[lab], state, task, cfg)
+                    stats.applications += 1
+                try:
+                    rec = evaluate(node)
+                finally:
+                    store.release(plan.keys[node.order])
+                stats.taken_over += 1
+            else:
+                stats.from_other_jobs += 1
+            finish(node, rec)
+    except BaseException:
+        bar.leave = False  # an error or Ctrl-C ends with its own one line, not a half-finished bar
+        raise
+    finally:
+        bar.close()
+    return primary, protocol
+
+
+def _claim(store: NodeStore, key: str) -> tuple[str, dict | None]:
+    """("stored", record) if the store has it, ("claimed", None) if it is ours to compute, else ("busy", None)."""
+    rec = store.get(key)
+    if rec is not None:
+        return "stored", rec
+    if not store.claim(key):
+        return "busy", None
+    rec = store.get(key)  # finished and released by another job between our read and our claim
+    if rec is not None:
+        store.release(key)
+        return "stored", rec
+    return "claimed", None
+
+
+def _wait_for(deferred: list[Node], store: NodeStore, keys: dict, poll: float = 0.5) -> Iterator[tuple[Node, dict | None]]:
+    """Each node another job was computing, with its record once stored, or with None once its claim went
+    stale and became ours (the caller computes it)."""
+    pending = list(deferred)
+    while pending:
+        for node in list(pending):
+            status, rec = _claim(store, keys[node.order])
+            if status != "busy":
+                pending.remove(node)
+                yield node, rec
+        if pending:
+            time.sleep(poll)
 
 
 def backend_entries(backends: list, model, targets, task: Task, device: torch.device) -> list[dict]:
@@ -203,8 +287,3 @@ def backend_entries(backends: list, model, targets, task: Task, device: torch.de
                 why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
         out.append({"metric": "latency_ms", "value": float("nan"), "backend": b.name, "status": "n/a", "error": why})
     return out
-
-
-def _emit(writer: RunWriter, context: dict, node: Node, key: str, rec: dict) -> None:
-    rows = make_rows(context, node.label, node.depth, key, rec["entries"], rec["timestamp"])
-    writer.add(rows, rec.get("samples", {}), node.label, key)

@@ -151,6 +151,7 @@ def check_config(cfg: DictConfig) -> None:
     _int(lat["warmup"], "eval.latency.warmup", 0)
     _int(lat["repeats"], "eval.latency.repeats", 1)
     _number((c.get("state_cache") or {}).get("max_gb", 1), "state_cache.max_gb", 0)
+    _number(c["store_claim_timeout"], "store_claim_timeout", 0)
     for flag in ("force", "save"):
         if not isinstance(c[flag], bool):
             raise UserError(f"{flag}={c[flag]} must be true or false")

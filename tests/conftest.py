@@ -51,6 +51,11 @@ def save_tiny_llama(path: Path, text: str = TEXT, layers: int = 2, seed: int = 0
     return path
 
 
+def terminal_lines(text: str) -> list[str]:
+    """The non-blank lines a terminal shows for `text`: a progress bar redrawn with \\r leaves only its last state."""
+    return [shown for ln in text.split("\n") if (shown := ln.rsplit("\r", 1)[-1]).strip()]
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

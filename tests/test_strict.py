@@ -18,7 +18,7 @@ import pytest
 from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.errors import UserError
-from compress_order.results import QUARANTINE, NodeStore
+from compress_order.store import QUARANTINE, NodeStore
 from compress_order.runner import run
 from compress_order.tasks.lm import LMTask
 from compress_order.validate import check_writable

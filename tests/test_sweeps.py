@@ -18,6 +18,7 @@ from compress_order.config import compose_config
 from compress_order.errors import UserError
 from compress_order.runner import run
 from compress_order.tasks.lm import LMTask
+from conftest import terminal_lines
 
 
 def _rc(argv: list[str]) -> int:
@@ -127,8 +128,8 @@ def test_unwritable_output_and_disk_full(tiny_overrides, tmp_path, capsys, monke
 
     monkeypatch.setattr(os, "replace", full)
     assert _rc(["run", *tiny_overrides]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "disk full while writing" in err[0]
+    err = terminal_lines(capsys.readouterr().err)  # the progress bar is cleared before the error
+    assert len(err) == 1 and "disk full while writing" in err[0], err
 
 
 def test_conflicting_overrides(capsys):

@@ -75,6 +75,13 @@ def _label(name: str, overrides: dict) -> str:
     return f"{name}(" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
 
 
+def is_calibrated(sc: dict) -> bool:
+    """Whether a resolved stage config's class reads calibration statistics (its result depends on the seed)."""
+    from hydra.utils import get_object
+
+    return getattr(get_object(sc["_target_"]), "needs", None) is not None
+
+
 def build_stage(sc: dict) -> Stage:
     """Instantiate one resolved stage config; constructor checks raise UserError."""
     from compress_order.config import build

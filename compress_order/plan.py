@@ -1,0 +1,106 @@
+"""Plan a run before doing it: the stage trie, each node's store key, what the store already holds, the cost.
+
+`make_plan` needs no model, so `validate` and the start of `run -m` print the same cost line: jobs, nodes,
+distinct nodes, nodes already stored, and the stage applications and evaluations still to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+
+from compress_order.identity import base_identity, node_key
+from compress_order.stages import is_calibrated, stage_configs
+from compress_order.store import NodeStore
+from compress_order.trie import Node, build_trie
+
+
+@dataclass
+class Plan:
+    stage_cfgs: list[dict]
+    joint_cfgs: list[dict]
+    trie: Node
+    keys: dict[tuple[str, ...], str]  # node order → store key
+    done: dict[tuple[str, ...], bool]  # the store holds the node's record
+    save: bool = False  # full orders must be rebuilt (to be written) even when stored
+    nodes: list[Node] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nodes = list(self.trie.walk())
+
+    @property
+    def full_depth(self) -> int:
+        return len(self.stage_cfgs)
+
+    @property
+    def by_label(self) -> dict[str, dict]:
+        return {sc["label"]: sc for sc in self.stage_cfgs + self.joint_cfgs}
+
+    def needed(self, node: Node, done: dict[tuple[str, ...], bool] | None = None) -> bool:
+        """The node or a descendant still has work: an evaluation, or a full order to rebuild and save."""
+        done = self.done if done is None else done
+        return any(not done[d.order] or (self.save and d.order and d.depth == self.full_depth) for d in node.walk())
+
+    def applications(self, done: dict[tuple[str, ...], bool] | None = None) -> int:
+        """Stage applications a run does: every node below the root that is still needed."""
+        return sum(1 for n in self.nodes if n.order and self.needed(n, done))
+
+
+def make_plan(cfg: DictConfig, store: NodeStore, force: bool = False) -> Plan:
+    """The run's trie and keys; `cfg.device` must be resolved. Reads only whether records exist."""
+    scfgs = stage_configs(cfg)
+    jcfgs = stage_configs(cfg, key="joint") if cfg.get("joint") else []
+    trie = build_trie([sc["label"] for sc in scfgs], [sc["label"] for sc in jcfgs])
+    base = base_identity(cfg)
+    by_label = {sc["label"]: sc for sc in scfgs + jcfgs}
+    calibration = OmegaConf.to_container(cfg.calibration, resolve=True)
+    keys = {}
+    for n in trie.walk():
+        prefix = [by_label[lab] for lab in n.order]
+        keys[n.order] = node_key(base, prefix, any(is_calibrated(sc) for sc in prefix), calibration, int(cfg.seed))
+    done = {o: not force and store.has(k) for o, k in keys.items()}
+    return Plan(scfgs, jcfgs, trie, keys, done, save=bool(cfg.get("save")))
+
+
+@dataclass
+class Cost:
+    jobs: int
+    nodes: int
+    distinct: int
+    stored: int
+    applications: int
+    evaluations: int
+
+    def line(self) -> str:
+        return (
+            f"plan: {self.jobs} job(s), {self.nodes} nodes, {self.distinct} distinct, {self.stored} stored; "
+            f"to do: {self.applications} stage applications, {self.evaluations} evaluations"
+        )
+
+
+def cost(plans: list[Plan]) -> Cost:
+    """What a sweep of these plans (in launch order, one store) still has to do: a node another job evaluates
+    first is not evaluated again, but each job applies the stages its own unfinished nodes sit under."""
+    keys = [k for p in plans for k in p.keys.values()]
+    stored = {k for p in plans for o, k in p.keys.items() if p.done[o]}
+    evaluated: set[str] = set(stored)
+    applications = 0
+    for p in plans:
+        done = {o: k in evaluated for o, k in p.keys.items()}
+        applications += p.applications(done)
+        evaluated |= set(p.keys.values())
+    distinct = set(keys)
+    return Cost(len(plans), len(keys), len(distinct), len(stored), applications, len(distinct - stored))
+
+
+def plan_sweep(cfgs: list[DictConfig]) -> list[Plan]:
+    """Plans of every job of a sweep (composed configs, as `validate` makes them), without loading anything."""
+    from compress_order.validate import resolve_device
+
+    plans = []
+    for cfg in cfgs:
+        cfg = cfg.copy()
+        cfg.device = str(resolve_device(str(cfg.device)))
+        plans.append(make_plan(cfg, NodeStore(cfg.store_dir), force=bool(cfg.force)))
+    return plans

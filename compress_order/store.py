@@ -1,0 +1,212 @@
+"""The node store: finished nodes by key, shared by every run and every job of a sweep.
+
+One JSON file a node, written atomically (a reader never sees half a record) with a schema version and a
+checksum; a record that fails either on read is moved to `quarantine/` with a warning and its node recomputed.
+
+Jobs running at the same time (a joblib or Slurm sweep) share the store without computing a node twice: before
+evaluating a node a job *claims* it by creating `<key>.claim` exclusively (O_EXCL), holding its host, pid and
+start time; a heartbeat thread touches the claims it holds. Another job that finds the claim goes on with other
+nodes and picks the record up at the end; a claim whose owner died (same host, pid gone) or whose heartbeat
+stopped for `claim_timeout` seconds (another host) is stale and taken over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from compress_order.errors import UserError
+from compress_order.results import write_text
+
+RECORD_VERSION = 1
+QUARANTINE = "quarantine"
+log = logging.getLogger("compress_order.store")
+
+
+def _checksum(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a stored record cannot be trusted (None: it can): schema first, then the checksum written with it."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    for key, kind in (("entries", list), ("timestamp", str), ("checksum", str), ("version", int)):
+        if not isinstance(record.get(key), kind):
+            return f"field '{key}' is missing or not a {kind.__name__}"
+    if record["version"] != RECORD_VERSION:
+        return f"record version {record['version']}, expected {RECORD_VERSION}"
+    for e in record["entries"]:
+        if not (isinstance(e, dict) and isinstance(e.get("metric"), str) and isinstance(e.get("backend"), str)
+                and isinstance(e.get("value"), (int, float))):  # fmt: skip
+            return "an entry lacks metric, backend or a numeric value"
+    samples = record.get("samples", {})
+    if not isinstance(samples, dict) or not all(isinstance(v, list) for v in samples.values()):
+        return "field 'samples' is not a mapping of lists"
+    if record["checksum"] != _checksum(record):
+        return "checksum mismatch (the file was changed after it was written)"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class NodeStore:
+    """Finished nodes by key ({entries, samples, timestamp, version, checksum}) and claims on nodes in flight."""
+
+    def __init__(self, root: str | Path | None, claim_timeout: float = 120.0):
+        self.root = Path(root) if root else None
+        self.claim_timeout = float(claim_timeout)
+        self.host = socket.gethostname()
+        self._held: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / key[:2] / f"{key}.json"
+
+    def _claim_path(self, key: str) -> Path:
+        return self._path(key).with_suffix(".claim")
+
+    # --- records
+    def has(self, key: str) -> bool:
+        """A record file exists (validated only when read with `get`)."""
+        return self.root is not None and self._path(key).is_file()
+
+    def get(self, key: str) -> dict | None:
+        if self.root is None:
+            return None
+        p = self._path(key)
+        if not p.is_file():
+            return None
+        try:
+            record = json.loads(p.read_bytes().decode("utf-8"))
+            why = record_problem(record)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = f"not JSON ({type(e).__name__})"
+        except FileNotFoundError:  # quarantined by a parallel job between the check and the read
+            return None
+        except OSError as e:
+            raise UserError(f"cannot read store record {p} ({e.strerror}); check store_dir") from None
+        if why is None:
+            return record
+        self.quarantine(p, why)
+        return None
+
+    def quarantine(self, path: Path, why: str) -> Path:
+        assert self.root is not None
+        dest = self.root / QUARANTINE / f"{path.name}.{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, dest)
+        except FileNotFoundError:  # a parallel job moved it first
+            pass
+        log.warning("store record %s is damaged (%s): moved to %s; the node is recomputed", path, why, dest)
+        return dest
+
+    def put(self, key: str, record: dict) -> None:
+        if self.root is not None:
+            record = {**record, "version": RECORD_VERSION}
+            record["checksum"] = _checksum(record)
+            write_text(self._path(key), json.dumps(record))
+
+    # --- claims
+    def claim(self, key: str) -> bool:
+        """Take the node for this process: True if it is ours to compute (no store: always)."""
+        if self.root is None:
+            return True
+        path = self._claim_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self.stale(key):
+                    return False
+                owner = self.owner(key)
+                log.warning("taking over node %s from a stale claim (%s)", key[:12], owner)
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": self.host, "pid": os.getpid(), "started": time.time()}, f)
+            with self._lock:
+                self._held.add(path)
+            self._start_heartbeat()
+            return True
+        return False
+
+    def release(self, key: str) -> None:
+        if self.root is None:
+            return
+        path = self._claim_path(key)
+        with self._lock:
+            self._held.discard(path)
+        path.unlink(missing_ok=True)
+
+    def owner(self, key: str) -> dict | None:
+        try:
+            return json.loads(self._claim_path(key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def claimed(self, key: str) -> bool:
+        return self.root is not None and self._claim_path(key).exists()
+
+    def stale(self, key: str) -> bool:
+        """The claim's owner is gone: a dead pid on this host, or no heartbeat for `claim_timeout` seconds."""
+        path = self._claim_path(key)
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        owner = self.owner(key)
+        if owner and owner.get("host") == self.host and isinstance(owner.get("pid"), int):
+            if owner["pid"] == os.getpid():
+                return path not in self._held
+            if not _pid_alive(owner["pid"]):
+                return True
+        return age > self.claim_timeout
+
+    def _start_heartbeat(self) -> None:
+        if self._beat is not None and self._beat.is_alive():
+            return
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="store-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        interval = max(0.5, self.claim_timeout / 6)
+        while not self._stop.wait(interval):
+            with self._lock:
+                held = list(self._held)
+            for p in held:
+                try:
+                    os.utime(p)
+                except FileNotFoundError:
+                    pass
+
+    def close(self) -> None:
+        """Release every claim still held (an interrupted run) and stop the heartbeat."""
+        self._stop.set()
+        with self._lock:
+            held, self._held = list(self._held), set()
+        for p in held:
+            p.unlink(missing_ok=True)

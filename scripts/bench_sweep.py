@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""A grid with one shared node store against the same grid with none, from one run: evaluations, stage
+applications and wall time of each, and their ratios.
+
+The grid is the `mini_lm` experiment (embedded char-LLaMA, magnitude & RTN, bits 2-4 × sparsity 0.3-0.7: 9 jobs,
+45 nodes, 25 distinct), with fewer evaluation windows so the whole benchmark takes a few minutes on 2 cores.
+Jobs run one after another (the basic launcher), so the times compare work, not parallelism.
+
+    python scripts/bench_sweep.py --windows 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from compress_order.results import STATS_FILE  # noqa: E402
+
+
+def sweep(folder: Path, store: str, windows: int, threads: int, extra: list[str]) -> dict:
+    cmd = [
+        sys.executable, "-m", "compress_order", "run", "-m", "experiment=mini_lm", f"eval.max_windows={windows}",
+        "eval.backends=none", "eval.latency.repeats=2", "eval.latency.decode_tokens=0", f"threads={threads}",
+        f"store_dir={store}", f"hydra.sweep.dir={folder}", *extra,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=folder.parent)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        sys.exit(f"sweep failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    stats = [json.loads(p.read_text()) for p in folder.rglob(STATS_FILE)]
+    return {
+        "jobs": len(stats), "nodes": sum(s["nodes"] for s in stats),
+        "evaluations": sum(s["evaluations"] for s in stats), "applications": sum(s["applications"] for s in stats),
+        "wall_s": wall,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows per node (eval.max_windows)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="extra overrides for both sweeps")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_sweep_") as tmp:
+        tmp_path = Path(tmp)
+        shared = sweep(tmp_path / "shared", str(tmp_path / "store"), args.windows, args.threads, args.overrides)
+        unshared = sweep(tmp_path / "unshared", "null", args.windows, args.threads, args.overrides)
+    print(f"mini_lm grid, {args.windows} windows a node, jobs in sequence ({shared['jobs']} jobs, {shared['nodes']} nodes)\n")
+    print("| sweep | evaluations | stage applications | wall s |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, r in (("one shared store", shared), ("no store (unshared)", unshared)):
+        print(f"| {name} | {r['evaluations']} | {r['applications']} | {r['wall_s']:.1f} |")
+    print(
+        f"| shared ÷ unshared | {shared['evaluations'] / unshared['evaluations']:.2f} | "
+        f"{shared['applications'] / max(unshared['applications'], 1):.2f} | {shared['wall_s'] / unshared['wall_s']:.2f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
