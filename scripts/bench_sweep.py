@@ -4,7 +4,9 @@ applications and wall time of each, and their ratios.
 
 The grid is the `mini_lm` experiment (embedded char-LLaMA, magnitude & RTN, bits 2-4 × sparsity 0.3-0.7: 9 jobs,
 45 nodes, 25 distinct), with fewer evaluation windows so the whole benchmark takes a few minutes on 2 cores.
-Jobs run one after another (the basic launcher), so the times compare work, not parallelism.
+Jobs run one after another (the basic launcher), so the times compare work, not parallelism. The shared sweep
+also shares inner-node states (`state_cache.dir`), so a job reloads a stored prefix's weights instead of
+re-applying its stage; `--no-state-cache` measures the store alone.
 
     python scripts/bench_sweep.py --windows 16
 """
@@ -48,13 +50,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows per node (eval.max_windows)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-state-cache", action="store_true", help="share evaluated nodes only, not inner states")
     ap.add_argument("overrides", nargs="*", help="extra overrides for both sweeps")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_sweep_") as tmp:
         tmp_path = Path(tmp)
-        shared = sweep(tmp_path / "shared", str(tmp_path / "store"), args.windows, args.threads, args.overrides)
+        cache = [] if args.no_state_cache else [f"state_cache.dir={tmp_path / 'states'}"]
+        shared = sweep(tmp_path / "shared", str(tmp_path / "store"), args.windows, args.threads, args.overrides + cache)
         unshared = sweep(tmp_path / "unshared", "null", args.windows, args.threads, args.overrides)
-    print(f"mini_lm grid, {args.windows} windows a node, jobs in sequence ({shared['jobs']} jobs, {shared['nodes']} nodes)\n")
+    what = "evaluated nodes" + ("" if args.no_state_cache else " and inner-node states")
+    print(f"mini_lm grid, {args.windows} windows a node, jobs in sequence ({shared['jobs']} jobs, {shared['nodes']} "
+          f"nodes); the shared sweep shares {what}\n")  # fmt: skip
     print("| sweep | evaluations | stage applications | wall s |")
     print("| --- | ---: | ---: | ---: |")
     for name, r in (("one shared store", shared), ("no store (unshared)", unshared)):
