@@ -123,6 +123,7 @@ def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_b
     lines += _pih_section(stages, settings)
     lines += _significance_section(diffs)
     lines += _seed_section(df, metric, settings)
+    lines += _unreadable_section()
     if plots:
         from compress_order.analysis import plots as figs
 
@@ -133,6 +134,12 @@ def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_b
     text = "\n".join(lines)
     (out_dir / "analysis.md").write_text(text)
     return text + f"\nwritten to {out_dir}/\n"
+
+
+def _unreadable_section() -> list[str]:
+    if not collect.UNREADABLE:
+        return []
+    return ["## Unreadable files (skipped)", "", *[f"- {p}: {why}" for p, why in collect.UNREADABLE.items()], ""]
 
 
 def _varying(frame: pd.DataFrame, cols: list[str]) -> tuple[list[str], str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from compress_order.analysis.collect import read_parquet
 from compress_order.analysis.tables import SETTING, direction, node_values
 
 SAMPLES = "samples.parquet"
@@ -62,8 +63,9 @@ def bootstrap_ci(x: np.ndarray, metric: str, n_boot: int = 1000, seed: int = 0,
 
 @lru_cache(maxsize=64)
 def load_samples(run_dir: str) -> pd.DataFrame | None:
+    """A run's per-unit samples; None when it has none or its file is unreadable (warned and recorded)."""
     p = Path(run_dir) / SAMPLES
-    return pd.read_parquet(p) if p.is_file() else None
+    return read_parquet(p) if p.is_file() else None
 
 
 def units(run_dir: str, node_key: str, sample_metric: str) -> pd.Series | None:
