@@ -183,9 +183,11 @@ def test_order_differences_flag_significance(tmp_path):
 
 def test_seeds_summarised_as_mean_and_sd():
     df = pd.concat(rows(pair_values(10, 12, 15, 18 + s, 20), seed=s) for s in (0, 1, 2))
-    summary = bootstrap.seed_summary(pih.analyze(df, "perplexity")[1], ["A"])
+    summary = bootstrap.seed_summary(pih.analyze(df, "perplexity", by_seed=True)[1], ["A"])
     assert summary.loc[0, "n_seeds"] == 3 and summary.loc[0, "A_mean"] == pytest.approx(1.0)
     assert bootstrap.mean_sd(summary.loc[0, "A_mean"], summary.loc[0, "A_std"]) == "1 ± 1"
+    pooled = pih.analyze(df, "perplexity")[1]  # one setting: the mean over seeds of every node
+    assert len(pooled) == 1 and pooled.loc[0, "n_seeds"] == 3 and pooled.loc[0, "A"] == pytest.approx(1.0)
 
 
 # --- tables ------------------------------------------------------------------------------------------------------
