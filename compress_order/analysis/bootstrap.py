@@ -106,7 +106,12 @@ def seed_interval(per_seed: Sequence[Sequence[np.ndarray]], statistic: Statistic
     per = np.array([float(statistic(*data)) for data in per_seed])
     sd = per.std(ddof=1)
     t_lo, t_hi = (per.mean(), per.mean()) if sd == 0 else stats.t.interval(level, k - 1, per.mean(), sd / math.sqrt(k))
-    method = "seed bootstrap" if (boot_lo <= t_lo and boot_hi >= t_hi) else "t over seeds"
+    if boot_lo <= t_lo and boot_hi >= t_hi:
+        method = "seed bootstrap"
+    elif t_lo <= boot_lo and t_hi >= boot_hi:
+        method = "t over seeds"
+    else:
+        method = "seed bootstrap ∪ t"
     return float(min(boot_lo, t_lo)), float(max(boot_hi, t_hi)), method
 
 
