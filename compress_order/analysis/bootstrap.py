@@ -236,11 +236,14 @@ def node_intervals(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int 
         g = g.drop_duplicates("seed")
         row = {**dict(zip([*GROUP, "order"], key)), "value": g["value"].mean(), "n_seeds": len(g),
                "low": math.nan, "high": math.nan}  # fmt: skip
-        data = [] if m is None or n_boot <= 0 or "path" not in g.columns else [node_units(r, m) for _, r in g.iterrows()]
-        if data and all(u is not None for u in data):
-            x = [(u.to_numpy(float),) for u in data]
-            interval = window_interval if len(x) == 1 else seed_interval
-            row["low"], row["high"], _ = interval(x[0] if len(x) == 1 else x, _value(m), n_boot, rng)
+        usable = m is not None and n_boot > 0 and "path" in g.columns
+        found = [node_units(r, m) for _, r in g.iterrows()] if usable else []
+        if found and all(u is not None for u in found):
+            x = [(u.to_numpy(float),) for u in found]
+            if len(x) == 1:
+                row["low"], row["high"], _ = window_interval(x[0], _value(m), n_boot, rng)
+            else:
+                row["low"], row["high"], _ = seed_interval(x, _value(m), n_boot, rng)
         rows.append(row)
     return pd.DataFrame(rows, columns=[*GROUP, "order", "value", "n_seeds", "low", "high"])
 
