@@ -208,3 +208,35 @@ def test_report_pools_seeds_and_shows_their_spread(tmp_path):
     assert "seeds+windows" in text.split("## Significance")[1]
     settings = pd.read_csv(tmp_path / "out" / "settings.csv")
     assert len(settings) == 1 and settings.loc[0, "n_seeds"] == 3 and not settings.loc[0, "A_significant"]
+
+
+def test_vision_run_gives_intervals_for_top1_top5_and_nll(tmp_path):
+    """Every vision accuracy metric is the registered reduction of a per-image sample the task stores."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from compress_order.config import compose_config
+    from compress_order.runner import run
+
+    channels = [32, 32, 32, 32]
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", in_chans=1, num_classes=10, layers=[1, 1, 1, 1], channels=channels)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "tiny.safetensors")
+    cfg = compose_config([
+        "model=mnist_resnet", f"model.checkpoint={tmp_path / 'tiny.safetensors'}", "model.name=tiny-resnet",
+        "model.kwargs.layers=[1,1,1,1]", f"model.kwargs.channels={channels}", "data=mnist", "data.test_size=40",
+        "eval.batch_size=20", "eval.latency.batch=2", "eval.latency.repeats=1", "eval.latency.warmup=0",
+        "eval.backends=none", f"store_dir={tmp_path / 'store'}", "threads=1", "bits=4", "sparsity=0.5",
+        "group_size=32", "stages=[magnitude,rtn]",
+    ])  # fmt: skip
+    run(cfg, tmp_path / "out")
+    df = collect.collect([tmp_path / "out"])
+    for metric in ("top1", "top5", "nll"):
+        m = METRICS[metric]
+        nodes = tables.node_values(df, metric)
+        for _, row in nodes.iterrows():  # the stored value is reproduced from its per-image samples
+            assert bootstrap.node_units(row, m) is not None
+        diffs = bootstrap.order_differences(df, metric, n_boot=200)
+        assert len(diffs) == 1 and diffs.iloc[0]["noise"] == bootstrap.SEED_FREE
+        assert diffs.iloc[0]["low"] <= diffs.iloc[0]["diff"] <= diffs.iloc[0]["high"]
