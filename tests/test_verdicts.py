@@ -240,3 +240,13 @@ def test_vision_run_gives_intervals_for_top1_top5_and_nll(tmp_path):
         diffs = bootstrap.order_differences(df, metric, n_boot=200)
         assert len(diffs) == 1 and diffs.iloc[0]["noise"] == bootstrap.SEED_FREE
         assert diffs.iloc[0]["low"] <= diffs.iloc[0]["diff"] <= diffs.iloc[0]["high"]
+
+
+def test_a_single_unit_gives_no_interval(tmp_path):
+    results, samples = seed_frames(CALIBRATED, 0, 0.3, n_units=1)
+    (tmp_path / "run").mkdir()
+    results.to_parquet(tmp_path / "run" / "results.parquet")
+    samples.to_parquet(tmp_path / "run" / "samples.parquet")
+    df = collect.collect([tmp_path / "run"])
+    assert bootstrap.order_differences(df, "perplexity", 100).empty
+    assert bootstrap.node_intervals(df, "perplexity", 100)["low"].isna().all()

@@ -208,7 +208,8 @@ def order_differences(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: i
                 if ua is None or ub is None:
                     continue
                 both = pd.concat([ua, ub], axis=1, join="inner").to_numpy(float)  # paired: the same units
-                data.append((both[:, 0], both[:, 1]))
+                if len(both) >= 2:  # one unit has no spread to resample
+                    data.append((both[:, 0], both[:, 1]))
             if not data:
                 continue
             per = np.array([float(stat(*x)) for x in data])
@@ -238,7 +239,7 @@ def node_intervals(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int 
                "low": math.nan, "high": math.nan}  # fmt: skip
         usable = m is not None and n_boot > 0 and "path" in g.columns
         found = [node_units(r, m) for _, r in g.iterrows()] if usable else []
-        if found and all(u is not None for u in found):
+        if found and all(u is not None and len(u) >= 2 for u in found):
             x = [(u.to_numpy(float),) for u in found]
             if len(x) == 1:
                 row["low"], row["high"], _ = window_interval(x[0], _value(m), n_boot, rng)
