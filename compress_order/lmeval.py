@@ -154,4 +154,6 @@ def results_to_metrics(out: dict) -> tuple[dict[str, float], dict[str, np.ndarra
 
 def _register(name: str, higher_is_better: bool, metric: str) -> None:
     task = name.split("/", 1)[0]
-    register(Metric(name, higher_is_better, f"lm-eval task {task}: {metric}"))
+    # a per-document score is the unit sample whose mean is the task metric (stderrs have none)
+    sample = None if "_stderr" in name.rsplit("/", 1)[-1] else name
+    register(Metric(name, higher_is_better, f"lm-eval task {task}: {metric}", unit_sample=sample))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from compress_order.errors import UserError
-from compress_order.metrics import METRICS
+from compress_order.metrics import METRICS, summary_metrics
 
 STATS_FILE = "run_stats.json"  # what a run did: evaluations, stage applications, nodes reused (runner.RunStats)
 COLUMNS = [
@@ -131,7 +131,7 @@ def make_rows(context: dict, order: str, depth: int, node_key: str, entries: lis
     ]  # fmt: skip
 
 
-SUMMARY_METRICS = ["perplexity", "top1", "top5", "nll", "sparsity", "avg_bits", "size_bytes", "latency_ms"]
+SUMMARY_METRICS = summary_metrics()
 
 
 def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:

@@ -183,9 +183,11 @@ def test_order_differences_flag_significance(tmp_path):
 
 def test_seeds_summarised_as_mean_and_sd():
     df = pd.concat(rows(pair_values(10, 12, 15, 18 + s, 20), seed=s) for s in (0, 1, 2))
-    summary = bootstrap.seed_summary(pih.analyze(df, "perplexity")[1], ["A"])
+    summary = bootstrap.seed_summary(pih.analyze(df, "perplexity", by_seed=True)[1], ["A"])
     assert summary.loc[0, "n_seeds"] == 3 and summary.loc[0, "A_mean"] == pytest.approx(1.0)
     assert bootstrap.mean_sd(summary.loc[0, "A_mean"], summary.loc[0, "A_std"]) == "1 ± 1"
+    pooled = pih.analyze(df, "perplexity")[1]  # one setting: the mean over seeds of every node
+    assert len(pooled) == 1 and pooled.loc[0, "n_seeds"] == 3 and pooled.loc[0, "A"] == pytest.approx(1.0)
 
 
 # --- tables ------------------------------------------------------------------------------------------------------
@@ -392,3 +394,47 @@ def test_mixed_budget_allocates_by_sensitivity_within_budget():
         MixedRTN(bits=3, budget=9, name="rtn_mixed")
     with pytest.raises(UserError, match="outside 2-8"):
         MixedRTN(bits=3, bits_map={"x": 1}, name="rtn_mixed")
+
+
+# --- unreadable result files -------------------------------------------------------------------------------------
+
+
+def spoil(path, how: str) -> None:
+    """Random bytes of the same size, or the first half of the file (a job killed while writing it)."""
+    data = path.read_bytes()
+    path.write_bytes(np.random.default_rng(1).bytes(len(data)) if how == "random" else data[: len(data) // 2])
+
+
+def test_unreadable_files_are_skipped_and_reported(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    for job, bits in enumerate((3, 4, 5)):
+        write_run(root / str(job), SHIFTS, bits=bits)
+    spoil(root / "1" / "results.parquet", "random")
+    spoil(root / "2" / "results.parquet", "truncated")
+    spoil(root / "0" / "samples.parquet", "truncated")
+    write_run(root / "3", SHIFTS, bits=6)
+    assert cli.main(["table", str(root)]) == 0
+    out, err = capsys.readouterr()
+    warned = [line for line in err.splitlines() if line.startswith("compress-order: warning: skipping unreadable")]
+    assert len(warned) == 2 and str(root / "1" / "results.parquet") in err and "Traceback" not in err
+    assert re.search(r"\|\s+3\s+\|", out) and re.search(r"\|\s+6\s+\|", out)
+    assert not re.search(r"\|\s+4\s+\|", out)  # the spoilt runs contribute no rows
+    report = tmp_path / "report"
+    assert cli.main(["analyze", str(root), "--out-dir", str(report), "--n-boot", "50", "--no-plots"]) == 0
+    out, err = capsys.readouterr()
+    assert "3 unreadable file(s) skipped" in out and err.count("compress-order: warning") == 3
+    listed = (report / "analysis.md").read_text().split("## Unreadable files")[1]
+    for job in ("0/samples", "1/results", "2/results"):
+        assert f"{root}/{job}.parquet" in listed
+    diffs = pd.read_csv(report / "differences.csv")
+    assert diffs["bits"].tolist() == [6]  # bits=3 lost its samples: no interval, but still its values
+
+
+def test_nothing_readable_is_one_line_error(tmp_path, capsys):
+    write_run(tmp_path / "run", SHIFTS)
+    spoil(tmp_path / "run" / "results.parquet", "truncated")
+    for cmd in ("table", "analyze", "collect"):
+        assert cli.main([cmd, str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("compress-order: error: no readable results") and "Traceback" not in "".join(err)
+    assert cli.main(["table", str(tmp_path / "run" / "results.parquet")]) == 2

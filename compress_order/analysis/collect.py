@@ -5,15 +5,21 @@ subfolder). Every row gets the folder it came from (`path`) and whether that run
 `summary.md` (killed, or still running) or its job failed part-way. A failed job is one row with
 status="failed" and its error (from its results, or else from its failed.json), so a table of a sweep never
 silently loses a grid point.
+
+A results or samples file that cannot be read (truncated by a killed job, overwritten, not parquet) is skipped
+with a one-line warning on stderr and remembered in `UNREADABLE` (path → reason) for the analysis report; when
+nothing readable is left the command stops with a UserError.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import yaml
 
 from compress_order.errors import UserError
@@ -23,6 +29,21 @@ RESULTS = "results.parquet"
 FAILURE = "failed.json"  # written by compress_order.launch for a failed sweep job
 SUMMARY = "summary.md"  # written last by the runner: its absence means the run did not finish
 COLLECTED = [*COLUMNS, "path", "partial"]
+# Files skipped since the last collect(): path → why. Samples files found unreadable later (by the bootstrap)
+# are added too, so a report lists every file its numbers do not include.
+UNREADABLE: dict[str, str] = {}
+
+
+def read_parquet(path: Path) -> pd.DataFrame | None:
+    """The table in `path`, or None (with a warning, and the file recorded in UNREADABLE) when it cannot be read."""
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, OSError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if str(path) not in UNREADABLE:
+            print(f"compress-order: warning: skipping unreadable '{path}': {reason}", file=sys.stderr)
+        UNREADABLE[str(path)] = reason
+        return None
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -74,7 +95,11 @@ def read_run(run_dir: Path) -> pd.DataFrame:
     failed = (run_dir / FAILURE).is_file()
     frames = []
     if (run_dir / RESULTS).is_file():
-        frames.append(pd.read_parquet(run_dir / RESULTS).reindex(columns=COLUMNS))
+        results = read_parquet(run_dir / RESULTS)
+        if results is None and not failed:
+            return pd.DataFrame(columns=COLLECTED)
+        if results is not None:
+            frames.append(results.reindex(columns=COLUMNS))
     if failed and not any((f["status"] == "failed").any() for f in frames):  # newer runs write the row themselves
         frames.append(pd.DataFrame([failure_row(run_dir)], columns=COLUMNS))
     df = pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True)
@@ -84,7 +109,11 @@ def read_run(run_dir: Path) -> pd.DataFrame:
 
 
 def collect(paths: list[str | Path]) -> pd.DataFrame:
-    """One tidy frame (COLUMNS + path, partial) from run folders, sweep folders, or previously collected files."""
+    """One tidy frame (COLUMNS + path, partial) from run folders, sweep folders, or previously collected files.
+
+    Unreadable files are skipped (see UNREADABLE); a UserError when no readable rows are left.
+    """
+    UNREADABLE.clear()
     frames = []
     for p in map(Path, paths):
         if not p.exists():
@@ -96,6 +125,10 @@ def collect(paths: list[str | Path]) -> pd.DataFrame:
         if not dirs:
             raise UserError(f"no {RESULTS} or {FAILURE} under '{p}'")
         frames.extend(read_run(d) for d in dirs)
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        raise UserError(f"no readable results: {len(UNREADABLE)} unreadable file(s), e.g. '{next(iter(UNREADABLE))}'"
+                        if UNREADABLE else "no result rows under " + ", ".join(map(str, paths)))  # fmt: skip
     df = pd.concat(frames, ignore_index=True)
     df["partial"] = df["partial"].astype(bool)
     return df
@@ -105,10 +138,12 @@ def _read_file(p: Path) -> pd.DataFrame:
     """A run's own results file, or a file written by `collect --out`."""
     if p.name == RESULTS:
         return read_run(p.parent)
-    reader = {".parquet": pd.read_parquet, ".csv": pd.read_csv}.get(p.suffix)
+    reader = {".parquet": read_parquet, ".csv": pd.read_csv}.get(p.suffix)
     if reader is None:
         raise UserError(f"'{p}' is not a .parquet or .csv file of results")
     df = reader(p)
+    if df is None:
+        return pd.DataFrame(columns=COLLECTED)
     missing = [c for c in ("order", "metric", "value", "stages") if c not in df.columns]
     if missing:
         raise UserError(f"'{p}' has no column(s) {', '.join(missing)}: not a results table")
@@ -124,7 +159,8 @@ def describe(df: pd.DataFrame) -> str:
     runs = df.groupby("path", sort=False).agg(partial=("partial", "first"),
                                                failed=("status", lambda s: (s == "failed").any()))  # fmt: skip
     n_ok = int((df["status"] == "ok").sum())
+    skipped = f", {len(UNREADABLE)} unreadable file(s) skipped" if UNREADABLE else ""
     return (
         f"{len(runs)} run(s), {n_ok} result row(s); {int(runs['failed'].sum())} failed, "
-        f"{int(runs['partial'].sum())} partial"
+        f"{int(runs['partial'].sum())} partial{skipped}"
     )

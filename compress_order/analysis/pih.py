@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from compress_order.analysis.tables import SETTING, direction, is_sequential, node_values, stage_kind
+from compress_order.analysis.tables import (
+    SETTING, TABLE_INDEX, direction, is_sequential, node_values, stage_kind,
+)
 
 CURVE_KEY = ["model", "dataset", "group_size"]
 
@@ -73,14 +75,20 @@ def predicted_order(labels: list[str], intensity: dict[str, float]) -> str | Non
     return " > ".join(sorted(labels, key=intensity.get))
 
 
-def analyze(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-stage rows (alone, intensity, cer_bits) and per-setting rows (G, A, CERs, predicted/observed order)."""
+def analyze(df: pd.DataFrame, metric: str, by_seed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-stage rows (alone, intensity, cer_bits) and per-setting rows (G, A, CERs, predicted/observed order).
+
+    A setting pools its calibration seeds (`n_seeds`): every node's value is its mean over seeds, so A and G are
+    the means of the per-seed A and G, and the predicted and observed orders are those of the means.
+    `by_seed=True` gives one row per seed instead.
+    """
     nodes = node_values(df, metric)
     d = direction(df, metric)
     curves = quant_curves(nodes)
+    key_cols = SETTING if by_seed else TABLE_INDEX
     stage_rows, setting_rows = [], []
-    for key, g in nodes.groupby(SETTING, dropna=False, sort=False):
-        setting = dict(zip(SETTING, key))
+    for key, g in nodes.groupby(key_cols, dropna=False, sort=False):
+        setting = {**dict(zip(key_cols, key)), "n_seeds": g["seed"].nunique()}
         labels = setting["stages"].split(",")
         value = g.groupby("order", sort=False)["value"].mean()
         dense = value.get("dense", math.nan)
@@ -107,14 +115,21 @@ def analyze(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
                 cer_f1=cer[f1], cer_f2=cer[f2], dCER=cer[f1] - cer[f2],
             )  # fmt: skip
         setting_rows.append(row)
-    columns = [*SETTING, "n_stages", "f1", "f2", "dense", "I_f1", "I_f2", "G", "A", "cer_f1", "cer_f2", "dCER",
-               "predicted", "observed", "agree"]  # fmt: skip
+    columns = [*key_cols, "n_seeds", "n_stages", "f1", "f2", "dense", "I_f1", "I_f2", "G", "A", "cer_f1", "cer_f2",
+               "dCER", "predicted", "observed", "agree"]  # fmt: skip
     return pd.DataFrame(stage_rows), pd.DataFrame(setting_rows).reindex(columns=columns)
 
 
-def agreement(settings: pd.DataFrame) -> tuple[float, int, int]:
-    """Share of settings whose observed best order is the PIH prediction: (rate, agreeing, decided settings)."""
-    decided = settings["agree"].dropna().astype(bool)
+def agreement(settings: pd.DataFrame, significant_only: bool = False) -> tuple[float, int, int]:
+    """Share of settings whose observed best order is the PIH prediction: (rate, agreeing, decided settings).
+
+    `significant_only`: count only settings whose A interval (`A_significant`) excludes zero, i.e. whose observed
+    winner is not within the noise the interval covers.
+    """
+    decided = settings
+    if significant_only:
+        decided = settings[settings.get("A_significant", pd.Series(False, index=settings.index)).eq(True)]
+    decided = decided["agree"].dropna().astype(bool)
     if decided.empty:
         return math.nan, 0, 0
     return float(decided.mean()), int(decided.sum()), len(decided)

@@ -73,7 +73,7 @@ def order_bars(intervals: pd.DataFrame, out_dir: Path, metric: str) -> list[Path
         ax.bar(x + (k - (len(orders) - 1) / 2) * width, v, width, yerr=err, capsize=2, label=order)
     ax.set_xticks(x, settings, fontsize=6)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per order (95% bootstrap CI)")
+    ax.set_title(f"{metric} per order (95% CI over windows, and seeds where several)")
     ax.legend(fontsize=7)
     return save(fig, out_dir, "order_bars")
 

@@ -12,12 +12,11 @@ import numpy as np
 import pandas as pd
 
 from compress_order.errors import UserError
-from compress_order.metrics import METRICS
+from compress_order.metrics import METRICS, primary_metrics
 from compress_order.paths import CONF_DIR
 
 SETTING = ["model", "dataset", "stages", "bits", "sparsity", "group_size", "seed"]
-TABLE_INDEX = [c for c in SETTING if c != "seed"]  # tables average over seeds
-PRIMARY = ("perplexity", "top1")  # first present is the default metric
+TABLE_INDEX = [c for c in SETTING if c != "seed"]  # tables and verdicts pool the calibration seeds of a setting
 FORMATS = ("markdown", "csv", "latex")
 LATEX_SYMBOLS = {" > ": r" $\rightarrow$ ", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "−": "--"}
 
@@ -29,7 +28,7 @@ def primary_metric(df: pd.DataFrame) -> str:
     present = set(df.loc[df["status"] == "ok", "metric"].dropna())
     if not present:
         raise UserError("no successful result rows to tabulate")
-    return next((m for m in PRIMARY if m in present), sorted(present)[0])
+    return next((m for m in primary_metrics() if m in present), sorted(present)[0])
 
 
 def higher_is_better(df: pd.DataFrame, metric: str) -> bool:
@@ -87,15 +86,31 @@ def is_sequential(order: str, stages: str) -> bool:
 
 
 @lru_cache(maxsize=None)
-def stage_kind(label: str) -> str:
-    """'prune', 'quantize' or 'joint' for a label naming a conf/stage file ('' for custom labels)."""
+def stage_class(label: str) -> type | None:
+    """The Stage class of a label naming a conf/stage file (its `_target_`); None for custom labels."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
     path = CONF_DIR / "stage" / f"{label.split('(')[0]}.yaml"
     if not path.is_file():
-        return ""
-    return str(getattr(get_class(OmegaConf.load(path)["_target_"]), "kind", ""))
+        return None
+    return get_class(OmegaConf.load(path)["_target_"])
+
+
+def stage_kind(label: str) -> str:
+    """'prune', 'quantize' or 'joint' for a label naming a conf/stage file ('' for custom labels)."""
+    return str(getattr(stage_class(label), "kind", ""))
+
+
+def seed_dependent(order: str) -> bool:
+    """Whether a node's result depends on the calibration seed: some stage of it `needs` calibration statistics.
+
+    A custom label cannot be traced to its class here, so it counts as seed-dependent (the cautious reading).
+    """
+    if order == "dense":
+        return False
+    classes = [stage_class(lab) for lab in order.split(" > ")]
+    return any(cls is None or getattr(cls, "needs", None) is not None for cls in classes)
 
 
 def order_pattern(order: str, stages: str) -> str:

@@ -102,7 +102,7 @@ class VisionTask:
             "top5": 100.0 * float(torch.cat(top5).mean()),
             "nll": float(nll_t.mean()),
         }
-        return metrics, {"nll": nll_t, "correct": correct_t}
+        return metrics, {"nll": nll_t, "correct": correct_t, "correct_top5": torch.cat(top5).numpy()}
 
     def calibration_batches(self) -> list[Tensor]:
         """`nsamples` train images (all of them if fewer), drawn once with the run's seed, in eval-size batches."""
