@@ -68,7 +68,8 @@ def cmd_run(args: list[str]) -> int:
 
         multirun = any(a in ("-m", "--multirun") for a in args)
         cfgs = config.validate_overrides(_overrides(args), multirun)  # every sweep point, before any heavy work
-        print(cost(plan_sweep(cfgs)).line(), flush=True)
+        plans, jobs = plan_sweep(cfgs)
+        print(cost(plans, jobs).line(), flush=True)
     from compress_order.launch import hydra_main
 
     return hydra_main(args)
@@ -76,19 +77,24 @@ def cmd_run(args: list[str]) -> int:
 
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config import validate_overrides
-    from compress_order.plan import cost, plan_sweep
+    from compress_order.plan import cost, plan_sweep, run_seeds
+    from compress_order.stages import stage_configs
+    from compress_order.trie import build_trie, count_applications
 
     cfgs = validate_overrides(_overrides(args), multirun=any(a in ("-m", "--multirun") for a in args))
-    plans = plan_sweep(cfgs)
-    for cfg, plan in zip(cfgs, plans):
-        labels = [sc["label"] for sc in plan.stage_cfgs]
-        n_full = sum(1 for n in plan.nodes if n.depth == len(labels))
+    plans, jobs = plan_sweep(cfgs)
+    for cfg in cfgs:
+        labels = [sc["label"] for sc in stage_configs(cfg)]
+        trie = build_trie(labels, [sc["label"] for sc in stage_configs(cfg, key="joint")])
+        n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
+        seeds = run_seeds(cfg)
         print(
             f"ok: model={cfg.model.name} data={cfg.data.name} stages={labels} bits={cfg.bits} "
-            f"sparsity={cfg.sparsity}: {n_full} orders, {sum(1 for n in plan.nodes if n.order)} stage applications"
+            f"sparsity={cfg.sparsity}: {n_full} orders, {count_applications(trie)} stage applications"
+            + (f", seeds {seeds}" if len(seeds) > 1 else "")
         )
     print(f"{len(cfgs)} configuration(s) valid")
-    print(cost(plans).line())
+    print(cost(plans, jobs).line())
     return 0
 
 

@@ -79,9 +79,10 @@ class Cost:
         )
 
 
-def cost(plans: list[Plan]) -> Cost:
-    """What a sweep of these plans (in launch order, one store) still has to do: a node another job evaluates
-    first is not evaluated again, but each job applies the stages its own unfinished nodes sit under."""
+def cost(plans: list[Plan], jobs: int | None = None) -> Cost:
+    """What a sweep of these plans (in launch order, one store; a job with replicates has one plan a seed) still
+    has to do: a node another plan evaluates first is not evaluated again, but each plan applies the stages its
+    own unfinished nodes sit under."""
     keys = [k for p in plans for k in p.keys.values()]
     stored = {k for p in plans for o, k in p.keys.items() if p.done[o]}
     evaluated: set[str] = set(stored)
@@ -91,16 +92,33 @@ def cost(plans: list[Plan]) -> Cost:
         applications += p.applications(done)
         evaluated |= set(p.keys.values())
     distinct = set(keys)
-    return Cost(len(plans), len(keys), len(distinct), len(stored), applications, len(distinct - stored))
+    return Cost(jobs or len(plans), len(keys), len(distinct), len(stored), applications, len(distinct - stored))
 
 
-def plan_sweep(cfgs: list[DictConfig]) -> list[Plan]:
-    """Plans of every job of a sweep (composed configs, as `validate` makes them), without loading anything."""
+def run_seeds(cfg: DictConfig) -> list[int]:
+    """The calibration seeds of a run: `seeds` if given, else `replicates` seeds from `seed` on."""
+    if cfg.get("seeds") is not None:
+        return [int(s) for s in cfg.seeds]
+    return [int(cfg.seed) + i for i in range(int(cfg.get("replicates") or 1))]
+
+
+def with_seed(cfg: DictConfig, seed: int) -> DictConfig:
+    """The run's config for one calibration seed (what a single-seed run with `seed=` would compose)."""
+    out = cfg.copy()
+    out.seed = seed
+    out.replicates, out.seeds = 1, None
+    return out
+
+
+def plan_sweep(cfgs: list[DictConfig]) -> tuple[list[Plan], int]:
+    """Plans of every job of a sweep and every seed of a job (composed configs, as `validate` makes them),
+    without loading anything; and the number of jobs."""
     from compress_order.validate import resolve_device
 
     plans = []
     for cfg in cfgs:
         cfg = cfg.copy()
         cfg.device = str(resolve_device(str(cfg.device)))
-        plans.append(make_plan(cfg, NodeStore(cfg.store_dir), force=bool(cfg.force)))
-    return plans
+        store = NodeStore(cfg.store_dir)
+        plans += [make_plan(with_seed(cfg, s), store, force=bool(cfg.force)) for s in run_seeds(cfg)]
+    return plans, len(cfgs)

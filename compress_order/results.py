@@ -69,9 +69,13 @@ class RunWriter:
         self.out_dir = Path(out_dir)
         self.rows: list[dict] = []
         self.samples: list[pd.DataFrame] = []
+        self._sampled: set[str] = set()
 
     def add(self, rows: list[dict], samples: dict[str, list[float]], order: str, node_key: str) -> None:
         self.rows.extend(rows)
+        if node_key in self._sampled:  # a seed-free node reported for another seed: its units are written once
+            samples = {}
+        self._sampled.add(node_key)
         for metric, values in samples.items():
             self.samples.append(
                 pd.DataFrame({"order": order, "node_key": node_key, "metric": metric,
@@ -140,14 +144,19 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
     if ok.empty:
         return "no results\n"
     sim = ok[ok["backend"] == "dense-simulated"]
-    wide = sim.pivot_table(index=["depth", "order"], columns="metric", values="value", aggfunc="first", sort=False)
+    n_seeds = ok["seed"].nunique()
+    # With several calibration seeds a node's value is its mean over seeds, beside its sd for the primary metric.
+    wide = sim.pivot_table(index=["depth", "order"], columns="metric", values="value", aggfunc="mean", sort=False)
     # The usual metrics first, then any task-specific ones (word perplexity, lm-eval tasks, ...)
     extra = [m for m in wide.columns if m not in SUMMARY_METRICS and m not in ("latency_ms_iqr", "decode_ms_per_token")]
     wide = wide[[m for m in SUMMARY_METRICS if m in wide.columns and m != "latency_ms"] + extra
                 + (["latency_ms"] if "latency_ms" in wide.columns else [])]
+    if n_seeds > 1 and primary in wide.columns:
+        sd = sim[sim["metric"] == primary].groupby(["depth", "order"], sort=False)["value"].std(ddof=1)
+        wide.insert(wide.columns.get_loc(primary) + 1, f"{primary} sd", sd.reindex(wide.index))
     real = df[(df["backend"] != "dense-simulated") & (df["metric"] == "latency_ms")]
     for backend, rows in real.groupby("backend", sort=True):
-        ms = rows.set_index(["depth", "order"])["value"].reindex(wide.index)
+        ms = rows.groupby(["depth", "order"], sort=False)["value"].mean().reindex(wide.index)
         wide[f"{backend} ms"] = ms.map(lambda v: "n/a" if pd.isna(v) else f"{v:.4g}")
         if "latency_ms" in wide.columns:  # vs the dense forward of the same shapes, timed just before
             speed = wide["latency_ms"] / ms
@@ -170,6 +179,10 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
         f"column times a packed copy with a real kernel (speed-up: dense forward of the same node and shapes ÷ "
         f"packed forward, timed back to back; n/a: no kernel for that format, reasons in results)",
     ]
+    if n_seeds > 1:
+        lines.append(f"- values are means over {n_seeds} calibration seeds ({', '.join(map(str, sorted(ok['seed'].unique())))}), "
+                     f"`{primary} sd` their spread (0 for nodes without a calibrated stage); `compress-order analyze` "
+                     f"tests order effects against both seed and window noise")
     if best_order is not None and len(full) > 1:
         vals = full[primary]
         lines.append(f"- order effect on {primary}: best − worst full order = {vals.max() - vals.min():.4g}")

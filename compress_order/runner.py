@@ -30,7 +30,8 @@ from compress_order.measure import compression_metrics
 from compress_order.metrics import METRICS
 from compress_order.paths import PACKAGE_DIR
 from compress_order.identity import base_identity, digest
-from compress_order.plan import Plan, cost, make_plan
+from compress_order.models import LoadedModel
+from compress_order.plan import Plan, cost, make_plan, run_seeds, with_seed
 from compress_order.results import STATS_FILE, RunWriter, make_rows, summary_markdown, write_text
 from compress_order.stages import build_stage
 from compress_order.state_cache import StateCache
@@ -94,154 +95,187 @@ class RunStats:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
-    """Plan (keys, store, cost) → execute (the trie) → record (rows, summary, stats)."""
+    """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats)."""
     start = time.perf_counter()
     check_config(cfg)
     device = resolve_device(str(cfg.device))
     cfg.device = str(device)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(int(cfg.seed))
+    seeds = run_seeds(cfg)
 
     store = NodeStore(cfg.store_dir, float(cfg.store_claim_timeout))
-    plan = make_plan(cfg, store, force=bool(cfg.force))
-    log.info(cost([plan]).line())
+    jobs = [with_seed(cfg, s) for s in seeds]
+    plans = [make_plan(c, store, force=bool(cfg.force)) for c in jobs]
+    total = sum(len(p.nodes) for p in plans)
+    log.info(cost(plans, jobs=1).line())
+    base = digest(base_identity(cfg))
     context = {
-        "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{digest(base_identity(cfg))[:8]}",
-        "model": cfg.model.name, "dataset": cfg.data.name, "stages": ",".join(sc["label"] for sc in plan.stage_cfgs),
-        "bits": cfg.bits, "sparsity": cfg.sparsity, "group_size": cfg.group_size, "seed": cfg.seed,
-        "config_hash": digest(base_identity(cfg))[:16], "git_sha": git_sha(), "torch_version": torch.__version__,
-        "device": str(device), "library_versions": library_versions(),
+        "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{base[:8]}",
+        "model": cfg.model.name, "dataset": cfg.data.name, "bits": cfg.bits, "sparsity": cfg.sparsity,
+        "group_size": cfg.group_size, "config_hash": base[:16], "git_sha": git_sha(),
+        "torch_version": torch.__version__, "device": str(device), "library_versions": library_versions(),
     }  # fmt: skip
     writer = RunWriter(out_dir)
-    stats = RunStats(nodes=len(plan.nodes))
+    stats = RunStats()
+    executor = Executor(cfg, store, writer, out_dir, device, stats, keep_dense=len(seeds) > 1)
     try:
-        primary, protocol = _execute(cfg, plan, store, writer, context, out_dir, device, stats)
+        for job in jobs:  # seed-free nodes are stored by the first seed and reused by the others
+            torch.manual_seed(int(job.seed))
+            plan = make_plan(job, store, force=bool(cfg.force))  # again: the seeds before stored shared nodes
+            stats.nodes += len(plan.nodes)
+            labels = ",".join(sc["label"] for sc in plan.stage_cfgs)
+            executor.execute(job, plan, {**context, "stages": labels, "seed": int(job.seed)})
     except KeyboardInterrupt:
-        finished = len({r["order"] for r in writer.rows})
+        finished = len({(r["order"], r["seed"]) for r in writer.rows})
         raise Interrupted(
-            f"interrupted: {finished} of {len(plan.nodes)} nodes finished and stored in {cfg.store_dir}; "
-            f"re-running the same command resumes from them"
+            f"interrupted: {finished} of {total} nodes finished and stored in "
+            f"{cfg.store_dir}; re-running the same command resumes from them"
         ) from None
     finally:
         store.close()
 
     df = writer.frame()
-    write_text(out_dir / "summary.md", summary_markdown(df, primary, protocol))
+    write_text(out_dir / "summary.md", summary_markdown(df, executor.primary, executor.protocol))
     stats.wall_s = round(time.perf_counter() - start, 3)
     write_text(out_dir / STATS_FILE, json.dumps(asdict(stats), indent=1))
     return df
 
 
-def _execute(cfg: DictConfig, plan: Plan, store: NodeStore, writer: RunWriter, context: dict, out_dir: Path,
-             device: torch.device, stats: RunStats) -> tuple[str, str]:  # fmt: skip
-    """Walk the trie: reuse stored nodes, claim and evaluate the others, defer those another job is computing."""
-    records = {o: store.get(k) if done else None for o, k in plan.keys.items() if (done := plan.done[o])}
-    plan.done.update({o: rec is not None for o, rec in records.items()})  # a damaged record was quarantined
-    primary, protocol = "perplexity", ""
+class Executor:
+    """Walks one plan's trie at a time over a model loaded once (on first need): reuses stored nodes, claims and
+    evaluates the others, defers those another job is computing and picks them up at the end."""
 
-    def emit(node: Node, rec: dict) -> None:
-        rows = make_rows(context, node.label, node.depth, plan.keys[node.order], rec["entries"], rec["timestamp"])
-        writer.add(rows, rec.get("samples", {}), node.label, plan.keys[node.order])
+    def __init__(self, cfg: DictConfig, store: NodeStore, writer: RunWriter, out_dir: Path, device: torch.device,
+                 stats: RunStats, keep_dense: bool) -> None:  # fmt: skip
+        self.cfg, self.store, self.writer, self.out_dir, self.device = cfg, store, writer, out_dir, device
+        self.stats, self.keep_dense = stats, keep_dense
+        self.primary, self.protocol = "perplexity", ""
+        self.lm: LoadedModel | None = None
+        self._dense: Snapshot | None = None
 
-    if not plan.needed(plan.trie):  # everything is in the store: no model needed
-        for n in plan.nodes:
-            rec = records[n.order]
-            primary, protocol = rec.get("primary", primary), rec.get("protocol", protocol)
-            emit(n, rec)
-            stats.from_store += 1
-        return primary, protocol
+    def _load(self) -> None:
+        cfg = self.cfg
+        self.lm = build(cfg.model)
+        self.data = build(cfg.data)
+        self.lm.model.to(self.device)
+        self.targets = find_targets(self.lm.model, self.lm.skip)
+        self.state = ModelState(self.lm.model, self.targets)
+        self.backends = select_backends(cfg.eval.get("backends", "auto"), self.device)
+        sc = cfg.get("state_cache") or {}
+        self.cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
+        if self.keep_dense:  # several tries start from the dense weights
+            self._dense = self.state.snapshot()
 
-    lm = build(cfg.model)
-    data = build(cfg.data)
-    lm.model.to(device)
-    targets = find_targets(lm.model, lm.skip)
-    stages = {lab: build_stage(sc) for lab, sc in plan.by_label.items()}
-    for s in stages.values():
-        s.validate(targets)
-    task = build_task(lm, data, cfg)
-    primary, protocol = task.primary_metric, task.protocol
-    backends = select_backends(cfg.eval.get("backends", "auto"), device)
-    sc = cfg.get("state_cache") or {}
-    cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
-    state = ModelState(lm.model, targets)
-    bar = tqdm(total=len(plan.nodes), desc="orders", unit="node")
-    deferred: list[Node] = []
+    def dense(self) -> Snapshot:
+        """The dense weights: kept from the load when several seeds need them, else rebuilt from a fresh load."""
+        if self._dense is None:
+            assert self.lm is not None
+            fresh = build(self.cfg.model)
+            self._dense = ModelState(fresh.model, find_targets(fresh.model, self.lm.skip)).snapshot()
+        return self._dense
 
-    def evaluate(node: Node) -> dict:
-        metrics, samples = task.evaluate(lm.model)
-        metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
-        metrics.update(task.latency(lm.model))
-        rec = {
-            "entries": [{"metric": m, "value": v, "backend": SIMULATED,
-                         "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()]
-            + backend_entries(backends, lm.model, targets, task, device),
-            "samples": {k: v.tolist() for k, v in samples.items()}, "primary": primary, "protocol": protocol,
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }  # fmt: skip
-        store.put(plan.keys[node.order], rec)
-        stats.evaluations += 1
-        return rec
+    def execute(self, cfg: DictConfig, plan: Plan, context: dict) -> None:
+        store, stats = self.store, self.stats
+        records = {o: store.get(k) for o, k in plan.keys.items() if plan.done[o]}
+        plan.done.update({o: rec is not None for o, rec in records.items()})  # a damaged record was quarantined
 
-    def finish(node: Node, rec: dict) -> None:
-        emit(node, rec)
-        bar.set_postfix_str(node.label)
-        bar.update(1)
+        def emit(node: Node, rec: dict) -> None:
+            key = plan.keys[node.order]
+            self.writer.add(make_rows(context, node.label, node.depth, key, rec["entries"], rec["timestamp"]),
+                            rec.get("samples", {}), node.label, key)  # fmt: skip
 
-    def visit(node: Node) -> None:
-        rec = records.get(node.order)
-        status, rec = ("stored", rec) if rec is not None else _claim(store, plan.keys[node.order])
-        if status == "claimed":
-            try:
-                rec = evaluate(node)
-            finally:
-                store.release(plan.keys[node.order])
-        stats.from_store += status == "stored"
-        if cfg.save and save_node(lm, targets, node, plan.full_depth, out_dir) is not None:
-            stats.saved += 1
-        if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
-            deferred.append(node)
-        else:
-            finish(node, rec)
-
-    def apply(node: Node) -> None:
-        key = plan.keys[node.order]
-        snap = cache.load(key) if plan.done[node.order] else None
-        if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
-            state.restore(snap)
+        if not plan.needed(plan.trie):  # everything is in the store: no model needed
+            for n in plan.nodes:
+                rec = records[n.order]
+                self.primary, self.protocol = rec.get("primary", self.primary), rec.get("protocol", self.protocol)
+                emit(n, rec)
+                stats.from_store += 1
             return
-        apply_stage(stages[node.stage], state, task, cfg)
-        stats.applications += 1
-        if node.children and cache.root is not None:
-            cache.save(key, state.snapshot())
 
-    try:
-        run_trie(plan.trie, state, apply, visit, needed=plan.needed)
-        dense: Snapshot | None = None
-        for node, rec in _wait_for(deferred, store, plan.keys):
-            if rec is None:  # its owner died: rebuild the node from the dense weights and compute it here
-                if dense is None:
-                    fresh = build(cfg.model)
-                    dense = ModelState(fresh.model, find_targets(fresh.model, lm.skip)).snapshot()
-                    del fresh
-                state.restore(dense)
-                for lab in node.order:
-                    apply_stage(stages[lab], state, task, cfg)
-                    stats.applications += 1
+        first = self.lm is None
+        if first:
+            self._load()
+        else:
+            self.state.restore(self.dense())
+        lm, targets, state = self.lm, self.targets, self.state
+        assert lm is not None
+        stages = {lab: build_stage(sc) for lab, sc in plan.by_label.items()}
+        for s in stages.values():
+            s.validate(targets)
+        task = build_task(lm, self.data, cfg)
+        self.primary, self.protocol = task.primary_metric, task.protocol
+        bar = tqdm(total=len(plan.nodes), desc="orders" if first else f"orders, seed {cfg.seed}", unit="node")
+        deferred: list[Node] = []
+
+        def evaluate(node: Node) -> dict:
+            metrics, samples = task.evaluate(lm.model)
+            metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
+            metrics.update(task.latency(lm.model))
+            rec = {
+                "entries": [{"metric": m, "value": v, "backend": SIMULATED,
+                             "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()]
+                + backend_entries(self.backends, lm.model, targets, task, self.device),
+                "samples": {k: v.tolist() for k, v in samples.items()}, "primary": self.primary,
+                "protocol": self.protocol, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }  # fmt: skip
+            store.put(plan.keys[node.order], rec)
+            stats.evaluations += 1
+            return rec
+
+        def finish(node: Node, rec: dict) -> None:
+            emit(node, rec)
+            bar.set_postfix_str(node.label)
+            bar.update(1)
+
+        def visit(node: Node) -> None:
+            rec = records.get(node.order)
+            status, rec = ("stored", rec) if rec is not None else _claim(store, plan.keys[node.order])
+            if status == "claimed":
                 try:
                     rec = evaluate(node)
                 finally:
                     store.release(plan.keys[node.order])
-                stats.taken_over += 1
+            stats.from_store += status == "stored"
+            if cfg.save and save_node(lm, targets, node, plan.full_depth, self.out_dir) is not None:
+                stats.saved += 1
+            if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
+                deferred.append(node)
             else:
-                stats.from_other_jobs += 1
-            finish(node, rec)
-    except BaseException:
-        bar.leave = False  # an error or Ctrl-C ends with its own one line, not a half-finished bar
-        raise
-    finally:
-        bar.close()
-    return primary, protocol
+                finish(node, rec)
+
+        def apply(node: Node) -> None:
+            key = plan.keys[node.order]
+            snap = self.cache.load(key) if plan.done[node.order] else None
+            if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
+                state.restore(snap)
+                return
+            apply_stage(stages[node.stage], state, task, cfg)
+            stats.applications += 1
+            if node.children and self.cache.root is not None:
+                self.cache.save(key, state.snapshot())
+
+        try:
+            run_trie(plan.trie, state, apply, visit, needed=plan.needed)
+            for node, rec in _wait_for(deferred, store, plan.keys):
+                if rec is None:  # its owner died: rebuild the node from the dense weights and compute it here
+                    state.restore(self.dense())
+                    for lab in node.order:
+                        apply_stage(stages[lab], state, task, cfg)
+                        stats.applications += 1
+                    try:
+                        rec = evaluate(node)
+                    finally:
+                        store.release(plan.keys[node.order])
+                    stats.taken_over += 1
+                else:
+                    stats.from_other_jobs += 1
+                finish(node, rec)
+        except BaseException:
+            bar.leave = False  # an error or Ctrl-C ends with its own one line, not a half-finished bar
+            raise
+        finally:
+            bar.close()
 
 
 def _claim(store: NodeStore, key: str) -> tuple[str, dict | None]:

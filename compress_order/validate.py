@@ -135,6 +135,17 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(gs, int) or isinstance(gs, bool) or (gs <= 0 and gs != -1):
         raise UserError(f"group_size={gs} must be a positive integer or -1 (per-channel)")
     _int(c["seed"], "seed", 0)
+    _int(c["replicates"], "replicates", 1, what=" (calibration seeds per run)")
+    seeds = c["seeds"]
+    if seeds is not None:
+        if not isinstance(seeds, list) or not seeds:
+            raise UserError(f"seeds={seeds} must be a non-empty list of integers ≥ 0, e.g. [0,1,2], or null")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise UserError(f"seeds={seeds} must hold integers ≥ 0 only")
+        if len(set(seeds)) < len(seeds):
+            raise UserError(f"seeds={seeds} repeats a seed; each replicate needs its own seed")
+        if c["replicates"] not in (1, len(seeds)):
+            raise UserError(f"replicates={c['replicates']} contradicts seeds={seeds}; give one of them")
     _int(c["threads"], "threads", 1, none_ok=True)
     _int(c["dense_bits"], "dense_bits", 1)
     cal, ev = c["calibration"], c["eval"]
