@@ -5,9 +5,11 @@ Bad input anywhere is reported as one line on stderr with exit code 2.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from compress_order.errors import Interrupted, UserError
 
@@ -27,24 +29,40 @@ examples:
   compress-order run -m bits=3,4 sparsity=0.5,0.7
 """
 
-HYDRA_ONLY_FLAGS = {"--cfg", "-c", "--info", "--help", "-h", "--hydra-help", "--resolve", "--package", "-p"}
 
+def _hydra_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The command line parsed by Hydra's own parser, and the same arguments in the order that parser reads
+    (flags, then the overrides: argparse takes a single run of positionals, so `bits=3 -m sparsity=0.5,0.7` is
+    handed to Hydra as `-m bits=3 sparsity=0.5,0.7`)."""
+    from hydra._internal.utils import get_args_parser
 
-def _overrides(args: list[str]) -> list[str]:
-    """The override arguments of a Hydra command line (flags and their values dropped)."""
-    out, skip = [], False
+    def error(message: str) -> NoReturn:
+        raise UserError(f"{message}; compress-order run --hydra-help lists Hydra's flags")
+
+    parser = get_args_parser()
+    parser.error = error  # type: ignore[method-assign]  (one line instead of argparse's usage and exit)
+    parsed, unknown = parser.parse_known_intermixed_args(args)
+    if unknown:
+        error(f"unexpected argument(s) {' '.join(unknown)}")
+    flags, pending = [], list(parsed.overrides)
     for a in args:
-        if skip:
-            skip = False
-            continue
-        if a in ("--cfg", "-c", "--package", "-p", "--info", "-cn", "--config-name", "-cp", "--config-path",
-                 "--experimental-rerun", "-cd", "--config-dir"):  # fmt: skip
-            skip = a not in ("--info",)
-            continue
-        if a.startswith("-"):
-            continue
-        out.append(a)
-    return out
+        if pending and a == pending[0]:
+            pending.pop(0)
+        else:
+            flags.append(a)
+    return parsed, flags + parsed.overrides
+
+
+def _multirun(h: argparse.Namespace) -> bool:
+    """Whether Hydra will sweep: `-m`, or `hydra.mode: MULTIRUN` in the composed config (an experiment's)."""
+    from hydra.types import RunMode
+
+    from compress_order.config import compose_config, expand_overrides
+
+    if h.multirun:
+        return True
+    plain = [o for o in h.overrides if len(expand_overrides([o])) == 1]  # a sweep value does not compose alone
+    return compose_config(plain, hydra=True).hydra.mode == RunMode.MULTIRUN
 
 
 CFG_CHOICES = ("job", "hydra", "all")
@@ -63,16 +81,16 @@ def cmd_run(args: list[str]) -> int:
     from compress_order import config  # noqa: F401  (registers resolvers before Hydra composes)
 
     _check_flags(args)
-    if not HYDRA_ONLY_FLAGS.intersection(args):
+    h, ordered = _hydra_args(args)
+    if not (h.cfg or h.info or h.help or h.hydra_help or h.shell_completion):  # these only print
         from compress_order.plan import cost, plan_sweep
 
-        multirun = any(a in ("-m", "--multirun") for a in args)
-        cfgs = config.validate_overrides(_overrides(args), multirun)  # every sweep point, before any heavy work
+        cfgs = config.validate_overrides(h.overrides, _multirun(h))  # every sweep point, before any heavy work
         plans, jobs = plan_sweep(cfgs)
         print(cost(plans, jobs).line(), flush=True)
     from compress_order.launch import hydra_main
 
-    return hydra_main(args)
+    return hydra_main(ordered)
 
 
 def cmd_validate(args: list[str]) -> int:
@@ -81,7 +99,8 @@ def cmd_validate(args: list[str]) -> int:
     from compress_order.stages import stage_configs
     from compress_order.trie import build_trie, count_applications
 
-    cfgs = validate_overrides(_overrides(args), multirun=any(a in ("-m", "--multirun") for a in args))
+    h, _ = _hydra_args(args)
+    cfgs = validate_overrides(h.overrides, multirun=_multirun(h))
     plans, jobs = plan_sweep(cfgs)
     for cfg in cfgs:
         labels = [sc["label"] for sc in stage_configs(cfg)]
@@ -144,9 +163,35 @@ def cmd_analysis(cmd: str, args: list[str]) -> int:
     return analysis.main(cmd, args)
 
 
+class _DropMessage(logging.Filter):
+    """Drops the records of one logger whose message contains a given fragment."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+# Deprecation notices one third-party library logs about another, which a user of this tool cannot act on:
+# (logger, message fragment). torchao, imported by transformers, registers Enum pytree constants.
+THIRD_PARTY_NOTICES = [
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),
+]
+
+
+def quiet_third_party() -> None:
+    """Keep the terminal to the progress bar and the results. Called at the command line and again at the start
+    of every Hydra job, since a launcher may run jobs in fresh processes (joblib, submitit)."""
+    for name, fragment in THIRD_PARTY_NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(_DropMessage(fragment))
+
+
 def main(argv: list[str] | None = None) -> int:
-    # torchao (imported by transformers) registers enums that torch now warns about on every start.
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    quiet_third_party()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

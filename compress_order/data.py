@@ -1,4 +1,4 @@
-"""Dataset loaders named by `_target_` in conf/data/*.yaml."""
+"""Dataset loaders named by `_target_` in compress_order/conf/data/*.yaml."""
 
 from __future__ import annotations
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from datetime import datetime
 from pathlib import Path
+from typing import Any, ClassVar
 
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -26,6 +27,9 @@ FAILURE_FILE = "failed.json"
 
 
 def _job(cfg: DictConfig) -> None:
+    from compress_order.cli import quiet_third_party
+
+    quiet_third_party()  # before the heavy imports: a launcher may run this job in a fresh process
     from compress_order.runner import run
 
     hc = HydraConfig.get()
@@ -58,24 +62,32 @@ def _record_failure(cfg: DictConfig, out: Path, hc, message: str, detail: str) -
     failure_frame(cfg, first, out)
 
 
-def _flag(args: list[str], *names: str) -> bool:
-    return any(a in names for a in args)
+class SweepSummary(Callback):
+    """Hydra callback (`hydra.callbacks` in config.yaml): after every sweep, however it was started (`-m`, or an
+    experiment's `hydra.mode: MULTIRUN`) and whatever the launcher, print its summary and gather its rows.
+
+    Hydra instantiates the callback itself and `hydra.main` returns nothing, so the sweep's exit status is left
+    here for the command line."""
+
+    exit_status: ClassVar[int] = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.exit_status = 0
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.exit_status = report_sweep(Path(config.hydra.sweep.dir))
 
 
 def hydra_main(args: list[str]) -> int:
-    args = list(args)
-    multirun = _flag(args, "-m", "--multirun")
-    sweep_dir = None
-    if multirun and not any(a.startswith("hydra.sweep.dir=") for a in args):
-        # Fix the sweep folder here so the summary below can read every job, whatever the launcher.
-        sweep_dir = Path("outputs/multirun") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-        args.append(f"hydra.sweep.dir={sweep_dir}")
-    elif multirun:
-        sweep_dir = Path(next(a for a in args if a.startswith("hydra.sweep.dir=")).split("=", 1)[1])
-    sys.argv = ["compress-order"] + args
+    """Run the Hydra application on `args` (overrides and Hydra's flags); the exit status of a sweep."""
+    SweepSummary.exit_status = 0
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)
-    app()
-    return report_sweep(sweep_dir) if sweep_dir is not None and not _flag(args, "--cfg", "-c", "--info") else 0
+    argv, sys.argv = sys.argv, ["compress-order", *args]  # hydra.main reads its command line from sys.argv
+    try:
+        app()
+    finally:
+        sys.argv = argv
+    return SweepSummary.exit_status
 
 
 def report_sweep(sweep_dir: Path) -> int:

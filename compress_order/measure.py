@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import time
@@ -77,15 +78,17 @@ def decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
                         warmup: int = 1, repeats: int = 5) -> float:  # fmt: skip
     """Median ms per generated token with a KV cache: prefill the prompt (untimed), then time greedy steps."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # transformers 5 renamed the KV cache argument and output field to `cache` (the old name is deprecated).
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     times = []
     for i in range(warmup + repeats):
         out = model(input_ids=prompt, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, tok = getattr(out, key), out.logits[:, -1:].argmax(-1)
         sync()
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=tok, use_cache=True, **{key: past})
+            past, tok = getattr(out, key), out.logits[:, -1:].argmax(-1)
         sync()
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3 / new_tokens)

@@ -1,4 +1,4 @@
-"""Model loaders named by `_target_` in conf/model/*.yaml. Each returns a LoadedModel."""
+"""Model loaders named by `_target_` in compress_order/conf/model/*.yaml. Each returns a LoadedModel."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def causal_lm(
     """A Hugging Face causal LM through from_pretrained: a hub id or a local directory.
 
     `group_size` is the quantization group size that divides this model's layers: the top-level `group_size`
-    defaults to it (conf/config.yaml). `missing_hint` says how to obtain local weights that are not there.
+    defaults to it (compress_order/conf/config.yaml). `missing_hint` says how to obtain local weights that are not there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -1,6 +1,6 @@
 """Image classifiers through timm and the image datasets they are evaluated on.
 
-Model loaders and dataset loaders are named by `_target_` in conf/model/*.yaml and conf/data/*.yaml. timm and
+Model loaders and dataset loaders are named by `_target_` in compress_order/conf/model/*.yaml and compress_order/conf/data/*.yaml. timm and
 datasets are imported inside the loaders, so language-model runs do not pay for them.
 """
 

@@ -3,7 +3,7 @@
 
 Models: the embedded char-level LLaMA (compress_order/assets/charllama, skipped with a note when absent) and a
 randomly initialised LLaMA-shaped model of ~110M parameters (hidden 768, 12 layers, MLP 2048, vocab 32000,
-tied embeddings). Each stage starts from the dense weights; stages come from conf/stage/*.yaml with the targets
+tied embeddings). Each stage starts from the dense weights; stages come from compress_order/conf/stage/*.yaml with the targets
 given here. Peak memory is the growth over the stage's start: CUDA max_memory_allocated on a GPU, else the
 process's peak RSS (VmHWM, reset before each stage through /proc/self/clear_refs, after malloc_trim).
 
@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16, help="calibration segments (default 16)")
     ap.add_argument("--seqlen", type=int, default=256, help="tokens per segment (default 256)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--stages", nargs="+", default=STAGES, help=f"conf/stage names (default: {' '.join(STAGES)})")
+    ap.add_argument("--stages", nargs="+", default=STAGES, help=f"compress_order/conf/stage names (default: {' '.join(STAGES)})")
     ap.add_argument("--models", nargs="+", default=["charllama", "random100m"], choices=["charllama", "random100m"])
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--bits", type=int, default=4)

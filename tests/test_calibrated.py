@@ -568,10 +568,6 @@ def test_run_end_to_end_with_joint(tiny_overrides, tmp_path):
 
 @pytest.mark.slow
 def test_quality_on_the_embedded_model(tmp_path):
-    from compress_order.paths import ASSETS_DIR
-
-    if not (ASSETS_DIR / "charllama").is_dir():
-        pytest.skip("compress_order/assets/charllama is not there yet")
     from compress_order.config import compose_config
     from compress_order.runner import run
 

@@ -180,3 +180,24 @@ def test_validate_expands_an_experiments_own_sweep(capsys):
     assert "8 configuration(s) valid" in out and "3 orders, 5 stage applications" in out  # + the joint order
     assert _rc(["validate", "-m", "experiment=mini_lm", "bits=3,9"]) == 2
     assert "bits=9 is outside 2-8" in capsys.readouterr().err
+
+
+def test_a_config_that_sets_multirun_gets_the_sweep_summary(tiny_overrides, tmp_path, capsys):
+    # hydra.mode=MULTIRUN is what an experiment config sets to sweep without -m.
+    rc = _rc(["run", "hydra.mode=MULTIRUN", *_sweep_overrides(tiny_overrides), "bits=3,4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "sweep: 2 jobs, 2 ok, 0 failed" in out
+    df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
+    assert set(df["job"]) == {0, 1} and sorted(df["bits"].unique()) == [3, 4]
+
+
+def test_hydra_flags_are_parsed_by_hydra(tiny_overrides, capsys):
+    assert _rc(["run", "--cfg", "job", *tiny_overrides, "bits=5"]) == 0  # --cfg only prints: bits=5 not checked
+    assert "bits: 5" in capsys.readouterr().out
+    assert _rc(["run", *tiny_overrides, "--cfg", "job", "sparsity=0.5"]) == 0  # overrides on both sides
+    assert "sparsity: 0.5" in capsys.readouterr().out
+    for bad, message in ((["--no-such-flag", "bits=4"], "unexpected argument(s) --no-such-flag"),
+                         (["--info", "nonsense"], "argument --info/-i: invalid choice: 'nonsense'")):  # fmt: skip
+        assert _rc(["run", *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "--hydra-help" in err[0]

@@ -19,7 +19,7 @@ from torch import nn
 from compress_order.cli import main
 from compress_order.config import build, compose_config
 from compress_order.errors import UserError
-from compress_order.paths import ASSETS_DIR
+from compress_order.paths import ASSETS_DIR, CONF_DIR
 from compress_order.calibration import calibrate_and_compress
 from compress_order.hessian import HessianStats
 from compress_order.runner import apply_stage, run
@@ -35,7 +35,7 @@ DATA = ["imagenet", "mnist", "fashion_mnist", "image_folder"]
 TINY_KWARGS = {"layers": [1, 1, 1, 1], "channels": [32, 32, 32, 32]}
 NODE_METRICS = {"top1", "top5", "nll", "sparsity", "avg_bits", "size_bytes", "latency_ms", "latency_ms_iqr",
                 "images_per_s"}  # fmt: skip
-STAGE_DIR = Path(__file__).resolve().parents[1] / "conf" / "stage"
+STAGE_DIR = CONF_DIR / "stage"
 
 
 @pytest.mark.parametrize("group,name", [("model", m) for m in MODELS] + [("data", d) for d in DATA])
