@@ -237,10 +237,11 @@ def _main(args: argparse.Namespace) -> int:
         checks = [c for c in checks if c.name in args.only]
     if args.budget <= 0:
         raise CheckError(f"--budget {args.budget:g}: give a positive number of seconds")
+    args.out, args.wheelhouse = args.out.resolve(), args.wheelhouse.resolve()  # the checks run from the checkout
     site = None if args.no_install else args.out / "site"
     if site is not None and not sorted(args.wheelhouse.glob("*.whl")):
         raise CheckError(f"no wheels in {args.wheelhouse}; run `make wheelhouse` where the package index is reachable")
-    env = check_env(site)
+    env = {**check_env(site), "GPU_CHECK_OUT": str(args.out)}
     info = cuda_probe(python, env)  # before installing: no point without a GPU
     if site is not None:
         n = install(args.wheelhouse, site, python)

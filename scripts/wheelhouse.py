@@ -166,7 +166,9 @@ def wheel_requirements(wheel: Path) -> list[Requirement]:
 
 
 def _pip(args: list[str], what: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    # This checkout's torch pin (PIP_CONSTRAINT, set by the Makefile) is not the node's.
+    env = {k: v for k, v in os.environ.items() if k != "PIP_CONSTRAINT"}
+    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")] or proc.stderr.splitlines()[-1:]
         raise WheelhouseError(f"{what} failed: {' / '.join(lines)[:600]}")
@@ -288,5 +290,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     sys.exit(main())
