@@ -133,6 +133,26 @@ def select(top: list[Requirement], resolved: dict[str, Resolved], freeze: dict[s
     )
 
 
+LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+
+
+def expand_platforms(tags: list[str]) -> list[str]:
+    """pip matches `--platform` tags literally: a glibc tag `manylinux_2_N_arch` is widened to every older glibc
+    (down to 2.5) and its legacy alias, as a node with glibc 2.N accepts them all."""
+    out: list[str] = []
+    for tag in tags:
+        m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", tag)
+        if not m:
+            out.append(tag)
+            continue
+        minor, arch = int(m.group(1)), m.group(2)
+        for v in range(minor, 4, -1):
+            out.append(f"manylinux_2_{v}_{arch}")
+            if v in LEGACY_MANYLINUX:
+                out.append(f"{LEGACY_MANYLINUX[v]}_{arch}")
+    return list(dict.fromkeys(out))
+
+
 def target_environment(python_version: str | None, platform: str | None, implementation: str | None) -> dict:
     """Marker environment of the target: this interpreter's, with the Python version and platform replaced."""
     env = dict(default_environment())
@@ -215,8 +235,8 @@ def build_source_only(reqs: list[str], dest: Path, constraints: list[str]) -> li
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python-version", help="target Python, e.g. 3.10 (default: this interpreter's)")
-    ap.add_argument("--platform", action="append", help="target platform tag, repeatable, e.g. manylinux2014_x86_64 "
-                    "(default: this machine's)")  # fmt: skip
+    ap.add_argument("--platform", action="append", help="target platform tag, repeatable, e.g. manylinux_2_28_x86_64 "
+                    "(glibc 2.28 and older; default: this machine's)")  # fmt: skip
     ap.add_argument("--implementation", help="target implementation tag, e.g. cp (default: this interpreter's)")
     ap.add_argument("--abi", action="append", help="target ABI tag, repeatable, e.g. cp310 (default: derived by pip)")
     ap.add_argument("--freeze", type=Path, help="`pip freeze` of the target: leave out what it already satisfies")
@@ -236,7 +256,7 @@ def _main(args: argparse.Namespace) -> int:
     freeze = read_freeze(args.freeze.read_text()) if args.freeze else None
     flags = ["--only-binary=:all:"]
     for opt, values in (("--python-version", [args.python_version] if args.python_version else []),
-                        ("--platform", args.platform or []), ("--implementation", [args.implementation] if
+                        ("--platform", expand_platforms(args.platform or [])), ("--implementation", [args.implementation] if
                         args.implementation else []), ("--abi", args.abi or [])):  # fmt: skip
         for v in values:
             flags += [opt, v]
@@ -252,20 +272,27 @@ def _main(args: argparse.Namespace) -> int:
            if r.marker is None or any(r.marker.evaluate({**env, "extra": e}) for e in args.extra)]  # fmt: skip
     top += [Requirement(r) for r in CHECK_REQUIREMENTS]
     reqs = [str(r) for r in top if not excluded(r.name)]  # excluded ones are pulled in anyway, as metadata only
-    # Prefer the node's own versions: pin what it has, unless that makes the resolution impossible.
-    pins = [f"{n}=={v}" for n, v in (freeze or {}).items() if v is not None and not excluded(n) and not v.local]
+    # Resolve around the node's own versions of the project's direct requirements when they are compatible: their
+    # requirements then bound everything else (a node's transformers keeps its huggingface-hub range).
+    direct = {canonicalize_name(r.name): r for r in top}
+    pins = [f"{n}=={v}" for n, v in (freeze or {}).items() if n in direct and v is not None and not excluded(n)
+            and not v.local and satisfied(v, [direct[n]])]  # fmt: skip
 
     print(f"building wheels of source-only dependencies into {dest} ...", flush=True)
     built = build_source_only(reqs, dest, [])
-    print(f"resolving {len(reqs)} requirements for the target ({' '.join(flags)}) ...", flush=True)
+    shown = " ".join(f"{k}={v}" for k, v in (("python", args.python_version), ("platform", args.platform),
+                                             ("abi", args.abi)) if v)  # fmt: skip
+    print(f"resolving {len(reqs)} requirements for the target ({shown or 'this machine'}) ...", flush=True)
     try:
         resolved = resolve(reqs, flags, pins, dest)
     except WheelhouseError as e:
-        print(f"  the node's versions do not all fit ({str(e)[:200]}); resolving without them", flush=True)
-        resolved = resolve(reqs, flags, [], dest)
+        print(f"  warning: the node's {', '.join(pins)} do not fit together with the rest ({str(e)[:300]}); "
+              "resolving without them", flush=True)  # fmt: skip
+        pins = []
+        resolved = resolve(reqs, flags, pins, dest)
     sel = select(top, resolved, freeze, env)
     if sel.unresolved:  # markers pip evaluated for this interpreter, not the target's: resolve those too
-        resolved = {**resolve(reqs + sel.unresolved, flags, [], dest), **resolved}
+        resolved = {**resolve(reqs + sel.unresolved, flags, pins, dest), **resolved}
         sel = select(top, resolved, freeze, env)
 
     names = [f"{r.name}=={r.version}" for r in sel.download if r.name not in built]

@@ -139,6 +139,13 @@ def test_target_environment_follows_the_platform_tag():
     assert LINUX_310["platform_system"] == "Linux" and LINUX_310["python_full_version"] == "3.10.0"
 
 
+def test_a_glibc_platform_tag_covers_older_glibc_and_legacy_aliases():
+    tags = wh.expand_platforms(["manylinux_2_28_x86_64", "win_amd64"])
+    assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_5_x86_64" in tags and "win_amd64" in tags
+    assert {"manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"} <= set(tags)
+    assert "manylinux_2_29_x86_64" not in tags and len(tags) == len(set(tags))
+
+
 def test_bad_freeze_path_is_one_line_exit_2(tmp_path, capsys):
     assert wh.main(["--freeze", str(tmp_path / "missing.txt"), "--dest", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -255,3 +262,47 @@ def test_budget_caps_each_check_and_the_rest_is_skipped(tmp_path):
     # The report on disk was written as the checks went: the last state is complete.
     doc = json.loads((tmp_path / "report.json").read_text())
     assert [c["status"] for c in doc["checks"]] == ["timed out", "skipped"]
+
+
+def test_reference_values_are_complete_and_their_tolerance_follows_the_measured_spread():
+    ref = json.loads((DATA / "gpu_reference.json").read_text())
+    gr = _load("gpu_reference")
+    assert ref["commands"] == gr.COMMANDS and ref["common"] == gr.COMMON
+    # Every node of each command's trie: the dense baseline, each prefix, each full order (and the joint one).
+    assert set(ref["perplexity"]["sparsegpt_gptq"]) == {"dense", "sparsegpt", "gptq", "sparsegpt > gptq",
+                                                       "gptq > sparsegpt", "sparsegpt+gptq"}  # fmt: skip
+    assert set(ref["perplexity"]["wanda_rtn"]) == {"dense", "wanda", "rtn", "wanda > rtn", "rtn > wanda"}
+    assert set(ref["spread"]) == set(gr.PERTURBATIONS)
+    for name in ref["commands"]:
+        ppl = ref["perplexity"][name]
+        assert all(1 < v < 20 for v in ppl.values()) and ppl["dense"] == min(ppl.values())
+        spread = max(d for per in ref["spread"].values() for d in per[name].values())
+        assert ref["rel_tolerance"][name] == pytest.approx(max(gr.MARGIN * spread, gr.FLOOR))
+    # Orders of calibrated stages with error feedback are the sensitive ones: they set the looser tolerance.
+    assert ref["rel_tolerance"]["sparsegpt_gptq"] > ref["rel_tolerance"]["wanda_rtn"]
+
+
+def _dry_run(name: str, tmp_path: Path, *extra: str) -> dict:
+    """A check's code path on the CPU (`--device cpu`): its plumbing, not anything CUDA does."""
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "GPU_CHECK_RESULT": str(tmp_path / "result.json")}
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_checks.py"), name, "--device", "cpu", *extra],
+                   env=env, cwd=ROOT, capture_output=True)  # fmt: skip
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_end_to_end_check_on_cpu_reproduces_the_reference(tmp_path):
+    res = _dry_run("end_to_end", tmp_path)
+    assert res["status"] == "passed", res["reason"]
+    assert res["figures"]["max_rel_diff"] <= max(json.loads((DATA / "gpu_reference.json").read_text())
+                                                 ["rel_tolerance"].values())  # fmt: skip
+
+
+@pytest.mark.slow
+def test_packed_backends_and_large_model_checks_run_on_cpu(tmp_path):
+    res = _dry_run("packed_backends", tmp_path / "p", "--small")
+    assert res["status"] == "passed", res["reason"]
+    assert "int4_weight_only" in res["figures"]["speed"] and "int8_weight_only" in res["figures"]["logits"]
+    res = _dry_run("large_model", tmp_path / "l", "--small")
+    assert res["status"] == "passed", res["reason"]
+    assert "| gptq | calibrate + compress |" in res["figures"]["timings"]
