@@ -79,7 +79,9 @@ def node_perplexity(parquet: Path) -> dict[str, float]:
     df = pd.read_parquet(parquet)
     bad = df[df["status"] != "ok"]
     if len(bad):
-        raise SystemExit(f"gpu_reference: rows not ok in {parquet}: {bad[['order', 'metric', 'error']].to_dict('records')}")
+        raise SystemExit(
+            f"gpu_reference: rows not ok in {parquet}: {bad[['order', 'metric', 'error']].to_dict('records')}"
+        )
     ppl = df[(df["metric"] == "perplexity") & (df["backend"] == "dense-simulated")]
     return {str(o): float(v) for o, v in zip(ppl["order"], ppl["value"])}
 
@@ -99,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             ref = run_cli([*base, "threads=1"], Path(tmp) / name)
             doc["perplexity"][name] = ref
             print(f"{name}: " + ", ".join(f"{k} {v:.5f}" for k, v in ref.items()), flush=True)
-            for label, over in PERTURBATIONS.items():
-                alt = run_cli([*base, *over], Path(tmp) / f"{name}-{len(doc['spread'])}", PATCHES.get(label, ""))
+            for i, (label, over) in enumerate(PERTURBATIONS.items()):  # each in its own folder and store
+                alt = run_cli([*base, *over], Path(tmp) / f"{name}-{i}", PATCHES.get(label, ""))
                 doc["spread"].setdefault(label, {})[name] = {k: rel(alt[k], v) for k, v in ref.items()}
                 print(f"  {label}: max relative difference {max(doc['spread'][label][name].values()):.2e}", flush=True)
     largest = {name: max(d for per in doc["spread"].values() for d in per[name].values()) for name in COMMANDS}
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["tolerance_basis"] = (
         f"per command, {MARGIN:g} x the largest relative perplexity difference of any node between CPU runs that "
         f"differ only in float32 rounding ({', '.join(PERTURBATIONS)}: "
-        + ", ".join(f"{n} {x:.2e}" for n, x in largest.items()) + f"), at least {FLOOR:g}"
+        + ", ".join(f"{n} {x:.2e}" for n, x in largest.items())
+        + f"), at least {FLOOR:g}"
     )
     import torch
 

@@ -255,9 +255,12 @@ def _main(args: argparse.Namespace) -> int:
         raise WheelhouseError(f"--freeze {args.freeze}: no such file")
     freeze = read_freeze(args.freeze.read_text()) if args.freeze else None
     flags = ["--only-binary=:all:"]
-    for opt, values in (("--python-version", [args.python_version] if args.python_version else []),
-                        ("--platform", expand_platforms(args.platform or [])), ("--implementation", [args.implementation] if
-                        args.implementation else []), ("--abi", args.abi or [])):  # fmt: skip
+    for opt, values in (
+        ("--python-version", [args.python_version] if args.python_version else []),
+        ("--platform", expand_platforms(args.platform or [])),
+        ("--implementation", [args.implementation] if args.implementation else []),
+        ("--abi", args.abi or []),
+    ):
         for v in values:
             flags += [opt, v]
     env = target_environment(args.python_version, (args.platform or [None])[0], args.implementation)

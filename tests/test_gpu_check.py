@@ -58,8 +58,8 @@ RESOLVED = _graph(
     ("datasets", "4.1.1", ["huggingface-hub>=0.35.0", "fsspec[http]<=2025.9.0,>=2023.1.0", "tqdm>=4.66.3",
                            "dill<0.4.1,>=0.3.0", "tomli; python_version < '3.11'"]),
     ("dill", "0.4.0", []), ("tomli", "2.2.1", []),
-    ("pytest", "8.4.2", ["iniconfig>=1", "pluggy<2,>=1.5", "packaging>=20", "exceptiongroup>=1; python_version < '3.11'",
-                         "pygments>=2.7.2", "colorama>=0.4; sys_platform == 'win32'"]),
+    ("pytest", "8.4.2", ["iniconfig>=1", "pluggy<2,>=1.5", "packaging>=20", "pygments>=2.7.2",
+                         "exceptiongroup>=1; python_version < '3.11'", "colorama>=0.4; sys_platform == 'win32'"]),
     ("iniconfig", "2.1.0", []), ("pluggy", "1.6.0", []), ("exceptiongroup", "1.3.0", []), ("pygments", "2.19.2", []),
     ("colorama", "0.4.6", []),
 )  # fmt: skip
@@ -203,7 +203,9 @@ def test_gpu_check_without_cuda_exits_2_with_one_line(tiny_wheelhouse, tmp_path)
                            "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1
-    assert err[0].startswith("compress-order: error: no CUDA device: torch ") and "run gpu-check on a GPU node" in err[0]
+    assert (
+        err[0].startswith("compress-order: error: no CUDA device: torch ") and "run gpu-check on a GPU node" in err[0]
+    )
     assert not (tmp_path / "out" / "site").exists()  # nothing installed without a GPU
 
 
@@ -226,8 +228,11 @@ def test_report_records_passed_failed_skipped_and_timed_out(tmp_path):
         _fake("crash", "print('Traceback ...'); raise SystemExit('boom: no kernel')"),
         _fake("skip", "json.dump({'status': 'skipped', 'reason': 'no bf16 on this GPU'}, open(out, 'w'))"),
         # Sleeps past its 1-second timeout, with a grandchild that must die with it.
-        _fake("slow", f"p = subprocess.Popen(['sleep', '60']); open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
-                      "time.sleep(60)", timeout=1),  # fmt: skip
+        _fake(
+            "slow",
+            f"p = subprocess.Popen(['sleep', '60']); open({str(pidfile)!r}, 'w').write(str(p.pid))\ntime.sleep(60)",
+            timeout=1,
+        ),  # fmt: skip
         _fake("liar", "json.dump({'status': 'passed'}, open(out, 'w')); sys.exit(3)"),
     ]
     seen = []
