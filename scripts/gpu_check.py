@@ -158,7 +158,7 @@ def write_report(out: Path, header: dict, results: list[Result]) -> None:
             md += ["", f"## {r.name}: {r.title}", ""]
             for k, v in r.figures.items():
                 if isinstance(v, str) and v.startswith("|"):  # a markdown table
-                    md += [f"{k}:", "", v, ""]
+                    md += ["", f"{k}:", "", v, ""]
                 else:
                     md.append(f"- {k}: {_figure(v)}")
     for name, text in (("report.json", json.dumps(doc, indent=1, default=str)), ("report.md", "\n".join(md) + "\n")):

@@ -177,12 +177,12 @@ def target_environment(python_version: str | None, platform: str | None, impleme
     return env
 
 
-def wheel_requirements(wheel: Path) -> list[Requirement]:
-    """Requires-Dist of a built wheel: the project's runtime requirements as packaged."""
+def wheel_requirements(wheel: Path) -> tuple[list[Requirement], list[str]]:
+    """Requires-Dist and Provides-Extra of a built wheel: the project's requirements as packaged."""
     with zipfile.ZipFile(wheel) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         msg = email.parser.Parser().parsestr(z.read(meta).decode())
-    return [Requirement(r) for r in msg.get_all("Requires-Dist") or []]
+    return [Requirement(r) for r in msg.get_all("Requires-Dist") or []], list(msg.get_all("Provides-Extra") or [])
 
 
 def _pip(args: list[str], what: str) -> None:
@@ -246,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except WheelhouseError as e:
-        print(f"wheelhouse: error: {e}", file=sys.stderr)
+        print(f"compress-order: error: {e}", file=sys.stderr)
         return 2
 
 
 def _main(args: argparse.Namespace) -> int:
     if args.freeze is not None and not args.freeze.is_file():
         raise WheelhouseError(f"--freeze {args.freeze}: no such file")
+    if args.python_version and not re.fullmatch(r"3(\.\d+){1,2}", args.python_version):
+        raise WheelhouseError(f"--python-version {args.python_version}: give a Python 3 version, e.g. 3.10")
     freeze = read_freeze(args.freeze.read_text()) if args.freeze else None
     flags = ["--only-binary=:all:"]
     for opt, values in (
@@ -271,8 +273,11 @@ def _main(args: argparse.Namespace) -> int:
         old.unlink()
     _pip(["wheel", "--no-deps", "--quiet", "-w", str(dest), str(ROOT)], "building the project's wheel")
     project = next(dest.glob("compress_order-*.whl"))
-    top = [r for r in wheel_requirements(project)
-           if r.marker is None or any(r.marker.evaluate({**env, "extra": e}) for e in args.extra)]  # fmt: skip
+    requires, extras = wheel_requirements(project)
+    unknown = sorted(set(args.extra) - set(extras))
+    if unknown:
+        raise WheelhouseError(f"unknown extra {', '.join(unknown)}; valid: {', '.join(extras)}")
+    top = [r for r in requires if r.marker is None or any(r.marker.evaluate({**env, "extra": e}) for e in args.extra)]
     top += [Requirement(r) for r in CHECK_REQUIREMENTS]
     reqs = [str(r) for r in top if not excluded(r.name)]  # excluded ones are pulled in anyway, as metadata only
     # Resolve around the node's own versions of the project's direct requirements when they are compatible: their

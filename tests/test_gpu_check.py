@@ -149,7 +149,9 @@ def test_a_glibc_platform_tag_covers_older_glibc_and_legacy_aliases():
 def test_bad_freeze_path_is_one_line_exit_2(tmp_path, capsys):
     assert wh.main(["--freeze", str(tmp_path / "missing.txt"), "--dest", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("wheelhouse: error: --freeze") and "no such file" in err[0]
+    assert len(err) == 1 and err[0].startswith("compress-order: error: --freeze") and "no such file" in err[0]
+    assert wh.main(["--python-version", "ten", "--dest", str(tmp_path / "w")]) == 2
+    assert "--python-version ten: give a Python 3 version, e.g. 3.10" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
