@@ -144,7 +144,13 @@ def end_to_end() -> dict:
         pruned = {k: v for k, v in metric(df, "sparsity").items() if any(p in k for p in ("sparsegpt", "wanda"))}
         sparsity_ok &= all(v >= target - 1e-9 for v in pruned.values())
     header = ["command", "node", "cpu (reference)", DEVICE, "rel diff", "tolerance"]
+    import torch
+    import transformers
+
+    gen = ref["generated"]
     figures = {"tolerance_basis": ref["tolerance_basis"], "max_rel_diff": max(r[4] for r in rows),
+               "libraries": f"reference: torch {gen['torch']}, transformers {gen.get('transformers')}; "
+                            f"here: torch {torch.__version__}, transformers {transformers.__version__}",
                "perplexity": _table(header, rows)}  # fmt: skip
     if not sparsity_ok:
         raise Failed("a pruned node's sparsity is below its target", figures)

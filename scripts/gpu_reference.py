@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         + f"), at least {FLOOR:g}"
     )
     import torch
+    import transformers
 
     doc["generated"] = {"by": "python scripts/gpu_reference.py", "torch": torch.__version__,
+                        "transformers": transformers.__version__,
                         "date": datetime.now(timezone.utc).date().isoformat()}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
