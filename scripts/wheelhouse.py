@@ -215,11 +215,11 @@ def _is_pure(wheel: Path) -> bool:
     return wheel.name.endswith("-none-any.whl")
 
 
-def build_source_only(reqs: list[str], dest: Path, constraints: list[str]) -> list[str]:
+def build_source_only(reqs: list[str], dest: Path, constraints: list[str]) -> dict[str, list[Path]]:
     """Wheels for the dependencies published only as source archives (resolved for this interpreter, where
     building is allowed). They must be pure Python to serve another platform."""
     here = resolve(reqs, [], constraints, dest)
-    built = []
+    built = {}
     for r in here.values():
         if r.url.endswith((".tar.gz", ".zip", ".tar.bz2")) and not excluded(r.name):
             before = set(dest.glob("*.whl"))
@@ -228,7 +228,7 @@ def build_source_only(reqs: list[str], dest: Path, constraints: list[str]) -> li
             if any(not _is_pure(w) for w in new):
                 raise WheelhouseError(f"{r.name} {r.version} has no wheel on the index and builds to a platform "
                                       "wheel here; build it on a machine like the node")  # fmt: skip
-            built.append(r.name)
+            built[r.name] = sorted(new)
     return built
 
 
@@ -303,6 +303,9 @@ def _main(args: argparse.Namespace) -> int:
         resolved = {**resolve(reqs + sel.unresolved, flags, pins, dest), **resolved}
         sel = select(top, resolved, freeze, env)
 
+    for name in set(built) - {r.name for r in sel.download}:  # the target has it: the wheel was only for resolving
+        for w in built[name]:
+            w.unlink()
     names = [f"{r.name}=={r.version}" for r in sel.download if r.name not in built]
     if names:
         print(f"downloading {len(names)} wheels ...", flush=True)
