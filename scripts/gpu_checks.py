@@ -42,6 +42,13 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in fmt])
 
 
+def progress(figures: dict) -> None:
+    """Figures so far, for the report of a check that is cut off by its timeout."""
+    dest = os.environ.get("GPU_CHECK_RESULT")
+    if dest:
+        Path(dest).write_text(json.dumps({"status": "running", "figures": figures}, default=str))
+
+
 def reference() -> dict:
     return json.loads(REFERENCE.read_text())
 
@@ -139,6 +146,7 @@ def end_to_end() -> dict:
         df = run_cli([f"device={DEVICE}", *ref["common"], *extra], _e2e_dir(name))
         r, worst = _compare(name, metric(df, "perplexity"), ref["perplexity"][name])
         rows += [row + [tol] for row in r]
+        progress({"perplexity": _table(["command", "node", "cpu (reference)", DEVICE, "rel diff", "tolerance"], rows)})
         if worst > tol:
             over.append(f"{name} by {worst:.2e} > {tol:.2e}")
         pruned = {k: v for k, v in metric(df, "sparsity").items() if any(p in k for p in ("sparsegpt", "wanda"))}
@@ -331,6 +339,7 @@ def packed_backends() -> dict:
             continue
         acc_rows += acc
         speed_rows += speed
+        progress({"logits": _table(["backend", "activations", "rel error", "tolerance"], acc_rows)})
         failures += why
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -403,6 +412,8 @@ def large_model() -> dict:
     cal_tokens = nsamples * seqlen
     (m, _), s, peak = timed(lambda: task.evaluate(model))
     rows.append(["dense", "evaluate", s, eval_tokens / s, peak, m["perplexity"]])
+    header = ["node", "step", "seconds", "tokens/s", "peak GiB", "perplexity"]
+    progress({"timings": _table(header, rows)})
     for sc in stage_configs(cfg):
         state.restore(dense)
         stage = build_stage(sc)
@@ -411,13 +422,15 @@ def large_model() -> dict:
                                                                    cfg.calibration))  # fmt: skip
         state.check()
         rows.append([sc["label"], "calibrate + compress", s, cal_tokens / s, peak, float("nan")])
+        progress({"timings": _table(header, rows)})
         (m, _), s, peak = timed(lambda: task.evaluate(model))
         rows.append([sc["label"], "evaluate", s, eval_tokens / s, peak, m["perplexity"]])
+        progress({"timings": _table(header, rows)})
     figures = {
         "model": f"random LLaMA, {params / 1e6:,.0f}M parameters ({shape}, {str(dtype).replace('torch.', '')}), "
                  f"built on {DEVICE} in {build_s:.1f} s",
         "work": f"calibration {nsamples} x {seqlen} tokens; evaluation {windows} windows x {seqlen} tokens",
-        "timings": _table(["node", "step", "seconds", "tokens/s", "peak GiB", "perplexity"], rows),
+        "timings": _table(header, rows),
     }  # fmt: skip
     bad = [r[0] for r in rows if r[1] == "evaluate" and not math.isfinite(r[5])]
     if bad:

@@ -260,6 +260,16 @@ def test_report_records_passed_failed_skipped_and_timed_out(tmp_path):
     assert (tmp_path / "logs" / "crash.log").read_text().startswith("Traceback")
 
 
+def test_a_check_cut_off_keeps_the_figures_it_wrote_so_far(tmp_path):
+    body = """
+        json.dump({'status': 'running', 'figures': {'gptq seconds': 41.5}}, open(out, 'w'))
+        time.sleep(60)
+    """
+    (res,) = gc.run_checks([_fake("large", body, timeout=2)], 60, tmp_path, dict(os.environ), {})
+    assert res.status == "timed out" and res.figures == {"gptq seconds": 41.5}
+    assert "- gptq seconds: 41.5" in (tmp_path / "report.md").read_text()
+
+
 def test_budget_caps_each_check_and_the_rest_is_skipped(tmp_path):
     checks = [_fake("first", "time.sleep(60)", timeout=30),
               _fake("second", "json.dump({'status': 'passed'}, open(out, 'w'))")]  # fmt: skip
