@@ -37,3 +37,19 @@ bench: $(STAMP)  ## benchmarks under scripts/ (stage time/memory, backend latenc
 
 clean:  ## remove the virtualenv and outputs
 	rm -rf $(VENV) outputs/* multirun
+
+# Offline GPU nodes: `make wheelhouse` where the package index is reachable, then `make gpu-check` on the node
+# (with the node's own Python and torch: GPU_PYTHON=/path/to/python).
+WHEELHOUSE_ARGS ?=
+GPU_PYTHON ?= $(PYTHON)
+
+.PHONY: wheelhouse gpu-check gpu-reference
+
+wheelhouse: $(STAMP)  ## wheels for an offline GPU node into wheelhouse/ (WHEELHOUSE_ARGS="--python-version 3.10 --freeze F")
+	$(BIN)/python scripts/wheelhouse.py $(WHEELHOUSE_ARGS)
+
+gpu-check:  ## on a GPU node: install wheelhouse/ privately, run the CUDA checks, write gpu_check/report.md
+	$(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
+
+gpu-reference: $(STAMP)  ## regenerate the CPU reference perplexities of gpu-check (tests/data/gpu_reference.json)
+	$(BIN)/python scripts/gpu_reference.py
