@@ -20,7 +20,7 @@ from compress_order.metrics import METRICS, summary_metrics
 
 STATS_FILE = "run_stats.json"  # what a run did: evaluations, stage applications, nodes reused (runner.RunStats)
 COLUMNS = [
-    "run_id", "model", "dataset", "stages", "order", "depth", "bits", "sparsity", "group_size", "seed",
+    "run_id", "model", "dataset", "stages", "stage_list", "order", "depth", "bits", "sparsity", "group_size", "seed",
     "metric", "value", "higher_is_better", "backend", "status", "error", "config_hash", "node_key",
     "git_sha", "torch_version", "device", "timestamp", "library_versions",
 ]  # fmt: skip
@@ -110,7 +110,7 @@ def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
     row.update(
         model=get("model.name"), dataset=get("data.name"), bits=get("bits"), sparsity=get("sparsity"),
         group_size=get("group_size"), seed=get("seed"), status="failed", error=error, metric="", value=float("nan"),
-        stages=",".join(str(s if isinstance(s, str) else dict(s).get("name")) for s in (get("stages") or [])),
+        stages=",".join(_label(s) for s in (get("stages") or [])),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )  # fmt: skip
     existing = out_dir / "results.parquet"
@@ -120,6 +120,15 @@ def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
     atomic_write(out_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
     atomic_write(out_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
     return df
+
+
+def _label(entry: Any) -> str:
+    from compress_order.stages import entry_label
+
+    try:
+        return entry_label(entry)
+    except UserError:  # the stage list itself may be what failed
+        return str(entry).replace(",", ";")
 
 
 def make_rows(context: dict, order: str, depth: int, node_key: str, entries: list[dict], timestamp: str) -> list[dict]:

@@ -29,7 +29,7 @@ from compress_order.export import save_node
 from compress_order.measure import compression_metrics
 from compress_order.metrics import METRICS
 from compress_order.paths import PACKAGE_DIR
-from compress_order.identity import base_identity, digest
+from compress_order.identity import base_identity, digest, stage_identity
 from compress_order.models import LoadedModel
 from compress_order.plan import Plan, cost, make_plan, run_seeds, with_seed
 from compress_order.results import STATS_FILE, RunWriter, make_rows, summary_markdown, write_text
@@ -94,6 +94,19 @@ class RunStats:
     wall_s: float = 0.0
 
 
+def stage_list(scfgs: list[dict]) -> str:
+    """The run's stages as data for the `stage_list` column (JSON): label, name, class, kind, whether calibrated,
+    and resolved parameters, so analysis needs no config files or label parsing to know what a stage was."""
+    from hydra.utils import get_object
+
+    out = []
+    for sc in scfgs:
+        cls = get_object(sc["_target_"])
+        out.append({"label": sc["label"], "name": sc["name"], "target": sc["_target_"], "kind": cls.kind,
+                    "calibrated": cls.needs is not None, "params": stage_identity(sc)})  # fmt: skip
+    return json.dumps(out, sort_keys=True)
+
+
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats)."""
     start = time.perf_counter()
@@ -125,7 +138,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
             plan = make_plan(job, store, force=bool(cfg.force))  # again: the seeds before stored shared nodes
             stats.nodes += len(plan.nodes)
             labels = ",".join(sc["label"] for sc in plan.stage_cfgs)
-            executor.execute(job, plan, {**context, "stages": labels, "seed": int(job.seed)})
+            context.update(stages=labels, stage_list=stage_list(plan.stage_cfgs + plan.joint_cfgs), seed=int(job.seed))
+            executor.execute(job, plan, dict(context))
     except KeyboardInterrupt:
         finished = len({(r["order"], r["seed"]) for r in writer.rows})
         raise Interrupted(

@@ -24,6 +24,8 @@ import yaml
 
 from compress_order.errors import UserError
 from compress_order.results import COLUMNS
+from compress_order.stages import entry_label
+from compress_order.analysis.tables import learn_stages
 
 RESULTS = "results.parquet"
 FAILURE = "failed.json"  # written by compress_order.launch for a failed sweep job
@@ -64,7 +66,7 @@ def _config_context(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         cfg = yaml.safe_load(saved.read_text()) or {}
         return {
             "model": (cfg.get("model") or {}).get("name"), "dataset": (cfg.get("data") or {}).get("name"),
-            "stages": ",".join(_entry_label(e) for e in cfg.get("stages") or []),
+            "stages": ",".join(entry_label(e) for e in cfg.get("stages") or []),
             **{k: cfg.get(k) for k in ("bits", "sparsity", "group_size", "seed")},
         }  # fmt: skip
     out: dict[str, Any] = {}
@@ -75,13 +77,6 @@ def _config_context(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         elif key in ("model.name", "data.name"):
             out["model" if key.startswith("model") else "dataset"] = value
     return out
-
-
-def _entry_label(entry: Any) -> str:
-    """A stage entry's label as the runner writes it (a name, or a mapping's label/name)."""
-    if isinstance(entry, dict):
-        return str(entry.get("label") or entry.get("name"))
-    return str(entry)
 
 
 def failure_row(run_dir: Path) -> dict[str, Any]:
@@ -131,6 +126,7 @@ def collect(paths: list[str | Path]) -> pd.DataFrame:
                         if UNREADABLE else "no result rows under " + ", ".join(map(str, paths)))  # fmt: skip
     df = pd.concat(frames, ignore_index=True)
     df["partial"] = df["partial"].astype(bool)
+    learn_stages(df)
     return df
 
 

@@ -6,6 +6,8 @@ helpers here turn collected rows into per-node values of one metric, which the a
 
 from __future__ import annotations
 
+import json
+
 from functools import lru_cache
 
 import numpy as np
@@ -85,12 +87,29 @@ def is_sequential(order: str, stages: str) -> bool:
 # --- naming orders across stage lists ---------------------------------------------------------------------------
 
 
+# Stage classes by label, learned from the results' `stage_list` column (the stages as the run recorded them).
+STAGE_TARGETS: dict[str, str] = {}
+
+
+def learn_stages(df: pd.DataFrame) -> None:
+    """Remember each label's stage class from the `stage_list` column (runs written before it have none: their
+    labels are traced through conf/stage/ instead). Where runs gave one label to different classes, the first wins."""
+    if "stage_list" not in df.columns:
+        return
+    for js in df["stage_list"].dropna().unique():
+        for st in json.loads(js):
+            STAGE_TARGETS.setdefault(st["label"], st["target"])
+    stage_class.cache_clear()
+
+
 @lru_cache(maxsize=None)
 def stage_class(label: str) -> type | None:
-    """The Stage class of a label naming a conf/stage file (its `_target_`); None for custom labels."""
+    """The Stage class of a label: recorded in the results, else a conf/stage file's `_target_`; None if neither."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
+    if label in STAGE_TARGETS:
+        return get_class(STAGE_TARGETS[label])
     path = CONF_DIR / "stage" / f"{label.split('(')[0]}.yaml"
     if not path.is_file():
         return None

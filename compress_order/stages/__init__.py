@@ -45,8 +45,8 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
         # Resolve the stage's ${...} against the root config (bits, sparsity, group_size, ...).
         tmp = OmegaConf.create({**{k: v for k, v in root.items() if k != "hydra"}, "_stage_": node})
         resolved = OmegaConf.to_container(tmp["_stage_"], resolve=True)
-        label = overrides.pop("label", None) or resolved.pop("label", None) or _label(name, overrides)
-        resolved.update(name=name, label=label)
+        resolved.pop("label", None)
+        resolved.update(name=name, label=entry_label(entry))
         out.append(resolved)
     labels: dict[str, dict] = {}
     for sc in out:
@@ -69,10 +69,19 @@ def _check_params(name: str, node: DictConfig, overrides: dict) -> None:
             raise unknown_key(key, valid, "parameter", f" for stage '{name}'")
 
 
-def _label(name: str, overrides: dict) -> str:
-    if not overrides:
-        return name
-    return f"{name}(" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
+def entry_label(entry: Any) -> str:
+    """The label of a stage entry, the one rule every row, order and table uses: the entry's own `label`, else its
+    yaml's, else the name with the overrides it sets (`magnitude(scope=row;sparsity=0.3)`). Labels never hold a
+    comma, since a run's stage list is written as comma-joined labels."""
+    name, overrides = _entry_name_overrides(entry)
+    label = overrides.pop("label", None)
+    if label is None:
+        path = CONF_DIR / "stage" / f"{name}.yaml"
+        label = OmegaConf.load(path).get("label") if path.is_file() else None
+    if label is None:
+        label = name if not overrides else f"{name}(" + ";".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
+    label = str(label).replace(",", ";")
+    return label
 
 
 def is_calibrated(sc: dict) -> bool:
