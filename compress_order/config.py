@@ -6,11 +6,8 @@ import itertools
 import re
 from pathlib import Path
 
-from typing import Any
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
@@ -24,19 +21,6 @@ GROUPS = ("model", "data", "eval", "experiment", "hydra/launcher")
 # Launcher plugins register their own options (joblib, submitit_slurm, ...): Hydra checks those names.
 NAME_CHECKED = ("model", "data", "eval", "experiment")
 MAX_COMBINATIONS = 4096
-
-
-def build(node: Any) -> Any:
-    """hydra.utils.instantiate, but a UserError raised by the target surfaces as itself (Hydra wraps it)."""
-    try:
-        return instantiate(node, _convert_="all")
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        if isinstance(cause, TypeError):  # a wrong or missing parameter in the yaml or an override
-            raise UserError(f"{node.get('_target_', '?')}: {cause}") from None
-        raise
 
 
 def expand_overrides(overrides: list[str]) -> list[list[str]]:

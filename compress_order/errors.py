@@ -16,3 +16,10 @@ def choices(valid) -> str:
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run, carrying what was finished (a KeyboardInterrupt, so nothing on the way catches it)."""
+
+
+def brief(e: Exception, limit: int = 120) -> str:
+    """An exception as a short clause for a one-line error."""
+    text = " ".join(str(e).split())
+    text = text.split(". ")[0].rstrip(".")  # libraries append advice that does not apply here
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__

@@ -1,4 +1,4 @@
-"""The OBS column solver behind SparseGPT, GPTQ and their joint schedule, plus exact pruning quotas.
+"""The OBS column solver behind SparseGPT, GPTQ and their joint schedule.
 
 Columns are processed left to right. Column j's weights w are replaced by their compressed value q (0 where
 pruned, the nearest grid point where quantized) and the error e = (w - q) / U_jj is spread over the columns
@@ -20,54 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from compress_order.prune import spread_quota
 from compress_order.quant import QuantGrid, grid_params, quantize_column
-
-
-def spread_quota(total: int, sizes: list[int], forced: list[int]) -> list[int]:
-    """How many weights each unit (a column block, or a row) prunes, so the layer prunes exactly
-    max(total, Σ forced) in all: in proportion to the unit sizes, never fewer than a unit's forced
-    (already pruned) weights, and never so many early that later forced weights would overshoot."""
-    n = sum(sizes)
-    goal = max(int(total), sum(forced))
-    future = sum(forced)
-    done = end = 0
-    out = []
-    for size, f in zip(sizes, forced):
-        end += size
-        future -= f
-        cum = (2 * goal * end + n) // (2 * n)  # round(goal · end / n), in integers
-        k = min(size, max(f, min(cum - done, goal - done - future)))
-        out.append(k)
-        done += k
-    if done != goal:  # unreachable by construction; a silent miss would break the sparsity promise
-        raise RuntimeError(f"pruning quota spread to {done} weights instead of {goal}")
-    return out
-
-
-def select_per_row(score: Tensor, counts: Tensor) -> Tensor:
-    """Keep-mask pruning the `counts[r]` lowest scores of each row r."""
-    counts = counts.to(score.device)
-    kmax = int(counts.max()) if counts.numel() else 0
-    mask = torch.ones_like(score, dtype=torch.bool)
-    if kmax == 0:
-        return mask
-    # One partial sort for every row (counts differ by little), ascending; each row prunes its first counts[r].
-    idx = score.topk(kmax, dim=1, largest=False, sorted=True).indices
-    pruned = torch.arange(kmax, device=score.device)[None, :] < counts[:, None]
-    return mask.scatter_(1, idx, ~pruned)
-
-
-def row_quota_mask(score: Tensor, sparsity_count: int, prior: Tensor | None = None) -> Tensor:
-    """Per-row pruning with an exact layer total: every row prunes its share (differing by at most one
-    between rows) of `sparsity_count`, and earlier pruned weights (score -inf) are always among them."""
-    score = score.float().clone()
-    rows, cols = score.shape
-    forced = [0] * rows if prior is None else (~prior).sum(1).tolist()
-    if prior is not None:
-        score[~prior] = -math.inf
-    counts = torch.tensor(spread_quota(sparsity_count, [cols] * rows, forced))
-    mask = select_per_row(score, counts)
-    return mask if prior is None else mask & prior
 
 
 @dataclass

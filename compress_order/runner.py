@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from compress_order.backends import SIMULATED, select_backends
-from compress_order.config import build
+from compress_order.instantiate import build
 from compress_order.errors import Interrupted
 from compress_order.export import save_node
 from compress_order.measure import compression_metrics

@@ -374,7 +374,8 @@ def large_model() -> dict:
     import torch
 
     from compress_order.calibration import calibrate_and_compress
-    from compress_order.config import build, compose_config
+    from compress_order.config import compose_config
+    from compress_order.instantiate import build
     from compress_order.models import LoadedModel
     from compress_order.stages import build_stage, stage_configs
     from compress_order.targets import ModelState, find_targets

@@ -14,7 +14,8 @@ from compress_order.calibration import calibrate_and_compress, capture_block_cal
 from compress_order.constraints import nm_holds, required_zeros
 from compress_order.errors import UserError
 from compress_order.hessian import HessianStats, damped_inverse_cholesky, layer_columns
-from compress_order.obs import obs_solve, row_quota_mask, spread_quota
+from compress_order.obs import obs_solve
+from compress_order.prune import row_quota_mask, spread_quota
 from compress_order.stages.base import Stage
 from compress_order.stages.gptq import GPTQ
 from compress_order.stages.magnitude import Magnitude

@@ -18,7 +18,8 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig
 from PIL import Image
 
-from compress_order.config import build, compose_config
+from compress_order.config import compose_config
+from compress_order.instantiate import build
 from compress_order.errors import UserError
 from compress_order.paths import CONF_DIR, group_options
 from compress_order.runner import apply_stage

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from compress_order.cli import main
-from compress_order.config import build, compose_config
+from compress_order.config import compose_config
+from compress_order.instantiate import build
 from compress_order.constraints import required_zeros
 from compress_order.data import TextSplits, hf_text
 from compress_order.errors import UserError

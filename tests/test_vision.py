@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress_order.cli import main
-from compress_order.config import build, compose_config
+from compress_order.config import compose_config
+from compress_order.instantiate import build
 from compress_order.errors import UserError
 from compress_order.paths import ASSETS_DIR, CONF_DIR
 from compress_order.calibration import calibrate_and_compress
@@ -28,7 +29,7 @@ from compress_order.stages.base import Stage
 from compress_order.targets import ModelState, find_targets
 from compress_order.tasks import build_task
 from compress_order.validate import check_config
-from compress_order.vision import ImageSplits, fashion_mnist, hf_images, read_idx
+from compress_order.image_data import ImageSplits, fashion_mnist, hf_images, read_idx
 
 MODELS = ["resnet18", "deit_base", "vit_small", "mnist_resnet"]
 DATA = ["imagenet", "mnist", "fashion_mnist", "image_folder"]
@@ -42,7 +43,7 @@ STAGE_DIR = CONF_DIR / "stage"
 def test_vision_configs_compose(group, name):
     cfg = compose_config([f"{group}={name}"])
     check_config(cfg)
-    assert cfg[group]["_target_"].startswith("compress_order.vision.")
+    assert cfg[group]["_target_"].startswith(("compress_order.image_models.", "compress_order.image_data."))
 
 
 def test_vision_experiment_is_the_embedded_model_on_mnist():

@@ -93,6 +93,6 @@ def is_calibrated(sc: dict) -> bool:
 
 def build_stage(sc: dict) -> Stage:
     """Instantiate one resolved stage config; constructor checks raise UserError."""
-    from compress_order.config import build
+    from compress_order.instantiate import build
 
     return build(OmegaConf.create(sc))

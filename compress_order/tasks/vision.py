@@ -15,7 +15,8 @@ from compress_order.errors import UserError
 from compress_order.measure import time_call
 from compress_order.models import LoadedModel
 from compress_order.tasks import register
-from compress_order.vision import IMAGE_CLASSIFIER, ImageSplits
+from compress_order.image_data import ImageSplits
+from compress_order.image_models import IMAGE_CLASSIFIER
 
 # Preprocessed test images are kept in memory below this size (MNIST: 3 MB); above it (ImageNet: 30 GB) every
 # evaluation decodes and transforms again.
