@@ -6,12 +6,12 @@ Bad input anywhere is reported as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from compress_order.errors import Interrupted, UserError
+from compress_order.quiet import quiet_third_party
 
 USAGE = """usage: compress-order COMMAND [ARGS]
 
@@ -161,33 +161,6 @@ def cmd_analysis(cmd: str, args: list[str]) -> int:
             raise
         raise UserError(f"'{cmd}' is not available in this version") from None
     return analysis.main(cmd, args)
-
-
-class _DropMessage(logging.Filter):
-    """Drops the records of one logger whose message contains a given fragment."""
-
-    def __init__(self, fragment: str):
-        super().__init__()
-        self.fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
-
-
-# Deprecation notices one third-party library logs about another, which a user of this tool cannot act on:
-# (logger, message fragment). torchao, imported by transformers, registers Enum pytree constants.
-THIRD_PARTY_NOTICES = [
-    ("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),
-]
-
-
-def quiet_third_party() -> None:
-    """Keep the terminal to the progress bar and the results. Called at the command line and again at the start
-    of every Hydra job, since a launcher may run jobs in fresh processes (joblib, submitit)."""
-    for name, fragment in THIRD_PARTY_NOTICES:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessage) and f.fragment == fragment for f in logger.filters):
-            logger.addFilter(_DropMessage(fragment))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ FAILURE_FILE = "failed.json"
 
 
 def _job(cfg: DictConfig) -> None:
-    from compress_order.cli import quiet_third_party
+    from compress_order.quiet import quiet_third_party
 
     quiet_third_party()  # before the heavy imports: a launcher may run this job in a fresh process
     from compress_order.runner import run
