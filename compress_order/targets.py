@@ -1,17 +1,68 @@
-"""The compressible layers of a model, and snapshots of their weights and constraints for the order trie."""
+"""The compressible layers of a model, and snapshots of their weights and constraints for the order trie.
+
+Every stage sees a layer's weight as one 2-D matrix (out, in·kh·kw) whose columns match the layer's input
+columns (hessian.layer_columns). A `LayerAdapter` maps a layer type's stored weight to that view and back;
+adding a layer type is one entry of `ADAPTERS`.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from compress_order.constraints import LayerConstraint, check_invariants
 from compress_order.errors import UserError
 
-COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+
+@dataclass(frozen=True)
+class LayerAdapter:
+    """How one layer type stores its weight: `to_2d` gives the (out, in) view (a view of the stored tensor, so
+    both see the same memory), `from_2d` the stored layout of a 2-D matrix."""
+
+    kind: type[nn.Module]
+    to_2d: Callable[[Tensor], Tensor]
+    from_2d: Callable[[Tensor, torch.Size], Tensor]
+
+
+def _flatten(w: Tensor) -> Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+def _unflatten(w2d: Tensor, shape: torch.Size) -> Tensor:
+    return w2d.reshape(shape)
+
+
+def _transpose(w: Tensor, shape: torch.Size | None = None) -> Tensor:
+    return w.t()
+
+
+# transformers' Conv1D (GPT-2 family) is a Linear with its weight stored transposed: (in, out).
+# A Conv2d's view is its weight flattened per output channel; with groups, every group's patches share
+# the columns of that view (hessian.layer_columns), so grouped and depthwise convs need no entry of their own.
+ADAPTERS: tuple[LayerAdapter, ...] = (
+    LayerAdapter(nn.Linear, _flatten, _unflatten),
+    LayerAdapter(nn.Conv2d, _flatten, _unflatten),
+    LayerAdapter(Conv1D, _transpose, _transpose),
+)
+COMPRESSIBLE = tuple(a.kind for a in ADAPTERS)
+KIND_NAMES = "/".join(k.__name__ for k in COMPRESSIBLE)
+
+
+def adapter_of(module: nn.Module) -> LayerAdapter | None:
+    return next((a for a in ADAPTERS if isinstance(module, a.kind)), None)
+
+
+def weight_2d(module: nn.Module) -> Tensor:
+    """A compressible layer's weight as the (out, in·kh·kw) view every stage and statistic uses."""
+    adapter = adapter_of(module)
+    if adapter is None:
+        raise TypeError(f"{type(module).__name__} is not a compressible layer ({KIND_NAMES})")
+    return adapter.to_2d(module.weight.data)
 
 
 @dataclass
@@ -23,12 +74,19 @@ class Target:
     constraint: LayerConstraint = field(default_factory=LayerConstraint)
 
     @property
+    def adapter(self) -> LayerAdapter:
+        adapter = adapter_of(self.module)
+        if adapter is None:
+            raise TypeError(f"{self.name}: {type(self.module).__name__} is not a compressible layer ({KIND_NAMES})")
+        return adapter
+
+    @property
     def weight(self) -> Tensor:
-        w = self.module.weight.data
-        return w.reshape(w.shape[0], -1)
+        return self.adapter.to_2d(self.module.weight.data)
 
     def set_weight(self, w2d: Tensor) -> None:
-        self.module.weight.data.copy_(w2d.reshape(self.module.weight.shape))
+        stored = self.module.weight.data
+        stored.copy_(self.adapter.from_2d(w2d, stored.shape))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -39,7 +97,8 @@ class Target:
 
 
 def find_targets(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> dict[str, Target]:
-    """Every Linear/Conv2d whose name matches none of the `skip` regexes (searched, not anchored)."""
+    """Every compressible layer (an `ADAPTERS` type) whose name matches none of the `skip` regexes (searched,
+    not anchored)."""
     patterns = [re.compile(p) for p in skip]
     found = {
         name: Target(name, mod)
@@ -47,7 +106,7 @@ def find_targets(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> di
         if isinstance(mod, COMPRESSIBLE) and not any(p.search(name) for p in patterns)
     }
     if not found:
-        raise UserError(f"no compressible layers (Linear/Conv2d) left after skipping {list(skip)}")
+        raise UserError(f"no compressible layers ({KIND_NAMES}) left after skipping {list(skip)}")
     return found
 
 

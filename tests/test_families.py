@@ -1,0 +1,156 @@
+"""Decoder families as a tested matrix: a tiny random checkpoint of each, saved like a real one, runs every order
+of a calibrated prune+quantize pair and a joint schedule end to end; every compressible layer outside lm_head is
+compressed, whatever the family stores it as (Linear, FalconLinear, GPT-2's transposed Conv1D).
+
+README.md names exactly the families of `FAMILIES` (checked below), so the claim and the matrix cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TEXT, char_tokenizer
+
+HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 64
+SPARSITY, BITS, GROUP = 0.5, 4, 32
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _config(family: str, vocab: int):
+    """A transformers config of `family` with hidden 64, 2 layers and the char tokenizer's vocabulary."""
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    gqa = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+               num_key_value_heads=2, max_position_embeddings=CONTEXT, **ids)  # fmt: skip
+    builders: dict[str, Callable[[], object]] = {
+        "LLaMA": lambda: tf.LlamaConfig(**gqa),
+        "Mistral": lambda: tf.MistralConfig(sliding_window=32, **gqa),
+        "Qwen2": lambda: tf.Qwen2Config(**gqa),
+        "OPT": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, word_embed_proj_dim=HIDDEN, num_hidden_layers=LAYERS,
+                                    num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **ids),
+        "GPT-2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, **ids),
+        "GPT-NeoX": lambda: tf.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                                             num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **ids),
+        "Phi-3": lambda: tf.Phi3Config(**gqa),
+        "Gemma2": lambda: tf.Gemma2Config(head_dim=HIDDEN // HEADS, sliding_window=32, **gqa),
+        "Falcon": lambda: tf.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                          **ids),
+    }  # fmt: skip
+    return builders[family]()
+
+
+# The families the calibration driver is tested on; README.md lists exactly these.
+FAMILIES = ("LLaMA", "Mistral", "Qwen2", "OPT", "GPT-2", "GPT-NeoX", "Phi-3", "Gemma2", "Falcon")
+
+
+def _projections(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every Linear/Conv1D outside lm_head as (out, in), read independently of compress_order.targets."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, mod in model.named_modules():
+        if "lm_head" in name:
+            continue
+        if isinstance(mod, Conv1D):  # stored (in, out)
+            out[name] = mod.weight.detach().t()
+        elif isinstance(mod, nn.Linear):
+            out[name] = mod.weight.detach()
+    return out
+
+
+def save_tiny(family: str, path: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    tok = char_tokenizer(TEXT)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(family, len(tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("family_text")
+    (d / "train.txt").write_text(TEXT * 20)
+    (d / "valid.txt").write_text(TEXT * 4)
+    return {"train": d / "train.txt", "valid": d / "valid.txt"}
+
+
+def overrides(ckpt: Path, text: dict[str, Path], tmp: Path, stages: str) -> list[str]:
+    return [
+        f"model.path={ckpt}", "model.name=tiny", f"model.seqlen={CONTEXT}", "model.dtype=float32",
+        f"data.train={text['train']}", f"data.valid={text['valid']}", "data.name=tiny",
+        "calibration.nsamples=2", "calibration.seqlen=32", "eval.max_windows=2", "eval.backends=none",
+        "eval.latency.repeats=1", "eval.latency.warmup=0", "device=cpu", "threads=1",
+        f"sparsity={SPARSITY}", f"bits={BITS}", f"group_size={GROUP}", f"stages={stages}", "joint=[sparsegpt_gptq]",
+        f"store_dir={tmp / 'store'}", f"hydra.run.dir={tmp / 'run'}", f"hydra.sweep.dir={tmp / 'sweep'}",
+    ]  # fmt: skip
+
+
+def _distinct_per_group(w: torch.Tensor, group: int) -> int:
+    """The most distinct values in any (row, group of `group` columns) of a 2-D weight."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group, group)
+    return max(len(torch.unique(g[r, k])) for r in range(rows) for k in range(cols // group))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_runs_every_order_and_compresses_every_projection(family, text, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from compress_order.config import compose_config
+    from compress_order.runner import run
+
+    ckpt = save_tiny(family, tmp_path / "ckpt")
+    dense = _projections(AutoModelForCausalLM.from_pretrained(ckpt))
+    assert dense, family
+
+    for stages, orders in [
+        ("[wanda,gptq]", {"wanda > gptq", "gptq > wanda"}),
+        ("[sparsegpt,rtn]", {"sparsegpt > rtn", "rtn > sparsegpt"}),
+    ]:
+        cfg = compose_config(overrides(ckpt, text, tmp_path, stages) + ["save=true"])
+        with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+            df = run(cfg, tmp_path / f"out-{stages}")
+        full = orders | {"sparsegpt+gptq"}
+        assert full <= set(df["order"]), (family, set(df["order"]))
+        ppl = df[df.metric == "perplexity"].set_index("order")["value"]
+        assert all(math.isfinite(v) for v in ppl), (family, ppl.to_dict())
+        sp = df[df.metric == "sparsity"].set_index("order")["value"]
+        assert all(sp[o] >= SPARSITY - 1e-9 for o in full), (family, sp.to_dict())
+
+        # Every full order, saved and reloaded: every projection outside lm_head is pruned and on a 4-bit grid.
+        saved = sorted((tmp_path / f"out-{stages}" / "models").iterdir())
+        assert len(saved) == len(full)
+        for folder in saved:
+            got = _projections(AutoModelForCausalLM.from_pretrained(folder))
+            assert got.keys() == dense.keys()
+            for name, w in got.items():
+                assert w.shape == dense[name].shape
+                assert float((w == 0).float().mean()) >= SPARSITY - 1e-9, (family, folder.name, name)
+                assert _distinct_per_group(w, GROUP) <= 2**BITS, (family, folder.name, name)
+            layers = json.loads((folder / "compression.json").read_text()).get("layers", {})
+            if layers:  # the constraint file lists exactly the compressed layers, with their (out, in) shape
+                assert set(layers) == set(dense), (family, folder.name)
+
+    blocks = [r.getMessage() for r in caplog.records if "decoder blocks" in r.getMessage()]
+    assert blocks and f"{LAYERS} " in blocks[0], blocks
+
+
+def test_readme_names_exactly_the_tested_families():
+    text = " ".join(README.read_text().split())
+    marker = "families tested on tiny checkpoints of "
+    assert marker in text
+    listed = text.split(marker, 1)[1].split(":", 1)[0]
+    names = [n.strip(" .,") for n in listed.replace(" and ", ", ").split(",")]
+    assert tuple(n for n in names if n) == FAMILIES, names
