@@ -30,7 +30,18 @@ class Backend:
     convert: Callable[[nn.Module, dict[str, Target], torch.device], nn.Module]
 
 
+def _linear_only(targets: dict[str, Target], what: str) -> str | None:
+    """These kernels replace nn.Linear weights; any other layout (Conv2d, GPT-2's transposed Conv1D) has none."""
+    other = next((t for t in targets.values() if not isinstance(t.module, nn.Linear)), None)
+    if other is None:
+        return None
+    return f"{what} kernels exist for Linear layers only; {other.name} is {type(other.module).__name__}"
+
+
 def _grids(targets: dict[str, Target], max_bits: int) -> str | None:
+    why = _linear_only(targets, "torchao weight-only")
+    if why:
+        return why
     bits = {t.constraint.grid.bits if t.constraint.grid is not None else None for t in targets.values()}
     if None in bits:
         return "weights are not quantized"
@@ -84,9 +95,7 @@ def _int4_fits(targets: dict[str, Target]) -> str | None:
 def _semi_structured_fits(targets: dict[str, Target]) -> str | None:
     if any(t.constraint.nm != (2, 4) for t in targets.values()):
         return "weights are not 2:4 sparse"
-    if any(not isinstance(t.module, nn.Linear) for t in targets.values()):
-        return "2:4 kernels exist for Linear layers only"
-    return None
+    return _linear_only(targets, "2:4")
 
 
 def _semi_structured(model: nn.Module, targets: dict[str, Target], device: torch.device) -> nn.Module:

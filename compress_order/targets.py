@@ -21,8 +21,9 @@ from compress_order.errors import UserError
 
 @dataclass(frozen=True)
 class LayerAdapter:
-    """How one layer type stores its weight: `to_2d` gives the (out, in) view (a view of the stored tensor, so
-    both see the same memory), `from_2d` the stored layout of a 2-D matrix."""
+    """How one layer type stores its weight: `to_2d` gives the contiguous (out, in) matrix (a view of the stored
+    tensor where the layout allows, else a copy: stages write back only through `Target.set_weight`), `from_2d`
+    the stored layout of such a matrix."""
 
     kind: type[nn.Module]
     to_2d: Callable[[Tensor], Tensor]
@@ -37,8 +38,12 @@ def _unflatten(w2d: Tensor, shape: torch.Size) -> Tensor:
     return w2d.reshape(shape)
 
 
-def _transpose(w: Tensor, shape: torch.Size | None = None) -> Tensor:
-    return w.t()
+def _transposed(w: Tensor) -> Tensor:
+    return w.t().contiguous()  # contiguous like every other view: stages flatten it with .view
+
+
+def _untransposed(w2d: Tensor, shape: torch.Size) -> Tensor:
+    return w2d.t()
 
 
 # transformers' Conv1D (GPT-2 family) is a Linear with its weight stored transposed: (in, out).
@@ -47,7 +52,7 @@ def _transpose(w: Tensor, shape: torch.Size | None = None) -> Tensor:
 ADAPTERS: tuple[LayerAdapter, ...] = (
     LayerAdapter(nn.Linear, _flatten, _unflatten),
     LayerAdapter(nn.Conv2d, _flatten, _unflatten),
-    LayerAdapter(Conv1D, _transpose, _transpose),
+    LayerAdapter(Conv1D, _transposed, _untransposed),
 )
 COMPRESSIBLE = tuple(a.kind for a in ADAPTERS)
 KIND_NAMES = "/".join(k.__name__ for k in COMPRESSIBLE)

@@ -154,3 +154,159 @@ def test_readme_names_exactly_the_tested_families():
     listed = text.split(marker, 1)[1].split(":", 1)[0]
     names = [n.strip(" .,") for n in listed.replace(" and ", ", ").split(",")]
     assert tuple(n for n in names if n) == FAMILIES, names
+
+
+# ----------------------------------------------------------------------------------------------- layer adapters
+
+
+class _Twins(nn.Module):
+    """A Linear and a transformers Conv1D holding the same (out, in) weight, fed the same input."""
+
+    def __init__(self, cols: int = 64, rows: int = 32) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(cols, rows)
+        self.c1d = Conv1D(rows, cols)  # nf=out, nx=in: weight stored (in, out)
+        with torch.no_grad():
+            self.c1d.weight.copy_(self.lin.weight.t())
+            self.c1d.bias.copy_(self.lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.lin(x), self.c1d(x)])
+
+
+def _stage_runs() -> dict[str, list]:
+    from compress_order.stages.gptq import GPTQ
+    from compress_order.stages.magnitude import Magnitude
+    from compress_order.stages.rtn import RTN
+    from compress_order.stages.sparsegpt import SparseGPT
+    from compress_order.stages.sparsegpt_gptq import SparseGPTGPTQ
+    from compress_order.stages.wanda import Wanda
+
+    return {
+        "magnitude": [Magnitude(0.5, name="m")],
+        "magnitude-2:4 > rtn": [Magnitude(0.5, nm="2:4", name="m"), RTN(3, group_size=32, name="r")],
+        "wanda > gptq-act-order": [Wanda(0.5, name="w"),
+                                   GPTQ(3, group_size=32, act_order=True, static_groups=True, name="g")],
+        "rtn > sparsegpt": [RTN(3, group_size=32, name="r"), SparseGPT(0.5, name="s")],
+        "sparsegpt+gptq": [SparseGPTGPTQ(0.5, 3, group_size=32, name="j")],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("order", list(_stage_runs()))
+def test_conv1d_is_compressed_exactly_like_the_same_linear(order):
+    """GPT-2's Conv1D stores (in, out): through its adapter every stage and statistic sees the Linear's (out, in)
+    matrix, so both layers end bit-identical, with their invariants holding and the same outputs."""
+    from compress_order.calibration import calibrate_and_compress
+    from compress_order.hessian import HessianStats
+    from compress_order.targets import ModelState, find_targets
+
+    model = _Twins().eval()
+    targets = find_targets(model)
+    assert set(targets) == {"lin", "c1d"}
+    assert targets["c1d"].shape == targets["lin"].shape == (32, 64)
+    assert HessianStats(model.c1d).cols == 64
+    torch.manual_seed(1)
+    batches = [torch.randn(2, 16, 64) for _ in range(3)]
+    for stage in _stage_runs()[order]:
+        if stage.needs:
+            calibrate_and_compress(model, targets, batches, stage, {})
+        else:
+            for t in targets.values():
+                stage.compress(t)
+        ModelState(model, targets).check()
+        assert torch.equal(model.c1d.weight.t(), model.lin.weight), (order, stage)
+    assert float((model.lin.weight == 0).float().mean()) >= 0.5
+    out = model(batches[0])
+    torch.testing.assert_close(out[0], out[1])
+
+
+def test_conv1d_set_weight_writes_the_stored_layout_and_snapshots_restore():
+    from compress_order.targets import ModelState, find_targets
+
+    model = _Twins().eval()
+    targets = find_targets(model)
+    state = ModelState(model, targets)
+    snap = state.snapshot()
+    t = targets["c1d"]
+    w = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64)
+    t.set_weight(w)
+    assert model.c1d.weight.shape == (64, 32) and torch.equal(model.c1d.weight, w.t())
+    assert torch.equal(t.weight, w) and t.weight.is_contiguous()
+    state.restore(snap)
+    assert state.equal(snap) and torch.equal(model.c1d.weight.t(), model.lin.weight)
+
+
+def test_grouped_and_depthwise_conv2d_are_compressed_as_their_own_2d_view():
+    """A grouped conv's weight (out, in/groups, kh, kw) is one (out, in/groups·kh·kw) matrix; every group's
+    patches are samples of its columns. Calibrated stages run on it and every invariant holds."""
+    from compress_order.calibration import calibrate_and_compress
+    from compress_order.stages.gptq import GPTQ
+    from compress_order.stages.sparsegpt import SparseGPT
+    from compress_order.stages.wanda import Wanda
+    from compress_order.targets import ModelState, find_targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),  # depthwise
+        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),  # grouped
+    ).eval()  # fmt: skip
+    targets = find_targets(model)
+    assert targets["2"].shape == (8, 9) and targets["4"].shape == (16, 36)
+    batches = [torch.randn(2, 4, 8, 8) for _ in range(2)]
+    state = ModelState(model, targets)
+    dense = state.snapshot()
+    for stages in ([Wanda(0.5, name="w"), GPTQ(4, name="g")], [GPTQ(4, name="g"), SparseGPT(0.5, name="s")]):
+        state.restore(dense)
+        for stage in stages:
+            calibrate_and_compress(model, targets, batches, stage, {})
+            state.check()
+        assert all(float((t.weight == 0).float().mean()) >= 0.5 for t in targets.values())
+        assert torch.isfinite(model(batches[0])).all()
+
+
+# ----------------------------------------------------------------------------------------------- block discovery
+
+
+class _Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x)
+
+
+class _Declared(nn.Module):
+    """Two ModuleLists of target-holding modules: structure alone picks the larger; the metadata names the other."""
+
+    _no_split_modules = ["_Layer"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer() for _ in range(2))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return sum(h(x) for h in self.heads)
+
+
+def test_blocks_come_from_no_split_modules_else_structure(caplog):
+    from compress_order.calibration import find_blocks
+    from compress_order.targets import find_targets
+
+    model = _Declared()
+    targets = find_targets(model)
+    with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+        assert find_blocks(model, targets)[0] == "layers"
+        model2 = _Declared()
+        model2._no_split_modules = ["NoSuchBlock"]  # stale metadata: fall back to structure
+        assert find_blocks(model2, find_targets(model2))[0] == "heads"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "decoder blocks: _Layer × 2 at layers (from _no_split_modules)"
+    assert lines[1].startswith("decoder blocks: Sequential × 3 at heads (by structure")
