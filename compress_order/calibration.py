@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from compress_order.errors import UserError
 from compress_order.hessian import HessianStats
 from compress_order.stages.base import Stage
-from compress_order.targets import Target
+from compress_order.targets import Target, adapter_of
 
 log = logging.getLogger(__name__)
 _reported: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose blocks were logged (once each)
@@ -265,6 +265,9 @@ def _view(module: nn.Module) -> tuple:
     """What decides a layer's column view of its input (see hessian.layer_columns)."""
     if isinstance(module, nn.Conv2d):
         return ("conv", module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
+    adapter = adapter_of(module)
+    if adapter is not None and adapter.linear:  # Linear and Conv1D both see the input's last dimension
+        return ("linear",)
     return (type(module).__name__,)
 
 

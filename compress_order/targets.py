@@ -23,11 +23,13 @@ from compress_order.errors import UserError
 class LayerAdapter:
     """How one layer type stores its weight: `to_2d` gives the contiguous (out, in) matrix (a view of the stored
     tensor where the layout allows, else a copy: stages write back only through `Target.set_weight`), `from_2d`
-    the stored layout of such a matrix."""
+    the stored layout of such a matrix. `linear`: the layer computes x @ W2dᵀ + bias over the last dimension of
+    its input, so an nn.Linear can stand in for it (packed kernels exist for Linear only)."""
 
     kind: type[nn.Module]
     to_2d: Callable[[Tensor], Tensor]
     from_2d: Callable[[Tensor, torch.Size], Tensor]
+    linear: bool
 
 
 def _flatten(w: Tensor) -> Tensor:
@@ -50,9 +52,9 @@ def _untransposed(w2d: Tensor, shape: torch.Size) -> Tensor:
 # A Conv2d's view is its weight flattened per output channel; with groups, every group's patches share
 # the columns of that view (hessian.layer_columns), so grouped and depthwise convs need no entry of their own.
 ADAPTERS: tuple[LayerAdapter, ...] = (
-    LayerAdapter(nn.Linear, _flatten, _unflatten),
-    LayerAdapter(nn.Conv2d, _flatten, _unflatten),
-    LayerAdapter(Conv1D, _transposed, _untransposed),
+    LayerAdapter(nn.Linear, _flatten, _unflatten, linear=True),
+    LayerAdapter(nn.Conv2d, _flatten, _unflatten, linear=False),
+    LayerAdapter(Conv1D, _transposed, _untransposed, linear=True),
 )
 COMPRESSIBLE = tuple(a.kind for a in ADAPTERS)
 KIND_NAMES = "/".join(k.__name__ for k in COMPRESSIBLE)
@@ -68,6 +70,23 @@ def weight_2d(module: nn.Module) -> Tensor:
     if adapter is None:
         raise TypeError(f"{type(module).__name__} is not a compressible layer ({KIND_NAMES})")
     return adapter.to_2d(module.weight.data)
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """An nn.Linear computing what a `linear` layer computes, with its (out, in) weight and bias (same dtype and
+    device); an nn.Linear is returned as it is."""
+    if isinstance(module, nn.Linear):
+        return module
+    adapter = adapter_of(module)
+    if adapter is None or not adapter.linear:
+        raise TypeError(f"{type(module).__name__} cannot be served as an nn.Linear")
+    w = adapter.to_2d(module.weight.data)
+    bias = getattr(module, "bias", None)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    lin.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.data.clone(), requires_grad=bias.requires_grad)
+    return lin
 
 
 @dataclass

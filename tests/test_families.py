@@ -310,3 +310,47 @@ def test_blocks_come_from_no_split_modules_else_structure(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "decoder blocks: _Layer × 2 at layers (from _no_split_modules)"
     assert lines[1].startswith("decoder blocks: Sequential × 3 at heads (by structure")
+
+
+# ----------------------------------------------------------------------------------------------- packed backends
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only"])
+def test_conv1d_model_is_packed_as_linear_and_matches_fake_quant(name):
+    """torchao kernels take nn.Linear: a GPT-2 Conv1D is served as the Linear it computes, with the same output."""
+    from transformers import GPT2LMHeadModel
+
+    from compress_order.backends import BACKENDS
+    from compress_order.stages.rtn import RTN
+    from compress_order.targets import find_targets
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_config("GPT-2", 30)).eval()
+    targets = find_targets(model, ["lm_head"])
+    for t in targets.values():
+        RTN(4, 32, False, name="r").compress(t)
+    backend = BACKENDS[name]
+    assert backend.fits(targets) is None
+    packed = backend.convert(model, targets, torch.device("cpu"))
+    for n in targets:
+        assert type(packed.get_submodule(n)) is nn.Linear
+        assert type(packed.get_submodule(n).weight).__name__ != "Parameter"  # a packed tensor subclass
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the evaluated model is untouched
+    ids = torch.randint(0, 30, (2, 16))
+    with torch.no_grad():
+        ref, out = model(ids).logits, packed(ids).logits
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_conv2d_gets_a_reason_from_linear_kernels():
+    from compress_order.backends import BACKENDS
+    from compress_order.stages.rtn import RTN
+    from compress_order.targets import find_targets
+
+    targets = find_targets(nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 4)))
+    for t in targets.values():
+        RTN(4, -1, False, name="r").compress(t)
+    for name in ("int8_weight_only", "int4_weight_only"):
+        assert BACKENDS[name].fits(targets) == (
+            "torchao weight-only kernels exist for Linear layers only; 0 is Conv2d"
+        ), name
