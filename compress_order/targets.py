@@ -64,12 +64,16 @@ def adapter_of(module: nn.Module) -> LayerAdapter | None:
     return next((a for a in ADAPTERS if isinstance(module, a.kind)), None)
 
 
-def weight_2d(module: nn.Module) -> Tensor:
-    """A compressible layer's weight as the (out, in·kh·kw) view every stage and statistic uses."""
+def adapter_for(module: nn.Module) -> LayerAdapter:
     adapter = adapter_of(module)
     if adapter is None:
         raise TypeError(f"{type(module).__name__} is not a compressible layer ({KIND_NAMES})")
-    return adapter.to_2d(module.weight.data)
+    return adapter
+
+
+def weight_2d(module: nn.Module) -> Tensor:
+    """A compressible layer's weight as the (out, in·kh·kw) matrix every stage and statistic uses."""
+    return adapter_for(module).to_2d(module.weight.data)
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
@@ -77,8 +81,8 @@ def as_linear(module: nn.Module) -> nn.Linear:
     device); an nn.Linear is returned as it is."""
     if isinstance(module, nn.Linear):
         return module
-    adapter = adapter_of(module)
-    if adapter is None or not adapter.linear:
+    adapter = adapter_for(module)
+    if not adapter.linear:
         raise TypeError(f"{type(module).__name__} cannot be served as an nn.Linear")
     w = adapter.to_2d(module.weight.data)
     bias = getattr(module, "bias", None)
@@ -99,10 +103,7 @@ class Target:
 
     @property
     def adapter(self) -> LayerAdapter:
-        adapter = adapter_of(self.module)
-        if adapter is None:
-            raise TypeError(f"{self.name}: {type(self.module).__name__} is not a compressible layer ({KIND_NAMES})")
-        return adapter
+        return adapter_for(self.module)
 
     @property
     def weight(self) -> Tensor:
@@ -114,7 +115,8 @@ class Target:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)  # type: ignore[return-value]
+        meta = torch.empty_like(self.module.weight, device="meta")  # the view's shape without copying data
+        return tuple(self.adapter.to_2d(meta).shape)  # type: ignore[return-value]
 
     def check(self) -> None:
         check_invariants(self.name, self.weight, self.constraint)
