@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compress_order.errors import UserError, choices
-from compress_order.targets import Target
+from compress_order.targets import Target, as_linear
 
 SIMULATED = "dense-simulated"
 
@@ -30,7 +30,29 @@ class Backend:
     convert: Callable[[nn.Module, dict[str, Target], torch.device], nn.Module]
 
 
+def _linear_only(targets: dict[str, Target], what: str) -> str | None:
+    """These kernels replace nn.Linear weights: a layer that computes a Linear (GPT-2's transposed Conv1D) is
+    served as one (`_packable`), any other (Conv2d) has no kernel."""
+    other = next((t for t in targets.values() if not t.adapter.linear), None)
+    if other is None:
+        return None
+    return f"{what} kernels exist for Linear layers only; {other.name} is {type(other.module).__name__}"
+
+
+def _packable(model: nn.Module, targets: dict[str, Target]) -> nn.Module:
+    """A copy of the model to pack, its target layers as nn.Linear (the layout the kernels take)."""
+    packed = copy.deepcopy(model)
+    for name in targets:
+        mod = packed.get_submodule(name)
+        if not isinstance(mod, nn.Linear):
+            packed.set_submodule(name, as_linear(mod))
+    return packed
+
+
 def _grids(targets: dict[str, Target], max_bits: int) -> str | None:
+    why = _linear_only(targets, "torchao weight-only")
+    if why:
+        return why
     bits = {t.constraint.grid.bits if t.constraint.grid is not None else None for t in targets.values()}
     if None in bits:
         return "weights are not quantized"
@@ -47,7 +69,7 @@ def _only(targets: dict[str, Target]) -> Callable[[nn.Module, str], bool]:
 def _int8_weight_only(model: nn.Module, targets: dict[str, Target], device: torch.device) -> nn.Module:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    packed = copy.deepcopy(model)
+    packed = _packable(model, targets)
     quantize_(packed, Int8WeightOnlyConfig(), filter_fn=_only(targets))
     return packed
 
@@ -56,7 +78,7 @@ def _int4_weight_only(model: nn.Module, targets: dict[str, Target], device: torc
     from torchao.quantization import quantize_
 
     gs = next(iter(targets.values())).constraint.grid.group_size
-    packed = copy.deepcopy(model)
+    packed = _packable(model, targets)
     if device.type == "cuda":  # tinygemm-style tile-packed int4, bf16 activations
         from torchao.quantization import Int4WeightOnlyConfig
 
@@ -84,15 +106,13 @@ def _int4_fits(targets: dict[str, Target]) -> str | None:
 def _semi_structured_fits(targets: dict[str, Target]) -> str | None:
     if any(t.constraint.nm != (2, 4) for t in targets.values()):
         return "weights are not 2:4 sparse"
-    if any(not isinstance(t.module, nn.Linear) for t in targets.values()):
-        return "2:4 kernels exist for Linear layers only"
-    return None
+    return _linear_only(targets, "2:4")
 
 
 def _semi_structured(model: nn.Module, targets: dict[str, Target], device: torch.device) -> nn.Module:
     from torch.sparse import to_sparse_semi_structured
 
-    packed = copy.deepcopy(model).to(torch.float16)
+    packed = _packable(model, targets).to(torch.float16)
     mods = dict(packed.named_modules())
     for name in targets:
         lin = mods[name]

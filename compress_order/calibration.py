@@ -1,9 +1,10 @@
 """One calibration driver for every calibrated stage and every model: block by block, through forward hooks.
 
-Decoder LMs (LLaMA, Mistral, Qwen, OPT, GPT-2, ...) are found by structure, not by name: the repeated blocks are
-the nn.ModuleList whose children all hold target layers and that holds the most of them (model.layers,
-transformer.h, decoder.layers). One forward per calibration sample records what every block is called with
-(blocks replaced by pass-through recorders, so nothing heavy runs); then for each block in turn:
+The repeated blocks of a decoder LM (model.layers, transformer.h, decoder.layers) are the nn.ModuleList of the
+block classes the model declares in `_no_split_modules` (Hugging Face models), else, by structure, the list
+whose children all hold target layers and that holds the most of them. One forward per calibration sample
+records what every block is called with (blocks replaced by pass-through recorders, so nothing heavy runs);
+then for each block in turn:
 
   hooks on the block's targets accumulate input statistics over all samples → the stage compresses the
   block's targets → the block is re-run on all samples, and its compressed outputs are the next block's inputs.
@@ -19,6 +20,8 @@ un-skipped lm_head) are done last the same way.
 from __future__ import annotations
 
 import inspect
+import logging
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
@@ -29,7 +32,17 @@ from torch import Tensor, nn
 from compress_order.errors import UserError
 from compress_order.hessian import HessianStats
 from compress_order.stages.base import Stage
-from compress_order.targets import Target
+from compress_order.targets import Target, adapter_of
+
+log = logging.getLogger(__name__)
+_reported: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose blocks were logged (once each)
+
+
+def _report(model: nn.Module, msg: str, *args: Any) -> None:
+    """INFO the first time for a model, DEBUG after: every calibrated stage finds the same blocks again."""
+    level = logging.DEBUG if model in _reported else logging.INFO
+    _reported.add(model)
+    log.log(level, msg, *args)
 
 
 class _Stop(Exception):
@@ -41,19 +54,34 @@ class _Stop(Exception):
 
 
 def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList of repeated blocks: every child holds a target; most targets covered, then most children."""
+    """The ModuleList of repeated blocks. From the model's own metadata when it has some (Hugging Face models
+    name their block classes in `_no_split_modules`, which accelerate uses for the same purpose): the list
+    whose children are all of those classes. Otherwise by structure: every child holds a target, most targets
+    covered, then most children. Logs what it found, so a wrong guess is visible."""
     ids = {id(t.module) for t in targets.values()}
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    declared = set(getattr(model, "_no_split_modules", None) or ())
+    for name, mod in lists:
+        if declared and all(type(child).__name__ in declared for child in mod):
+            if any(id(m) in ids for m in mod.modules()):
+                _report(model, "decoder blocks: %s × %d at %s (from _no_split_modules)", type(mod[0]).__name__,
+                        len(mod), name)  # fmt: skip
+                return name, mod
     best: tuple[int, int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
+    for name, mod in lists:
         per_child = [sum(id(m) in ids for m in child.modules()) for child in mod]
         if min(per_child) == 0:
             continue
         key = (sum(per_child), len(mod))
         if best is None or key > best[:2]:
             best = (*key, name, mod)
-    return None if best is None else (best[2], best[3])
+    if best is None:
+        _report(model, "decoder blocks: none found in %s; calibrating it as one block", type(model).__name__)
+        return None
+    kinds = sorted({type(child).__name__ for child in best[3]})
+    _report(model, "decoder blocks: %s × %d at %s (by structure: the list holding the most target layers)",
+            "/".join(kinds), len(best[3]), best[2])  # fmt: skip
+    return best[2], best[3]
 
 
 @dataclass
@@ -237,6 +265,9 @@ def _view(module: nn.Module) -> tuple:
     """What decides a layer's column view of its input (see hessian.layer_columns)."""
     if isinstance(module, nn.Conv2d):
         return ("conv", module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
+    adapter = adapter_of(module)
+    if adapter is not None and adapter.linear:  # Linear and Conv1D both see the input's last dimension
+        return ("linear",)
     return (type(module).__name__,)
 
 

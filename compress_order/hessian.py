@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compress_order.targets import weight_2d
+
 
 def layer_columns(module: nn.Module, inp: Tensor) -> Tensor:
-    """The layer's input as rows of the weight's column space: (n, in) for Linear, (n, in·kh·kw) for Conv2d."""
+    """The layer's input as rows of the weight's column space: (n, in) for Linear and Conv1D, (n, in·kh·kw) for
+    Conv2d."""
     if isinstance(module, nn.Conv2d):
         if inp.dim() == 3:  # unbatched (C, H, W)
             inp = inp.unsqueeze(0)
@@ -37,8 +40,8 @@ class HessianStats:
 
     def __init__(self, module: nn.Module, device: torch.device | str | None = None, diag_only: bool = False):
         self.module = module
-        w = module.weight
-        self.cols = w[0].numel()
+        w = weight_2d(module)  # columns of the stages' view (a Conv1D stores its weight transposed)
+        self.cols = w.shape[1]
         self.device = torch.device(device) if device is not None else w.device
         self.diag_only = diag_only
         self.n = 0  # input rows (tokens, or conv patches) seen so far

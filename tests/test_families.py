@@ -1,0 +1,356 @@
+"""Decoder families as a tested matrix: a tiny random checkpoint of each, saved like a real one, runs every order
+of a calibrated prune+quantize pair and a joint schedule end to end; every compressible layer outside lm_head is
+compressed, whatever the family stores it as (Linear, FalconLinear, GPT-2's transposed Conv1D).
+
+README.md names exactly the families of `FAMILIES` (checked below), so the claim and the matrix cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TEXT, char_tokenizer
+
+HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 64
+SPARSITY, BITS, GROUP = 0.5, 4, 32
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _config(family: str, vocab: int):
+    """A transformers config of `family` with hidden 64, 2 layers and the char tokenizer's vocabulary."""
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    gqa = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+               num_key_value_heads=2, max_position_embeddings=CONTEXT, **ids)  # fmt: skip
+    builders: dict[str, Callable[[], object]] = {
+        "LLaMA": lambda: tf.LlamaConfig(**gqa),
+        "Mistral": lambda: tf.MistralConfig(sliding_window=32, **gqa),
+        "Qwen2": lambda: tf.Qwen2Config(**gqa),
+        "OPT": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, word_embed_proj_dim=HIDDEN, num_hidden_layers=LAYERS,
+                                    num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **ids),
+        "GPT-2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, **ids),
+        "GPT-NeoX": lambda: tf.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                                             num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **ids),
+        "Phi-3": lambda: tf.Phi3Config(**gqa),
+        "Gemma2": lambda: tf.Gemma2Config(head_dim=HIDDEN // HEADS, sliding_window=32, **gqa),
+        "Falcon": lambda: tf.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                          **ids),
+    }  # fmt: skip
+    return builders[family]()
+
+
+# The families the calibration driver is tested on; README.md lists exactly these.
+FAMILIES = ("LLaMA", "Mistral", "Qwen2", "OPT", "GPT-2", "GPT-NeoX", "Phi-3", "Gemma2", "Falcon")
+
+
+def _projections(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every Linear/Conv1D outside lm_head as (out, in), read independently of compress_order.targets."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, mod in model.named_modules():
+        if "lm_head" in name:
+            continue
+        if isinstance(mod, Conv1D):  # stored (in, out)
+            out[name] = mod.weight.detach().t()
+        elif isinstance(mod, nn.Linear):
+            out[name] = mod.weight.detach()
+    return out
+
+
+def save_tiny(family: str, path: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    tok = char_tokenizer(TEXT)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(family, len(tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("family_text")
+    (d / "train.txt").write_text(TEXT * 20)
+    (d / "valid.txt").write_text(TEXT * 4)
+    return {"train": d / "train.txt", "valid": d / "valid.txt"}
+
+
+def overrides(ckpt: Path, text: dict[str, Path], tmp: Path, stages: str) -> list[str]:
+    return [
+        f"model.path={ckpt}", "model.name=tiny", f"model.seqlen={CONTEXT}", "model.dtype=float32",
+        f"data.train={text['train']}", f"data.valid={text['valid']}", "data.name=tiny",
+        "calibration.nsamples=2", "calibration.seqlen=32", "eval.max_windows=2", "eval.backends=none",
+        "eval.latency.repeats=1", "eval.latency.warmup=0", "device=cpu", "threads=1",
+        f"sparsity={SPARSITY}", f"bits={BITS}", f"group_size={GROUP}", f"stages={stages}", "joint=[sparsegpt_gptq]",
+        f"store_dir={tmp / 'store'}", f"hydra.run.dir={tmp / 'run'}", f"hydra.sweep.dir={tmp / 'sweep'}",
+    ]  # fmt: skip
+
+
+def _distinct_per_group(w: torch.Tensor, group: int) -> int:
+    """The most distinct values in any (row, group of `group` columns) of a 2-D weight."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group, group)
+    return max(len(torch.unique(g[r, k])) for r in range(rows) for k in range(cols // group))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_runs_every_order_and_compresses_every_projection(family, text, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from compress_order.config import compose_config
+    from compress_order.runner import run
+
+    ckpt = save_tiny(family, tmp_path / "ckpt")
+    dense = _projections(AutoModelForCausalLM.from_pretrained(ckpt))
+    assert dense, family
+
+    for stages, orders in [
+        ("[wanda,gptq]", {"wanda > gptq", "gptq > wanda"}),
+        ("[sparsegpt,rtn]", {"sparsegpt > rtn", "rtn > sparsegpt"}),
+    ]:
+        cfg = compose_config(overrides(ckpt, text, tmp_path, stages) + ["save=true"])
+        with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+            df = run(cfg, tmp_path / f"out-{stages}")
+        full = orders | {"sparsegpt+gptq"}
+        assert full <= set(df["order"]), (family, set(df["order"]))
+        ppl = df[df.metric == "perplexity"].set_index("order")["value"]
+        assert all(math.isfinite(v) for v in ppl), (family, ppl.to_dict())
+        sp = df[df.metric == "sparsity"].set_index("order")["value"]
+        assert all(sp[o] >= SPARSITY - 1e-9 for o in full), (family, sp.to_dict())
+
+        # Every full order, saved and reloaded: every projection outside lm_head is pruned and on a 4-bit grid.
+        saved = sorted((tmp_path / f"out-{stages}" / "models").iterdir())
+        assert len(saved) == len(full)
+        for folder in saved:
+            got = _projections(AutoModelForCausalLM.from_pretrained(folder))
+            assert got.keys() == dense.keys()
+            for name, w in got.items():
+                assert w.shape == dense[name].shape
+                assert float((w == 0).float().mean()) >= SPARSITY - 1e-9, (family, folder.name, name)
+                assert _distinct_per_group(w, GROUP) <= 2**BITS, (family, folder.name, name)
+            layers = json.loads((folder / "compression.json").read_text()).get("layers", {})
+            if layers:  # the constraint file lists exactly the compressed layers, with their (out, in) shape
+                assert set(layers) == set(dense), (family, folder.name)
+
+    blocks = [r.getMessage() for r in caplog.records if "decoder blocks" in r.getMessage()]
+    assert blocks and f"{LAYERS} " in blocks[0], blocks
+
+
+def test_readme_names_exactly_the_tested_families():
+    text = " ".join(README.read_text().split())
+    marker = "families tested on tiny checkpoints of "
+    assert marker in text
+    listed = text.split(marker, 1)[1].split(":", 1)[0]
+    names = [n.strip(" .,") for n in listed.replace(" and ", ", ").split(",")]
+    assert tuple(n for n in names if n) == FAMILIES, names
+
+
+# ----------------------------------------------------------------------------------------------- layer adapters
+
+
+class _Twins(nn.Module):
+    """A Linear and a transformers Conv1D holding the same (out, in) weight, fed the same input."""
+
+    def __init__(self, cols: int = 64, rows: int = 32) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(cols, rows)
+        self.c1d = Conv1D(rows, cols)  # nf=out, nx=in: weight stored (in, out)
+        with torch.no_grad():
+            self.c1d.weight.copy_(self.lin.weight.t())
+            self.c1d.bias.copy_(self.lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.lin(x), self.c1d(x)])
+
+
+def _stage_runs() -> dict[str, list]:
+    from compress_order.stages.gptq import GPTQ
+    from compress_order.stages.magnitude import Magnitude
+    from compress_order.stages.rtn import RTN
+    from compress_order.stages.sparsegpt import SparseGPT
+    from compress_order.stages.sparsegpt_gptq import SparseGPTGPTQ
+    from compress_order.stages.wanda import Wanda
+
+    return {
+        "magnitude": [Magnitude(0.5, name="m")],
+        "magnitude-2:4 > rtn": [Magnitude(0.5, nm="2:4", name="m"), RTN(3, group_size=32, name="r")],
+        "wanda > gptq-act-order": [Wanda(0.5, name="w"),
+                                   GPTQ(3, group_size=32, act_order=True, static_groups=True, name="g")],
+        "rtn > sparsegpt": [RTN(3, group_size=32, name="r"), SparseGPT(0.5, name="s")],
+        "sparsegpt+gptq": [SparseGPTGPTQ(0.5, 3, group_size=32, name="j")],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("order", list(_stage_runs()))
+def test_conv1d_is_compressed_exactly_like_the_same_linear(order):
+    """GPT-2's Conv1D stores (in, out): through its adapter every stage and statistic sees the Linear's (out, in)
+    matrix, so both layers end bit-identical, with their invariants holding and the same outputs."""
+    from compress_order.calibration import calibrate_and_compress
+    from compress_order.hessian import HessianStats
+    from compress_order.targets import ModelState, find_targets
+
+    model = _Twins().eval()
+    targets = find_targets(model)
+    assert set(targets) == {"lin", "c1d"}
+    assert targets["c1d"].shape == targets["lin"].shape == (32, 64)
+    assert HessianStats(model.c1d).cols == 64
+    torch.manual_seed(1)
+    batches = [torch.randn(2, 16, 64) for _ in range(3)]
+    for stage in _stage_runs()[order]:
+        if stage.needs:
+            calibrate_and_compress(model, targets, batches, stage, {})
+        else:
+            for t in targets.values():
+                stage.compress(t)
+        ModelState(model, targets).check()
+        assert torch.equal(model.c1d.weight.t(), model.lin.weight), (order, stage)
+    assert float((model.lin.weight == 0).float().mean()) >= 0.5
+    out = model(batches[0])
+    torch.testing.assert_close(out[0], out[1])
+
+
+def test_conv1d_set_weight_writes_the_stored_layout_and_snapshots_restore():
+    from compress_order.targets import ModelState, find_targets
+
+    model = _Twins().eval()
+    targets = find_targets(model)
+    state = ModelState(model, targets)
+    snap = state.snapshot()
+    t = targets["c1d"]
+    w = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64)
+    t.set_weight(w)
+    assert model.c1d.weight.shape == (64, 32) and torch.equal(model.c1d.weight, w.t())
+    assert torch.equal(t.weight, w) and t.weight.is_contiguous()
+    state.restore(snap)
+    assert state.equal(snap) and torch.equal(model.c1d.weight.t(), model.lin.weight)
+
+
+def test_grouped_and_depthwise_conv2d_are_compressed_as_their_own_2d_view():
+    """A grouped conv's weight (out, in/groups, kh, kw) is one (out, in/groups·kh·kw) matrix; every group's
+    patches are samples of its columns. Calibrated stages run on it and every invariant holds."""
+    from compress_order.calibration import calibrate_and_compress
+    from compress_order.stages.gptq import GPTQ
+    from compress_order.stages.sparsegpt import SparseGPT
+    from compress_order.stages.wanda import Wanda
+    from compress_order.targets import ModelState, find_targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),  # depthwise
+        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),  # grouped
+    ).eval()  # fmt: skip
+    targets = find_targets(model)
+    assert targets["2"].shape == (8, 9) and targets["4"].shape == (16, 36)
+    batches = [torch.randn(2, 4, 8, 8) for _ in range(2)]
+    state = ModelState(model, targets)
+    dense = state.snapshot()
+    for stages in ([Wanda(0.5, name="w"), GPTQ(4, name="g")], [GPTQ(4, name="g"), SparseGPT(0.5, name="s")]):
+        state.restore(dense)
+        for stage in stages:
+            calibrate_and_compress(model, targets, batches, stage, {})
+            state.check()
+        assert all(float((t.weight == 0).float().mean()) >= 0.5 for t in targets.values())
+        assert torch.isfinite(model(batches[0])).all()
+
+
+# ----------------------------------------------------------------------------------------------- block discovery
+
+
+class _Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x)
+
+
+class _Declared(nn.Module):
+    """Two ModuleLists of target-holding modules: structure alone picks the larger; the metadata names the other."""
+
+    _no_split_modules = ["_Layer"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer() for _ in range(2))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return sum(h(x) for h in self.heads)
+
+
+def test_blocks_come_from_no_split_modules_else_structure(caplog):
+    from compress_order.calibration import find_blocks
+    from compress_order.targets import find_targets
+
+    model = _Declared()
+    targets = find_targets(model)
+    with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+        assert find_blocks(model, targets)[0] == "layers"
+        model2 = _Declared()
+        model2._no_split_modules = ["NoSuchBlock"]  # stale metadata: fall back to structure
+        assert find_blocks(model2, find_targets(model2))[0] == "heads"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "decoder blocks: _Layer × 2 at layers (from _no_split_modules)"
+    assert lines[1].startswith("decoder blocks: Sequential × 3 at heads (by structure")
+
+
+# ----------------------------------------------------------------------------------------------- packed backends
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only"])
+def test_conv1d_model_is_packed_as_linear_and_matches_fake_quant(name):
+    """torchao kernels take nn.Linear: a GPT-2 Conv1D is served as the Linear it computes, with the same output."""
+    from transformers import GPT2LMHeadModel
+
+    from compress_order.backends import BACKENDS
+    from compress_order.stages.rtn import RTN
+    from compress_order.targets import find_targets
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_config("GPT-2", 30)).eval()
+    targets = find_targets(model, ["lm_head"])
+    for t in targets.values():
+        RTN(4, 32, False, name="r").compress(t)
+    backend = BACKENDS[name]
+    assert backend.fits(targets) is None
+    packed = backend.convert(model, targets, torch.device("cpu"))
+    for n in targets:
+        assert type(packed.get_submodule(n)) is nn.Linear
+        assert type(packed.get_submodule(n).weight).__name__ != "Parameter"  # a packed tensor subclass
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the evaluated model is untouched
+    ids = torch.randint(0, 30, (2, 16))
+    with torch.no_grad():
+        ref, out = model(ids).logits, packed(ids).logits
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_conv2d_gets_a_reason_from_linear_kernels():
+    from compress_order.backends import BACKENDS
+    from compress_order.stages.rtn import RTN
+    from compress_order.targets import find_targets
+
+    targets = find_targets(nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 4)))
+    for t in targets.values():
+        RTN(4, -1, False, name="r").compress(t)
+    for name in ("int8_weight_only", "int4_weight_only"):
+        assert BACKENDS[name].fits(targets) == (
+            "torchao weight-only kernels exist for Linear layers only; 0 is Conv2d"
+        ), name
