@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 _reported: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose blocks were logged (once each)
 
 
+# What a calibrated stage may ask for (`Stage.needs`): X Xᵀ of a layer's inputs, or only its diagonal ‖X_j‖².
+STATISTICS = ("hessian", "hessian_diag")
+
 def _report(model: nn.Module, msg: str, *args: Any) -> None:
     """INFO the first time for a model, DEBUG after: every calibrated stage finds the same blocks again."""
     level = logging.DEBUG if model in _reported else logging.INFO
@@ -312,7 +315,9 @@ def compress_unit(
     """Collect statistics of `targets` over samples 0..n-1 of `run`, compress them; return how many targets
     calibration reached. Unreached targets are compressed with empty statistics (Hessian-free fallback)."""
     groups, unreached = input_groups(run, targets)
-    diag_only = bool(getattr(stage, "diag_only", False))
+    if stage.needs not in STATISTICS:
+        raise ValueError(f"stage '{stage.label}' needs '{stage.needs}'; the driver provides {', '.join(STATISTICS)}")
+    diag_only = stage.needs == "hessian_diag"
 
     def collect(gs: list[list[Target]], stop: bool) -> list[HessianStats]:
         stats = [HessianStats(g[0].module, device, diag_only) for g in gs]

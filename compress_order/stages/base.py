@@ -1,7 +1,7 @@
 """The stage interface. A stage compresses one layer at a time and must keep every earlier constraint.
 
 Data-free stages implement `compress(target, None)`. Calibrated stages set `needs` to the statistics they use
-("hessian": X Xᵀ of the layer's inputs, from which Wanda reads the diagonal) and receive them from the generic
+("hessian": X Xᵀ of the layer's inputs; "hessian_diag": only its diagonal ‖X_j‖², as Wanda reads) and receive them from the generic
 calibration driver; the runner never special-cases a method.
 """
 

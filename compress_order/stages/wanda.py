@@ -21,8 +21,7 @@ SCOPES = ("row", "layer")
 
 class Wanda(PruneMixin, Stage):
     kind = "prune"
-    needs = "hessian"
-    diag_only: ClassVar[bool] = True  # only ‖X_j‖² is read: the driver keeps the diagonal, not the full H
+    needs = "hessian_diag"  # only ‖X_j‖² is read: the driver keeps the diagonal, not the full H
 
     def __init__(self, sparsity: float, nm: str | None = None, scope: str = "row", **kw: Any):
         super().__init__(**kw)
