@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -181,7 +179,8 @@ def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme]) -> tupl
     return not reasons, reasons
 
 
-def scheme_record(scheme: WeightScheme | None) -> dict[str, Any] | None:
-    if scheme is None:
-        return None
-    return {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym}
+def transformers_reloads(schemes: dict[str, WeightScheme]) -> bool:
+    """Whether transformers' `from_pretrained` reloads the checkpoint. compressed-tensors 0.20 builds the model it
+    loads into with unpacked zero-points, so a checkpoint with (packed) zero-points fails there on a size mismatch;
+    its own CompressedTensorsDequantizer and vLLM read them."""
+    return all(s.sym for s in schemes.values())

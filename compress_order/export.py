@@ -136,6 +136,7 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
         "exact": mismatched == 0,  # reloading gives the evaluated weights bit for bit
         "mismatched_weights": mismatched,  # otherwise: weights changed by holding scales in the model dtype
         "vllm_wna16": {"servable": servable, "reasons": reasons},
+        "transformers_reload": ct_export.transformers_reloads(schemes),
     }  # fmt: skip
 
 
@@ -146,7 +147,8 @@ def summary_line(checkpoint: dict[str, Any]) -> str:
     exact = "exact" if checkpoint["exact"] else f"{checkpoint['mismatched_weights']} weights not exact"
     vllm = checkpoint["vllm_wna16"]
     serve = "vLLM WNA16 serves it" if vllm["servable"] else f"vLLM WNA16 does not serve it: {'; '.join(vllm['reasons'])}"
-    return f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; {serve}"
+    reload = "" if checkpoint["transformers_reload"] else "; transformers cannot reload its zero-points"
+    return f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; {serve}{reload}"
 
 
 @contextmanager

@@ -97,6 +97,19 @@ def test_transformers_reloads_a_symmetric_export_to_the_same_logits(tiny_lm, tmp
         assert torch.equal(model(x).logits, lm.model(x).logits)  # the first forward decompresses
     mods = dict(model.named_modules())
     assert all(torch.equal(mods[n].weight.data, t.module.weight.data) for n, t in targets.items())
+    assert json.loads((d / "compression.json").read_text())["checkpoint"]["transformers_reload"] is True
+
+
+def test_the_sidecar_says_transformers_cannot_reload_zero_points(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    rtn(targets, 4, 32, False)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m")
+    assert json.loads((d / "compression.json").read_text())["checkpoint"]["transformers_reload"] is False
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(d)
 
 
 def test_mixed_widths_become_one_config_group_each(tiny_lm, tmp_path):
