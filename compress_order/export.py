@@ -231,3 +231,72 @@ def load_constraints(model_dir: str | Path) -> dict[str, Any]:
                 q = entry["quant"]
                 q["scale"], q["zero"] = tensors[q["scale"]], tensors[q["zero"]].float()
     return record
+
+
+def export_command(args: list[str]) -> int:
+    """`compress-order export RUN_DIR --order "a > b" [--format ...]`: rebuild one full order of a finished run from
+    its saved config (the same stages, settings and calibration seed) and write it to RUN_DIR/models/<order>/."""
+    import argparse
+    from typing import NoReturn
+
+    def error(message: str) -> NoReturn:
+        raise UserError(f"export: {message}; usage: export RUN_DIR --order \"a > b\" [--format FORMAT]")
+
+    parser = argparse.ArgumentParser(prog="compress-order export", exit_on_error=False)
+    parser.error = error  # type: ignore[method-assign]  (one line instead of argparse's usage and exit)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--order", required=True, help='a full order of the run, e.g. "magnitude > rtn"')
+    parser.add_argument("--format", default="auto", dest="fmt", help=f"one of: {', '.join(SAVE_FORMATS)}")
+    try:
+        ns, unknown = parser.parse_known_args(args)
+    except argparse.ArgumentError as e:
+        error(str(e))
+    if unknown:
+        error(f"unexpected argument(s) {' '.join(unknown)}")
+    checkpoint_format({}, ns.fmt)  # the format's name, before any model is loaded
+    dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt)
+    record = json.loads((dest / "compression.json").read_text(encoding="utf-8"))
+    print(f"{dest}: {summary_line(record['checkpoint'])}")
+    return 0
+
+
+def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto") -> Path:
+    """Apply the stages of `order` to the run's dense model as the run did, check every invariant, and save."""
+    from omegaconf import OmegaConf
+
+    from compress_order.config import build
+    from compress_order.plan import run_seeds, with_seed
+    from compress_order.runner import apply_stage
+    from compress_order.stages import build_stage, stage_configs
+    from compress_order.tasks import build_task
+    from compress_order.targets import ModelState, find_targets
+    from compress_order.trie import build_trie, full_orders
+    from compress_order.validate import resolve_device
+
+    saved = Path(run_dir) / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run_dir} has no .hydra/config.yaml; expected the folder of a `compress-order run`")
+    cfg = OmegaConf.load(saved)
+    staged, joint = stage_configs(cfg), stage_configs(cfg, key="joint")
+    by_label = {sc["label"]: sc for sc in staged + joint}
+    full = {n.order for n in full_orders(build_trie([sc["label"] for sc in staged], [sc["label"] for sc in joint]))}
+    if order not in full:
+        valid = "; ".join(sorted(" > ".join(o) for o in full))
+        raise UserError(f"order '{' > '.join(order)}' is not a full order of this run; valid: {valid}")
+    cfg = with_seed(cfg, run_seeds(cfg)[0])
+    device = resolve_device(str(cfg.device))
+    cfg.device = str(device)
+    lm = build(cfg.model)
+    if not hasattr(lm.model, "save_pretrained"):
+        raise UserError(f"export needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
+    lm.model.to(device)
+    targets = find_targets(lm.model, lm.skip)
+    state = ModelState(lm.model, targets)
+    stages = {lab: build_stage(by_label[lab]) for lab in order}
+    for s in stages.values():
+        s.validate(targets)
+    task = build_task(lm, build(cfg.data), cfg)
+    torch.manual_seed(int(cfg.seed))
+    for lab in order:
+        apply_stage(stages[lab], state, task, cfg)
+    return save_model(lm, targets, order, Path(run_dir) / MODELS_DIR / order_slug(order), fmt)

@@ -232,3 +232,40 @@ def test_saved_orders_reload_to_the_evaluated_perplexity(tiny_overrides, tmp_pat
     side = json.loads((d / "compression.json").read_text())["checkpoint"]
     assert side["exact"] and side["vllm_wna16"]["servable"]
     assert _ppl_of_reload(cfg, d) == df[(df["metric"] == "perplexity") & (df["order"] == "gptq")]["value"].item()
+
+
+def test_export_command_rebuilds_an_order_of_a_run_exactly(tiny_overrides, tmp_path, capsys):
+    from compress_order.cli import main
+
+    over = tiny_overrides + ["bits=4", "group_size=32", "sparsity=0.5", "save=true", "eval.backends=none",
+                             "stages=[magnitude,{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
+    assert main(["run", *over]) == 0
+    run_dir = tmp_path / "run"
+    d = run_dir / "models" / "gptq_then_magnitude"
+    saved = load_file(str(d / "model.safetensors"))
+    capsys.readouterr()
+
+    assert main(["export", str(run_dir), "--order", "gptq > magnitude", "--format", "compressed-tensors"]) == 0
+    out = capsys.readouterr().out
+    assert f"{d}: compressed-tensors pack-quantized, 4-bit group 32 symmetric; exact; vLLM WNA16 serves it" in out
+    again = load_file(str(d / "model.safetensors"))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+    back = dequantized(d, torch.float32)
+    assert main(["export", str(run_dir), "--order", "gptq > magnitude", "--format", "dense"]) == 0
+    dense = load_file(str(d / "model.safetensors"))
+    assert "quantization_config" not in json.loads((d / "config.json").read_text())
+    assert dense.keys() == back.keys() and all(torch.equal(dense[k], back[k]) for k in dense)
+
+    assert main(["export", str(run_dir), "--order", "magnitude > rtn"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "compress-order: error: order 'magnitude > rtn' is not a full order of this run; "
+        "valid: gptq > magnitude; magnitude > gptq"
+    )
+    assert main(["export", str(tmp_path), "--order", "gptq > magnitude"]) == 2
+    assert "has no .hydra/config.yaml" in capsys.readouterr().err
+    assert main(["export", str(run_dir)]) == 2
+    assert "export: the following arguments are required: --order" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--order", "gptq > magnitude", "--format", "onnx"]) == 2
+    assert "save format 'onnx' is unknown; valid: auto, compressed-tensors, dense" in capsys.readouterr().err
