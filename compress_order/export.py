@@ -206,7 +206,9 @@ def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[
             tensors[f"{name}.scale"] = g.scale.detach().float().cpu().contiguous()
             tensors[f"{name}.zero"] = g.zero.detach().cpu().to(torch.uint8).contiguous()  # integers in [0, 2^bits-1]
         layers[name] = entry
-    return {"weights_dtype": _dtype(targets), "layers": layers}, tensors
+    zeros = sum(int((t.weight == 0).sum()) for t in targets.values())
+    total = sum(t.weight.numel() for t in targets.values())
+    return {"weights_dtype": _dtype(targets), "sparsity": zeros / total, "layers": layers}, tensors
 
 
 def _dtype(targets: dict[str, Target]) -> str:

@@ -178,7 +178,7 @@ def test_sparse_only_node_is_a_plain_dense_checkpoint(tiny_lm, tmp_path):
     d = save_model(lm, targets, ("magnitude",), tmp_path / "m")
     assert "quantization_config" not in json.loads((d / "config.json").read_text())
     side = json.loads((d / "compression.json").read_text())
-    assert side["checkpoint"] == {"format": "dense"}
+    assert side["checkpoint"] == {"format": "dense"} and side["sparsity"] == pytest.approx(0.6, abs=1e-3)
     saved = load_file(str(d / "model.safetensors"))
     for name, t in targets.items():
         assert torch.equal(saved[f"{name}.weight"], t.module.weight.data)
