@@ -21,8 +21,9 @@ Both come with the tokenizer and a sidecar that loaders ignore:
                             `<layer>.scale` (float32) and `<layer>.zero` (uint8 integer zero-points), (rows, groups)
 
 A quantized weight w[r, c] = (code - zero[r, g]) * scale[r, g] with g = c // group_size, code in [0, 2^bits - 1].
-`AutoModelForCausalLM.from_pretrained(dir)` reloads the compressed model as it was evaluated (compressed-tensors
-installed, for that format).
+`AutoModelForCausalLM.from_pretrained(dir)` reloads the compressed model as it was evaluated: a dense checkpoint
+always, a compressed-tensors one when its grids are symmetric (`transformers_reload` in the sidecar; see
+compress_order/ct_export.py), in float32 bit for bit (`exact`).
 """
 from __future__ import annotations
 
