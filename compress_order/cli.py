@@ -22,6 +22,8 @@ commands:
   table PATH...            pivot results of runs into order-vs-order tables
   analyze PATH...          order advantage, intensity gaps and the Progressive Intensity test
   collect PATH...          every run under PATH into one tidy file
+  export RUN_DIR --order "a > b" [--format auto|compressed-tensors|dense]
+                           rebuild one full order of a run and save it (compressed-tensors pack-quantized)
 
 examples:
   compress-order run                                   # embedded char-LLaMA, magnitude & RTN, 3 bits, 70%
@@ -153,6 +155,12 @@ def _first_comment(path: Path) -> str:
     return ""
 
 
+def cmd_export(args: list[str]) -> int:
+    from compress_order.export import export_command
+
+    return export_command(args)
+
+
 def cmd_analysis(cmd: str, args: list[str]) -> int:
     try:
         from compress_order import analysis
@@ -170,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
-    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}
+    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "export": cmd_export}
     try:
         if cmd in commands:
             return commands[cmd](rest)
         if cmd in ("table", "analyze", "collect"):
             return cmd_analysis(cmd, rest)
-        raise UserError(f"unknown command '{cmd}'; valid: analyze, collect, list, run, table, validate")
+        raise UserError(f"unknown command '{cmd}'; valid: analyze, collect, export, list, run, table, validate")
     except UserError as e:
         print(f"compress-order: error: {e}", file=sys.stderr)
         return 2

@@ -1,17 +1,30 @@
 """`save=true`: each full order's compressed model as a Hugging Face checkpoint, with its per-layer constraints.
 
-<run dir>/models/<order slug>/ holds what `save_pretrained` writes (the weights as evaluated: pruned weights are
-exact zeros, quantized weights lie exactly on their grids, in the model's dtype), the tokenizer, and:
+<run dir>/models/<order slug>/ holds a checkpoint in one of two formats:
 
-  compression.json          order, model, and per layer: shape, stages applied, mask density / sparsity / N:M,
-                            quantization bits, group size, symmetry; tensor entries name keys of ↓
+  compressed-tensors  (the default for a node with a quantizer) what serving stacks load: config.json carries a
+                      compressed-tensors `quantization_config` (format pack-quantized, one config group per scheme,
+                      dense layers in `ignore`) and each quantized Linear its packed integer codes, scales and
+                      zero-points, taken from the node's own grids (compress_order/ct_export.py). Pruned weights are
+                      zero codes.
+  dense               (the default for a node without one) what `save_pretrained` writes: the weights as evaluated,
+                      pruned weights exact zeros, quantized weights exactly on their grids, in the model's dtype.
+
+Both come with the tokenizer and a sidecar that loaders ignore:
+
+  compression.json          order, model, checkpoint format (and for compressed-tensors: whether reloading gives
+                            the evaluated weights bit for bit, and whether vLLM's WNA16 path serves it, or why not),
+                            and per layer: shape, stages applied, measured sparsity and structure (dense, unstructured
+                            or N:M), mask density, quantization bits, group size, symmetry; tensor entries name keys
+                            of ↓
   compression.safetensors   per layer `<layer>.mask` (np.packbits of the row-major keep-mask, True = kept),
                             `<layer>.scale` (float32) and `<layer>.zero` (uint8 integer zero-points), (rows, groups)
 
 A quantized weight w[r, c] = (code - zero[r, g]) * scale[r, g] with g = c // group_size, code in [0, 2^bits - 1].
-`AutoModelForCausalLM.from_pretrained(dir)` reloads the compressed model as it was evaluated.
+`AutoModelForCausalLM.from_pretrained(dir)` reloads the compressed model as it was evaluated: a dense checkpoint
+always, a compressed-tensors one when its grids are symmetric (`transformers_reload` in the sidecar; see
+compress_order/ct_export.py), in float32 bit for bit (`exact`).
 """
-
 from __future__ import annotations
 
 import errno
@@ -42,27 +55,49 @@ def order_slug(order: tuple[str, ...]) -> str:
     return "_then_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", lab).strip("-") or "stage" for lab in order)
 
 
-def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path) -> Path | None:
+SAVE_FORMATS = ("auto", "compressed-tensors", "dense")
+
+
+def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
+    """`auto`: compressed-tensors when the node holds a quantizer, else dense (nothing to pack)."""
+    if fmt not in SAVE_FORMATS:
+        raise UserError(f"save format '{fmt}' is unknown; valid: {', '.join(SAVE_FORMATS)}")
+    if fmt == "auto":
+        return "compressed-tensors" if any(t.constraint.grid is not None for t in targets.values()) else "dense"
+    return fmt
+
+
+def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path,
+              fmt: str = "auto") -> Path | None:  # fmt: skip
     """Called for every visited node when `save=true`, with the node's weights in the model: checks at the dense
     node that the model can be saved (before any compression work) and writes every full order."""
-    if node.depth == 0 and not hasattr(lm.model, "save_pretrained"):
-        raise UserError(f"save=true needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
+    if node.depth == 0:
+        if not hasattr(lm.model, "save_pretrained"):
+            raise UserError(f"save=true needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
+        checkpoint_format(targets, fmt)
     if node.depth != full_depth or node.depth == 0:
         return None
-    return save_model(lm, targets, node.order, Path(out_dir) / MODELS_DIR / order_slug(node.order))
+    return save_model(lm, targets, node.order, Path(out_dir) / MODELS_DIR / order_slug(node.order), fmt)
 
 
-def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path) -> Path:
-    """Write the model, tokenizer and constraint files into `dest`, replacing it whole (written beside, renamed)."""
+def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path,
+               fmt: str = "auto") -> Path:  # fmt: skip
+    """Write the model, tokenizer and sidecar into `dest`, replacing it whole (written beside, renamed)."""
+    fmt = checkpoint_format(targets, fmt)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
+        record, tensors = constraint_record(targets)
         with _as_plain_model(lm.model):
-            lm.model.save_pretrained(tmp)
+            if fmt == "compressed-tensors":
+                checkpoint = save_compressed_tensors(lm.model, targets, tmp)
+            else:
+                lm.model.save_pretrained(tmp)
+                checkpoint = {"format": "dense"}
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
-        record, tensors = constraint_record(targets)
-        record = {"format": FORMAT, "model": lm.name, "order": list(order), "label": " > ".join(order), **record}
+        record = {"format": FORMAT, "model": lm.name, "order": list(order), "label": " > ".join(order),
+                  "checkpoint": checkpoint, **record}  # fmt: skip
         if tensors:
             from safetensors.torch import save_file
 
@@ -78,8 +113,43 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise UserError(f"cannot write {dest} ({e.strerror}); choose a writable hydra.run.dir") from None
         raise
-    log.info("saved %s", dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s (%s)", dest, summary_line(checkpoint))
     return dest
+
+
+def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], save_dir: Path) -> dict[str, Any]:
+    """A compressed-tensors pack-quantized checkpoint of the model as it is; returns what the sidecar records."""
+    from compress_order import ct_export
+
+    packed = {n: ct_export.pack_layer(t) for n, t in targets.items() if t.constraint.grid is not None}
+    schemes = {n: p.scheme for n, p in packed.items()}
+    config = ct_export.quantization_config(schemes, ignore=ct_export.dense_linears(model, set(packed)))
+    model.save_pretrained(save_dir, state_dict=ct_export.compressed_state_dict(model, packed))
+    ct_export.write_config(str(save_dir), config)
+    servable, reasons = ct_export.vllm_servability(model, schemes)
+    mismatched = sum(p.mismatched for p in packed.values())
+    return {
+        "format": "compressed-tensors", "compression_format": ct_export.FORMAT,
+        "schemes": sorted({p.scheme.describe() for p in packed.values()}),
+        "exact": mismatched == 0,  # reloading gives the evaluated weights bit for bit
+        "mismatched_weights": mismatched,  # otherwise: weights changed by holding scales in the model dtype
+        "vllm_wna16": {"servable": servable, "reasons": reasons},
+        "transformers_reload": ct_export.transformers_reloads(schemes),
+    }  # fmt: skip
+
+
+def summary_line(checkpoint: dict[str, Any]) -> str:
+    """What a saved checkpoint is, in one line: its format and, for compressed-tensors, exactness and servability."""
+    if checkpoint["format"] != "compressed-tensors":
+        return f"{checkpoint['format']} checkpoint"
+    exact = "exact" if checkpoint["exact"] else f"{checkpoint['mismatched_weights']} weights not exact"
+    vllm = checkpoint["vllm_wna16"]
+    serve = "vLLM WNA16 serves it" if vllm["servable"] else f"vLLM WNA16 does not serve it: {'; '.join(vllm['reasons'])}"
+    reload = "" if checkpoint["transformers_reload"] else "; transformers cannot reload its zero-points"
+    return f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; {serve}{reload}"
 
 
 @contextmanager
@@ -120,6 +190,7 @@ def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[
             "density": 1.0,
             "min_sparsity": float(c.min_sparsity),
             "nm": list(c.nm) if c.nm else None,
+            "structure": f"{c.nm[0]}:{c.nm[1]}" if c.nm else ("dense" if c.mask is None else "unstructured"),
             "mask": None,
             "quant": None,
         }
@@ -136,7 +207,9 @@ def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[
             tensors[f"{name}.scale"] = g.scale.detach().float().cpu().contiguous()
             tensors[f"{name}.zero"] = g.zero.detach().cpu().to(torch.uint8).contiguous()  # integers in [0, 2^bits-1]
         layers[name] = entry
-    return {"weights_dtype": _dtype(targets), "layers": layers}, tensors
+    zeros = sum(int((t.weight == 0).sum()) for t in targets.values())
+    total = sum(t.weight.numel() for t in targets.values())
+    return {"weights_dtype": _dtype(targets), "sparsity": zeros / total, "layers": layers}, tensors
 
 
 def _dtype(targets: dict[str, Target]) -> str:
@@ -161,3 +234,72 @@ def load_constraints(model_dir: str | Path) -> dict[str, Any]:
                 q = entry["quant"]
                 q["scale"], q["zero"] = tensors[q["scale"]], tensors[q["zero"]].float()
     return record
+
+
+def export_command(args: list[str]) -> int:
+    """`compress-order export RUN_DIR --order "a > b" [--format ...]`: rebuild one full order of a finished run from
+    its saved config (the same stages, settings and calibration seed) and write it to RUN_DIR/models/<order>/."""
+    import argparse
+    from typing import NoReturn
+
+    def error(message: str) -> NoReturn:
+        raise UserError(f"export: {message}; usage: export RUN_DIR --order \"a > b\" [--format FORMAT]")
+
+    parser = argparse.ArgumentParser(prog="compress-order export", exit_on_error=False)
+    parser.error = error  # type: ignore[method-assign]  (one line instead of argparse's usage and exit)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--order", required=True, help='a full order of the run, e.g. "magnitude > rtn"')
+    parser.add_argument("--format", default="auto", dest="fmt", help=f"one of: {', '.join(SAVE_FORMATS)}")
+    try:
+        ns, unknown = parser.parse_known_args(args)
+    except argparse.ArgumentError as e:
+        error(str(e))
+    if unknown:
+        error(f"unexpected argument(s) {' '.join(unknown)}")
+    checkpoint_format({}, ns.fmt)  # the format's name, before any model is loaded
+    dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt)
+    record = json.loads((dest / "compression.json").read_text(encoding="utf-8"))
+    print(f"{dest}: {summary_line(record['checkpoint'])}")
+    return 0
+
+
+def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto") -> Path:
+    """Apply the stages of `order` to the run's dense model as the run did, check every invariant, and save."""
+    from omegaconf import OmegaConf
+
+    from compress_order.config import build
+    from compress_order.plan import run_seeds, with_seed
+    from compress_order.runner import apply_stage
+    from compress_order.stages import build_stage, stage_configs
+    from compress_order.tasks import build_task
+    from compress_order.targets import ModelState, find_targets
+    from compress_order.trie import build_trie, full_orders
+    from compress_order.validate import resolve_device
+
+    saved = Path(run_dir) / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run_dir} has no .hydra/config.yaml; expected the folder of a `compress-order run`")
+    cfg = OmegaConf.load(saved)
+    staged, joint = stage_configs(cfg), stage_configs(cfg, key="joint")
+    by_label = {sc["label"]: sc for sc in staged + joint}
+    full = {n.order for n in full_orders(build_trie([sc["label"] for sc in staged], [sc["label"] for sc in joint]))}
+    if order not in full:
+        valid = "; ".join(sorted(" > ".join(o) for o in full))
+        raise UserError(f"order '{' > '.join(order)}' is not a full order of this run; valid: {valid}")
+    cfg = with_seed(cfg, run_seeds(cfg)[0])
+    device = resolve_device(str(cfg.device))
+    cfg.device = str(device)
+    lm = build(cfg.model)
+    if not hasattr(lm.model, "save_pretrained"):
+        raise UserError(f"export needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
+    lm.model.to(device)
+    targets = find_targets(lm.model, lm.skip)
+    state = ModelState(lm.model, targets)
+    stages = {lab: build_stage(by_label[lab]) for lab in order}
+    for s in stages.values():
+        s.validate(targets)
+    task = build_task(lm, build(cfg.data), cfg)
+    torch.manual_seed(int(cfg.seed))
+    for lab in order:
+        apply_stage(stages[lab], state, task, cfg)
+    return save_model(lm, targets, order, Path(run_dir) / MODELS_DIR / order_slug(order), fmt)

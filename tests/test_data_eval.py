@@ -227,7 +227,8 @@ def test_missing_lm_eval_gives_the_install_hint(monkeypatch):
 def test_save_writes_full_orders_that_reload_to_the_same_perplexity(tiny_overrides, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    over = tiny_overrides + ["group_size=64", "bits=3", "sparsity=0.6", "save=true", "eval.backends=none"]
+    over = tiny_overrides + ["group_size=64", "bits=3", "sparsity=0.6", "save=true", "eval.backends=none",
+                             "stages=[magnitude,{name:rtn,sym:true,label:rtn}]"]  # transformers reloads symmetric grids
     cfg = compose_config(over)
     df = run(cfg, tmp_path / "out")
     models = tmp_path / "out" / "models"
@@ -254,7 +255,7 @@ def test_save_writes_full_orders_that_reload_to_the_same_perplexity(tiny_overrid
             assert layer["density"] == pytest.approx(mask.float().mean().item()) and layer["min_sparsity"] == 0.6
             assert int((~mask).sum()) >= required_zeros(0.6, mask.numel()) and layer["nm"] is None
             assert (w[~mask] == 0).all() and layer["sparsity"] == pytest.approx((w == 0).float().mean().item())
-            assert (q["bits"], q["group_size"], q["sym"]) == (3, 64, False)
+            assert (q["bits"], q["group_size"], q["sym"]) == (3, 64, True)
             assert q["scale"].shape == q["zero"].shape == (w.shape[0], q["n_groups"])
             grid = QuantGrid(q["bits"], q["group_size"], q["sym"], q["scale"], q["zero"])
             assert torch.equal(grid.project(w), w)  # every saved weight lies on its recorded grid
@@ -286,7 +287,7 @@ def test_smollm2_on_shakespeare_runs_and_exports(tmp_path):
     over = [
         "model=smollm2", "data=shakespeare", "group_size=64", "bits=4", "sparsity=0.5", "eval.max_windows=4",
         "eval.batch_size=4", "eval.backends=none", "eval.latency.repeats=1", "eval.latency.warmup=0", "threads=2",
-        "save=true", f"store_dir={tmp_path / 'store'}",
+        "save=true", f"store_dir={tmp_path / 'store'}", "stages=[magnitude,{name:rtn,sym:true,label:rtn}]",
     ]  # fmt: skip
     cfg = compose_config(over)
     df = run(cfg, tmp_path / "out")

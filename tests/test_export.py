@@ -1,0 +1,271 @@
+"""compressed-tensors pack-quantized export: the node's own codes, read back by compressed-tensors and transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+from safetensors.torch import load_file
+
+from compress_order.config import build, compose_config
+from compress_order.errors import UserError
+from compress_order.export import checkpoint_format, save_model
+from compress_order.models import causal_lm
+from compress_order.quant import fit_grid
+from compress_order.runner import run
+from compress_order.stages.base import set_quantized
+from compress_order.stages.magnitude import Magnitude
+from compress_order.targets import ModelState, find_targets
+from compress_order.tasks.lm import LMTask
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_llama):
+    lm = causal_lm("tiny", str(tiny_llama))
+    targets = find_targets(lm.model, lm.skip)
+    state = ModelState(lm.model, targets)
+    return lm, targets, state, state.snapshot()
+
+
+def rtn(targets, bits: int, group_size: int, sym: bool, layers=None) -> None:
+    for name, t in targets.items():
+        b = layers.get(name, bits) if layers else bits
+        grid = fit_grid(t.weight, b, group_size, sym)
+        set_quantized(t, grid.project(t.weight), grid, "rtn")
+
+
+def dequantized(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as compressed-tensors' own model-free dequantizer gives them back."""
+    tensors = load_file(str(path / "model.safetensors"))
+    return CompressedTensorsDequantizer(path, dtype=dtype).process(tensors)
+
+
+def qconfig(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_exports_its_own_codes_bit_for_bit(tiny_lm, tmp_path, bits, group_size, sym):
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    rtn(targets, bits, group_size, sym)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m", fmt="compressed-tensors")
+
+    qc = qconfig(d)
+    assert (qc["quant_method"], qc["format"], qc["quantization_status"]) == ("compressed-tensors", "pack-quantized", "compressed")
+    assert qc["ignore"] == ["lm_head"] and list(qc["config_groups"]) == ["group_0"]
+    group = qc["config_groups"]["group_0"]
+    assert sorted(group["targets"]) == sorted(targets)
+    w = group["weights"]
+    assert (w["num_bits"], w["symmetric"], w["type"]) == (bits, sym, "int")
+    assert (w["strategy"], w["group_size"]) == (("group", 32) if group_size == 32 else ("channel", None))
+
+    raw = load_file(str(d / "model.safetensors"))
+    back = dequantized(d, torch.float32)
+    for name, t in targets.items():
+        grid = t.constraint.grid
+        codes = unpack_from_int32(raw[f"{name}.weight_packed"], bits, t.weight.shape)
+        assert torch.equal(codes.float() + 2 ** (bits - 1), grid.codes(t.weight))  # the grid's own codes
+        assert (f"{name}.weight_zero_point" in raw) is (not sym)
+        assert torch.equal(back[f"{name}.weight"], t.module.weight.data)  # bit for bit
+    assert torch.equal(back["lm_head.weight"], lm.model.lm_head.weight.data)
+
+    side = json.loads((d / "compression.json").read_text())
+    assert side["checkpoint"]["exact"] is True and side["checkpoint"]["mismatched_weights"] == 0
+    vllm = side["checkpoint"]["vllm_wna16"]
+    assert vllm["servable"] is (bits in (4, 8))
+    if bits not in (4, 8):
+        assert vllm["reasons"] == [f"{bits}-bit weights (WNA16 takes 4 or 8)"]
+
+
+def test_transformers_reloads_a_symmetric_export_to_the_same_logits(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    rtn(targets, 4, 32, True)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m")  # auto: a node with a quantizer → compressed-tensors
+    model = AutoModelForCausalLM.from_pretrained(d)
+    x = torch.arange(1, 33).reshape(1, 32) % lm.model.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, lm.model(x).logits)  # the first forward decompresses
+    mods = dict(model.named_modules())
+    assert all(torch.equal(mods[n].weight.data, t.module.weight.data) for n, t in targets.items())
+    assert json.loads((d / "compression.json").read_text())["checkpoint"]["transformers_reload"] is True
+
+
+def test_the_sidecar_says_transformers_cannot_reload_zero_points(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    rtn(targets, 4, 32, False)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m")
+    assert json.loads((d / "compression.json").read_text())["checkpoint"]["transformers_reload"] is False
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+def test_mixed_widths_become_one_config_group_each(tiny_lm, tmp_path):
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    wide = {n: 8 for n in targets if n.endswith(("q_proj", "down_proj"))}
+    rtn(targets, 4, 32, False, layers=wide)
+    d = save_model(lm, targets, ("rtn_mixed",), tmp_path / "m")
+    groups = qconfig(d)["config_groups"]
+    by_bits = {g["weights"]["num_bits"]: sorted(g["targets"]) for g in groups.values()}
+    assert by_bits == {4: sorted(set(targets) - set(wide)), 8: sorted(wide)}
+    back = dequantized(d, torch.float32)
+    assert all(torch.equal(back[f"{n}.weight"], t.module.weight.data) for n, t in targets.items())
+    vllm = json.loads((d / "compression.json").read_text())["checkpoint"]["vllm_wna16"]
+    assert not vllm["servable"]
+    assert vllm["reasons"] == [
+        "model.layers.0.self_attn: q_proj, k_proj, v_proj differ in scheme but vLLM fuses them into qkv_proj"
+    ]
+
+
+def test_group_size_vllm_cannot_take_is_named(tiny_lm, tmp_path):
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    rtn(targets, 4, 16, True)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m")
+    vllm = json.loads((d / "compression.json").read_text())["checkpoint"]["vllm_wna16"]
+    assert vllm == {"servable": False, "reasons": ["group size 16 (WNA16 takes -1, 32, 64, 128)"]}
+
+
+def test_half_precision_export_reports_scales_the_dtype_cannot_hold(tiny_llama, tmp_path):
+    lm = causal_lm("tiny", str(tiny_llama), dtype="float16")
+    targets = find_targets(lm.model, lm.skip)
+    rtn(targets, 4, 32, False)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m")
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    back = dequantized(d, torch.float16)
+    differ = sum(int((back[f"{n}.weight"] != t.module.weight.data).sum()) for n, t in targets.items())
+    assert ck["mismatched_weights"] == differ and ck["exact"] is (differ == 0)
+
+
+def test_pruned_weights_are_zero_codes_and_the_sidecar_records_structure(tiny_lm, tmp_path):
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    prune = Magnitude(sparsity=0.5, nm="2:4", name="magnitude")
+    for t in targets.values():
+        prune.compress(t)
+    rtn(targets, 4, 32, True)
+    d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / "m")
+    raw, back = load_file(str(d / "model.safetensors")), dequantized(d, torch.float32)
+    layers = json.loads((d / "compression.json").read_text())["layers"]
+    for name, t in targets.items():
+        codes = unpack_from_int32(raw[f"{name}.weight_packed"], 4, t.weight.shape)
+        assert (codes[~t.constraint.mask] == 0).all()  # symmetric zero code
+        assert torch.equal(back[f"{name}.weight"], t.module.weight.data)
+        assert layers[name]["structure"] == "2:4"
+        assert layers[name]["sparsity"] == pytest.approx(float((t.weight == 0).float().mean()))
+        assert layers[name]["sparsity"] >= 0.5
+
+
+def test_sparse_only_node_is_a_plain_dense_checkpoint(tiny_lm, tmp_path):
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    for t in targets.values():
+        Magnitude(sparsity=0.6, name="magnitude").compress(t)
+    assert checkpoint_format(targets) == "dense"
+    d = save_model(lm, targets, ("magnitude",), tmp_path / "m")
+    assert "quantization_config" not in json.loads((d / "config.json").read_text())
+    side = json.loads((d / "compression.json").read_text())
+    assert side["checkpoint"] == {"format": "dense"} and side["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    saved = load_file(str(d / "model.safetensors"))
+    for name, t in targets.items():
+        assert torch.equal(saved[f"{name}.weight"], t.module.weight.data)
+        assert side["layers"][name]["structure"] == "unstructured"
+        assert side["layers"][name]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_dense_format_stays_available_and_bad_formats_are_named(tiny_lm, tmp_path):
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    rtn(targets, 4, 32, False)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m", fmt="dense")
+    assert "quantization_config" not in json.loads((d / "config.json").read_text())
+    with pytest.raises(UserError, match="save format 'gguf' is unknown; valid: auto, compressed-tensors, dense"):
+        save_model(lm, targets, ("rtn",), tmp_path / "x", fmt="gguf")
+
+
+def _ppl_of_reload(cfg, d: Path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    lm = build(cfg.model)
+    lm.model = AutoModelForCausalLM.from_pretrained(d)
+    cfg.device = "cpu"
+    metrics, _ = LMTask(lm, build(cfg.data), cfg).evaluate(lm.model)
+    return metrics["perplexity"]
+
+
+def test_saved_orders_reload_to_the_evaluated_perplexity(tiny_overrides, tmp_path):
+    """Mask and grid in both orders, and GPTQ with act-order: transformers reloads the exports (symmetric grids)
+    and gives each node's perplexity exactly."""
+    over = tiny_overrides + [
+        "bits=4", "group_size=32", "sparsity=0.5", "save=true", "eval.backends=none",
+        "stages=[magnitude,{name:rtn,sym:true,label:rtn}]",
+        "joint=[]",
+    ]  # fmt: skip
+    cfg = compose_config(over)
+    df = run(cfg, tmp_path / "out")
+    ppl = df[df["metric"] == "perplexity"].set_index("order")["value"]
+    for folder, order in (("magnitude_then_rtn", "magnitude > rtn"), ("rtn_then_magnitude", "rtn > magnitude")):
+        d = tmp_path / "out" / "models" / folder
+        assert qconfig(d)["format"] == "pack-quantized"
+        assert _ppl_of_reload(cfg, d) == ppl[order]
+
+    over = tiny_overrides + [
+        "bits=4", "group_size=32", "save=true", "eval.backends=none",
+        "stages=[{name:gptq,act_order:true,static_groups:true,sym:true,label:gptq}]",
+    ]  # fmt: skip
+    cfg = compose_config(over)
+    df = run(cfg, tmp_path / "gptq")
+    d = tmp_path / "gptq" / "models" / "gptq"
+    side = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert side["exact"] and side["vllm_wna16"]["servable"]
+    assert _ppl_of_reload(cfg, d) == df[(df["metric"] == "perplexity") & (df["order"] == "gptq")]["value"].item()
+
+
+def test_export_command_rebuilds_an_order_of_a_run_exactly(tiny_overrides, tmp_path, capsys):
+    from compress_order.cli import main
+
+    over = tiny_overrides + ["bits=4", "group_size=32", "sparsity=0.5", "save=true", "eval.backends=none",
+                             "stages=[magnitude,{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
+    assert main(["run", *over]) == 0
+    run_dir = tmp_path / "run"
+    d = run_dir / "models" / "gptq_then_magnitude"
+    saved = load_file(str(d / "model.safetensors"))
+    capsys.readouterr()
+
+    assert main(["export", str(run_dir), "--order", "gptq > magnitude", "--format", "compressed-tensors"]) == 0
+    out = capsys.readouterr().out
+    assert f"{d}: compressed-tensors pack-quantized, 4-bit group 32 symmetric; exact; vLLM WNA16 serves it" in out
+    again = load_file(str(d / "model.safetensors"))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+    back = dequantized(d, torch.float32)
+    assert main(["export", str(run_dir), "--order", "gptq > magnitude", "--format", "dense"]) == 0
+    dense = load_file(str(d / "model.safetensors"))
+    assert "quantization_config" not in json.loads((d / "config.json").read_text())
+    assert dense.keys() == back.keys() and all(torch.equal(dense[k], back[k]) for k in dense)
+
+    assert main(["export", str(run_dir), "--order", "magnitude > rtn"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "compress-order: error: order 'magnitude > rtn' is not a full order of this run; "
+        "valid: gptq > magnitude; magnitude > gptq"
+    )
+    assert main(["export", str(tmp_path), "--order", "gptq > magnitude"]) == 2
+    assert "has no .hydra/config.yaml" in capsys.readouterr().err
+    assert main(["export", str(run_dir)]) == 2
+    assert "export: the following arguments are required: --order" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--order", "gptq > magnitude", "--format", "onnx"]) == 2
+    assert "save format 'onnx' is unknown; valid: auto, compressed-tensors, dense" in capsys.readouterr().err
