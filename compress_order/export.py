@@ -59,11 +59,14 @@ SAVE_FORMATS = ("auto", "compressed-tensors", "dense")
 
 
 def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
-    """`auto`: compressed-tensors when the node holds a quantizer, else dense (nothing to pack)."""
+    """`auto`: compressed-tensors when the node holds a quantizer whose grids are all symmetric; dense otherwise —
+    nothing to pack, or zero-points, which compressed-tensors 0.20 writes (vLLM serves them) but transformers cannot
+    load back, so a dense checkpoint is what reloads with `model.path=` (ask for compressed-tensors to get one)."""
     if fmt not in SAVE_FORMATS:
         raise UserError(f"save format '{fmt}' is unknown; valid: {', '.join(SAVE_FORMATS)}")
     if fmt == "auto":
-        return "compressed-tensors" if any(t.constraint.grid is not None for t in targets.values()) else "dense"
+        grids = [t.constraint.grid for t in targets.values() if t.constraint.grid is not None]
+        return "compressed-tensors" if grids and all(g.sym for g in grids) else "dense"
     return fmt
 
 
@@ -267,7 +270,7 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto") -> Pa
     """Apply the stages of `order` to the run's dense model as the run did, check every invariant, and save."""
     from omegaconf import OmegaConf
 
-    from compress_order.config import build
+    from compress_order.instantiate import build
     from compress_order.plan import run_seeds, with_seed
     from compress_order.runner import apply_stage
     from compress_order.stages import build_stage, stage_configs

@@ -251,7 +251,7 @@ class Executor:
                 finally:
                     store.release(plan.keys[node.order])
             stats.from_store += status == "stored"
-            if cfg.save and save_node(lm, targets, node, plan.full_depth, self.out_dir) is not None:
+            if cfg.save and save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg.save_format) is not None:
                 stats.saved += 1
             if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
                 deferred.append(node)

@@ -49,6 +49,7 @@ BAD = [
     (["state_cache.max_gb=0"], "state_cache.max_gb=0 must be a number > 0"),
     (["force=maybe"], "force=maybe must be true or false"),
     (["bits=${oc.env:COMPRESS_ORDER_NO_SUCH_VAR}"], "cannot resolve bits: "),
+    (["save_format=gguf"], "save_format=gguf is unknown; valid: auto, compressed-tensors, dense"),
     (["replicates=0"], "replicates=0 must be an integer ≥ 1 (calibration seeds per run)"),
     (["seeds=[0,1,0]"], "seeds=[0, 1, 0] repeats a seed"),
     (["seeds=[1,-2]"], "seeds=[1, -2] must hold integers ≥ 0 only"),

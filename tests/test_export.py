@@ -11,7 +11,8 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
 from safetensors.torch import load_file
 
-from compress_order.config import build, compose_config
+from compress_order.config import compose_config
+from compress_order.instantiate import build
 from compress_order.errors import UserError
 from compress_order.export import checkpoint_format, save_model
 from compress_order.models import causal_lm
@@ -106,10 +107,15 @@ def test_the_sidecar_says_transformers_cannot_reload_zero_points(tiny_lm, tmp_pa
     lm, targets, state, dense = tiny_lm
     state.restore(dense)
     rtn(targets, 4, 32, False)
-    d = save_model(lm, targets, ("rtn",), tmp_path / "m")
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m", "compressed-tensors")
     assert json.loads((d / "compression.json").read_text())["checkpoint"]["transformers_reload"] is False
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(d)
+    # so `auto` saves grids with zero-points dense, which reloads bit for bit
+    d = save_model(lm, targets, ("rtn",), tmp_path / "auto")
+    assert json.loads((d / "compression.json").read_text())["checkpoint"]["format"] == "dense"
+    mods = dict(AutoModelForCausalLM.from_pretrained(d).named_modules())
+    assert all(torch.equal(mods[n].weight.data, t.module.weight.data) for n, t in targets.items())
 
 
 def test_mixed_widths_become_one_config_group_each(tiny_lm, tmp_path):
@@ -117,7 +123,7 @@ def test_mixed_widths_become_one_config_group_each(tiny_lm, tmp_path):
     state.restore(dense)
     wide = {n: 8 for n in targets if n.endswith(("q_proj", "down_proj"))}
     rtn(targets, 4, 32, False, layers=wide)
-    d = save_model(lm, targets, ("rtn_mixed",), tmp_path / "m")
+    d = save_model(lm, targets, ("rtn_mixed",), tmp_path / "m", "compressed-tensors")
     groups = qconfig(d)["config_groups"]
     by_bits = {g["weights"]["num_bits"]: sorted(g["targets"]) for g in groups.values()}
     assert by_bits == {4: sorted(set(targets) - set(wide)), 8: sorted(wide)}
@@ -143,7 +149,7 @@ def test_half_precision_export_reports_scales_the_dtype_cannot_hold(tiny_llama, 
     lm = causal_lm("tiny", str(tiny_llama), dtype="float16")
     targets = find_targets(lm.model, lm.skip)
     rtn(targets, 4, 32, False)
-    d = save_model(lm, targets, ("rtn",), tmp_path / "m")
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m", "compressed-tensors")
     ck = json.loads((d / "compression.json").read_text())["checkpoint"]
     back = dequantized(d, torch.float16)
     differ = sum(int((back[f"{n}.weight"] != t.module.weight.data).sum()) for n, t in targets.items())
