@@ -7,7 +7,6 @@ README.md names exactly the families of `FAMILIES` (checked below), so the claim
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -109,6 +108,7 @@ def test_family_runs_every_order_and_compresses_every_projection(family, text, t
     from transformers import AutoModelForCausalLM
 
     from compress_order.config import compose_config
+    from compress_order.export import load_constraints
     from compress_order.runner import run
 
     ckpt = save_tiny(family, tmp_path / "ckpt")
@@ -139,9 +139,12 @@ def test_family_runs_every_order_and_compresses_every_projection(family, text, t
                 assert w.shape == dense[name].shape
                 assert float((w == 0).float().mean()) >= SPARSITY - 1e-9, (family, folder.name, name)
                 assert _distinct_per_group(w, GROUP) <= 2**BITS, (family, folder.name, name)
-            layers = json.loads((folder / "compression.json").read_text()).get("layers", {})
-            if layers:  # the constraint file lists exactly the compressed layers, with their (out, in) shape
-                assert set(layers) == set(dense), (family, folder.name)
+            # The constraint files list exactly these layers, masks in the (out, in) view: pruned weights are zero.
+            layers = load_constraints(folder)["layers"]
+            assert set(layers) == set(dense), (family, folder.name)
+            for name, entry in layers.items():
+                assert list(entry["shape"]) == list(got[name].shape), (family, name)
+                assert torch.all(got[name][~entry["mask"]] == 0), (family, folder.name, name)
 
     # Every family declares its block class: the driver takes it from the metadata, not from a guess.
     blocks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoder blocks")]
