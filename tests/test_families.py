@@ -115,11 +115,12 @@ def test_family_runs_every_order_and_compresses_every_projection(family, text, t
     dense = _projections(AutoModelForCausalLM.from_pretrained(ckpt))
     assert dense, family
 
-    for stages, orders in [
-        ("[wanda,gptq]", {"wanda > gptq", "gptq > wanda"}),
-        ("[sparsegpt,rtn]", {"sparsegpt > rtn", "rtn > sparsegpt"}),
+    for stages, orders, sequential in [  # both ways of feeding a block: all layers at once, group by group
+        ("[wanda,gptq]", {"wanda > gptq", "gptq > wanda"}, "false"),
+        ("[sparsegpt,rtn]", {"sparsegpt > rtn", "rtn > sparsegpt"}, "true"),
     ]:
-        cfg = compose_config(overrides(ckpt, text, tmp_path, stages) + ["save=true"])
+        extra = ["save=true", f"calibration.true_sequential={sequential}"]
+        cfg = compose_config(overrides(ckpt, text, tmp_path, stages) + extra)
         with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
             df = run(cfg, tmp_path / f"out-{stages}")
         full = orders | {"sparsegpt+gptq"}
