@@ -7,7 +7,6 @@ README.md names exactly the families of `FAMILIES` (checked below), so the claim
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -23,6 +22,9 @@ HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 64
 SPARSITY, BITS, GROUP = 0.5, 4, 32
 README = Path(__file__).resolve().parents[1] / "README.md"
 
+# The families the calibration driver is tested on; README.md lists exactly these.
+FAMILIES = ("LLaMA", "Mistral", "Qwen2", "OPT", "GPT-2", "GPT-NeoX", "Phi-3", "Gemma2", "Falcon")
+
 
 def _config(family: str, vocab: int):
     """A transformers config of `family` with hidden 64, 2 layers and the char tokenizer's vocabulary."""
@@ -35,8 +37,9 @@ def _config(family: str, vocab: int):
         "LLaMA": lambda: tf.LlamaConfig(**gqa),
         "Mistral": lambda: tf.MistralConfig(sliding_window=32, **gqa),
         "Qwen2": lambda: tf.Qwen2Config(**gqa),
-        "OPT": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, word_embed_proj_dim=HIDDEN, num_hidden_layers=LAYERS,
-                                    num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **ids),
+        "OPT": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, word_embed_proj_dim=HIDDEN,
+                                    num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                    max_position_embeddings=CONTEXT, **ids),
         "GPT-2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, **ids),
         "GPT-NeoX": lambda: tf.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
                                              num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **ids),
@@ -46,10 +49,6 @@ def _config(family: str, vocab: int):
                                           **ids),
     }  # fmt: skip
     return builders[family]()
-
-
-# The families the calibration driver is tested on; README.md lists exactly these.
-FAMILIES = ("LLaMA", "Mistral", "Qwen2", "OPT", "GPT-2", "GPT-NeoX", "Phi-3", "Gemma2", "Falcon")
 
 
 def _projections(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -109,17 +108,19 @@ def test_family_runs_every_order_and_compresses_every_projection(family, text, t
     from transformers import AutoModelForCausalLM
 
     from compress_order.config import compose_config
+    from compress_order.export import load_constraints
     from compress_order.runner import run
 
     ckpt = save_tiny(family, tmp_path / "ckpt")
     dense = _projections(AutoModelForCausalLM.from_pretrained(ckpt))
     assert dense, family
 
-    for stages, orders in [
-        ("[wanda,gptq]", {"wanda > gptq", "gptq > wanda"}),
-        ("[sparsegpt,rtn]", {"sparsegpt > rtn", "rtn > sparsegpt"}),
+    for stages, orders, sequential in [  # both ways of feeding a block: all layers at once, group by group
+        ("[wanda,gptq]", {"wanda > gptq", "gptq > wanda"}, "false"),
+        ("[sparsegpt,rtn]", {"sparsegpt > rtn", "rtn > sparsegpt"}, "true"),
     ]:
-        cfg = compose_config(overrides(ckpt, text, tmp_path, stages) + ["save=true"])
+        extra = ["save=true", f"calibration.true_sequential={sequential}"]
+        cfg = compose_config(overrides(ckpt, text, tmp_path, stages) + extra)
         with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
             df = run(cfg, tmp_path / f"out-{stages}")
         full = orders | {"sparsegpt+gptq"}
@@ -139,12 +140,16 @@ def test_family_runs_every_order_and_compresses_every_projection(family, text, t
                 assert w.shape == dense[name].shape
                 assert float((w == 0).float().mean()) >= SPARSITY - 1e-9, (family, folder.name, name)
                 assert _distinct_per_group(w, GROUP) <= 2**BITS, (family, folder.name, name)
-            layers = json.loads((folder / "compression.json").read_text()).get("layers", {})
-            if layers:  # the constraint file lists exactly the compressed layers, with their (out, in) shape
-                assert set(layers) == set(dense), (family, folder.name)
+            # The constraint files list exactly these layers, masks in the (out, in) view: pruned weights are zero.
+            layers = load_constraints(folder)["layers"]
+            assert set(layers) == set(dense), (family, folder.name)
+            for name, entry in layers.items():
+                assert list(entry["shape"]) == list(got[name].shape), (family, name)
+                assert torch.all(got[name][~entry["mask"]] == 0), (family, folder.name, name)
 
-    blocks = [r.getMessage() for r in caplog.records if "decoder blocks" in r.getMessage()]
-    assert blocks and f"{LAYERS} " in blocks[0], blocks
+    # Every family declares its block class: the driver takes it from the metadata, not from a guess.
+    blocks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoder blocks")]
+    assert blocks and all(f"× {LAYERS} at " in b and b.endswith("(from _no_split_modules)") for b in blocks), blocks
 
 
 def test_readme_names_exactly_the_tested_families():
