@@ -92,11 +92,13 @@ def set_pruned(target: Target, w: Tensor, mask: Tensor, sparsity: float, nm: tup
     c.applied.append(label)
 
 
-def set_quantized(target: Target, w: Tensor, grid: QuantGrid, label: str) -> None:
-    """Write weights already on `grid`; pruned positions are forced to the grid's exact zero."""
+def set_quantized(target: Target, w: Tensor, grid: QuantGrid, label: str, record: bool = True) -> None:
+    """Write weights already on `grid`; pruned positions are forced to the grid's exact zero. `record=False` for
+    a joint stage whose one application set_pruned has recorded already."""
     c = target.constraint
     if c.mask is not None:
         w = w * c.mask
     target.set_weight(w)
     c.grid = grid
-    c.applied.append(label)
+    if record:
+        c.applied.append(label)

@@ -12,7 +12,7 @@ from typing import Any
 from compress_order.constraints import required_zeros
 from compress_order.hessian import HessianStats, damped_inverse_cholesky
 from compress_order.obs import obs_solve
-from compress_order.stages.base import PruneMixin, QuantMixin, Stage, set_pruned
+from compress_order.stages.base import PruneMixin, QuantMixin, Stage, set_pruned, set_quantized
 from compress_order.stages.gptq import column_grid
 from compress_order.stages.sparsegpt import check_solver_params
 from compress_order.targets import Target
@@ -53,4 +53,4 @@ class SparseGPTGPTQ(PruneMixin, QuantMixin, Stage):
         n_prune = 0 if self.nm is not None else required_zeros(self.sparsity, w.numel())
         new, keep = obs_solve(w, U, c.mask, n_prune, self.nm, rounding, self.blocksize)
         set_pruned(target, new, keep, self.sparsity, self.nm, self.label)
-        c.grid = rounding.grid  # one application: the label is recorded once, by set_pruned
+        set_quantized(target, new, rounding.grid, self.label, record=False)  # one application, one label
