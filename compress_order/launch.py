@@ -92,14 +92,17 @@ def hydra_main(args: list[str]) -> int:
 
 def report_sweep(sweep_dir: Path) -> int:
     """Print one line per job, gather every job's rows into the sweep folder, exit 1 if any job failed."""
+    from compress_order.analysis.collect import RESULTS, read_parquet
+
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     frames, failed = [], []
     for job in jobs:
         if (job / FAILURE_FILE).is_file():
             rec = json.loads((job / FAILURE_FILE).read_text())
             failed.append(f"  job {job.name} [{' '.join(rec['overrides'])}]: {rec['error']}")
-        if (job / "results.parquet").is_file():
-            frames.append(pd.read_parquet(job / "results.parquet").assign(job=int(job.name)))
+        rows = read_parquet(job / RESULTS) if (job / RESULTS).is_file() else None  # None: unreadable, warned
+        if rows is not None:
+            frames.append(rows.assign(job=int(job.name)))
     if frames:
         from compress_order.results import atomic_write
 
