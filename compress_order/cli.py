@@ -22,6 +22,8 @@ commands:
   table PATH...            pivot results of runs into order-vs-order tables
   analyze PATH...          order advantage, intensity gaps and the Progressive Intensity test
   collect PATH...          every run under PATH into one tidy file
+  frontier PATH...         accuracy-vs-size Pareto frontier of every node, with its order and settings
+  best PATH... --max-size 1.2GB  the best node within a size, bits or latency budget, with its interval
 
 examples:
   compress-order run                                   # embedded char-LLaMA, magnitude & RTN, 3 bits, 70%
@@ -201,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd in commands:
             return commands[cmd](rest)
-        if cmd in ("table", "analyze", "collect"):
+        if cmd in ("table", "analyze", "collect", "frontier", "best"):
             return cmd_analysis(cmd, rest)
-        raise UserError(f"unknown command '{cmd}'; valid: analyze, collect, list, run, table, validate")
+        raise UserError(f"unknown command '{cmd}'; valid: analyze, best, collect, frontier, list, run, table, validate")
     except UserError as e:
         print(f"compress-order: error: {e}", file=sys.stderr)
         return 2

@@ -100,3 +100,33 @@ def a_heatmap(settings: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_title(f"{model}: A({pair.replace(',', '→')})", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
     return save(fig, out_dir, "a_heatmap")
+
+
+PATTERN_COLOURS = {"dense": "black", "single": "tab:grey", "joint": "tab:purple"}
+
+
+def frontier(points: pd.DataFrame, x: str, metric: str, out_dir: Path) -> list[Path]:
+    """Every node as a point coloured by its pattern (dense, single, joint, prune > quantize, …), the Pareto
+    frontier as a step line, the dense model as a star; one panel per (model, dataset)."""
+    panels = list(points.groupby(["model", "dataset"], sort=False))
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    colours = {p: PATTERN_COLOURS.get(p) or next(cycle) for p in points["pattern"].drop_duplicates()}
+    for ax, ((model, dataset), g) in zip(axes[0], panels):
+        for pat, h in g.groupby("pattern", sort=False):
+            dense = pat == "dense"
+            ax.scatter(h[x], h["value"], s=90 if dense else 22, marker="*" if dense else "o", color=colours[pat],
+                       label=pat, zorder=3)  # fmt: skip
+        front = g[g["frontier"]].sort_values(x)
+        # better-is-up steps: each frontier point holds until the next, larger-cost one
+        ax.step(front[x], front["value"], where="post", color="tab:red", lw=1.2, label="Pareto frontier", zorder=2)
+        ax.scatter(front[x], front["value"], s=60, facecolors="none", edgecolors="tab:red", zorder=4)
+        if x == "size_bytes" and g[x].max() > 10 * g[x].min() > 0:
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{model} / {dataset}: {metric} vs {x}", fontsize=9)
+        ax.legend(fontsize=7)
+    return save(fig, out_dir, f"frontier_{x}")
