@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from compress_order import cli
-from compress_order.analysis import frontier
+from compress_order.analysis import collect, frontier, write_report
 from compress_order.errors import UserError
 from compress_order.metrics import METRICS
 from compress_order.results import COLUMNS
@@ -101,15 +101,15 @@ def test_parse_size():
 
 
 def write_run(run_dir, shifts: dict[str, float], sizes: dict[str, float], n_units: int = 200,
-              noise: float = 0.02) -> None:  # fmt: skip
+              noise: float = 0.02, **setting) -> None:  # fmt: skip
     """A finished run folder: perplexity from per-window NLLs (base + shift per order) and each node's size."""
-    ctx = dict(model="m", dataset="d", stages=STAGES, bits=3, sparsity=0.5, group_size=128, seed=0)
+    ctx = {**dict(model="m", dataset="d", stages=STAGES, bits=3, sparsity=0.5, group_size=128, seed=0), **setting}
     rng = np.random.default_rng(0)
     base = rng.normal(2.0, 0.4, n_units)
     results, samples = [], []
     for order, shift in shifts.items():
         nll = base + shift + rng.normal(0, noise, n_units)
-        key = f"k-{order}"
+        key = f"k-{order}-{ctx['bits']}-{ctx['sparsity']}"
         results += node(ctx, order, key, {"perplexity": np.exp(nll.mean()), "size_bytes": sizes[order],
                                           "avg_bits": 16 * sizes[order] / sizes["dense"]})  # fmt: skip
         samples.append(pd.DataFrame({"order": order, "node_key": key, "metric": "nll", "unit": np.arange(n_units),
@@ -180,3 +180,27 @@ def test_frontier_command_writes_table_nodes_and_figure(tmp_path, capsys):
     assert "no successful 'latency_ms' rows" in capsys.readouterr().err
     assert cli.main(["frontier", str(run), "--x", "flops"]) == 2
     assert "invalid choice: 'flops'" in capsys.readouterr().err
+
+
+def test_order_map_has_one_cell_per_grid_point(tmp_path):
+    """A 2 × 3 bits × sparsity grid: magnitude first wins clearly at 3 bits; at 4 bits the two orders give the
+    same windows (a tie: no winner, not significant). rtn alone is the weaker stage everywhere, so the PIH predicts
+    rtn first."""
+    root = tmp_path / "sweep"
+    for job, (bits, sparsity) in enumerate((b, s) for b in (3, 4) for s in (0.3, 0.5, 0.7)):
+        gap, noise = (0.2, 0.02) if bits == 3 else (0.0, 0.0)
+        write_run(root / str(job), {"dense": 0.0, "magnitude": 0.3, "rtn": 0.1, "magnitude > rtn": 0.5,
+                                    "rtn > magnitude": 0.5 + gap}, SIZES, noise=noise, bits=bits,
+                  sparsity=sparsity)  # fmt: skip
+    out_dir = tmp_path / "report"
+    write_report(collect.collect([root]), out_dir, n_boot=200)
+    cells = pd.read_csv(out_dir / "order_map.csv")
+    assert sorted(zip(cells["bits"], cells["sparsity"])) == [(b, s) for b in (3, 4) for s in (0.3, 0.5, 0.7)]
+    by_bits = cells.set_index("bits")
+    assert (by_bits.loc[3, "winner"] == "magnitude > rtn").all() and by_bits.loc[3, "significant"].all()
+    assert (by_bits.loc[4, "winner"] == "tie").all() and (by_bits.loc[4, "A"] == 0).all()
+    assert not by_bits.loc[4, "significant"].any()
+    assert ((cells["A_low"] <= cells["A"]) & (cells["A"] <= cells["A_high"])).all()
+    assert (cells["predicted"] == "rtn > magnitude").all()
+    assert (by_bits.loc[3, "agree"] == False).all() and by_bits.loc[4, "agree"].isna().all()  # noqa: E712
+    assert (out_dir / "order_map.png").stat().st_size > 0

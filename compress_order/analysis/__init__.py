@@ -217,12 +217,15 @@ def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_b
     lines += _pih_section(stages, settings)
     lines += _significance_section(diffs, df)
     lines += _seed_section(df, metric, n_boot)
+    cells = frontier.order_map_cells(settings)
+    if not cells.empty:
+        cells.to_csv(out_dir / "order_map.csv", index=False)
     if plots:
         from compress_order.analysis import plots as figs
 
         intervals = bootstrap.node_intervals(df, metric, n_boot)
         written = figs.a_vs_g(settings, out_dir, metric) + figs.order_bars(intervals, out_dir, metric)
-        written += figs.a_heatmap(settings, out_dir)
+        written += figs.a_heatmap(settings, out_dir) + figs.order_map(cells, out_dir)
         lines += ["## Figures", "", *[f"- {p.name}" for p in written if p.suffix == ".png"], ""]
     lines += _unreadable_section()
     text = "\n".join(lines)

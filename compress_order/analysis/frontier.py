@@ -199,3 +199,26 @@ def describe_node(r: pd.Series, metric: str, latency: bool = False) -> str:
 def budget_text(budgets: dict[str, float]) -> str:
     return ", ".join(f"{c} ≤ {format_size(v) if c == 'size_bytes' else format(v, 'g')}" for c, v in budgets.items())
 
+
+
+# --- the order map ----------------------------------------------------------------------------------------------
+
+MAP_PANEL = ["model", "dataset", "stages", "group_size"]
+MAP_COLUMNS = [*MAP_PANEL, "bits", "sparsity", "f1", "f2", "winner", "A", "A_low", "A_high", "significant",
+               "predicted", "agree", "n_seeds"]  # fmt: skip
+
+
+def order_map_cells(settings: pd.DataFrame) -> pd.DataFrame:
+    """One cell per (stage pair, bits, sparsity) from the per-setting analysis (pih.analyze with A's interval):
+    the winning order (`tie` when A = 0), A (positive: f1 first is better) and its interval, `significant`
+    (None without samples), and the order the PIH predicts from the stages alone, with `agree`."""
+    pts = settings.dropna(subset=["A"])
+    if pts.empty:
+        return pd.DataFrame(columns=MAP_COLUMNS)
+    cells = pts.assign(
+        winner=[f"{a} > {b}" if v > 0 else f"{b} > {a}" if v < 0 else "tie"
+                for a, b, v in zip(pts["f1"], pts["f2"], pts["A"])],
+        significant=pts.get("A_significant", pd.Series(None, index=pts.index)),
+        A_low=pts.get("A_low", np.nan), A_high=pts.get("A_high", np.nan),
+    )  # fmt: skip
+    return cells.reindex(columns=MAP_COLUMNS).reset_index(drop=True)
