@@ -101,10 +101,11 @@ def test_parse_size():
 
 
 def write_run(run_dir, shifts: dict[str, float], sizes: dict[str, float], n_units: int = 200,
-              noise: float = 0.02, **setting) -> None:  # fmt: skip
-    """A finished run folder: perplexity from per-window NLLs (base + shift per order) and each node's size."""
+              noise: float = 0.02, draw: int = 0, **setting) -> None:  # fmt: skip
+    """A finished run folder: perplexity from per-window NLLs (base + shift per order + noise drawn with seed
+    `draw`) and each node's size."""
     ctx = {**dict(model="m", dataset="d", stages=STAGES, bits=3, sparsity=0.5, group_size=128, seed=0), **setting}
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(draw)
     base = rng.normal(2.0, 0.4, n_units)
     results, samples = [], []
     for order, shift in shifts.items():
@@ -124,21 +125,23 @@ SIZES = {"dense": 4e9, "magnitude": 2e9, "rtn": 1.1e9, "magnitude > rtn": 0.6e9,
 
 
 def test_best_names_the_winner_and_an_indistinguishable_runner_up(tmp_path, capsys):
-    # the two orders differ by 0.001 nats per window: well inside the window noise of their difference
+    # the two orders differ by 0.001 nats per window, their windows by noise of sd 0.3: the difference of the means
+    # has an sd of 0.03, far more than 0.001
     run = tmp_path / "close"
     write_run(run, {"dense": 0.0, "magnitude": 0.3, "rtn": 0.1, "magnitude > rtn": 0.400, "rtn > magnitude": 0.401},
-              SIZES)  # fmt: skip
+              SIZES, noise=0.3, draw=1)  # fmt: skip
     assert cli.main(["best", str(run), "--max-size", "1GB", "--n-boot", "200"]) == 0
     out = capsys.readouterr().out
     assert "2 of 5 distinct nodes fit" in out
     best, runner = (ln for ln in out.splitlines() if ln.strip().startswith(("best:", "runner-up:")))
-    assert "magnitude > rtn [prune > quantize" in best and "600 MB" in best
-    assert "rtn > magnitude [quantize > prune" in runner
+    assert {best.split()[1], runner.split()[1]} == {"magnitude", "rtn"}  # the two orders, whichever is ahead
+    assert "> rtn [prune > quantize" in best + runner and "> magnitude [quantize > prune" in best + runner
+    assert "600 MB" in best and "paired over the same units" in out
     assert "not distinguishable from the best" in out
     # a larger budget admits rtn alone (1.1 GB), clearly better than both orders
     assert cli.main(["best", str(run), "--max-size", "1.2GB", "--n-boot", "200"]) == 0
     out = capsys.readouterr().out
-    assert "best:      rtn [single" in out and "worse than the best (the intervals do not overlap)" in out
+    assert "best:      rtn [single" in out and "distinguishable: worse than the best (the best's advantage" in out
     # a bits budget: 16 · 1.1/4 = 4.4 bits for rtn alone
     assert cli.main(["best", str(run), "--max-bits", "4.4", "--n-boot", "0"]) == 0
     out = capsys.readouterr().out

@@ -125,7 +125,7 @@ def _frontier(df: pd.DataFrame, ns: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = {"markdown": "md", "csv": "csv", "latex": "tex"}[ns.format]
     (out_dir / f"frontier.{suffix}").write_text(text)
-    frontier.shown(pts).drop(columns="score").to_csv(out_dir / "frontier_nodes.csv", index=False)
+    frontier.shown(pts).drop(columns=["score", "keys"]).to_csv(out_dir / "frontier_nodes.csv", index=False)
     written = [out_dir / f"frontier.{suffix}", out_dir / "frontier_nodes.csv"]
     if not ns.no_plots:
         from compress_order.analysis import plots as figs
@@ -163,7 +163,8 @@ def _best(df: pd.DataFrame, ns: argparse.Namespace) -> int:
         lines += ["", f"{model} on {dataset}: {len(fit)} of {len(g)} distinct nodes fit"]
         if fit.empty:
             small = frontier.smallest(g)
-            lines.append(f"  none; the smallest is {frontier.describe_node(small.assign(low=None, high=None), metric, latency)}")
+            small = small.assign(low=None, high=None)
+            lines.append(f"  none; the smallest is {frontier.describe_node(small, metric, latency)}")
             continue
         top = _with_intervals(df, fit.head(2), metric, ns.n_boot)
         best = top.iloc[0]
@@ -172,14 +173,24 @@ def _best(df: pd.DataFrame, ns: argparse.Namespace) -> int:
             lines.append("  no runner-up within the budget")
             continue
         runner = top.iloc[1]
-        same = frontier.overlap(best, runner)
-        verdict = {None: "no intervals (no per-unit samples) to tell them apart",
-                   True: "not distinguishable from the best (the intervals overlap)",
-                   False: "worse than the best (the intervals do not overlap)"}[same]  # fmt: skip
         lines.append(f"  runner-up: {frontier.describe_node(runner, metric, latency)}")
-        lines.append(f"             {verdict}")
+        lines.append(f"             {_distinguish(df, best, runner, metric, ns.n_boot)}")
     print("\n".join(lines))
     return 0
+
+
+def _distinguish(df: pd.DataFrame, best: pd.Series, runner: pd.Series, metric: str, n_boot: int) -> str:
+    """Whether the runner-up is distinguishable from the best: by their paired difference where one run evaluated
+    both on the same units, else by whether their own intervals overlap."""
+    paired = frontier.paired_difference(df, best, runner, metric, n_boot)
+    if paired is not None:
+        diff, lo, hi = paired
+        ci = f"the best's advantage {diff:.4g} [{lo:.4g}, {hi:.4g}] in {metric}, paired over the same units"
+        return (f"not distinguishable from the best ({ci}: the interval covers 0)" if lo <= 0 <= hi
+                else f"distinguishable: worse than the best ({ci})")  # fmt: skip
+    return {None: "no intervals (no per-unit samples) to tell them apart",
+            True: "not distinguishable from the best (their intervals overlap; not evaluated in one run, unpaired)",
+            False: "worse than the best (their intervals do not overlap)"}[frontier.overlap(best, runner)]
 
 
 def _with_intervals(df: pd.DataFrame, pts: pd.DataFrame, metric: str, n_boot: int) -> pd.DataFrame:

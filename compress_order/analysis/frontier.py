@@ -18,8 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from compress_order.analysis import bootstrap
 from compress_order.analysis.tables import TABLE_INDEX, direction, node_values, order_pattern, stage_kind
 from compress_order.errors import UserError
+from compress_order.metrics import METRICS
 
 COSTS = ("size_bytes", "avg_bits", "latency_ms")
 SIMULATED = "dense-simulated"  # the backend that times the evaluated (dense-stored) model
@@ -85,7 +87,8 @@ def _pooled(df: pd.DataFrame, metric: str, backend: str) -> pd.Series:
 
 def nodes(df: pd.DataFrame, metric: str, backend: str = SIMULATED) -> pd.DataFrame:
     """One row per distinct node and panel: its settings, pattern, `value` (metric, mean over seeds), `score`
-    (value oriented so larger is better), the costs present, and `n_seeds`."""
+    (value oriented so larger is better), the costs present, `n_seeds`, and `keys` (its node_keys, one per seed
+    for a calibrated node)."""
     rows = node_values(df, metric)
     if (rows["backend"] == backend).any():
         rows = rows[rows["backend"] == backend]
@@ -98,7 +101,7 @@ def nodes(df: pd.DataFrame, metric: str, backend: str = SIMULATED) -> pd.DataFra
         out = out.join(_pooled(df, cost, backend))
     out = out.reset_index().reindex(columns=[*NODE, "value", "depth", "n_seeds", "rank", "keys", *COSTS])
     out["keys"] = [k if k is not None else tuple(map(str, r)) for k, r in zip(out["keys"], out[NODE].to_numpy())]
-    out = out.sort_values("rank").drop_duplicates([*PANEL, "keys"]).drop(columns=["keys", "rank"])
+    out = out.sort_values("rank").drop_duplicates([*PANEL, "keys"]).drop(columns="rank")
     out["pattern"] = [pattern(o, s, d) for o, s, d in zip(out["order"], out["stages"], out["depth"])]
     out["score"] = direction(df, metric) * out["value"]
     return out.reset_index(drop=True)
@@ -171,6 +174,40 @@ def within(points: pd.DataFrame, budgets: dict[str, float]) -> pd.DataFrame:
     for cost, limit in budgets.items():
         ok &= points[cost].le(limit)
     return points[ok].sort_values(["score", "size_bytes", "avg_bits"], ascending=[False, True, True])
+
+
+def paired_difference(df: pd.DataFrame, a: pd.Series, b: pd.Series, metric: str, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[float, float, float] | None:  # fmt: skip
+    """How much better node `a` is than node `b` (positive: a is better), with its 95% interval, paired over the
+    evaluation units of each seed where one run folder holds both (and pooled over seeds like the order
+    differences): (diff, low, high), or None when no run holds per-unit samples of both."""
+    m = METRICS.get(metric)
+    if m is None or m.unit_sample is None or n_boot <= 0 or "path" not in df.columns:
+        return None
+    rows = node_values(df, metric)
+    rows = rows[rows["node_key"].notna()]
+    data = []
+    for _, g in rows.groupby("seed", dropna=False, sort=True):
+        ra, rb = g[g["node_key"].isin(a["keys"])], g[g["node_key"].isin(b["keys"])]
+        shared = [p for p in ra["path"].drop_duplicates() if p in set(rb["path"])]
+        if not shared:
+            continue
+        ua = bootstrap.node_units(ra[ra["path"] == shared[0]].iloc[0], m)
+        ub = bootstrap.node_units(rb[rb["path"] == shared[0]].iloc[0], m)
+        if ua is None or ub is None:
+            continue
+        both = pd.concat([ua, ub], axis=1, join="inner").to_numpy(float)  # the same units of one evaluation
+        if len(both) >= 2:
+            data.append((both[:, 0], both[:, 1]))
+    if not data:
+        return None
+    stat, rng, d = bootstrap._difference(m), np.random.default_rng(seed), direction(df, metric)
+    if len(data) == 1:
+        lo, hi, _ = bootstrap.window_interval(data[0], stat, n_boot, rng)
+    else:
+        lo, hi, _ = bootstrap.seed_interval(data, stat, n_boot, rng)
+    lo, hi = sorted((d * lo, d * hi))
+    return d * float(np.mean([stat(*x) for x in data])) + 0.0, lo + 0.0, hi + 0.0  # + 0.0: no "-0"
 
 
 def smallest(points: pd.DataFrame) -> pd.Series:
