@@ -23,7 +23,7 @@ commands:
   analyze PATH...          order advantage, intensity gaps and the Progressive Intensity test
   collect PATH...          every run under PATH into one tidy file
   frontier PATH...         accuracy-vs-size Pareto frontier of every node, with its order and settings
-  best PATH... --max-size 1.2GB  the best node within a size, bits or latency budget, with its interval
+  best PATH...             the best node within a budget (--max-size 1.2GB, --max-bits, --max-latency-ms)
 
 examples:
   compress-order run                                   # embedded char-LLaMA, magnitude & RTN, 3 bits, 70%

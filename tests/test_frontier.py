@@ -179,6 +179,12 @@ def test_frontier_command_writes_table_nodes_and_figure(tmp_path, capsys):
     nodes = pd.read_csv(out_dir / "frontier_nodes.csv")
     assert len(nodes) == 5 and nodes["frontier"].sum() == 3
     assert (out_dir / "frontier_size_bytes.png").stat().st_size > 0
+    assert cli.main(["frontier", str(run), "--x", "avg_bits", "--format", "latex", "--out", str(out_dir),
+                     "--no-plots"]) == 0  # fmt: skip
+    tex = (out_dir / "frontier.tex").read_text()
+    assert r"against avg\_bits" in tex and r"$\leq$" in tex and r"magnitude $\rightarrow$ rtn" in tex
+    assert tex.count(r"\\") == 1 + 3  # the header and the three frontier points
+    capsys.readouterr()
     assert cli.main(["frontier", str(run), "--x", "latency_ms"]) == 2
     assert "no successful 'latency_ms' rows" in capsys.readouterr().err
     assert cli.main(["frontier", str(run), "--x", "flops"]) == 2

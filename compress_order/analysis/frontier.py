@@ -36,7 +36,8 @@ USES = {"bits": {"quantize", "joint", ""}, "sparsity": {"prune", "joint", ""}, "
 
 
 def parse_size(text: str) -> float:
-    """Bytes in `500MB`, `1.2GB`, `800kB`, `2GiB` or `123456` (decimal kB/MB/GB/TB = 10^3.., KiB/MiB/GiB/TiB = 2^10..)."""
+    """Bytes in `500MB`, `1.2GB`, `800kB`, `2GiB` or `123456` (kB, MB, GB, TB: powers of 1000; KiB, MiB, GiB,
+    TiB: powers of 1024); a UserError naming the valid units otherwise."""
     m = _SIZE.fullmatch(str(text))
     units = "B, kB, MB, GB, TB, KiB, MiB, GiB, TiB"
     if m is None:
@@ -85,6 +86,11 @@ def _pooled(df: pd.DataFrame, metric: str, backend: str) -> pd.Series:
     return rows.groupby(NODE, dropna=False, sort=False)["value"].mean().rename(metric)
 
 
+def _keys(node_keys: pd.Series) -> tuple[str, ...] | None:
+    """A node's identity over seeds: its node_keys (one per seed for a calibrated node); None where unknown."""
+    return tuple(sorted(map(str, node_keys.unique()))) if node_keys.notna().all() else None
+
+
 def nodes(df: pd.DataFrame, metric: str, backend: str = SIMULATED) -> pd.DataFrame:
     """One row per distinct node and panel: its settings, pattern, `value` (metric, mean over seeds), `score`
     (value oriented so larger is better), the costs present, `n_seeds`, and `keys` (its node_keys, one per seed
@@ -95,8 +101,7 @@ def nodes(df: pd.DataFrame, metric: str, backend: str = SIMULATED) -> pd.DataFra
     rows = rows.drop_duplicates([*NODE, "seed"])
     g = rows.groupby(NODE, dropna=False, sort=False)
     out = g.agg(value=("value", "mean"), depth=("depth", "first"), n_seeds=("seed", "nunique"),
-                rank=("rank", "min"),
-                keys=("node_key", lambda k: tuple(sorted(map(str, k.unique()))) if k.notna().all() else None))  # fmt: skip
+                rank=("rank", "min"), keys=("node_key", _keys))  # fmt: skip
     for cost in COSTS:
         out = out.join(_pooled(df, cost, backend))
     out = out.reset_index().reindex(columns=[*NODE, "value", "depth", "n_seeds", "rank", "keys", *COSTS])
