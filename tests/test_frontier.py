@@ -213,3 +213,44 @@ def test_order_map_has_one_cell_per_grid_point(tmp_path):
     assert (cells["predicted"] == "rtn > magnitude").all()
     assert (by_bits.loc[3, "agree"] == False).all() and by_bits.loc[4, "agree"].isna().all()  # noqa: E712
     assert (out_dir / "order_map.png").stat().st_size > 0
+
+
+def test_frontier_and_best_on_a_real_tiny_grid(tiny_overrides, tmp_path, capsys):
+    """A 2-job sweep of the tiny LLaMA (bits 3 and 4): dense and magnitude alone are shared by both jobs, so the
+    grid has 8 distinct nodes; the frontier and the best node agree with a brute-force reading of the rows."""
+    over = [o for o in tiny_overrides if not o.startswith("hydra.run.dir")]
+    assert cli.main(["run", "-m", *over, "bits=3,4", "eval.backends=none"]) == 0
+    sweep = tmp_path / "sweep"
+    out_dir = tmp_path / "maps"
+    assert cli.main(["frontier", str(sweep), "--out", str(out_dir), "--no-plots"]) == 0
+    pts = pd.read_csv(out_dir / "frontier_nodes.csv")
+    assert len(pts) == 8 and (pts["order"] == "dense").sum() == 1 and (pts["order"] == "magnitude").sum() == 1
+    # brute force: a node is on the frontier iff no other is at ≤ size with ≤ perplexity, one of them strictly
+    size, ppl = pts["size_bytes"].to_numpy(), pts["value"].to_numpy()
+    dominated = [any(size[j] <= size[i] and ppl[j] <= ppl[i] and (size[j] < size[i] or ppl[j] < ppl[i])
+                     for j in range(len(pts))) for i in range(len(pts))]  # fmt: skip
+    assert pts["frontier"].tolist() == [not d for d in dominated]
+    rows = collect.collect([sweep])
+    ok = rows[(rows["status"] == "ok") & (rows["metric"] == "perplexity")]
+    assert set(pts["value"].round(9)) == set(ok["value"].round(9))  # every node's own value, none lost
+    budget = int(np.median(size))
+    capsys.readouterr()
+    assert cli.main(["best", str(sweep), "--max-size", str(budget), "--n-boot", "100"]) == 0
+    out = capsys.readouterr().out
+    fit = pts[pts["size_bytes"] <= budget].sort_values("value")
+    assert f"{len(fit)} of 8 distinct nodes fit" in out
+    best_line = next(ln for ln in out.splitlines() if "best:" in ln)
+    assert f"best:      {fit['order'].iloc[0]} [" in best_line and f"perplexity {fit['value'].iloc[0]:.4g}" in best_line
+    # the jobs share the dense node, so any two nodes of the sweep were evaluated on the same windows
+    assert "paired over the same units" in out
+
+
+def test_best_without_shared_units_compares_intervals(tmp_path, capsys):
+    """Two runs that share no node (their node_keys differ): the runner-up is judged by interval overlap."""
+    shifts = {"dense": 0.0, "magnitude": 0.3, "rtn": 0.1, "magnitude > rtn": 0.4, "rtn > magnitude": 0.5}
+    write_run(tmp_path / "a", shifts, SIZES, bits=3)
+    write_run(tmp_path / "b", shifts, SIZES, bits=4)
+    assert cli.main(["best", str(tmp_path / "a"), str(tmp_path / "b"), "--max-size", "5GB", "--n-boot", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "10 of 10 distinct nodes fit" in out and out.count("dense [dense") == 2
+    assert "their intervals overlap; unpaired: no shared evaluation units" in out

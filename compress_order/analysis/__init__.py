@@ -180,8 +180,8 @@ def _best(df: pd.DataFrame, ns: argparse.Namespace) -> int:
 
 
 def _distinguish(df: pd.DataFrame, best: pd.Series, runner: pd.Series, metric: str, n_boot: int) -> str:
-    """Whether the runner-up is distinguishable from the best: by their paired difference where one run evaluated
-    both on the same units, else by whether their own intervals overlap."""
+    """Whether the runner-up is distinguishable from the best: by their paired difference where they were
+    evaluated on the same units, else by whether their own intervals overlap."""
     paired = frontier.paired_difference(df, best, runner, metric, n_boot)
     if paired is not None:
         diff, lo, hi = paired
@@ -189,7 +189,7 @@ def _distinguish(df: pd.DataFrame, best: pd.Series, runner: pd.Series, metric: s
         return (f"not distinguishable from the best ({ci}: the interval covers 0)" if lo <= 0 <= hi
                 else f"distinguishable: worse than the best ({ci})")  # fmt: skip
     return {None: "no intervals (no per-unit samples) to tell them apart",
-            True: "not distinguishable from the best (their intervals overlap; not evaluated in one run, unpaired)",
+            True: "not distinguishable from the best (their intervals overlap; unpaired: no shared evaluation units)",
             False: "worse than the best (their intervals do not overlap)"}[frontier.overlap(best, runner)]
 
 

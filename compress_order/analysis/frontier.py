@@ -184,21 +184,27 @@ def within(points: pd.DataFrame, budgets: dict[str, float]) -> pd.DataFrame:
 def paired_difference(df: pd.DataFrame, a: pd.Series, b: pd.Series, metric: str, n_boot: int = 1000,
                       seed: int = 0) -> tuple[float, float, float] | None:  # fmt: skip
     """How much better node `a` is than node `b` (positive: a is better), with its 95% interval, paired over the
-    evaluation units of each seed where one run folder holds both (and pooled over seeds like the order
-    differences): (diff, low, high), or None when no run holds per-unit samples of both."""
+    evaluation units of each seed (and pooled over seeds like the order differences): (diff, low, high), or None
+    when no pair of their runs has per-unit samples of both on the same units.
+
+    Two nodes share units when one run folder evaluated both, or when their run folders share a node: a node_key
+    includes the model, data and evaluation configs, so such runs evaluated the same windows (the jobs of a sweep
+    share the dense node)."""
     m = METRICS.get(metric)
     if m is None or m.unit_sample is None or n_boot <= 0 or "path" not in df.columns:
         return None
     rows = node_values(df, metric)
     rows = rows[rows["node_key"].notna()]
+    keys_of = rows.groupby("path")["node_key"].agg(set)
     data = []
     for _, g in rows.groupby("seed", dropna=False, sort=True):
         ra, rb = g[g["node_key"].isin(a["keys"])], g[g["node_key"].isin(b["keys"])]
-        shared = [p for p in ra["path"].drop_duplicates() if p in set(rb["path"])]
-        if not shared:
+        pairs = [(x, y) for x in ra.itertuples() for y in rb.itertuples()
+                 if x.path == y.path or keys_of[x.path] & keys_of[y.path]]  # fmt: skip
+        if not pairs:
             continue
-        ua = bootstrap.node_units(ra[ra["path"] == shared[0]].iloc[0], m)
-        ub = bootstrap.node_units(rb[rb["path"] == shared[0]].iloc[0], m)
+        pairs.sort(key=lambda xy: xy[0].path != xy[1].path)  # one run folder first
+        ua, ub = (bootstrap.node_units(pd.Series(r._asdict()), m) for r in pairs[0])
         if ua is None or ub is None:
             continue
         both = pd.concat([ua, ub], axis=1, join="inner").to_numpy(float)  # the same units of one evaluation
