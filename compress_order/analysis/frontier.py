@@ -20,7 +20,7 @@ import pandas as pd
 
 from compress_order.analysis import bootstrap
 from compress_order.analysis.tables import TABLE_INDEX, direction, node_values, order_pattern, stage_kind
-from compress_order.errors import UserError
+from compress_order.errors import UserError, choices
 from compress_order.metrics import METRICS
 
 COSTS = ("size_bytes", "avg_bits", "latency_ms")
@@ -95,6 +95,9 @@ def nodes(df: pd.DataFrame, metric: str, backend: str = SIMULATED) -> pd.DataFra
     """One row per distinct node and panel: its settings, pattern, `value` (metric, mean over seeds), `score`
     (value oriented so larger is better), the costs present, `n_seeds`, and `keys` (its node_keys, one per seed
     for a calibrated node)."""
+    present = set(df.loc[df["status"] == "ok", "backend"].dropna())
+    if backend not in present:
+        raise UserError(f"--backend {backend}: no successful rows of it; backends present: {choices(present)}")
     rows = node_values(df, metric)
     if (rows["backend"] == backend).any():
         rows = rows[rows["backend"] == backend]
