@@ -154,7 +154,7 @@ def order_map(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
             mark = {True: " ✓", False: " ✗"}.get(agree, "")
             sig = {True: "", False: " n.s."}.get(significant, " ?")
             ax.text(j, i, f"{won}\nA={c['A']:+.3g}{sig}\nPIH: {predicted}{mark}", ha="center",
-                    va="center", fontsize=6.5)  # fmt: skip
+                    va="center", fontsize=6.5, color="white" if abs(c["A"]) > 0.6 * vmax else "black")  # fmt: skip
             if significant is False:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", lw=0,
                                            edgecolor="grey"))  # fmt: skip
