@@ -24,6 +24,8 @@ commands:
   collect PATH...          every run under PATH into one tidy file
   export RUN_DIR --order "a > b" [--format auto|compressed-tensors|dense]
                            rebuild one full order of a run and save it (compressed-tensors pack-quantized)
+  frontier PATH...         accuracy-vs-size Pareto frontier of every node, with its order and settings
+  best PATH...             the best node within a budget (--max-size 1.2GB, --max-bits, --max-latency-ms)
 
 examples:
   compress-order run                                   # embedded char-LLaMA, magnitude & RTN, 3 bits, 70%
@@ -182,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd in commands:
             return commands[cmd](rest)
-        if cmd in ("table", "analyze", "collect"):
+        if cmd in ("table", "analyze", "collect", "frontier", "best"):
             return cmd_analysis(cmd, rest)
-        raise UserError(f"unknown command '{cmd}'; valid: analyze, collect, export, list, run, table, validate")
+        raise UserError(f"unknown command '{cmd}'; valid: analyze, best, collect, export, frontier, list, run, table, validate")
     except UserError as e:
         print(f"compress-order: error: {e}", file=sys.stderr)
         return 2

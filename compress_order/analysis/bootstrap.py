@@ -225,11 +225,12 @@ def order_differences(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: i
     return pd.DataFrame(rows, columns=DIFF_COLUMNS)
 
 
-def node_intervals(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Every full order's metric, mean over seeds, with its interval (`low`, `high`; NaN without samples) over
-    windows and seeds, for error bars."""
+def node_intervals(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int = 0,
+                   roles: Sequence[str] = ("full",)) -> pd.DataFrame:  # fmt: skip
+    """Every full order's metric (or every node of `roles`: dense, single, partial, full), mean over seeds, with
+    its interval (`low`, `high`; NaN without samples) over windows and seeds, for error bars."""
     nodes = node_values(df, metric)
-    full = nodes[nodes["role"] == "full"]
+    full = nodes[nodes["role"].isin(roles)]
     m = METRICS.get(metric)
     rng = np.random.default_rng(seed)
     rows = []

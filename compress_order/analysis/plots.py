@@ -100,3 +100,76 @@ def a_heatmap(settings: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_title(f"{model}: A({pair.replace(',', '→')})", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
     return save(fig, out_dir, "a_heatmap")
+
+
+PATTERN_COLOURS = {"dense": "black", "single": "tab:grey", "joint": "tab:purple"}
+
+
+def frontier(points: pd.DataFrame, x: str, metric: str, out_dir: Path) -> list[Path]:
+    """Every node as a point coloured by its pattern (dense, single, joint, prune > quantize, …), the Pareto
+    frontier as a step line, the dense model as a star; one panel per (model, dataset)."""
+    panels = list(points.groupby(["model", "dataset"], sort=False))
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    colours = {p: PATTERN_COLOURS.get(p) or next(cycle) for p in points["pattern"].drop_duplicates()}
+    for ax, ((model, dataset), g) in zip(axes[0], panels):
+        for pat, h in g.groupby("pattern", sort=False):
+            dense = pat == "dense"
+            ax.scatter(h[x], h["value"], s=90 if dense else 22, marker="*" if dense else "o", color=colours[pat],
+                       label=pat, zorder=3)  # fmt: skip
+        front = g[g["frontier"]].sort_values(x)
+        # better-is-up steps: each frontier point holds until the next, larger-cost one
+        ax.step(front[x], front["value"], where="post", color="tab:red", lw=1.2, label="Pareto frontier", zorder=2)
+        ax.scatter(front[x], front["value"], s=60, facecolors="none", edgecolors="tab:red", zorder=4)
+        if x == "size_bytes" and g[x].max() > 10 * g[x].min() > 0:
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{model} / {dataset}: {metric} vs {x}", fontsize=9)
+        ax.legend(fontsize=7)
+    return save(fig, out_dir, f"frontier_{x}")
+
+
+def order_map(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Per stage pair, a bits × sparsity grid: colour = A (red: f1 first better), text = the winning order's first
+    stage, A, and the PIH prediction (✓ where it matches the winner); hatched where A's interval covers zero,
+    '?' where there are no samples for an interval."""
+    if cells.empty:
+        return []
+    panels = list(cells.groupby(["model", "dataset", "stages", "group_size"], dropna=False, sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    vmax = float(cells["A"].abs().max()) or 1.0
+    for ax, ((model, dataset, pair, _), g) in zip(axes[0], panels):
+        bits = sorted(g["bits"].unique())
+        sparsity = sorted(g["sparsity"].unique())
+        grid = np.full((len(bits), len(sparsity)), np.nan)
+        for _, c in g.iterrows():
+            i, j = bits.index(c["bits"]), sparsity.index(c["sparsity"])
+            grid[i, j] = c["A"]
+            won = "tie" if c["winner"] == "tie" else f"{c['winner'].split(' > ')[0]} first"
+            predicted = c["predicted"].split(" > ")[0] if isinstance(c["predicted"], str) else "–"
+            agree, significant = _flag(c["agree"]), _flag(c["significant"])
+            mark = {True: " ✓", False: " ✗"}.get(agree, "")
+            sig = {True: "", False: " n.s."}.get(significant, " ?")
+            ax.text(j, i, f"{won}\nA={c['A']:+.3g}{sig}\nPIH: {predicted}{mark}", ha="center",
+                    va="center", fontsize=6.5, color="white" if abs(c["A"]) > 0.6 * vmax else "black")  # fmt: skip
+            if significant is False:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", lw=0,
+                                           edgecolor="grey"))  # fmt: skip
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower", alpha=0.8)
+        ax.set_xticks(range(len(sparsity)), [f"{s:g}" for s in sparsity])
+        ax.set_yticks(range(len(bits)), [f"{b:g}" for b in bits])
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("bits")
+        f1, f2 = pair.split(",")
+        ax.set_title(f"{model} / {dataset}: which order wins\nA > 0 (red): {f1} first; hatched: CI covers 0",
+                     fontsize=8)  # fmt: skip
+        fig.colorbar(im, ax=ax, shrink=0.8, label=f"A({f1}→{f2})")
+    return save(fig, out_dir, "order_map")
+
+
+def _flag(v: object) -> bool | None:
+    """A verdict column's value as True/False, or None where it is undecided (NaN, None)."""
+    return None if v is None or pd.isna(v) else bool(v)

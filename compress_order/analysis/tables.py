@@ -20,7 +20,8 @@ from compress_order.paths import CONF_DIR
 SETTING = ["model", "dataset", "stages", "bits", "sparsity", "group_size", "seed"]
 TABLE_INDEX = [c for c in SETTING if c != "seed"]  # tables and verdicts pool the calibration seeds of a setting
 FORMATS = ("markdown", "csv", "latex")
-LATEX_SYMBOLS = {" > ": r" $\rightarrow$ ", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "−": "--"}
+LATEX_SYMBOLS = {" > ": r" $\rightarrow$ ", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "−": "--", "≤": r"$\leq$"}
+LATEX_SPECIALS = {"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"}  # the caption is not escaped by pandas
 
 
 # --- selecting rows -------------------------------------------------------------------------------------------
@@ -201,6 +202,7 @@ def render(table: pd.DataFrame, fmt: str, caption: str = "", floatfmt: str = ".4
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "latex":
+        caption = "".join(LATEX_SPECIALS.get(ch, ch) for ch in caption)
         text = table.to_latex(index=False, float_format=lambda v: format(v, floatfmt), caption=caption or None,
                               na_rep="--", escape=True)  # fmt: skip
         for plain, tex in LATEX_SYMBOLS.items():  # characters that plain LaTeX fonts do not have
