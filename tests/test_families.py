@@ -77,14 +77,6 @@ def save_tiny(family: str, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("family_text")
-    (d / "train.txt").write_text(TEXT * 20)
-    (d / "valid.txt").write_text(TEXT * 4)
-    return {"train": d / "train.txt", "valid": d / "valid.txt"}
-
-
 def overrides(ckpt: Path, text: dict[str, Path], tmp: Path, stages: str) -> list[str]:
     return [
         f"model.path={ckpt}", "model.name=tiny", f"model.seqlen={CONTEXT}", "model.dtype=float32",
@@ -104,7 +96,7 @@ def _distinct_per_group(w: torch.Tensor, group: int) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_runs_every_order_and_compresses_every_projection(family, text, tmp_path, caplog):
+def test_family_runs_every_order_and_compresses_every_projection(family, tiny_text, tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 
     from compress_order.config import compose_config
@@ -120,7 +112,7 @@ def test_family_runs_every_order_and_compresses_every_projection(family, text, t
         ("[sparsegpt,rtn]", {"sparsegpt > rtn", "rtn > sparsegpt"}, "true"),
     ]:
         extra = ["save=true", f"calibration.true_sequential={sequential}"]
-        cfg = compose_config(overrides(ckpt, text, tmp_path, stages) + extra)
+        cfg = compose_config(overrides(ckpt, tiny_text, tmp_path, stages) + extra)
         with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
             df = run(cfg, tmp_path / f"out-{stages}")
         full = orders | {"sparsegpt+gptq"}
