@@ -133,9 +133,10 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     stats = RunStats()
     executor = Executor(cfg, store, writer, out_dir, device, stats, keep_dense=len(seeds) > 1)
     try:
-        for job in jobs:  # seed-free nodes are stored by the first seed and reused by the others
+        for i, job in enumerate(jobs):  # seed-free nodes are stored by the first seed and reused by the others
             torch.manual_seed(int(job.seed))
-            plan = make_plan(job, store, force=bool(cfg.force))  # again: the seeds before stored shared nodes
+            # a later seed is planned again: the seeds before it have stored the nodes they share
+            plan = plans[0] if i == 0 else make_plan(job, store, force=bool(cfg.force))
             stats.nodes += len(plan.nodes)
             labels = ",".join(sc["label"] for sc in plan.stage_cfgs)
             context.update(stages=labels, stage_list=stage_list(plan.stage_cfgs + plan.joint_cfgs), seed=int(job.seed))
