@@ -311,13 +311,32 @@ def compress_unit(
     stage: Stage,
     true_sequential: bool,
     device: torch.device,
+    unit: nn.Module | None = None,
+    first: bool = True,
 ) -> int:
     """Collect statistics of `targets` over samples 0..n-1 of `run`, compress them; return how many targets
-    calibration reached. Unreached targets are compressed with empty statistics (Hessian-free fallback)."""
+    calibration reached. Unreached targets are compressed with empty statistics (Hessian-free fallback).
+    For a stage that rescales inputs, each group's producer is found in `unit` first (scaling.find_partners); the
+    `first` unit of a model must have one, else the stage does not fit the model (said before any change)."""
     groups, unreached = input_groups(run, targets)
     if stage.needs not in STATISTICS:
         raise ValueError(f"stage '{stage.label}' needs '{stage.needs}'; the driver provides {', '.join(STATISTICS)}")
     diag_only = stage.needs == "hessian_diag"
+    partners: dict[int, Any] = {}
+    if stage.scales_inputs and unit is not None and groups:
+        from compress_order.scaling import find_partners
+
+        found = find_partners(run, unit, groups, targets)
+        if not found and first:
+            raise UserError(
+                f"stage '{stage.label}' rescales input channels, but no layer group of {type(unit).__name__} "
+                f"(first: {groups[0][0].name}) has a producer (norm or linear layer) that can absorb the scales; "
+                f"use a stage that does not rescale (rtn, gptq)"
+            )
+        partners = {id(groups[i][0]): p for i, p in found.items()}
+        log.log(logging.INFO if first else logging.DEBUG, "scaling pairs in %s: %s", type(unit).__name__, "; ".join(
+            f"{partners[id(g[0])].name} → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" if id(g[0]) in partners
+            else f"none → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" for g in groups))  # fmt: skip
 
     def collect(gs: list[list[Target]], stop: bool) -> list[HessianStats]:
         stats = [HessianStats(g[0].module, device, diag_only) for g in gs]
@@ -345,7 +364,7 @@ def compress_unit(
         for t in g:
             if s.cols != t.shape[1]:  # a statistic shared by layers that view their input differently
                 raise RuntimeError(f"{t.name}: input statistic has {s.cols} columns, the layer {t.shape[1]}")
-            stage.compress(t, s)
+        stage.compress_group(g, s, partners.get(id(g[0])))
         s.free()
 
     if true_sequential:
@@ -401,7 +420,7 @@ def calibrate_and_compress(
                         args, kwargs = calls[i][k].bind(hiddens[k])
                         return block(*args, **kwargs)
 
-                    compress_unit(run, len(batches), block_targets, stage, true_seq, dev)
+                    compress_unit(run, len(batches), block_targets, stage, true_seq, dev, block, first=i == 0)
                     for k in range(len(batches)):  # the next block sees this block's compressed outputs
                         out = run(k)
                         hiddens[k] = out[0] if isinstance(out, (tuple, list)) else out
@@ -414,7 +433,7 @@ def calibrate_and_compress(
                 def run_model(k: int) -> Any:
                     return model_forward(model, _to(batches[k], dev))
 
-                if compress_unit(run_model, len(batches), rest, stage, true_seq, dev) == 0:
+                if compress_unit(run_model, len(batches), rest, stage, true_seq, dev, model, first=not done) == 0:
                     raise UserError(
                         f"stage '{stage.label}': calibration inputs reach none of the {len(rest)} target layers of "
                         f"{type(model).__name__} (first: {rest[0].name}); use a data-free stage (magnitude, rtn)"

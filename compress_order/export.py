@@ -304,5 +304,7 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto") -> Pa
     task = build_task(lm, build(cfg.data), cfg)
     torch.manual_seed(int(cfg.seed))
     for lab in order:
-        apply_stage(stages[lab], state, task, cfg)
+        why = apply_stage(stages[lab], state, task, cfg)
+        if why is not None:
+            raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
     return save_model(lm, targets, order, Path(run_dir) / MODELS_DIR / order_slug(order), fmt)

@@ -47,6 +47,9 @@ class HessianStats:
         self.n = 0  # input rows (tokens, or conv patches) seen so far
         self._h: Tensor | None = None
         self._d: Tensor | None = None
+        # Per-column max and mean of |x|: what input-rescaling stages (SmoothQuant, AWQ) read, at O(n·in) cost.
+        self.absmax = torch.zeros(self.cols, dtype=torch.float32, device=self.device)
+        self._abssum = torch.zeros(self.cols, dtype=torch.float32, device=self.device)
         if diag_only:
             self._d = torch.zeros(self.cols, dtype=torch.float32, device=self.device)
         else:
@@ -59,6 +62,10 @@ class HessianStats:
         if m == 0:
             return
         total = self.n + m
+        a = x.abs()
+        torch.maximum(self.absmax, a.amax(0), out=self.absmax)
+        self._abssum.add_(a.sum(0))
+        del a
         # Rescale the old mean before adding, so H stays an average (no overflow over many samples).
         keep = self.n / total
         if self.diag_only:
@@ -77,6 +84,10 @@ class HessianStats:
     def diag(self) -> Tensor:
         """2/n ‖X_j‖² per input column."""
         return self._d if self._h is None else self._h.diagonal()
+
+    def absmean(self) -> Tensor:
+        """mean |x_j| per input column over every input row seen."""
+        return self._abssum / max(self.n, 1)
 
     def free(self) -> None:
         self._h = self._d = None

@@ -64,10 +64,13 @@ def _portable(value: Any) -> Any:
 def base_identity(cfg: DictConfig) -> dict:
     """What every node of a run shares. `cfg.device` must already be resolved (cpu, cuda:0 ...)."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    return _portable({
+    ident = {
         "model": c["model"], "data": c["data"], "eval": c["eval"], "device": c["device"],
         "dense_bits": c["dense_bits"], "code": code_identity(),
-    })  # fmt: skip
+    }  # fmt: skip
+    if c.get("act_bits") is not None:  # quantized activations change every node, the dense one included
+        ident["act"] = {"bits": c["act_bits"], "granularity": c["act_granularity"]}
+    return _portable(ident)
 
 
 def stage_identity(sc: dict) -> dict:

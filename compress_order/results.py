@@ -20,7 +20,8 @@ from compress_order.metrics import METRICS, summary_metrics
 
 STATS_FILE = "run_stats.json"  # what a run did: evaluations, stage applications, nodes reused (runner.RunStats)
 COLUMNS = [
-    "run_id", "model", "dataset", "stages", "stage_list", "order", "depth", "bits", "sparsity", "group_size", "seed",
+    "run_id", "model", "dataset", "stages", "stage_list", "order", "depth", "bits", "sparsity", "group_size", "act_bits",
+    "seed",
     "metric", "value", "higher_is_better", "backend", "status", "error", "config_hash", "node_key",
     "git_sha", "torch_version", "device", "timestamp", "library_versions",
 ]  # fmt: skip
@@ -109,7 +110,8 @@ def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
     row = {c: None for c in COLUMNS}
     row.update(
         model=get("model.name"), dataset=get("data.name"), bits=get("bits"), sparsity=get("sparsity"),
-        group_size=get("group_size"), seed=get("seed"), status="failed", error=error, metric="", value=float("nan"),
+        group_size=get("group_size"), act_bits=get("act_bits"), seed=get("seed"), status="failed", error=error,
+        metric="", value=float("nan"),
         stages=",".join(_label(s) for s in (get("stages") or [])),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )  # fmt: skip
@@ -195,6 +197,14 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
     if best_order is not None and len(full) > 1:
         vals = full[primary]
         lines.append(f"- order effect on {primary}: best − worst full order = {vals.max() - vals.min():.4g}")
+    act = ok["act_bits"].dropna().unique() if "act_bits" in ok.columns else []
+    if len(act):
+        lines.append(f"- activations: every compressed layer's inputs fake-quantized to {int(act[0])} bits (act_bits) in "
+                     f"every evaluation and later calibration, the dense row included; latency is timed without it")
     lines += ["", wide.to_markdown(index=False, floatfmt=".4g"), ""]
+    bad = df[df["status"] == "infeasible"].drop_duplicates("order")
+    if not bad.empty:
+        lines += ["Infeasible orders (reported, not run):", ""]
+        lines += [f"- `{r.order}`: {r.error}" for r in bad.itertuples()] + [""]
     return "\n".join(lines)
 

@@ -22,6 +22,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from compress_order.act import ActQuant
+from compress_order.act import paused as act_paused
 from compress_order.backends import SIMULATED, select_backends
 from compress_order.instantiate import build
 from compress_order.errors import Interrupted
@@ -68,8 +70,12 @@ def library_versions() -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig) -> None:
-    """Apply one stage to every target layer, then check every layer's invariants."""
+def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig) -> str | None:
+    """Apply one stage to every target layer, then check every layer's invariants. Returns why the stage cannot
+    follow what the layers hold (then nothing is changed), else None."""
+    why = stage.feasible(state.targets)
+    if why is not None:
+        return why
     if stage.needs is None:
         for t in state.targets.values():
             stage.compress(t, None)
@@ -78,6 +84,7 @@ def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig) ->
 
         calibrate_and_compress(state.model, state.targets, task.calibration_batches(), stage, cfg.calibration)
     state.check()
+    return None
 
 
 @dataclass
@@ -126,7 +133,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     context = {
         "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{base[:8]}",
         "model": cfg.model.name, "dataset": cfg.data.name, "bits": cfg.bits, "sparsity": cfg.sparsity,
-        "group_size": cfg.group_size, "config_hash": base[:16], "git_sha": git_sha(),
+        "group_size": cfg.group_size, "act_bits": cfg.act_bits, "config_hash": base[:16], "git_sha": git_sha(),
         "torch_version": torch.__version__, "device": str(device), "library_versions": library_versions(),
     }  # fmt: skip
     writer = RunWriter(out_dir)
@@ -175,6 +182,8 @@ class Executor:
         self.data = build(cfg.data)
         self.lm.model.to(self.device)
         self.targets = find_targets(self.lm.model, self.lm.skip)
+        if cfg.act_bits is not None:  # on for the whole run: every evaluation and every later calibration
+            ActQuant(int(cfg.act_bits), str(cfg.act_granularity)).install(self.targets)
         self.state = ModelState(self.lm.model, self.targets)
         self.backends = select_backends(cfg.eval.get("backends", "auto"), self.device)
         sc = cfg.get("state_cache") or {}
@@ -222,15 +231,25 @@ class Executor:
         self.primary, self.protocol = task.primary_metric, task.protocol
         bar = tqdm(total=len(plan.nodes), desc="orders" if first else f"orders, seed {cfg.seed}", unit="node")
         deferred: list[Node] = []
+        infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
+
+        def infeasible_record(why: str) -> dict:
+            return {"entries": [{"metric": self.primary, "value": float("nan"), "backend": SIMULATED,
+                                 "higher_is_better": METRICS[self.primary].higher_is_better, "status": "infeasible",
+                                 "error": why}],
+                    "samples": {}, "primary": self.primary, "protocol": self.protocol,
+                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
 
         def evaluate(node: Node) -> dict:
             metrics, samples = task.evaluate(lm.model)
             metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
-            metrics.update(task.latency(lm.model))
+            with act_paused():  # fake activation rounding is no kernel: time what the weights cost
+                metrics.update(task.latency(lm.model))
+                packed = backend_entries(self.backends, lm.model, targets, task, self.device)
             rec = {
                 "entries": [{"metric": m, "value": v, "backend": SIMULATED,
                              "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()]
-                + backend_entries(self.backends, lm.model, targets, task, self.device),
+                + packed,
                 "samples": {k: v.tolist() for k, v in samples.items()}, "primary": self.primary,
                 "protocol": self.protocol, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }  # fmt: skip
@@ -244,6 +263,9 @@ class Executor:
             bar.update(1)
 
         def visit(node: Node) -> None:
+            if node.order in infeasible and records.get(node.order) is None:
+                records[node.order] = infeasible_record(infeasible[node.order])
+                store.put(plan.keys[node.order], records[node.order])
             rec = records.get(node.order)
             status, rec = ("stored", rec) if rec is not None else _claim(store, plan.keys[node.order])
             if status == "claimed":
@@ -252,7 +274,7 @@ class Executor:
                 finally:
                     store.release(plan.keys[node.order])
             stats.from_store += status == "stored"
-            if cfg.save and save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg.save_format) is not None:
+            if cfg.save and node.order not in infeasible and save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg.save_format) is not None:
                 stats.saved += 1
             if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
                 deferred.append(node)
@@ -265,7 +287,12 @@ class Executor:
             if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
                 state.restore(snap)
                 return
-            apply_stage(stages[node.stage], state, task, cfg)
+            parent = node.order[:-1]
+            why = infeasible.get(parent) or apply_stage(stages[node.stage], state, task, cfg)
+            if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
+                infeasible[node.order] = why
+                log.warning("order %s is infeasible: %s", node.label, why)
+                return
             stats.applications += 1
             if node.children and self.cache.root is not None:
                 self.cache.save(key, state.snapshot())
@@ -275,11 +302,14 @@ class Executor:
             for node, rec in _wait_for(deferred, store, plan.keys):
                 if rec is None:  # its owner died: rebuild the node from the dense weights and compute it here
                     state.restore(self.dense())
+                    why = None
                     for lab in node.order:
-                        apply_stage(stages[lab], state, task, cfg)
-                        stats.applications += 1
+                        why = why or apply_stage(stages[lab], state, task, cfg)
+                        stats.applications += why is None
                     try:
-                        rec = evaluate(node)
+                        rec = evaluate(node) if why is None else infeasible_record(why)
+                        if why is not None:
+                            store.put(plan.keys[node.order], rec)
                     finally:
                         store.release(plan.keys[node.order])
                     stats.taken_over += 1

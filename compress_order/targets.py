@@ -136,22 +136,30 @@ def find_targets(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> di
     return found
 
 
-Snapshot = dict[str, tuple[Tensor, LayerConstraint]]
+# A target's weight and constraint by its name; the model's 1-D parameters (norm weights, biases) under
+# "param:<name>" with no constraint: stages that rescale inputs fold their factors into those.
+Snapshot = dict[str, tuple[Tensor, LayerConstraint | None]]
+PARAM = "param:"
 
 
 class ModelState:
-    """The model's compressible weights plus their constraints: what a trie node snapshots and restores."""
+    """The model's compressible weights plus their constraints, and every 1-D parameter: what a trie node
+    snapshots and restores, so siblings start from their parent exactly whatever a stage rescaled."""
 
     def __init__(self, model: nn.Module, targets: dict[str, Target], snapshot_device: str = "cpu"):
         self.model = model
         self.targets = targets
         self.snapshot_device = snapshot_device
+        self.params = {n: p for n, p in model.named_parameters() if p.dim() == 1}
 
     def snapshot(self) -> Snapshot:
-        return {
+        snap: Snapshot = {
             n: (t.module.weight.data.to(self.snapshot_device, copy=True), t.constraint.clone(self.snapshot_device))
             for n, t in self.targets.items()
         }
+        for n, p in self.params.items():
+            snap[PARAM + n] = (p.data.to(self.snapshot_device, copy=True), None)
+        return snap
 
     def restore(self, snap: Snapshot) -> None:
         for n, t in self.targets.items():
@@ -159,6 +167,9 @@ class ModelState:
             t.module.weight.data.copy_(w)
             dev = t.module.weight.device
             t.constraint = c.clone(dev)
+        for n, p in self.params.items():
+            if PARAM + n in snap:  # snapshots from before 1-D parameters were kept hold none
+                p.data.copy_(snap[PARAM + n][0])
 
     def check(self) -> None:
         for t in self.targets.values():
@@ -167,4 +178,6 @@ class ModelState:
     @torch.no_grad()
     def equal(self, snap: Snapshot) -> bool:
         """Bit-exact comparison with a snapshot (tests, and a guard after restores)."""
-        return all(torch.equal(t.module.weight.data.cpu(), snap[n][0].cpu()) for n, t in self.targets.items())
+        return all(torch.equal(t.module.weight.data.cpu(), snap[n][0].cpu()) for n, t in self.targets.items()) and all(
+            torch.equal(p.data.cpu(), snap[PARAM + n][0].cpu()) for n, p in self.params.items() if PARAM + n in snap
+        )

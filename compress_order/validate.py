@@ -147,6 +147,9 @@ def check_config(cfg: DictConfig) -> None:
         if c["replicates"] not in (1, len(seeds)):
             raise UserError(f"replicates={c['replicates']} contradicts seeds={seeds}; give one of them")
     _int(c["threads"], "threads", 1, none_ok=True)
+    from compress_order.act import check_act
+
+    check_act(c["act_bits"], c["act_granularity"])
     _int(c["dense_bits"], "dense_bits", 1)
     cal, ev = c["calibration"], c["eval"]
     _int(cal["nsamples"], "calibration.nsamples", 1)

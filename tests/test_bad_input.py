@@ -55,6 +55,11 @@ BAD = [
     (["seeds=[1,-2]"], "seeds=[1, -2] must hold integers ≥ 0 only"),
     (["seeds=[1,2]", "replicates=3"], "replicates=3 contradicts seeds=[1, 2]"),
     (["--cfg", "bogus"], "--cfg takes one of: job, hydra, all (got 'bogus')"),
+    (["act_bits=1"], "act_bits=1 is outside 2-16"),
+    (["act_bits=17"], "act_bits=17 is outside 2-16"),
+    (["act_bits=8", "act_granularity=channel"], "act_granularity=channel is unknown; valid: token, tensor"),
+    (["stages=[{name:smoothquant,alpha:1.5}]"], "smoothquant alpha=1.5 is outside [0, 1]"),
+    (["stages=[{name:awq,min_clip:0}]"], "awq min_clip=0 is outside (0, 1]"),
     (["hydra.run.dir=/proc/compress-order"], "hydra.run.dir '/proc/compress-order' is not writable"),
     (["store_dir=/proc/compress-order"], "store_dir '/proc/compress-order' is not writable"),
 ]

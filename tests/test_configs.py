@@ -79,7 +79,7 @@ def test_stage_config_compresses_the_embedded_model(name, embedded):
     over = compose_config([f"stages=[{name}]", "bits=4", "sparsity=0.5", "group_size=64"])
     (sc,) = stage_configs(over)
     stage = build_stage(sc)
-    assert stage.label == sc["label"] and stage.kind in ("prune", "quantize", "joint")
+    assert stage.label == sc["label"] and stage.kind in ("prune", "quantize", "joint", "transform")
     state.restore(dense)
     apply_stage(stage, state, task, cfg)  # checks every layer's recorded constraints
     assert not state.equal(dense)

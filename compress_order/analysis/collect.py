@@ -39,7 +39,11 @@ UNREADABLE: dict[str, str] = {}
 def read_parquet(path: Path) -> pd.DataFrame | None:
     """The table in `path`, or None (with a warning, and the file recorded in UNREADABLE) when it cannot be read."""
     try:
-        return pd.read_parquet(path)
+        df = pd.read_parquet(path)
+        for col in COLUMNS:  # results written before a column existed
+            if col not in df.columns:
+                df[col] = None
+        return df
     except (pa.ArrowException, OSError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if str(path) not in UNREADABLE:

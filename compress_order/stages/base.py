@@ -18,8 +18,11 @@ from compress_order.targets import Target
 
 
 class Stage:
-    kind: ClassVar[str] = ""  # "prune", "quantize" or "joint"
+    kind: ClassVar[str] = ""  # "prune", "quantize", "joint" or "transform" (rescales, keeps the function)
     needs: ClassVar[str | None] = None  # calibration statistics, None for data-free stages
+    # True: the driver finds, for each group of layers fed one tensor, the producer of that tensor (a norm or a
+    # linear layer) and passes it to `compress_group`, so the stage may rescale input channels (scaling.py).
+    scales_inputs: ClassVar[bool] = False
 
     def __init__(self, name: str, label: str | None = None):
         self.name = name
@@ -31,8 +34,19 @@ class Stage:
     def validate(self, targets: dict[str, Target]) -> None:
         """Raise UserError for settings that cannot apply to these layers (before any work is done)."""
 
+    def feasible(self, targets: dict[str, Target]) -> str | None:
+        """Why this stage cannot follow what the layers already hold (None: it can). Asked before each
+        application; an infeasible order is reported as such, not run."""
+        return None
+
     def compress(self, target: Target, stats: Any = None) -> None:
         raise NotImplementedError
+
+    def compress_group(self, group: list[Target], stats: Any, partner: Any = None) -> None:
+        """Layers fed the same input, with their shared statistics and (for `scales_inputs` stages) the
+        producer of that input (scaling.Partner) or None when none was found."""
+        for t in group:
+            self.compress(t, stats)
 
     # What the stage promises, for rows and tables.
     bits: int | None = None
