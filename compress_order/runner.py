@@ -167,10 +167,10 @@ def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, st
 
     cut, full = scratch_costs(cfg)
     done = (f"this run: {stats.evaluations} evaluation(s), {stats.applications} stage application(s), "
-            f"{stats.from_store} node(s) from the store; from scratch these {cut.distinct} nodes cost {cut.applications} "
-            f"stage applications, the full trie {full.distinct} nodes and {full.applications} (not run: "
-            f"{full.distinct - cut.distinct} nodes, {full.applications - cut.applications} stage applications); a full run "
-            f"with the same store reuses these nodes")  # fmt: skip
+            f"{stats.from_store} node(s) from the store; from scratch these {cut.distinct} nodes cost "
+            f"{cut.applications} stage applications, the full trie {full.distinct} nodes and {full.applications} "
+            f"(not run: {full.distinct - cut.distinct} nodes, {full.applications - cut.applications} stage "
+            f"applications); a full run with the same store reuses these nodes")  # fmt: skip
     return write_predictions(df, out_dir, metric, done)
 
 

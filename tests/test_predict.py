@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from compress_order.analysis import collect, write_report
+from compress_order.analysis import collect, pih, write_report
 from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.metrics import METRICS
@@ -127,11 +127,16 @@ def test_analyze_reports_agreement_per_model_and_stage_pair(tmp_path):
     _write_run(root / "3", "m", 5, _shifts(0.3, 0.3, 0.5, 0.7))
     _write_run(root / "4", "m2", 3, _shifts(0.1, 0.4, 0.7, 0.5))
     out = tmp_path / "report"
-    text = write_report(collect.collect([root]), out, n_boot=200, plots=False)
+    df = collect.collect([root])
+    pred = pih.predictions(df, "perplexity").set_index(["model", "bits"])
+    assert pred.loc[("m", 4), "predicted"] == "rtn > magnitude" and pred.loc[("m", 4), "why"] == ""
+    assert pd.isna(pred.loc[("m", 5), "predicted"]) and pred.loc[("m", 5), "why"] == "tied intensities"
+    text = write_report(df, out, n_boot=200, plots=False)
     table = pd.read_csv(out / "agreement.csv").set_index("model")
     assert table.loc["m"].drop(["dataset", "stages", "rate"]).to_dict() == {
         "settings": 4, "decided": 3, "agree": 2, "significant": 3, "agree_significant": 1, "rate_significant": 0.5}
     assert table.loc["m", "rate"] == 2 / 3
-    assert table.loc["m2", ["settings", "decided", "agree", "significant", "agree_significant"]].tolist() == [1, 1, 0, 1, 0]
+    counts = ["settings", "decided", "agree", "significant", "agree_significant"]
+    assert table.loc["m2", counts].tolist() == [1, 1, 0, 1, 0]
     assert (out / "agreement.md").read_text().count("| magnitude,rtn |") == 2 and (out / "agreement.tex").is_file()
     assert "## Can the prediction from singles be trusted?" in text

@@ -130,15 +130,14 @@ def predictions(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     stages, settings = analyze(df, metric)
     if settings.empty:
         return pd.DataFrame(columns=PREDICTION_COLUMNS)
-    ranked = [
-        {**dict(zip(TABLE_INDEX, key)), "intensity": " < ".join(
-            f"{s} {i:.4g}" for s, i in sorted(zip(g["stage"], g["intensity"]), key=lambda p: (math.isnan(p[1]), p[1])))}
-        for key, g in stages.groupby(TABLE_INDEX, dropna=False, sort=False)
-    ]  # fmt: skip
+    ranked = []
+    for key, g in stages.groupby(TABLE_INDEX, dropna=False, sort=False):
+        pairs = sorted(zip(g["stage"], g["intensity"]), key=lambda p: (math.isnan(p[1]), p[1]))
+        ranked.append({**dict(zip(TABLE_INDEX, key)), "intensity": " < ".join(f"{s} {i:.4g}" for s, i in pairs),
+                       "missing": any(math.isnan(i) for _, i in pairs)})  # fmt: skip
     out = settings.merge(pd.DataFrame(ranked), on=TABLE_INDEX, how="left")
-    missing = out["intensity"].str.contains("nan", na=True)
-    out["why"] = np.where(out["predicted"].notna(), "", np.where(missing, "a stage alone was not evaluated",
-                                                                  "tied intensities"))  # fmt: skip
+    out["why"] = np.where(out["predicted"].notna(), "", np.where(out["missing"].eq(False), "tied intensities",
+                                                                  "a stage alone was not evaluated"))  # fmt: skip
     return out.reindex(columns=PREDICTION_COLUMNS)
 
 
