@@ -92,6 +92,7 @@ def cmd_run(args: list[str]) -> int:
         cfgs = config.validate_overrides(h.overrides, _multirun(h))  # every sweep point, before any heavy work
         plans, jobs = plan_sweep(cfgs)
         print(cost(plans, jobs).line(), flush=True)
+        _print_saving(cfgs, plans, jobs)
     from compress_order.launch import hydra_main
 
     return hydra_main(ordered)
@@ -99,7 +100,7 @@ def cmd_run(args: list[str]) -> int:
 
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config import validate_overrides
-    from compress_order.plan import cost, plan_sweep, run_seeds
+    from compress_order.plan import cost, plan_sweep, run_seeds, singles
     from compress_order.stages import stage_configs
     from compress_order.trie import build_trie, count_applications
 
@@ -110,15 +111,26 @@ def cmd_validate(args: list[str]) -> int:
         labels = [sc["label"] for sc in stage_configs(cfg)]
         trie = build_trie(labels, [sc["label"] for sc in stage_configs(cfg, key="joint")])
         n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
+        shape = f"{n_full} orders, {count_applications(trie)} stage applications"
+        if cfg.predict_only:  # the plan's trie: dense and each stage alone
+            shape = f"predict only: {count_applications(singles(trie))} single stages (of {shape})"
         seeds = run_seeds(cfg)
         print(
             f"ok: model={cfg.model.name} data={cfg.data.name} stages={labels} bits={cfg.bits} "
-            f"sparsity={cfg.sparsity}: {n_full} orders, {count_applications(trie)} stage applications"
-            + (f", seeds {seeds}" if len(seeds) > 1 else "")
+            f"sparsity={cfg.sparsity}: {shape}" + (f", seeds {seeds}" if len(seeds) > 1 else "")
         )
     print(f"{len(cfgs)} configuration(s) valid")
     print(cost(plans, jobs).line())
+    _print_saving(cfgs, plans, jobs)
     return 0
+
+
+def _print_saving(cfgs: list, plans: list, jobs: int) -> None:
+    """With predict_only: what the cut tries leave out of the full ones, against the same store."""
+    from compress_order.plan import plan_sweep, saving
+
+    if any(p.predict_only for p in plans):
+        print(saving(plans, plan_sweep(cfgs, predict_only=False)[0], jobs), flush=True)
 
 
 def cmd_list(args: list[str]) -> int:

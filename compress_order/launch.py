@@ -110,7 +110,27 @@ def report_sweep(sweep_dir: Path) -> int:
         atomic_write(sweep_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
         atomic_write(sweep_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
     print(f"sweep: {len(jobs)} jobs, {len(jobs) - len(failed)} ok, {len(failed)} failed; rows in {sweep_dir}/results.parquet")
+    _gather_predictions(sweep_dir, jobs)
     if failed:
         print("failed jobs:\n" + "\n".join(failed), file=sys.stderr)
         return 1
     return 0
+
+
+def _gather_predictions(sweep_dir: Path, jobs: list[Path]) -> None:
+    """predict_only sweeps: every job's predicted order in one table (sweep_dir/predicted.csv), printed."""
+    from compress_order.analysis.collect import RESULTS
+
+    def fresh(job: Path) -> bool:  # written after the job's results (not left by an earlier run in the folder)
+        pred, rows = job / "predicted.csv", job / RESULTS
+        return pred.is_file() and (not rows.is_file() or pred.stat().st_mtime >= rows.stat().st_mtime)
+
+    found = [job / "predicted.csv" for job in jobs if fresh(job)]
+    frames = [f for f in (pd.read_csv(p) for p in found) if not f.empty]
+    if not frames:
+        return
+    df = pd.concat(frames, ignore_index=True)
+    df.to_csv(sweep_dir / "predicted.csv", index=False)
+    cols = [c for c in ("model", "dataset", "stages", "bits", "sparsity", "group_size", "intensity", "predicted")
+            if df[c].nunique(dropna=False) > 1 or c in ("intensity", "predicted")]  # fmt: skip
+    print(f"predicted orders (PIH, weaker first) → {sweep_dir}/predicted.csv\n{df[cols].to_markdown(index=False)}")

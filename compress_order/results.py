@@ -175,7 +175,8 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
     wide = wide.reset_index()
     full = wide[wide["depth"] == wide["depth"].max()]
     best_order = None
-    if primary in wide.columns and wide["depth"].max() > 0 and full[primary].notna().any():
+    n_stages = len(str(ok["stages"].iloc[0]).split(","))  # a predict_only run stops at depth 1: no full order
+    if primary in wide.columns and wide["depth"].max() == n_stages and full[primary].notna().any():
         pick = full[primary].idxmax() if METRICS[primary].higher_is_better else full[primary].idxmin()
         best_order = wide.loc[pick, "order"]
     wide.insert(2, "best", ["◀ best" if o == best_order else "" for o in wide["order"]])

@@ -158,10 +158,27 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         store.close()
 
     df = writer.frame()
-    write_text(out_dir / "summary.md", summary_markdown(df, executor.primary, executor.protocol))
+    summary = summary_markdown(df, executor.primary, executor.protocol)
+    if plans[0].predict_only:
+        summary += "\n" + _predicted(cfg, df, out_dir, executor.primary, stats)
+    write_text(out_dir / "summary.md", summary)
     stats.wall_s = round(time.perf_counter() - start, 3)
     write_text(out_dir / STATS_FILE, json.dumps(asdict(stats), indent=1))
     return df
+
+
+def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, stats: RunStats) -> str:
+    """predict_only: the order the PIH predicts from the singles (predicted.md / .csv), and what was not run."""
+    from compress_order.analysis import write_predictions
+    from compress_order.plan import scratch_costs
+
+    cut, full = scratch_costs(cfg)
+    done = (f"this run: {stats.evaluations} evaluation(s), {stats.applications} stage application(s), "
+            f"{stats.from_store} node(s) from the store; from scratch these {cut.distinct} nodes cost "
+            f"{cut.applications} stage applications, the full trie {full.distinct} nodes and {full.applications} "
+            f"(not run: {full.distinct - cut.distinct} nodes, {full.applications - cut.applications} stage "
+            f"applications); a full run with the same store reuses these nodes")  # fmt: skip
+    return write_predictions(df, out_dir, metric, done)
 
 
 class Executor:

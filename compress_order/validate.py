@@ -170,9 +170,11 @@ def check_config(cfg: DictConfig) -> None:
 
     if c["save_format"] not in SAVE_FORMATS:
         raise UserError(f"save_format={c['save_format']} is unknown; valid: {', '.join(SAVE_FORMATS)}")
-    for flag in ("force", "save"):
+    for flag in ("force", "save", "predict_only"):
         if not isinstance(c[flag], bool):
             raise UserError(f"{flag}={c[flag]} must be true or false")
+    if c["predict_only"] and c["save"]:
+        raise UserError("save=true writes full orders, which predict_only=true does not compute; drop one of them")
     from compress_order.backends import select_backends
 
     select_backends(ev.get("backends", "auto"), resolve_device(str(c["device"])))

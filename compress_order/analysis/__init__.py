@@ -219,6 +219,10 @@ def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_b
     settings = bootstrap.attach_a_interval(settings, diffs)
     stages.to_csv(out_dir / "stages.csv", index=False)
     settings.to_csv(out_dir / "settings.csv", index=False)
+    agree = pih.agreement_by_pair(settings)
+    if not agree.empty:
+        for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
+            (out_dir / f"agreement.{suffix}").write_text(render(agree, fmt, AGREEMENT_CAPTION, floatfmt=".3g"))
     if not diffs.empty:
         diffs.to_csv(out_dir / "differences.csv", index=False)
 
@@ -226,6 +230,7 @@ def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_b
     lines = [f"# Order analysis: {metric} ({arrow} is better)", "", f"## Orders\n\n{caption}", "",
              table.to_markdown(index=False, floatfmt=".4g"), ""]  # fmt: skip
     lines += _pih_section(stages, settings)
+    lines += _agreement_section(agree)
     lines += _significance_section(diffs, df)
     lines += _seed_section(df, metric, n_boot)
     cells = frontier.order_map_cells(settings)
@@ -242,6 +247,40 @@ def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_b
     text = "\n".join(lines)
     (out_dir / "analysis.md").write_text(text)
     return text + f"\nwritten to {out_dir}/\n"
+
+
+AGREEMENT_CAPTION = (
+    "How often the order predicted from the stages alone (PIH: weaker first; what `predict_only=true` reports) "
+    "was the measured winner: settings, decided (a prediction and a unique winner), agree, rate; significant: "
+    "settings whose A interval excludes 0, agree_significant of those."
+)
+
+
+def _agreement_section(agree: pd.DataFrame) -> list[str]:
+    if agree.empty:
+        return []
+    return ["## Can the prediction from singles be trusted?", "", render(agree, "markdown", AGREEMENT_CAPTION, ".3g")]
+
+
+def write_predictions(df: pd.DataFrame, out_dir: Path, metric: str, done: str) -> str:
+    """predicted.md / predicted.csv of a `predict_only` run: per setting, the stages by intensity alone and the
+    order the PIH predicts; `done` says what the run cost against the full trie. Returns the markdown."""
+    pred = pih.predictions(df, metric)
+    pred.to_csv(out_dir / "predicted.csv", index=False)
+    arrow = "higher" if direction(df, metric) > 0 else "lower"
+    if pred.empty:
+        body = "a single stage: there is no order to predict"
+    else:
+        key, fixed = _varying(pred, [*TABLE_INDEX, "n_seeds"])
+        cols = key + ["dense", "intensity", "predicted"] + (["why"] if pred["why"].ne("").any() else [])
+        body = (f"Fixed: {fixed}\n\n" if fixed else "") + pred[cols].to_markdown(index=False, floatfmt=".4g")
+    text = "\n".join([
+        f"## Predicted order ({metric}, {arrow} is better)", "",
+        "Progressive Intensity Hypothesis: apply the weaker stage first, intensity I(f) = how much f alone degrades "
+        "the dense model; no full order was run (`predict_only=true`).", "", body, "", f"- {done}", "",
+    ])  # fmt: skip
+    (out_dir / "predicted.md").write_text(text)
+    return text
 
 
 def verdict(significant: object, noise: object) -> str:

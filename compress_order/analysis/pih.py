@@ -120,6 +120,43 @@ def analyze(df: pd.DataFrame, metric: str, by_seed: bool = False) -> tuple[pd.Da
     return pd.DataFrame(stage_rows), pd.DataFrame(setting_rows).reindex(columns=columns)
 
 
+PREDICTION_COLUMNS = [*TABLE_INDEX, "n_seeds", "dense", "intensity", "predicted", "why"]
+
+
+def predictions(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The order the PIH predicts for each setting of two or more stages, read from the dense and single-stage
+    nodes only (so a `predict_only` run, which has no full order, is enough): stages sorted by intensity, weaker
+    first, with `intensity` in words ("rtn 0.1 < magnitude 1.8") and `why` when nothing is predicted."""
+    stages, settings = analyze(df, metric)
+    if settings.empty:
+        return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    ranked = []
+    for key, g in stages.groupby(TABLE_INDEX, dropna=False, sort=False):
+        pairs = sorted(zip(g["stage"], g["intensity"]), key=lambda p: (math.isnan(p[1]), p[1]))
+        ranked.append({**dict(zip(TABLE_INDEX, key)), "intensity": " < ".join(f"{s} {i:.4g}" for s, i in pairs),
+                       "missing": any(math.isnan(i) for _, i in pairs)})  # fmt: skip
+    out = settings.merge(pd.DataFrame(ranked), on=TABLE_INDEX, how="left")
+    out["why"] = np.where(out["predicted"].notna(), "", np.where(out["missing"].eq(False), "tied intensities",
+                                                                  "a stage alone was not evaluated"))  # fmt: skip
+    return out.reindex(columns=PREDICTION_COLUMNS)
+
+
+def agreement_by_pair(settings: pd.DataFrame) -> pd.DataFrame:
+    """How often the prediction from singles named the measured winner, per model, dataset and stage list:
+    `settings` (with A's interval), `decided` (both a prediction and a unique winner), `agree`, `rate`,
+    `significant` (A's interval excludes 0), and among those with a prediction `agree_significant`, its rate."""
+    cols = ["model", "dataset", "stages", "settings", "decided", "agree", "rate", "significant",
+            "agree_significant", "rate_significant"]  # fmt: skip
+    rows = []
+    for (model, dataset, stages), g in settings.groupby(["model", "dataset", "stages"], dropna=False, sort=False):
+        rate, k, n = agreement(g)
+        rate_s, k_s, n_s = agreement(g, significant_only=True)
+        significant = int(g.get("A_significant", pd.Series(dtype=object)).eq(True).sum())
+        rows.append(dict(model=model, dataset=dataset, stages=stages, settings=len(g), decided=n, agree=k, rate=rate,
+                         significant=significant, agree_significant=k_s, rate_significant=rate_s))  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)
+
+
 def agreement(settings: pd.DataFrame, significant_only: bool = False) -> tuple[float, int, int]:
     """Share of settings whose observed best order is the PIH prediction: (rate, agreeing, decided settings).
 

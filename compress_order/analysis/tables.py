@@ -178,13 +178,17 @@ def order_table(
     d = direction(df, metric)
     scores = table[full_cols] * d
     winners = scores.eq(scores.max(axis=1), axis=0).sum(axis=1)
-    table["best"] = scores.fillna(-np.inf).idxmax(axis=1).where(winners == 1, np.where(winners > 1, "tie", None))
-    if len(full_cols) == 2:
-        table["A"] = scores[full_cols[0]] - scores[full_cols[1]]
-        how = f"A = advantage of '{full_cols[0]}' over '{full_cols[1]}' (positive: the first is better)"
+    if not full_cols:  # dense and singles only (predict_only runs): no order to rank
+        table["best"] = None
+        how = "no full order in these runs (predict_only, or not finished)"
     else:
-        table["spread"] = scores.max(axis=1) - scores.min(axis=1)
-        how = "spread = best − worst full order"
+        table["best"] = scores.fillna(-np.inf).idxmax(axis=1).where(winners == 1, np.where(winners > 1, "tie", None))
+        if len(full_cols) == 2:
+            table["A"] = scores[full_cols[0]] - scores[full_cols[1]]
+            how = f"A = advantage of '{full_cols[0]}' over '{full_cols[1]}' (positive: the first is better)"
+        else:
+            table["spread"] = scores.max(axis=1) - scores.min(axis=1)
+            how = "spread = best − worst full order"
     seeds = nodes.groupby(index)["seed"].nunique()
     if (seeds > 1).any():
         table["n_seeds"] = seeds
