@@ -181,6 +181,11 @@ def check_config(cfg: DictConfig) -> None:
     select_backends(ev.get("backends", "auto"), resolve_device(str(c["device"])))
     if cal.get("device"):
         resolve_device(str(cal["device"]), "calibration.device")
+    if ev.get("offload") not in (None, False):
+        resolve_device("auto" if ev["offload"] is True else str(ev["offload"]), "eval.offload")
+        if resolve_device(str(c["device"])).type != "cpu":  # the runner would place the whole model there first
+            raise UserError(f"eval.offload={ev['offload']} streams a model kept in CPU memory; set device=cpu "
+                            f"(and calibration.device for calibrated stages)")
 
 
 def check_writable(path: str, what: str) -> None:
