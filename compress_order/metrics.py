@@ -30,6 +30,7 @@ class Metric:
     reduction: str = "identity"  # a REDUCTIONS key
     primary: bool = False  # may be a table's default metric (the first registered one present wins)
     summary: bool = False  # a column of a run's summary.md
+    measured: bool = False  # of the machine and moment (time, memory), not of the weights: varies run to run
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -67,10 +68,12 @@ for _m in [
            summary=True),
     Metric("size_bytes", False, "bytes of the whole model in its packed form (uncompressed layers at dense_bits)",
            summary=True),
-    Metric("latency_ms", False, "median milliseconds of a fixed-shape forward", summary=True),
-    Metric("latency_ms_iqr", False, "inter-quartile range of the forward timings (ms)"),
-    Metric("images_per_s", True, "images per second at a fixed batch"),
-    Metric("decode_ms_per_token", False, "median milliseconds per generated token with a KV cache"),
+    Metric("latency_ms", False, "median milliseconds of a fixed-shape forward", summary=True, measured=True),
+    Metric("latency_ms_iqr", False, "inter-quartile range of the forward timings (ms)", measured=True),
+    Metric("images_per_s", True, "images per second at a fixed batch", measured=True),
+    Metric("decode_ms_per_token", False, "median milliseconds per generated token with a KV cache", measured=True),
+    Metric("peak_mem_mb", False, "peak memory (MB) while the node's stage was applied and it was evaluated: CUDA "
+           "tensors allocated on a GPU, the process's resident set on CPU", measured=True),
 ]:  # fmt: skip
     register(_m)
 

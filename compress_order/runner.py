@@ -28,7 +28,7 @@ from compress_order.backends import SIMULATED, select_backends
 from compress_order.instantiate import build
 from compress_order.errors import Interrupted
 from compress_order.export import save_node
-from compress_order.measure import compression_metrics
+from compress_order.measure import compression_metrics, peak_memory_mb, reset_peak
 from compress_order.metrics import METRICS
 from compress_order.paths import PACKAGE_DIR
 from compress_order.identity import base_identity, digest, stage_identity
@@ -235,6 +235,7 @@ class Executor:
             return
 
         first = self.lm is None
+        reset_peak(self.device)  # the dense node's peak includes loading the model
         if first:
             self._load()
         else:
@@ -262,6 +263,7 @@ class Executor:
             metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
             with act_paused():  # fake activation rounding is no kernel: time what the weights cost
                 metrics.update(task.latency(lm.model))
+                metrics["peak_mem_mb"] = peak_memory_mb(self.device)  # since the node's apply (reset_peak)
                 packed = backend_entries(self.backends, lm.model, targets, task, self.device)
             rec = {
                 "entries": [{"metric": m, "value": v, "backend": SIMULATED,
@@ -299,6 +301,7 @@ class Executor:
                 finish(node, rec)
 
         def apply(node: Node) -> None:
+            reset_peak(self.device)
             key = plan.keys[node.order]
             snap = self.cache.load(key) if plan.done[node.order] else None
             if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing

@@ -53,15 +53,18 @@ def _schema(rel: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / rel), resolve=False)
 
 
-def target_params(target: str) -> set[str] | None:
-    """Keyword parameters a `_target_` accepts (None: it takes any, **kwargs)."""
+def target_object(target: str) -> Any:
     from hydra.utils import get_object
 
     try:
-        obj = get_object(target)
+        return get_object(target)
     except Exception as e:  # noqa: BLE001  (Hydra raises ImportError or its own errors for a bad path)
         raise UserError(f"_target_ '{target}' cannot be imported ({str(e).strip().splitlines()[0]})") from None
-    return accepted_params(obj)
+
+
+def target_params(target: str) -> set[str] | None:
+    """Keyword parameters a `_target_` accepts (None: it takes any, **kwargs)."""
+    return accepted_params(target_object(target))
 
 
 def accepted_params(obj: Any) -> set[str] | None:
@@ -124,6 +127,9 @@ def check_config(cfg: DictConfig) -> None:
         params = target_params(target)
         if params is not None:
             _check_keys({k: v for k, v in node.items() if k != "_target_"}, dict.fromkeys(params), f"{group}.")
+        check = getattr(target_object(target), "check_node", None)
+        if callable(check):  # a loader's own value checks that need no model (e.g. an architecture name)
+            check(node)
 
     bits = c["bits"]
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
@@ -180,6 +186,11 @@ def check_config(cfg: DictConfig) -> None:
     select_backends(ev.get("backends", "auto"), resolve_device(str(c["device"])))
     if cal.get("device"):
         resolve_device(str(cal["device"]), "calibration.device")
+    if ev.get("offload") not in (None, False):
+        resolve_device("auto" if ev["offload"] is True else str(ev["offload"]), "eval.offload")
+        if resolve_device(str(c["device"])).type != "cpu":  # the runner would place the whole model there first
+            raise UserError(f"eval.offload={ev['offload']} streams a model kept in CPU memory; set device=cpu "
+                            f"(and calibration.device for calibrated stages)")
 
 
 def check_writable(path: str, what: str) -> None:

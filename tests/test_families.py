@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from conftest import TEXT, char_tokenizer
+from matrix_report import kinds, record
 
 HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 64
 SPARSITY, BITS, GROUP = 0.5, 4, 32
@@ -104,8 +105,10 @@ def test_family_runs_every_order_and_compresses_every_projection(family, tiny_te
     from compress_order.runner import run
 
     ckpt = save_tiny(family, tmp_path / "ckpt")
-    dense = _projections(AutoModelForCausalLM.from_pretrained(ckpt))
+    base = AutoModelForCausalLM.from_pretrained(ckpt)
+    dense = _projections(base)
     assert dense, family
+    done: set[str] = set()
 
     for stages, orders, sequential in [  # both ways of feeding a block: all layers at once, group by group
         ("[wanda,gptq]", {"wanda > gptq", "gptq > wanda"}, "false"),
@@ -116,6 +119,7 @@ def test_family_runs_every_order_and_compresses_every_projection(family, tiny_te
         with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
             df = run(cfg, tmp_path / f"out-{stages}")
         full = orders | {"sparsegpt+gptq"}
+        done |= full
         assert full <= set(df["order"]), (family, set(df["order"]))
         ppl = df[df.metric == "perplexity"].set_index("order")["value"]
         assert all(math.isfinite(v) for v in ppl), (family, ppl.to_dict())
@@ -142,6 +146,9 @@ def test_family_runs_every_order_and_compresses_every_projection(family, tiny_te
     # Every family declares its block class: the driver takes it from the metadata, not from a guess.
     blocks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoder blocks")]
     assert blocks and all(f"× {LAYERS} at " in b and b.endswith("(from _no_split_modules)") for b in blocks), blocks
+    record("decoder", family, f"tiny random `{type(base).__name__}`, hidden {HIDDEN}, {LAYERS} layers",
+           kinds(base.get_submodule(n) for n in dense), ["lm_head"], blocks[0].removeprefix("decoder blocks: "),
+           sorted(done))  # fmt: skip
 
 
 def test_readme_names_exactly_the_tested_families():

@@ -10,12 +10,13 @@ from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.results import STATS_FILE
 from compress_order.runner import run
+from compress_order.metrics import METRICS
 
 STAGES = ["stages=[magnitude,wanda]", "sparsity=0.5", "eval.backends=none"]  # dense, magnitude seed-free
 
 
 def _values(df: pd.DataFrame) -> pd.Series:
-    keep = df[(df["backend"] == "dense-simulated") & ~df["metric"].str.contains("ms")]
+    keep = df[(df["backend"] == "dense-simulated") & ~df["metric"].map(lambda m: METRICS[m].measured)]
     return keep.set_index(["seed", "order", "metric"])["value"].sort_index()
 
 

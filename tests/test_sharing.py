@@ -21,6 +21,7 @@ from compress_order.paths import PACKAGE_DIR
 from compress_order.results import STATS_FILE
 from compress_order.runner import run
 from compress_order.store import NodeStore
+from compress_order.metrics import METRICS
 
 THREE = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # 1 + 3 + 6 + 6 = 16 nodes
 
@@ -33,8 +34,8 @@ def _rc(argv: list[str]) -> int:
 
 
 def _values(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.Series:
-    """Deterministic metrics of every node (latency is timing, not part of a node's identity)."""
-    keep = df[(df["backend"] == "dense-simulated") & ~df["metric"].str.contains("ms")]
+    """Deterministic metrics of every node (timing and memory are measurements, not part of a node's identity)."""
+    keep = df[(df["backend"] == "dense-simulated") & ~df["metric"].map(lambda m: METRICS[m].measured)]
     return keep.set_index([*by, "order", "metric"])["value"].sort_index()
 
 

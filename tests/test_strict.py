@@ -22,6 +22,7 @@ from compress_order.store import QUARANTINE, NodeStore
 from compress_order.runner import run
 from compress_order.tasks.lm import LMTask
 from compress_order.validate import check_writable
+from compress_order.metrics import METRICS
 
 
 def _rc(argv: list[str]) -> int:
@@ -83,8 +84,8 @@ def test_a_full_disk_is_found_before_any_work(tmp_path, monkeypatch):
 
 
 def _values(df: pd.DataFrame) -> pd.Series:
-    """Every node's deterministic metrics (latency is timing, not part of a result's identity)."""
-    keep = df[(df["backend"] == "dense-simulated") & ~df["metric"].str.contains("ms")]
+    """Every node's deterministic metrics (timing and memory are measurements, not part of a result's identity)."""
+    keep = df[(df["backend"] == "dense-simulated") & ~df["metric"].map(lambda m: METRICS[m].measured)]
     return keep.set_index(["order", "metric"])["value"].sort_index()
 
 

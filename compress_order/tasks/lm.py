@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
+from typing import ContextManager
 
 import numpy as np
 import torch
@@ -70,6 +72,7 @@ class LMTask:
                 f"calibration needs nsamples×seqlen = {self.nsamples}×{self.cal_seqlen} tokens but '{data.name}' "
                 f"train has {self.train_ids.numel()}; lower calibration.nsamples or calibration.seqlen"
             )
+        self.offload = self._offload_blocks(lm, cfg.eval.get("offload"))
         lat = cfg.eval.latency
         self.lat_cfg = lat
         self._calib: list[Tensor] | None = None
@@ -94,8 +97,33 @@ class LMTask:
             self.lmeval = LMEval(tasks, lm.tokenizer, max_length=max_length, **opts)
             self.protocol += f"; lm-eval tasks: {', '.join(tasks)}"
 
+    def _offload_blocks(self, lm: LoadedModel, offload: object) -> str | None:
+        """With eval.offload=DEVICE, forwards compute on DEVICE one block at a time while the model stays where it
+        is (device=cpu): the block list the calibration driver finds, or a one-line error when there is none."""
+        if offload in (None, False):
+            return None
+        from compress_order.calibration import find_blocks
+        from compress_order.targets import find_targets
+        from compress_order.validate import resolve_device
+
+        self.device = resolve_device("auto" if offload is True else str(offload), "eval.offload")
+        found = find_blocks(lm.model, find_targets(lm.model, lm.skip))
+        if found is None:
+            raise UserError(f"eval.offload={offload}: model '{lm.name}' has no block list to stream; drop eval.offload")
+        return found[0]
+
+    def _placed(self, model: nn.Module) -> ContextManager:
+        """Where forwards run: as the model is, or streamed block by block onto the evaluation device."""
+        from compress_order.offload import streamed
+
+        return nullcontext() if self.offload is None else streamed(model, self.offload, self.device)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        with self._placed(model):
+            return self._evaluate(model)
+
+    def _evaluate(self, model: nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         nll = []
         for i in range(0, len(self.windows), self.batch_size):
             x = self.windows[i : i + self.batch_size].to(self.device)
@@ -138,6 +166,10 @@ class LMTask:
 
     @torch.no_grad()
     def latency(self, model: nn.Module) -> dict[str, float]:
+        with self._placed(model):  # streamed: the timings include moving each block onto the device
+            return self._latency(model)
+
+    def _latency(self, model: nn.Module) -> dict[str, float]:
         x = self.windows[:1].repeat(int(self.lat_cfg.batch), 1)[:, : int(self.lat_cfg.seqlen or self.seqlen)]
         x = x.to(self.device)
         warmup, repeats = int(self.lat_cfg.warmup), int(self.lat_cfg.repeats)

@@ -43,6 +43,9 @@ class VisionTask:
                 f"model '{lm.name}' predicts {n_model} classes but data '{data.name}' has {data.num_classes}; "
                 f"use a checkpoint trained on these classes (model.checkpoint=...)"
             )
+        if cfg.eval.get("offload") not in (None, False):
+            raise UserError(f"eval.offload streams the blocks of a language model; model '{lm.name}' is an image "
+                            f"classifier, drop eval.offload")
         from timm.data import create_transform
 
         dc = lm.extra["data_config"]
