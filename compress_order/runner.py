@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from compress_order.backends import SIMULATED, select_backends
+from compress_order.backends import SIMULATED, latency_entries, select_backends
 from compress_order.instantiate import build
 from compress_order.errors import Interrupted
 from compress_order.export import save_node
@@ -322,17 +322,6 @@ def _wait_for(deferred: list[Node], store: NodeStore, keys: dict, poll: float = 
 
 
 def backend_entries(backends: list, model, targets, task: Task, device: torch.device) -> list[dict]:
-    """Latency of each deployable backend on a packed copy of the model, or n/a with the reason."""
-    out = []
-    for b in backends:
-        why = b.fits(targets)
-        if why is None:
-            try:
-                packed = b.convert(model, targets, device)
-                out += [{"metric": m, "value": v, "backend": b.name} for m, v in task.latency(packed).items()]
-                del packed
-                continue
-            except (RuntimeError, NotImplementedError, ImportError, AssertionError) as e:  # no kernel at run time
-                why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        out.append({"metric": "latency_ms", "value": float("nan"), "backend": b.name, "status": "n/a", "error": why})
-    return out
+    """Latency of each deployable backend on a packed copy of the model (the node's own codes), or n/a with the
+    reason; with the dense reference in each backend's activation dtype (compress_order/backends.py)."""
+    return latency_entries(backends, model, targets, task, device)
