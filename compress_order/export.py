@@ -12,7 +12,8 @@
 
 Both come with the tokenizer and a sidecar that loaders ignore:
 
-  compression.json          order, model, checkpoint format (and for compressed-tensors: whether reloading gives
+  compression.json          order, model, checkpoint format, the weight files' bytes on disk beside the computed
+                            `size_bytes` (and for compressed-tensors: whether reloading gives
                             the evaluated weights bit for bit, and whether vLLM's WNA16 path serves it, or why not),
                             and per layer: shape, stages applied, measured sparsity and structure (dense, unstructured
                             or N:M), mask density, quantization bits, group size, symmetry; tensor entries name keys
@@ -71,7 +72,7 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
 
 
 def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path,
-              fmt: str = "auto") -> Path | None:  # fmt: skip
+              fmt: str = "auto", dense_bits: int = 16) -> Path | None:  # fmt: skip
     """Called for every visited node when `save=true`, with the node's weights in the model: checks at the dense
     node that the model can be saved (before any compression work) and writes every full order."""
     if node.depth == 0:
@@ -80,12 +81,16 @@ def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_dept
         checkpoint_format(targets, fmt)
     if node.depth != full_depth or node.depth == 0:
         return None
-    return save_model(lm, targets, node.order, Path(out_dir) / MODELS_DIR / order_slug(node.order), fmt)
+    return save_model(lm, targets, node.order, Path(out_dir) / MODELS_DIR / order_slug(node.order), fmt, dense_bits)
 
 
 def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path,
-               fmt: str = "auto") -> Path:  # fmt: skip
-    """Write the model, tokenizer and sidecar into `dest`, replacing it whole (written beside, renamed)."""
+               fmt: str = "auto", dense_bits: int = 16) -> Path:  # fmt: skip
+    """Write the model, tokenizer and sidecar into `dest`, replacing it whole (written beside, renamed). The
+    sidecar's checkpoint entry records the weight files' bytes on disk beside the computed `size_bytes` (at
+    `dense_bits` per uncompressed weight, as the run's metric)."""
+    from compress_order.measure import compression_metrics
+
     fmt = checkpoint_format(targets, fmt)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
@@ -97,6 +102,8 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
             else:
                 lm.model.save_pretrained(tmp)
                 checkpoint = {"format": "dense"}
+        checkpoint.update(disk_bytes=weight_bytes(tmp), dense_bits=dense_bits,
+                          size_bytes=compression_metrics(lm.model, targets, dense_bits)["size_bytes"])  # fmt: skip
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
         record = {"format": FORMAT, "model": lm.name, "order": list(order), "label": " > ".join(order),
@@ -144,15 +151,27 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
     }  # fmt: skip
 
 
+def weight_bytes(folder: Path) -> int:
+    """Bytes on disk of a checkpoint's weight files (safetensors shards or .bin), not its config or tokenizer."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix in (".safetensors", ".bin")
+               and f.name != "compression.safetensors")  # fmt: skip
+
+
 def summary_line(checkpoint: dict[str, Any]) -> str:
-    """What a saved checkpoint is, in one line: its format and, for compressed-tensors, exactness and servability."""
+    """What a saved checkpoint is, in one line: its format, its bytes on disk beside the computed size and, for
+    compressed-tensors, exactness and servability."""
+    size = ""
+    if "disk_bytes" in checkpoint:
+        size = (f"; {checkpoint['disk_bytes']:,} bytes on disk, size_bytes {checkpoint['size_bytes']:,.0f} "
+                f"({checkpoint['dense_bits']}-bit dense layers)")  # fmt: skip
     if checkpoint["format"] != "compressed-tensors":
-        return f"{checkpoint['format']} checkpoint"
+        return f"{checkpoint['format']} checkpoint{size}"
     exact = "exact" if checkpoint["exact"] else f"{checkpoint['mismatched_weights']} weights not exact"
     vllm = checkpoint["vllm_wna16"]
     serve = "vLLM WNA16 serves it" if vllm["servable"] else f"vLLM WNA16 does not serve it: {'; '.join(vllm['reasons'])}"
     reload = "" if checkpoint["transformers_reload"] else "; transformers cannot reload its zero-points"
-    return f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; {serve}{reload}"
+    return (f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; "
+            f"{serve}{reload}{size}")  # fmt: skip
 
 
 @contextmanager
@@ -240,19 +259,21 @@ def load_constraints(model_dir: str | Path) -> dict[str, Any]:
 
 
 def export_command(args: list[str]) -> int:
-    """`compress-order export RUN_DIR --order "a > b" [--format ...]`: rebuild one full order of a finished run from
-    its saved config (the same stages, settings and calibration seed) and write it to RUN_DIR/models/<order>/."""
+    """`compress-order export RUN_DIR --order "a > b" [--format ...] [--seed N]`: rebuild one full order of a finished
+    run from its saved config (the same stages, settings and calibration seed: `--seed`, one of the run's seeds,
+    default its first) and write it to RUN_DIR/models/<order>/."""
     import argparse
     from typing import NoReturn
 
     def error(message: str) -> NoReturn:
-        raise UserError(f"export: {message}; usage: export RUN_DIR --order \"a > b\" [--format FORMAT]")
+        raise UserError(f"export: {message}; usage: export RUN_DIR --order \"a > b\" [--format FORMAT] [--seed N]")
 
     parser = argparse.ArgumentParser(prog="compress-order export", exit_on_error=False)
     parser.error = error  # type: ignore[method-assign]  (one line instead of argparse's usage and exit)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--order", required=True, help='a full order of the run, e.g. "magnitude > rtn"')
     parser.add_argument("--format", default="auto", dest="fmt", help=f"one of: {', '.join(SAVE_FORMATS)}")
+    parser.add_argument("--seed", type=int, help="the calibration seed to rebuild (default: the run's first)")
     try:
         ns, unknown = parser.parse_known_args(args)
     except argparse.ArgumentError as e:
@@ -260,16 +281,18 @@ def export_command(args: list[str]) -> int:
     if unknown:
         error(f"unexpected argument(s) {' '.join(unknown)}")
     checkpoint_format({}, ns.fmt)  # the format's name, before any model is loaded
-    dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt)
+    dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt, ns.seed)
     record = json.loads((dest / "compression.json").read_text(encoding="utf-8"))
     print(f"{dest}: {summary_line(record['checkpoint'])}")
     return 0
 
 
-def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto") -> Path:
-    """Apply the stages of `order` to the run's dense model as the run did, check every invariant, and save."""
+def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed: int | None = None) -> Path:
+    """Apply the stages of `order` to the run's dense model as the run did for calibration seed `seed` (default:
+    the run's first), check every invariant, and save."""
     from omegaconf import OmegaConf
 
+    import compress_order.config  # noqa: F401  (registers ${asset:}, which the embedded models' saved configs use)
     from compress_order.instantiate import build
     from compress_order.plan import run_seeds, with_seed
     from compress_order.runner import apply_stage
@@ -289,7 +312,10 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto") -> Pa
     if order not in full:
         valid = "; ".join(sorted(" > ".join(o) for o in full))
         raise UserError(f"order '{' > '.join(order)}' is not a full order of this run; valid: {valid}")
-    cfg = with_seed(cfg, run_seeds(cfg)[0])
+    seeds = run_seeds(cfg)
+    if seed is not None and seed not in seeds:
+        raise UserError(f"seed {seed} is not a calibration seed of this run; valid: {', '.join(map(str, seeds))}")
+    cfg = with_seed(cfg, seeds[0] if seed is None else seed)
     device = resolve_device(str(cfg.device))
     cfg.device = str(device)
     lm = build(cfg.model)
@@ -307,4 +333,4 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto") -> Pa
         why = apply_stage(stages[lab], state, task, cfg)
         if why is not None:
             raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
-    return save_model(lm, targets, order, Path(run_dir) / MODELS_DIR / order_slug(order), fmt)
+    return save_model(lm, targets, order, Path(run_dir) / MODELS_DIR / order_slug(order), fmt, int(cfg.dense_bits))

@@ -166,11 +166,18 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
         sd = sim[sim["metric"] == primary].groupby(["depth", "order"], sort=False)["value"].std(ddof=1)
         wide.insert(wide.columns.get_loc(primary) + 1, f"{primary} sd", sd.reindex(wide.index))
     real = df[(df["backend"] != "dense-simulated") & (df["metric"] == "latency_ms")]
+    refs = {b: rows.groupby(["depth", "order"], sort=False)["value"].mean().reindex(wide.index)
+            for b, rows in real[real["backend"].str.startswith("dense(")].groupby("backend")}  # fmt: skip
     for backend, rows in real.groupby("backend", sort=True):
         ms = rows.groupby(["depth", "order"], sort=False)["value"].mean().reindex(wide.index)
-        wide[f"{backend} ms"] = ms.map(lambda v: "n/a" if pd.isna(v) else f"{v:.4g}")
-        if "latency_ms" in wide.columns:  # vs the dense forward of the same shapes, timed just before
-            speed = wide["latency_ms"] / ms
+        missing = "" if backend.startswith("dense(") else "n/a"  # a reference is timed only beside a packed copy
+        wide[f"{backend} ms"] = ms.map(lambda v: missing if pd.isna(v) else f"{v:.4g}")
+        # vs the dense node in the backend's activation dtype, `name(dtype)`: the dense copy cast to it where one
+        # was timed (`dense(dtype)`), else the evaluated model itself (the kernel computes in the model's dtype)
+        dtype = backend[backend.rfind("(") :] if backend.endswith(")") else ""
+        ref = refs.get(f"dense{dtype}", wide["latency_ms"] if "latency_ms" in wide.columns else None)
+        if ref is not None and not backend.startswith("dense("):
+            speed = ref / ms
             wide[f"{backend} speed-up"] = speed.map(lambda v: "" if pd.isna(v) else f"{v:.2f}×")
     wide = wide.reset_index()
     full = wide[wide["depth"] == wide["depth"].max()]
@@ -187,9 +194,11 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
         f"# {ok['model'].iloc[0]} on {ok['dataset'].iloc[0]}: stages {ok['stages'].iloc[0]}",
         "",
         f"- {protocol}",
-        f"- primary metric: {primary} ({arrow} better); `latency_ms` is the dense-simulated forward; a backend "
-        f"column times a packed copy with a real kernel (speed-up: dense forward of the same node and shapes ÷ "
-        f"packed forward, timed back to back; n/a: no kernel for that format, reasons in results)",
+        f"- primary metric: {primary} ({arrow} better); `latency_ms` is the dense-simulated forward in the model's "
+        f"dtype; a backend `name(dtype)` times a packed copy of the node's own codes with a real kernel whose "
+        f"activations are in that dtype (speed-up: the dense node in the same dtype — the evaluated model, or a copy "
+        f"cast to it, `dense(dtype)` — ÷ packed forward, same shapes, timed back to back; n/a: no kernel for that "
+        f"format, reasons in results)",
     ]
     if n_seeds > 1:
         lines.append(f"- values are means over {n_seeds} calibration seeds ({', '.join(map(str, sorted(ok['seed'].unique())))}), "

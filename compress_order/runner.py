@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from compress_order.act import ActQuant
 from compress_order.act import paused as act_paused
-from compress_order.backends import SIMULATED, select_backends
+from compress_order.backends import SIMULATED, latency_entries, select_backends
 from compress_order.instantiate import build
 from compress_order.errors import Interrupted
 from compress_order.export import save_node
@@ -293,8 +293,9 @@ class Executor:
                 finally:
                     store.release(plan.keys[node.order])
             stats.from_store += status == "stored"
-            if cfg.save and node.order not in infeasible and save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg.save_format) is not None:
-                stats.saved += 1
+            if cfg.save and node.order not in infeasible:
+                dest = save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg.save_format, int(cfg.dense_bits))
+                stats.saved += dest is not None
             if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
                 deferred.append(node)
             else:
@@ -372,17 +373,6 @@ def _wait_for(deferred: list[Node], store: NodeStore, keys: dict, poll: float = 
 
 
 def backend_entries(backends: list, model, targets, task: Task, device: torch.device) -> list[dict]:
-    """Latency of each deployable backend on a packed copy of the model, or n/a with the reason."""
-    out = []
-    for b in backends:
-        why = b.fits(targets)
-        if why is None:
-            try:
-                packed = b.convert(model, targets, device)
-                out += [{"metric": m, "value": v, "backend": b.name} for m, v in task.latency(packed).items()]
-                del packed
-                continue
-            except (RuntimeError, NotImplementedError, ImportError, AssertionError) as e:  # no kernel at run time
-                why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        out.append({"metric": "latency_ms", "value": float("nan"), "backend": b.name, "status": "n/a", "error": why})
-    return out
+    """Latency of each deployable backend on a packed copy of the model (the node's own codes), or n/a with the
+    reason; with the dense reference in each backend's activation dtype (compress_order/backends.py)."""
+    return latency_entries(backends, model, targets, task, device)

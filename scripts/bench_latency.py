@@ -5,17 +5,19 @@
 Models: the embedded char-LLaMA (if its checkpoint is present) and a randomly initialised LLaMA-shaped model
 (~100M parameters). Each is RTN-quantized (so every backend can pack it), then timed dense and per backend:
 prefill (batch × sequence forward) and decode (ms per token with a KV cache). Speed-ups are against the dense
-model timed in the same process. Backends that cannot run print n/a with the reason.
+model timed in the same process, in the backend's activation dtype (a
+bf16 kernel against the dense model cast to bf16). Backends that cannot run print n/a with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import pandas as pd
 import torch
 
-from compress_order.backends import BACKENDS, select_backends
+from compress_order.backends import BACKENDS, dtype_name, model_dtype, select_backends
 from compress_order.measure import decode_ms_per_token, time_call
 from compress_order.paths import ASSETS_DIR
 from compress_order.stages.rtn import RTN
@@ -63,11 +65,13 @@ def main() -> None:
             decode = decode_ms_per_token(m, x[:, :32], args.new_tokens, device, 1, max(3, args.repeats // 3))
             return prefill, decode
 
-        dense = timings(model)
-        rows.append({"model": name, "backend": "dense (fp32, simulated)", "prefill_ms": dense[0],
-                     "decode_ms_per_token": dense[1], "prefill_speedup": 1.0, "decode_speedup": 1.0, "note": ""})
+        here = model_dtype(targets)
+        refs = {here: timings(model)}  # the dense node in each activation dtype a backend computes in
+        rows.append({"model": name, "backend": f"dense ({dtype_name(here)}, simulated)", "prefill_ms": refs[here][0],
+                     "decode_ms_per_token": refs[here][1], "prefill_speedup": 1.0, "decode_speedup": 1.0, "note": ""})
         for b in BACKENDS.values():
             note, t = "", None
+            act = b.act_dtype(here, device)
             if b not in select_backends("auto", device):
                 note = f"n/a: no kernel on {device.type}"
             elif (why := b.fits(targets)) is not None:
@@ -75,12 +79,18 @@ def main() -> None:
             else:
                 try:
                     t = timings(b.convert(model, targets, device))
+                    if act not in refs:
+                        refs[act] = timings(copy.deepcopy(model).to(act))
+                        rows.append({"model": name, "backend": f"dense ({dtype_name(act)})", "prefill_ms": refs[act][0],
+                                     "decode_ms_per_token": refs[act][1], "prefill_speedup": 1.0,
+                                     "decode_speedup": 1.0, "note": ""})  # fmt: skip
                 except (RuntimeError, NotImplementedError, ImportError) as e:
                     note = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-            rows.append({"model": name, "backend": b.name, "prefill_ms": t[0] if t else None,
+            ref = refs.get(act)
+            rows.append({"model": name, "backend": b.label(here, device), "prefill_ms": t[0] if t else None,
                          "decode_ms_per_token": t[1] if t else None,
-                         "prefill_speedup": dense[0] / t[0] if t else None,
-                         "decode_speedup": dense[1] / t[1] if t else None, "note": note})  # fmt: skip
+                         "prefill_speedup": ref[0] / t[0] if t else None,
+                         "decode_speedup": ref[1] / t[1] if t else None, "note": note})  # fmt: skip
     print(f"device={device} threads={args.threads} batch={args.batch} seqlen={args.seqlen} "
           f"bits={args.bits} group_size={args.group_size} torch={torch.__version__}")  # fmt: skip
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))

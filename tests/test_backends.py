@@ -1,12 +1,15 @@
-"""Packed size arithmetic on hand-computed cases; packed CPU kernels match the fake-quantized model."""
+"""Packed size arithmetic on hand-computed cases; packed CPU kernels hold the node's own codes and compute the
+evaluated model (logits within kernel tolerance, perplexity within 0.5%), timed against the dense node in the
+kernel's activation dtype."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from compress_order.backends import BACKENDS, select_backends
+from compress_order.backends import BACKENDS, dtype_name, select_backends
 from compress_order.constraints import LayerConstraint
 from compress_order.errors import UserError
 from compress_order.measure import compression_metrics, layer_bits
@@ -60,8 +63,9 @@ def test_equal_budget_comparison_counts_everything():
     assert ma["size_bytes"] == pytest.approx((ma["avg_bits"] * 256 * 128 + 128 * 16) / 8)  # bias stays 16-bit
 
 
-@pytest.mark.parametrize("name,bits,tol", [("int8_weight_only", 8, 0.02), ("int4_weight_only", 4, 0.02)])
-def test_packed_cpu_forward_matches_fake_quant(name, bits, tol):
+@pytest.mark.parametrize("name,bits,act,tol", [("int8_weight_only", 8, torch.float32, 1e-5),
+                                               ("int4_weight_only", 4, torch.bfloat16, 0.02)])  # fmt: skip
+def test_packed_cpu_forward_matches_fake_quant(name, bits, act, tol):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
     targets = find_targets(model)
@@ -69,11 +73,12 @@ def test_packed_cpu_forward_matches_fake_quant(name, bits, tol):
         RTN(bits, 32, False, name="r").compress(t)
     backend = BACKENDS[name]
     assert backend.fits(targets) is None
+    assert backend.label(torch.float32, torch.device("cpu")) == f"{name}({dtype_name(act)})"
     packed = backend.convert(model, targets, torch.device("cpu"))
     x = torch.randn(16, 128)
     with torch.no_grad():
-        ref, out = model(x), packed(x)
-    assert type(packed[0].weight).__name__ != "Parameter" or name == "none"
+        ref, out = model(x), packed(x.to(act)).float()
+    assert type(packed[0].weight).__name__ != "Parameter"
     assert (out - ref).abs().max() <= tol * ref.abs().max()
 
 
@@ -85,6 +90,123 @@ def test_backends_that_cannot_serve_a_node_say_why():
         RTN(6, 32, False, name="r").compress(t)
     assert "6-bit weights" in BACKENDS["int4_weight_only"].fits(targets)
     assert BACKENDS["sparse_2_4"].fits(targets) == "weights are not 2:4 sparse"
+    t = targets["0"]
+    for grid, name, why in [
+        (fit_grid(t.weight, 4, 16, sym=False), "int4_weight_only",
+         "0: group size 16: the int4 kernel takes groups of 32, 64, 128, 256 (or a multiple)"),
+        (fit_grid(t.weight[:, :120], 4, -1, sym=True), "int4_weight_only",
+         "0: per-channel grid over 120: the int4 kernel takes groups of 32, 64, 128, 256 (or a multiple)"),
+        (fit_grid(t.weight, 8, -1, sym=False), "int8_weight_only",
+         "0: an 8-bit per-channel grid with zero-points other than 128 spans more than int8, and the int8 "
+         "per-channel kernel takes no zero-point"),
+    ]:  # fmt: skip
+        if grid.group_size != t.shape[1] and grid.n_groups == 1:  # a per-channel grid over another width
+            model2 = nn.Sequential(nn.Linear(120, 64))
+            targets = find_targets(model2)
+        else:
+            targets = find_targets(model)
+        targets["0"].constraint = LayerConstraint(grid=grid)
+        assert BACKENDS[name].fits(targets) == why
+    for bits, gs, sym in [(8, -1, True), (8, 32, False), (7, -1, False)]:  # every other 8-bit-or-less grid fits
+        targets["0"].constraint = LayerConstraint(grid=fit_grid(t.weight, bits, gs, sym))
+        assert BACKENDS["int8_weight_only"].fits(targets) is None
+
+
+# ---------------------------------------------------------- the packed copy computes the evaluated model
+
+
+@pytest.fixture(scope="module")
+def charllama():
+    """The embedded char-LLaMA with its evaluation task (8 windows of 256 tokens), and its dense weights."""
+    from compress_order.config import compose_config
+    from compress_order.instantiate import build
+    from compress_order.targets import ModelState
+    from compress_order.tasks.lm import LMTask
+
+    cfg = compose_config(["device=cpu", "eval.max_windows=8"])
+    lm = build(cfg.model)
+    task = LMTask(lm, build(cfg.data), cfg)
+    targets = find_targets(lm.model, lm.skip)
+    state = ModelState(lm.model, targets)
+    return lm.model, targets, task, state, state.snapshot()
+
+
+# (backend, bits, group size, symmetric, logits tolerance): float32 kernels differ from the evaluated model only in
+# the order of float32 sums; bf16 rounds every activation (unit roundoff 2^-8) over six layers.
+FAITHFUL = [
+    ("int8_weight_only", 8, -1, True, 1e-5),  # per channel: x @ int8ᵀ · scale
+    ("int8_weight_only", 4, 128, False, 1e-5),  # codes − zero in int8, per group
+    ("int8_weight_only", 8, 32, False, 1e-5),  # 8-bit with zero-points: codes − 128, zero-points − 128
+    ("int4_weight_only", 4, 128, False, 0.02),
+    ("int4_weight_only", 3, 32, True, 0.02),  # 3-bit codes in 4-bit slots
+    ("int4_weight_only", 2, -1, False, 0.02),  # per channel: one scale repeated over kernel groups of 128 / 256
+]
+
+
+@pytest.mark.parametrize("name,bits,group_size,sym,tol", FAITHFUL)
+def test_packed_model_computes_the_evaluated_model(charllama, name, bits, group_size, sym, tol):
+    from compress_order.backends import own_codes
+
+    model, targets, task, state, dense = charllama
+    state.restore(dense)
+    for t in targets.values():
+        RTN(bits, group_size, sym, name="r").compress(t)
+    backend = BACKENDS[name]
+    assert backend.fits(targets) is None
+    packed = backend.convert(model, targets, torch.device("cpu"))
+    if name == "int8_weight_only":  # the node's own codes, scales and zero-points: its exact weights come back
+        for n, t in targets.items():
+            w = packed.get_submodule(n).weight
+            codes, grid = own_codes(t)
+            zero = grid.zero.repeat_interleave(grid.group_size, 1).int()
+            assert torch.equal(w.qdata.int(), codes - zero if w.zero_point is None else codes - 128)
+            assert torch.equal(w.dequantize(), t.weight)
+    x = task.windows[:2]
+    with torch.no_grad():
+        ref, out = model(input_ids=x).logits, packed(input_ids=x).logits.float()
+    err = float((out - ref).norm() / ref.norm())
+    assert err <= tol, err
+    ppl, ppl_packed = task.evaluate(model)[0]["perplexity"], task.evaluate(packed)[0]["perplexity"]
+    assert abs(ppl_packed / ppl - 1) <= 0.005, (ppl_packed, ppl)
+
+
+class _Timer:
+    """A task whose latency records the dtype of the model it timed."""
+
+    def __init__(self) -> None:
+        self.timed: list[torch.dtype] = []
+
+    def latency(self, model: nn.Module) -> dict[str, float]:
+        self.timed.append(next(model.parameters()).dtype)
+        return {"latency_ms": float(len(self.timed))}
+
+
+def test_each_backend_is_labelled_and_compared_in_its_activation_dtype():
+    from compress_order.backends import latency_entries
+    from compress_order.results import summary_markdown
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    targets = find_targets(model)
+    for t in targets.values():
+        RTN(4, 32, False, name="r").compress(t)
+    timer = _Timer()
+    entries = latency_entries(select_backends("auto", torch.device("cpu")), model, targets, timer, torch.device("cpu"))
+    assert [(e["backend"], e["value"]) for e in entries] == [
+        ("int8_weight_only(fp32)", 1.0), ("int4_weight_only(bf16)", 2.0), ("dense(bf16)", 3.0)]  # fmt: skip
+    assert timer.timed == [torch.float32, torch.bfloat16, torch.bfloat16]  # the reference: the node cast to bf16
+    assert next(model.parameters()).dtype == torch.float32  # the evaluated model is untouched
+
+    rows = [{"backend": "dense-simulated", "metric": "latency_ms", "value": 6.0},
+            {"backend": "dense-simulated", "metric": "perplexity", "value": 5.0}] + entries  # fmt: skip
+    df = pd.DataFrame([{"model": "m", "dataset": "d", "stages": "rtn", "seed": 0, "depth": 1, "order": "rtn",
+                        "status": "ok", **r} for r in rows])  # fmt: skip
+    table = summary_markdown(df, "perplexity", "")
+    header, _, values = table.strip().splitlines()[-3:]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in values.split("|")]))
+    assert cells["int8_weight_only(fp32) speed-up"] == "6.00×"  # vs the evaluated (fp32) model
+    assert cells["int4_weight_only(bf16) speed-up"] == "1.50×"  # vs the node cast to bf16, not the fp32 forward
+    assert "dense(bf16) speed-up" not in cells and cells["dense(bf16) ms"] == "3"
 
 
 def test_backend_selection_on_cpu():

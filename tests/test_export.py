@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -15,6 +17,7 @@ from compress_order.config import compose_config
 from compress_order.instantiate import build
 from compress_order.errors import UserError
 from compress_order.export import checkpoint_format, save_model
+from compress_order.measure import compression_metrics
 from compress_order.models import causal_lm
 from compress_order.quant import fit_grid
 from compress_order.runner import run
@@ -184,7 +187,9 @@ def test_sparse_only_node_is_a_plain_dense_checkpoint(tiny_lm, tmp_path):
     d = save_model(lm, targets, ("magnitude",), tmp_path / "m")
     assert "quantization_config" not in json.loads((d / "config.json").read_text())
     side = json.loads((d / "compression.json").read_text())
-    assert side["checkpoint"] == {"format": "dense"} and side["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert side["checkpoint"]["format"] == "dense" and side["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert side["checkpoint"]["disk_bytes"] == (d / "model.safetensors").stat().st_size  # float32 weights, dense
+    assert side["checkpoint"]["size_bytes"] == compression_metrics(lm.model, targets)["size_bytes"]
     saved = load_file(str(d / "model.safetensors"))
     for name, t in targets.items():
         assert torch.equal(saved[f"{name}.weight"], t.module.weight.data)
@@ -212,21 +217,32 @@ def _ppl_of_reload(cfg, d: Path) -> float:
     return metrics["perplexity"]
 
 
-def test_saved_orders_reload_to_the_evaluated_perplexity(tiny_overrides, tmp_path):
+def test_saved_orders_reload_to_the_evaluated_perplexity(tiny_overrides, tmp_path, caplog):
     """Mask and grid in both orders, and GPTQ with act-order: transformers reloads the exports (symmetric grids)
-    and gives each node's perplexity exactly."""
+    and gives each node's perplexity exactly. The run reports each saved model's bytes on disk beside its
+    computed size_bytes."""
     over = tiny_overrides + [
         "bits=4", "group_size=32", "sparsity=0.5", "save=true", "eval.backends=none",
         "stages=[magnitude,{name:rtn,sym:true,label:rtn}]",
         "joint=[]",
     ]  # fmt: skip
     cfg = compose_config(over)
-    df = run(cfg, tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="compress_order.export"):
+        df = run(cfg, tmp_path / "out")
     ppl = df[df["metric"] == "perplexity"].set_index("order")["value"]
+    size = df[df["metric"] == "size_bytes"].set_index("order")["value"]
     for folder, order in (("magnitude_then_rtn", "magnitude > rtn"), ("rtn_then_magnitude", "rtn > magnitude")):
         d = tmp_path / "out" / "models" / folder
         assert qconfig(d)["format"] == "pack-quantized"
         assert _ppl_of_reload(cfg, d) == ppl[order]
+        ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+        assert ck["disk_bytes"] == (d / "model.safetensors").stat().st_size
+        assert (ck["size_bytes"], ck["dense_bits"]) == (size[order], 16)
+        # the packed codes are smaller on disk than the float32 model, larger than the 16-bit accounting
+        # (embeddings and lm_head stay float32 on disk; the scales are float32)
+        assert size[order] < ck["disk_bytes"] < size["dense"] * 2
+        assert f"saved {d} (" in caplog.text
+        assert f"; {ck['disk_bytes']:,} bytes on disk, size_bytes {size[order]:,.0f} (16-bit dense layers)" in caplog.text
 
     over = tiny_overrides + [
         "bits=4", "group_size=32", "save=true", "eval.backends=none",
@@ -275,3 +291,49 @@ def test_export_command_rebuilds_an_order_of_a_run_exactly(tiny_overrides, tmp_p
     assert "export: the following arguments are required: --order" in capsys.readouterr().err
     assert main(["export", str(run_dir), "--order", "gptq > magnitude", "--format", "onnx"]) == 2
     assert "save format 'onnx' is unknown; valid: auto, compressed-tensors, dense" in capsys.readouterr().err
+
+
+def test_export_rebuilds_the_chosen_calibration_seed(tiny_overrides, tmp_path, capsys):
+    """A run with several calibration seeds: `--seed` picks the one to rebuild (default the first), and the export
+    reloads to that seed's perplexity; a seed the run did not use is one line naming the valid ones."""
+    from compress_order.cli import main
+
+    over = tiny_overrides + ["bits=4", "group_size=32", "eval.backends=none", "replicates=2",
+                             "stages=[{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
+    assert main(["run", *over]) == 0
+    run_dir = tmp_path / "run"
+    df = pd.read_parquet(run_dir / "results.parquet")
+    ppl = df[(df["metric"] == "perplexity") & (df["order"] == "gptq")].set_index("seed")["value"]
+    assert sorted(ppl.index) == [0, 1] and ppl[0] != ppl[1]
+    cfg = compose_config(over)
+    d = run_dir / "models" / "gptq"
+    for seed, args in ((0, []), (1, ["--seed", "1"])):
+        assert main(["export", str(run_dir), "--order", "gptq", "--format", "dense", *args]) == 0
+        assert _ppl_of_reload(cfg, d) == ppl[seed]
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--order", "gptq", "--seed", "7"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "compress-order: error: seed 7 is not a calibration seed of this run; valid: 0, 1"]  # fmt: skip
+    assert main(["export", str(run_dir), "--order", "gptq", "--seed", "one"]) == 2
+    assert "argument --seed: invalid int value: 'one'" in capsys.readouterr().err
+
+
+def test_export_of_a_run_on_the_embedded_assets_in_a_fresh_process(tiny_overrides, tmp_path):
+    """The saved config names the embedded data through ${asset:…}: `export`, run as its own process, resolves it."""
+    import os
+    import subprocess
+    import sys
+
+    from compress_order.cli import main
+
+    over = [o for o in tiny_overrides if not o.startswith(("data.train=", "data.valid=", "data.name="))]
+    assert main(["run", *over, "eval.max_windows=2", "eval.backends=none", "bits=4", "group_size=32"]) == 0
+    run_dir = tmp_path / "run"
+    assert "${asset:shakespeare/valid.txt}" in (run_dir / ".hydra" / "config.yaml").read_text()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "compress_order", "export", str(run_dir), "--order", "rtn > magnitude",
+                           "--format", "dense"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().startswith(f"{run_dir / 'models' / 'rtn_then_magnitude'}: dense checkpoint; ")
+    assert " bytes on disk, size_bytes " in proc.stdout

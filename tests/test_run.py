@@ -39,13 +39,16 @@ def test_run_writes_tidy_rows_for_every_node(tiny_overrides, tmp_path):
         assert v.loc[order, "sparsity"] >= 0.7
     assert v.loc["magnitude > rtn", "avg_bits"] < v.loc["rtn", "avg_bits"] < v.loc["magnitude", "avg_bits"]
     real = disk[disk["backend"] != "dense-simulated"]
-    assert set(real["backend"]) == {"int8_weight_only", "int4_weight_only"}  # CPU kernels, labelled
+    # CPU kernels, labelled with their activation dtype; bf16's speed-up reference is the node cast to bf16
+    assert set(real["backend"]) == {"int8_weight_only(fp32)", "int4_weight_only(bf16)", "dense(bf16)"}
+    assert set(real[real["backend"] == "dense(bf16)"]["order"]) == {"rtn", "magnitude > rtn", "rtn > magnitude"}
     assert real[real["order"] == "dense"]["status"].eq("n/a").all()  # dense weights: no int kernel applies
     assert real[(real["order"] == "magnitude > rtn") & (real["metric"] == "latency_ms")]["value"].gt(0).all()
     assert set(real[real["status"] == "ok"]["metric"]) == {"latency_ms", "latency_ms_iqr", "decode_ms_per_token"}
     assert set(disk["depth"]) == {0, 1, 2} and disk["stages"].iloc[0] == "magnitude,rtn"
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "◀ best" in summary and "non-overlapping windows of 64 tokens" in summary
+    assert "int4_weight_only(bf16) speed-up" in summary and "int8_weight_only(fp32) speed-up" in summary
     samples = pd.read_parquet(tmp_path / "out" / "samples.parquet")
     nll = samples[samples["order"] == "dense"]["value"]
     assert abs(float(nll.mean()) - float(pd.Series(v.loc["dense", "perplexity"]).map(__import__("math").log)[0])) < 1e-9
