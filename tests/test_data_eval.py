@@ -155,7 +155,7 @@ def _tasks_dir(tmp: Path, valid_text: str) -> Path:
     (d / "choice.jsonl").write_text("".join(json.dumps({"q": q, "choices": [" " + c for c in cs], "label": 0}) + "\n"
                                             for q, cs in qs))  # fmt: skip
     (d / "pages.jsonl").write_text(json.dumps({"page": valid_text}) + "\n")
-    common = f"dataset_path: json\ntest_split: test\n"
+    common = "dataset_path: json\ntest_split: test\n"
     (d / "tiny_choice.yaml").write_text(
         f"task: tiny_choice\n{common}dataset_kwargs: {{data_files: {{test: {d / 'choice.jsonl'}}}}}\n"
         "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"

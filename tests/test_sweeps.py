@@ -8,14 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from compress_order.cli import main
 from compress_order.config import compose_config
-from compress_order.errors import UserError
 from compress_order.runner import run
 from compress_order.tasks.lm import LMTask
 from conftest import terminal_lines

@@ -43,6 +43,8 @@ def read_parquet(path: Path) -> pd.DataFrame | None:
         for col in COLUMNS:  # results written before a column existed
             if col not in df.columns:
                 df[col] = None
+        # all-null in a run without activation quantization: one numeric dtype, so runs merge on it
+        df["act_bits"] = pd.to_numeric(df["act_bits"], errors="coerce")
         return df
     except (pa.ArrowException, OSError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -6,7 +6,7 @@ earlier rank lowest (prior mask), so the mask only grows.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
