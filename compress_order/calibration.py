@@ -335,7 +335,7 @@ def compress_unit(
             )
         partners = {id(groups[i][0]): p for i, p in found.items()}
         log.log(logging.INFO if first else logging.DEBUG, "scaling pairs in %s: %s", type(unit).__name__, "; ".join(
-            f"{partners[id(g[0])].name} → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" if id(g[0]) in partners
+            f"{partners[id(g[0])]} → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" if id(g[0]) in partners
             else f"none → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" for g in groups))  # fmt: skip
 
     def collect(gs: list[list[Target]], stop: bool) -> list[HessianStats]:

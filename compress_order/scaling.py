@@ -32,20 +32,32 @@ from compress_order.targets import Target, adapter_of
 log = logging.getLogger(__name__)
 
 
+# How a norm's weight w scales its output: by w itself (LayerNorm, LLaMA's RMSNorm), or by 1 + w (Gemma's
+# RMSNorm stores the offset from one). Dividing the output by s rewrites w accordingly; the probe tries both.
+NORM_FOLDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "w": lambda w, s: w / s,
+    "1+w": lambda w, s: (1 + w) / s - 1,
+}
+
+
 @dataclass
 class Partner:
-    """What produces a group's input: a norm-like module, or a linear target (its output rows)."""
+    """What produces a group's input: a norm-like module (with its fold rule), or a linear target (its rows)."""
 
     name: str
     module: nn.Module
     target: Target | None = None
+    fold: str = "w"
+
+    def __str__(self) -> str:
+        return self.name if self.fold == "w" else f"{self.name} ({self.fold})"
 
     @torch.no_grad()
     def divide(self, s: Tensor) -> None:
         """Divide the produced channels by s, keeping this layer's constraints (a grid is rescaled per row)."""
         if self.target is None:
             w = self.module.weight
-            w.data.copy_((w.data.float() / s.to(w.device)).to(w.dtype))
+            w.data.copy_(NORM_FOLDS[self.fold](w.data.float(), s.to(w.device).float()).to(w.dtype))
         else:
             t = self.target
             s = s.to(t.module.weight.device)
@@ -119,12 +131,13 @@ def _candidates(unit: nn.Module, group: list[Target], targets: list[Target]) -> 
     ids = {id(t.module) for t in targets}
     in_group = {id(t.module) for t in group}
     norms = [
-        Partner(name, m)
+        Partner(name, m, fold=fold)
         for name, m in unit.named_modules()
         if id(m) not in ids
         and isinstance(getattr(m, "weight", None), Tensor)
         and m.weight.dim() == 1
         and m.weight.shape[0] == cols
+        for fold in NORM_FOLDS
     ]
     names = {id(m): name for name, m in unit.named_modules()}
     linears = [
@@ -183,7 +196,8 @@ def _touched(cand: Partner, group: list[Target]) -> list[nn.Parameter]:
 def _raw_divide(cand: Partner, s: Tensor) -> None:
     """The probe's division: no constraints, restored right after."""
     if cand.target is None:
-        cand.module.weight.data.div_(s.to(cand.module.weight.device, cand.module.weight.dtype))
+        w = cand.module.weight
+        w.data.copy_(NORM_FOLDS[cand.fold](w.data.float(), s.to(w.device).float()).to(w.dtype))
     else:
         t = cand.target
         t.set_weight(t.weight / s.to(t.module.weight.device, t.module.weight.dtype)[:, None])

@@ -254,3 +254,48 @@ def test_cli_awq_on_a_cnn_is_one_line_and_exit_2(tmp_path, capsys):
     rc = e.value.code
     err = terminal_lines(capsys.readouterr().err)  # the progress bar is cleared, the error stays
     assert rc == 2 and len(err) == 1 and "rescales input channels, but no layer group of" in err[0], err
+
+
+# ------------------------------------------------------------------------------------------ decoder families
+
+# Pairs the probe must find in the first block of each family of the decoder matrix (test_families.FAMILIES):
+# norm → the layers it feeds, and linear → linear through attention's V mixing or an elementwise/ReLU path.
+FAMILY_PAIRS = {
+    "LLaMA": ["input_layernorm → q_proj/k_proj/v_proj", "post_attention_layernorm → gate_proj/up_proj",
+              "mlp.up_proj → down_proj"],
+    "Mistral": ["input_layernorm → q_proj/k_proj/v_proj", "mlp.up_proj → down_proj"],
+    "Qwen2": ["input_layernorm → q_proj/k_proj/v_proj", "mlp.up_proj → down_proj"],
+    "OPT": ["self_attn_layer_norm → q_proj/k_proj/v_proj", "self_attn.v_proj → out_proj", "final_layer_norm → fc1",
+            "fc1 → fc2"],
+    "GPT-2": ["ln_1 → c_attn", "ln_2 → c_fc"],
+    "GPT-NeoX": ["input_layernorm → query_key_value", "post_attention_layernorm → dense_h_to_4h"],
+    "Phi-3": ["input_layernorm → qkv_proj", "post_attention_layernorm → gate_up_proj"],
+    "Gemma2": ["input_layernorm (1+w) → q_proj/k_proj/v_proj", "mlp.up_proj → down_proj"],
+    "Falcon": ["input_layernorm → query_key_value/dense_h_to_4h"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(FAMILY_PAIRS))
+def test_scaling_stages_on_every_decoder_family(family, caplog):
+    from test_families import FAMILIES, _config
+
+    from transformers import AutoModelForCausalLM
+
+    assert set(FAMILY_PAIRS) == set(FAMILIES)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(family, 40)).eval()
+    state = ModelState(model, find_targets(model, ["lm_head"]))
+    dense = state.snapshot()
+    task, cfg = Batches(token_batches(4)), compose_config(["calibration.nsamples=4"])
+    ids = torch.randint(0, 40, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with caplog.at_level("INFO", logger="compress_order.calibration"):
+            assert apply_stage(SmoothQuant(alpha=0.5, name="sq"), state, task, cfg) is None
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)  # the function is kept
+    line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
+    for pair in FAMILY_PAIRS[family]:
+        assert pair in line, (pair, line)
+    state.restore(dense)
+    assert apply_stage(AWQ(bits=4, group_size=32, name="awq"), state, task, cfg) is None  # invariants checked
+    assert all(t.constraint.grid is not None for t in state.targets.values())
