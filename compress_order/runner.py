@@ -70,12 +70,16 @@ def library_versions() -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig) -> str | None:
+def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, act: ActQuant | None = None
+                ) -> str | None:  # fmt: skip
     """Apply one stage to every target layer, then check every layer's invariants. Returns why the stage cannot
-    follow what the layers hold (then nothing is changed), else None."""
+    follow what the layers hold (then nothing is changed), else None. With static activation ranges (`act`),
+    a calibrated stage reads statistics of activations quantized with ranges observed on the current weights."""
     why = stage.feasible(state.targets)
     if why is not None:
         return why
+    if act is not None and stage.needs is not None:
+        act.observe(state.model, task.calibration_batches())
     if stage.needs is None:
         for t in state.targets.values():
             stage.compress(t, None)
@@ -191,6 +195,7 @@ class Executor:
         self.stats, self.keep_dense = stats, keep_dense
         self.primary, self.protocol = "perplexity", ""
         self.lm: LoadedModel | None = None
+        self.act: ActQuant | None = None
         self._dense: Snapshot | None = None
 
     def _load(self) -> None:
@@ -200,7 +205,7 @@ class Executor:
         self.lm.model.to(self.device)
         self.targets = find_targets(self.lm.model, self.lm.skip)
         if cfg.act_bits is not None:  # on for the whole run: every evaluation and every later calibration
-            ActQuant(int(cfg.act_bits), str(cfg.act_granularity)).install(self.targets)
+            self.act = ActQuant(int(cfg.act_bits), str(cfg.act_granularity)).install(self.targets)
         self.state = ModelState(self.lm.model, self.targets)
         self.backends = select_backends(cfg.eval.get("backends", "auto"), self.device)
         sc = cfg.get("state_cache") or {}
@@ -258,7 +263,11 @@ class Executor:
                     "samples": {}, "primary": self.primary, "protocol": self.protocol,
                     "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
 
+        act = self.act if self.act is not None and self.act.static else None
+
         def evaluate(node: Node) -> dict:
+            if act is not None:  # static ranges of this node's activations
+                act.observe(lm.model, task.calibration_batches())
             metrics, samples = task.evaluate(lm.model)
             metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
             with act_paused():  # fake activation rounding is no kernel: time what the weights cost
@@ -309,7 +318,7 @@ class Executor:
                 state.restore(snap)
                 return
             parent = node.order[:-1]
-            why = infeasible.get(parent) or apply_stage(stages[node.stage], state, task, cfg)
+            why = infeasible.get(parent) or apply_stage(stages[node.stage], state, task, cfg, act)
             if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
                 infeasible[node.order] = why
                 log.warning("order %s is infeasible: %s", node.label, why)
@@ -325,7 +334,7 @@ class Executor:
                     state.restore(self.dense())
                     why = None
                     for lab in node.order:
-                        why = why or apply_stage(stages[lab], state, task, cfg)
+                        why = why or apply_stage(stages[lab], state, task, cfg, act)
                         stats.applications += why is None
                     try:
                         rec = evaluate(node) if why is None else infeasible_record(why)

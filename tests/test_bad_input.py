@@ -57,7 +57,7 @@ BAD = [
     (["--cfg", "bogus"], "--cfg takes one of: job, hydra, all (got 'bogus')"),
     (["act_bits=1"], "act_bits=1 is outside 2-16"),
     (["act_bits=17"], "act_bits=17 is outside 2-16"),
-    (["act_bits=8", "act_granularity=channel"], "act_granularity=channel is unknown; valid: token, tensor"),
+    (["act_bits=8", "act_granularity=channel"], "act_granularity=channel is unknown; valid: token, tensor, static"),
     (["stages=[{name:smoothquant,alpha:1.5}]"], "smoothquant alpha=1.5 is outside [0, 1]"),
     (["stages=[{name:awq,min_clip:0}]"], "awq min_clip=0 is outside (0, 1]"),
     (["hydra.run.dir=/proc/compress-order"], "hydra.run.dir '/proc/compress-order' is not writable"),

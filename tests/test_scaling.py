@@ -227,12 +227,33 @@ def test_run_reports_an_infeasible_order_and_runs_the_others(tiny_overrides, tmp
     assert set(df2.loc[df2["status"] == "infeasible", "order"]) == {"rtn > smoothquant"}
 
 
+def test_static_activation_ranges_are_observed_per_node(tiny_overrides, tmp_path):
+    model = mha_llama(layers=1)
+    targets = find_targets(model, ["lm_head"])
+    act = ActQuant(8, "static").install(targets)
+    batches = token_batches(3)
+    seen = {}
+    for t in targets.values():
+        t.module.register_forward_pre_hook(lambda m, a, name=t.name: seen.__setitem__(name, max(
+            seen.get(name, 0.0), float(a[0].abs().amax()))))  # fmt: skip
+    with torch.no_grad():
+        act.observe(model, batches)  # quantization paused while observing: these are full-precision ranges
+    assert {n: float(act.ranges[id(t.module)]) for n, t in targets.items()} == pytest.approx(seen)
+    act.remove()
+    cfg = compose_config(tiny_overrides + ["stages=[wanda,rtn]", "act_bits=4", "act_granularity=static"])
+    static = run(cfg, tmp_path / "static")
+    dynamic = run(compose_config(tiny_overrides + ["stages=[wanda,rtn]", "act_bits=4"]), tmp_path / "dynamic")
+    ppl = [d[(d["metric"] == "perplexity")].set_index("order")["value"] for d in (static, dynamic)]
+    assert set(ppl[0].index) == set(ppl[1].index) and (ppl[0] != ppl[1]).all()  # every node, the dense one too
+
+
 def test_activation_bits_change_the_node_keys(tiny_overrides, tmp_path):
     from compress_order.identity import base_identity, digest
 
     keys = {digest(base_identity(compose_config(tiny_overrides + over))) for over in
-            ([], ["act_bits=8"], ["act_bits=4"], ["act_bits=8", "act_granularity=tensor"])}  # fmt: skip
-    assert len(keys) == 4
+            ([], ["act_bits=8"], ["act_bits=4"], ["act_bits=8", "act_granularity=tensor"],
+             ["act_bits=8", "act_granularity=static"])}  # fmt: skip
+    assert len(keys) == 5
 
 
 def test_awq_on_a_model_without_scaling_pairs_is_one_line():
