@@ -91,18 +91,20 @@ def test_vision_family_runs_every_order_and_keeps_every_constraint(arch, pair, t
     real_apply = runner.apply_stage
     seen: dict = {"applied": [], "io": None}
 
-    def checked(stage, state, task, cfg) -> None:
+    def checked(stage, state, task, cfg, *rest) -> str | None:
         model = state.model
         if seen["io"] is None:  # first application: the weights are still dense
             want = compressible(model)
             assert set(state.targets) == set(want), (arch, set(want) ^ set(state.targets))
             seen["io"] = {n: model.get_submodule(n).weight.detach().clone() for n in io_names(model)}
             seen["layers"], seen["model"] = kinds(want.values()), model
-        real_apply(stage, state, task, cfg)
+        why = real_apply(stage, state, task, cfg, *rest)
+        assert why is None, why
         for name, t in state.targets.items():
             assert t.constraint.applied and t.constraint.applied[-1] == stage.label, name
             _check_layer(name, t.module, t.constraint.applied)
         seen["applied"].append(stage.label)
+        return why
 
     monkeypatch.setattr(runner, "apply_stage", checked)
     cfg = compose_config(overrides(arch, tmp_path) + [f"stages=[{pair}]"])
