@@ -90,6 +90,7 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
     sidecar's checkpoint entry records the weight files' bytes on disk beside the computed `size_bytes` (at
     `dense_bits` per uncompressed weight, as the run's metric)."""
     from compress_order.measure import compression_metrics
+    from compress_order.results import file_mode
 
     fmt = checkpoint_format(targets, fmt)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -113,6 +114,10 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
 
             save_file(tensors, str(tmp / "compression.safetensors"))
         (tmp / "compression.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        mode = file_mode()  # safetensors writes its files 0600; results are shared, like every other file
+        for f in tmp.iterdir():
+            if f.is_file():
+                f.chmod(mode)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
