@@ -10,6 +10,12 @@ So q' = q - 2^(b-1) and z' = z - 2^(b-1): a symmetric grid has z = 2^(b-1), i.e.
 the model's dtype, so a float16/bfloat16 model reloads bit for bit only where its float32 scales survive that cast;
 `exact` in the sidecar says whether they do.
 
+Activations: a run with `act_bits` computed with its layers' inputs fake-quantized (compress_order/act.py: symmetric,
+dynamic, per token or per tensor); each config group then carries that scheme as its `input_activations`, and the
+checkpoint is `int-quantized` (one int8 per code, the format compressed-tensors gives integer weights with
+quantized activations), because vLLM picks its int8-activation kernels (W8A8, W4A8) only for that format and serves
+pack-quantized only without activation quantization (WNA16).
+
 Act-order: GPTQ here keeps groups in the original column order (act_order needs static groups), so its grids
 need no group index (`weight_g_idx`); compressed-tensors 0.20 has dropped the dynamic (`group`) act-order anyway.
 """
@@ -20,6 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 import torch
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.config import CompressionFormat
@@ -37,6 +44,7 @@ from compress_order.quant import QuantGrid
 from compress_order.targets import Target
 
 FORMAT = CompressionFormat.pack_quantized.value
+ACT_FORMAT = CompressionFormat.int_quantized.value  # weights with quantized input activations
 
 # vLLM's compressed-tensors WNA16 path (pack-quantized weights, 16-bit activations; symmetric or with zero-points):
 # the widths and group sizes its kernels (Marlin, Machete, ...) take, and the layer-shape multiples Marlin needs
@@ -49,12 +57,37 @@ VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate
 
 
 @dataclass(frozen=True)
+class ActScheme:
+    """The input activations of a run with `act_bits`: symmetric, dynamic, one scale per token or per tensor."""
+
+    bits: int
+    granularity: str  # "token" or "tensor" (compress_order/act.py)
+
+    def args(self) -> QuantizationArgs:
+        strategy = QuantizationStrategy.TOKEN if self.granularity == "token" else QuantizationStrategy.TENSOR
+        return QuantizationArgs(num_bits=self.bits, type="int", symmetric=True, dynamic=True, strategy=strategy)
+
+    def describe(self) -> str:
+        return f"A{self.bits} {self.granularity}-wise dynamic symmetric"
+
+
+@dataclass(frozen=True)
 class WeightScheme:
-    """One config group: bits, group size (-1: one group per output channel) and symmetry."""
+    """One config group: bits, group size (-1: one group per output channel), symmetry, and the input activations'
+    scheme where the run quantized them."""
 
     bits: int
     group_size: int
     sym: bool
+    act: ActScheme | None = None
+
+    @property
+    def format(self) -> str:
+        return FORMAT if self.act is None else ACT_FORMAT
+
+    def scheme(self, targets: list[str]) -> QuantizationScheme:
+        inputs = None if self.act is None else self.act.args()
+        return QuantizationScheme(targets=targets, weights=self.args(), input_activations=inputs, format=self.format)
 
     def args(self) -> QuantizationArgs:
         strategy = QuantizationStrategy.CHANNEL if self.group_size == -1 else QuantizationStrategy.GROUP
@@ -65,27 +98,30 @@ class WeightScheme:
 
     def describe(self) -> str:
         groups = "per channel" if self.group_size == -1 else f"group {self.group_size}"
-        return f"{self.bits}-bit {groups} {'symmetric' if self.sym else 'with zero-points'}"
+        acts = "" if self.act is None else f", {self.act.describe()} activations"
+        return f"{self.bits}-bit {groups} {'symmetric' if self.sym else 'with zero-points'}{acts}"
 
 
-def weight_scheme(grid: QuantGrid) -> WeightScheme:
+def weight_scheme(grid: QuantGrid, act: ActScheme | None = None) -> WeightScheme:
     """The scheme a grid is written under. A symmetric grid whose zero-points are not all the midpoint (none is
     made so, but a grid is only data) is written with its zero-points."""
     mid = 2 ** (grid.bits - 1)
     sym = grid.sym and bool((grid.zero == mid).all())
-    return WeightScheme(grid.bits, -1 if grid.n_groups == 1 else grid.group_size, sym)
+    return WeightScheme(grid.bits, -1 if grid.n_groups == 1 else grid.group_size, sym, act)
 
 
 @dataclass
 class PackedLayer:
     scheme: WeightScheme
-    tensors: dict[str, Tensor]  # local names: weight_packed, weight_scale, weight_shape (and weight_zero_point)
+    tensors: dict[str, Tensor]  # local names: weight_packed, weight_scale, weight_shape (and weight_zero_point);
+    # int-quantized: weight (int8 codes), weight_scale (and weight_zero_point)
     mismatched: int  # weights the loader's arithmetic (scales in the model dtype) does not give back exactly
 
 
 @torch.no_grad()
-def pack_layer(target: Target) -> PackedLayer:
-    """Codes of the evaluated weight on its own grid, packed by compressed-tensors' pack-quantized compressor."""
+def pack_layer(target: Target, act: ActScheme | None = None) -> PackedLayer:
+    """Codes of the evaluated weight on its own grid, packed by compressed-tensors' pack-quantized compressor (or,
+    with quantized activations, stored one int8 per code by its int-quantized compressor)."""
     grid, module = target.constraint.grid, target.module
     if grid is None:
         raise ValueError(f"{target.name} has no quantization grid")
@@ -99,7 +135,7 @@ def pack_layer(target: Target) -> PackedLayer:
     codes = grid.codes(w)  # unsigned, float32
     if not torch.equal(grid.dequant(codes, w.dtype), w):  # the invariant check guarantees this after every stage
         raise InvariantError(f"layer {target.name}: its integer codes do not reproduce the evaluated weight")
-    scheme = weight_scheme(grid)
+    scheme = weight_scheme(grid, act)
     mid = 2 ** (grid.bits - 1)
     signed = (codes - mid).to(torch.int8)
     local = {
@@ -108,12 +144,14 @@ def pack_layer(target: Target) -> PackedLayer:
         "weight_scale": grid.scale.float().cpu(),
         "weight_zero_point": (grid.zero - mid).to(torch.int8).cpu(),
     }
-    ct = QuantizationScheme(targets=[target.name], weights=scheme.args(), format=FORMAT)
-    packed = PackedQuantizationCompressor.compress(local, ct)
-    if not torch.equal(unpack_from_int32(packed["weight_packed"], grid.bits, w.shape), signed.cpu()):
-        raise InvariantError(f"layer {target.name}: packed codes differ from the grid's codes")
+    ct = scheme.scheme([target.name])
+    compressor = PackedQuantizationCompressor if act is None else IntQuantizationCompressor
+    packed = compressor.compress(local, ct)
+    stored = packed["weight"] if act is not None else unpack_from_int32(packed["weight_packed"], grid.bits, w.shape)
+    if not torch.equal(stored, signed.cpu()):
+        raise InvariantError(f"layer {target.name}: stored codes differ from the grid's codes")
     packed["weight_scale"] = packed["weight_scale"].to(w.dtype)  # loaders hold scales in the model dtype
-    back = PackedQuantizationCompressor.decompress(packed, ct)["weight"].to(w.dtype)
+    back = compressor.decompress(packed, ct)["weight"].to(w.dtype)
     mismatched = int((back != w.cpu()).sum())
     return PackedLayer(scheme, packed, mismatched)
 
@@ -124,12 +162,11 @@ def quantization_config(schemes: dict[str, WeightScheme], ignore: list[str]) -> 
     for name, s in schemes.items():
         by_scheme[s].append(name)
     ordered = sorted(by_scheme.items(), key=lambda kv: (kv[0].bits, kv[0].group_size, kv[0].sym))
-    groups = {
-        f"group_{i}": QuantizationScheme(targets=names, weights=s.args(), format=FORMAT)
-        for i, (s, names) in enumerate(ordered)
-    }
+    groups = {f"group_{i}": s.scheme(names) for i, (s, names) in enumerate(ordered)}
+    formats = {s.format for s in by_scheme}
+    fmt = formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value
     return QuantizationConfig(
-        config_groups=groups, format=FORMAT, quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore
+        config_groups=groups, format=fmt, quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore
     )
 
 
@@ -153,8 +190,27 @@ def dense_linears(model: nn.Module, quantized: set[str]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
 
 
-def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme]) -> tuple[bool, list[str]]:
-    """Whether vLLM's compressed-tensors WNA16 path would serve the checkpoint as saved, and if not, why."""
+def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme]) -> tuple[str, bool, list[str]]:
+    """Which vLLM compressed-tensors path reads the checkpoint (WNA16 for weight-only, its int8-activation
+    schemes W8A8 / W4A8 otherwise), whether it would serve it as saved, and if not, why."""
+    acts = {s.act for s in schemes.values()}
+    if acts == {None}:
+        path, reasons = "WNA16", _wna16_reasons(model, schemes)
+    else:
+        path, reasons = _int_act_reasons(schemes)
+    for fused, parts in VLLM_FUSED.items():
+        for name in schemes:
+            prefix, _, leaf = name.rpartition(".")
+            if leaf != parts[0]:
+                continue
+            found = {schemes.get(f"{prefix}.{p}") for p in parts}
+            if len(found) > 1:
+                reasons.append(f"{prefix}: {', '.join(parts)} differ in scheme but vLLM fuses them into {fused}")
+                break
+    return path, not reasons, reasons
+
+
+def _wna16_reasons(model: nn.Module, schemes: dict[str, WeightScheme]) -> list[str]:
     reasons: list[str] = []
     widths = sorted({s.bits for s in schemes.values()} - set(VLLM_BITS))
     if widths:
@@ -167,16 +223,35 @@ def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme]) -> tupl
     odd = [n for n in schemes if mods[n].out_features % rows or mods[n].in_features % cols]
     if odd:
         reasons.append(f"{len(odd)} layer(s) not a multiple of {rows}x{cols} features, e.g. {odd[0]}")
-    for fused, parts in VLLM_FUSED.items():
-        for name in schemes:
-            prefix, _, leaf = name.rpartition(".")
-            if leaf != parts[0]:
-                continue
-            found = {schemes.get(f"{prefix}.{p}") for p in parts}
-            if len(found) > 1:
-                reasons.append(f"{prefix}: {', '.join(parts)} differ in scheme but vLLM fuses them into {fused}")
-                break
-    return not reasons, reasons
+    return reasons
+
+
+def _int_act_reasons(schemes: dict[str, WeightScheme]) -> tuple[str, list[str]]:
+    """vLLM's int8-activation schemes: W8A8 int8 takes symmetric 8-bit weights per channel with dynamic per-token
+    (or static per-tensor) int8 activations; W4A8 int symmetric 4-bit weights per group or channel with dynamic
+    per-token int8 activations. Dynamic per-tensor activations and other widths match none of them."""
+    act = next(s.act for s in schemes.values() if s.act is not None)  # one run, one activation scheme
+    widths = sorted({s.bits for s in schemes.values()})
+    path = " + ".join({8: "W8A8 int8", 4: "W4A8 int"}.get(b, f"W{b}A{act.bits}") for b in reversed(widths))
+    reasons: list[str] = []
+    if act.bits != 8:
+        reasons.append(f"{act.bits}-bit activations (vLLM's integer-activation kernels take int8)")
+    if act.granularity != "token":
+        reasons.append("dynamic per-tensor activations (vLLM's int8 kernels take dynamic per-token or static "
+                       "per-tensor scales)")  # fmt: skip
+    other = [b for b in widths if b not in VLLM_BITS]
+    if other:
+        reasons.append(f"{'/'.join(map(str, other))}-bit weights with quantized activations (vLLM takes 8-bit: W8A8, "
+                       f"or 4-bit: W4A8)")  # fmt: skip
+    asym = sorted({s.bits for s in schemes.values() if not s.sym and s.bits in VLLM_BITS})
+    if asym:
+        reasons.append(f"asymmetric {'/'.join(map(str, asym))}-bit weights (vLLM's W8A8/W4A8 take symmetric "
+                       f"weights, sym: true)")  # fmt: skip
+    grouped = sorted({s.group_size for s in schemes.values() if s.bits == 8 and s.group_size != -1})
+    if grouped:
+        reasons.append(f"8-bit weights in groups of {'/'.join(map(str, grouped))} (W8A8 int8 takes per-channel "
+                       f"weights, group_size=-1)")  # fmt: skip
+    return path, reasons
 
 
 def transformers_reloads(schemes: dict[str, WeightScheme]) -> bool:

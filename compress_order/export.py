@@ -1,12 +1,14 @@
 """`save=true`: each full order's compressed model as a Hugging Face checkpoint, with its per-layer constraints.
 
-<run dir>/models/<order slug>/ holds a checkpoint in one of two formats:
+<run dir>/models/<order slug>/ (a run with several calibration seeds: <order slug>/seed-<N>/, one per seed) holds a
+checkpoint in one of two formats:
 
   compressed-tensors  (the default for a node with a quantizer) what serving stacks load: config.json carries a
                       compressed-tensors `quantization_config` (format pack-quantized, one config group per scheme,
                       dense layers in `ignore`) and each quantized Linear its packed integer codes, scales and
                       zero-points, taken from the node's own grids (compress_order/ct_export.py). Pruned weights are
-                      zero codes.
+                      zero codes. A run with `act_bits` writes `int-quantized` (one int8 per code) with each
+                      group's input-activation scheme.
   dense               (the default for a node without one) what `save_pretrained` writes: the weights as evaluated,
                       pruned weights exact zeros, quantized weights exactly on their grids, in the model's dtype.
 
@@ -36,7 +38,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -46,6 +48,9 @@ from compress_order.models import LoadedModel
 from compress_order.targets import Target
 from compress_order.trie import Node
 
+if TYPE_CHECKING:  # ct_export imports compressed-tensors, which a run without save=true does not need
+    from compress_order.ct_export import ActScheme
+
 MODELS_DIR = "models"
 FORMAT = "compress-order/compression-v1"
 log = logging.getLogger(__name__)
@@ -54,6 +59,21 @@ log = logging.getLogger(__name__)
 def order_slug(order: tuple[str, ...]) -> str:
     """A folder name for an order: 'magnitude > rtn' → 'magnitude_then_rtn'."""
     return "_then_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", lab).strip("-") or "stage" for lab in order)
+
+
+def model_dir(run_dir: Path, order: tuple[str, ...], seed: int | None = None) -> Path:
+    """Where an order's model is saved: models/<order>/, or models/<order>/seed-<N>/ when the run has several
+    calibration seeds (`seed` given), so that each seed's model is kept."""
+    d = Path(run_dir) / MODELS_DIR / order_slug(order)
+    return d if seed is None else d / f"seed-{seed}"
+
+
+def act_scheme(cfg: Any) -> ActScheme | None:
+    """The run's activation scheme (`act_bits`, `act_granularity`) as compressed-tensors writes it, or None."""
+    from compress_order.ct_export import ActScheme
+
+    bits = cfg.get("act_bits")
+    return None if bits is None else ActScheme(int(bits), str(cfg.get("act_granularity") or "token"))
 
 
 SAVE_FORMATS = ("auto", "compressed-tensors", "dense")
@@ -72,24 +92,29 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
 
 
 def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path,
-              fmt: str = "auto", dense_bits: int = 16) -> Path | None:  # fmt: skip
-    """Called for every visited node when `save=true`, with the node's weights in the model: checks at the dense
-    node that the model can be saved (before any compression work) and writes every full order."""
+              cfg: Any, several_seeds: bool = False) -> Path | None:  # fmt: skip
+    """Called for every visited node when `save=true`, with the node's weights in the model and `cfg` the
+    calibration seed's config: checks at the dense node that the model can be saved (before any compression work)
+    and writes every full order (into a folder per seed when the run has several)."""
+    fmt = str(cfg.save_format)
     if node.depth == 0:
         if not hasattr(lm.model, "save_pretrained"):
             raise UserError(f"save=true needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
         checkpoint_format(targets, fmt)
     if node.depth != full_depth or node.depth == 0:
         return None
-    return save_model(lm, targets, node.order, Path(out_dir) / MODELS_DIR / order_slug(node.order), fmt, dense_bits)
+    dest = model_dir(out_dir, node.order, int(cfg.seed) if several_seeds else None)
+    return save_model(lm, targets, node.order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg))
 
 
 def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path,
-               fmt: str = "auto", dense_bits: int = 16) -> Path:  # fmt: skip
+               fmt: str = "auto", dense_bits: int = 16, act: ActScheme | None = None) -> Path:  # fmt: skip
     """Write the model, tokenizer and sidecar into `dest`, replacing it whole (written beside, renamed). The
     sidecar's checkpoint entry records the weight files' bytes on disk beside the computed `size_bytes` (at
-    `dense_bits` per uncompressed weight, as the run's metric)."""
+    `dense_bits` per uncompressed weight, as the run's metric). `act`: the input
+    activations the node was evaluated with, written into a compressed-tensors config and recorded otherwise."""
     from compress_order.measure import compression_metrics
+    from compress_order.results import file_mode
 
     fmt = checkpoint_format(targets, fmt)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -98,10 +123,12 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
         record, tensors = constraint_record(targets)
         with _as_plain_model(lm.model):
             if fmt == "compressed-tensors":
-                checkpoint = save_compressed_tensors(lm.model, targets, tmp)
+                checkpoint = save_compressed_tensors(lm.model, targets, tmp, act)
             else:
                 lm.model.save_pretrained(tmp)
                 checkpoint = {"format": "dense"}
+        if act is not None:
+            checkpoint["activations"] = act.describe()
         checkpoint.update(disk_bytes=weight_bytes(tmp), dense_bits=dense_bits,
                           size_bytes=compression_metrics(lm.model, targets, dense_bits)["size_bytes"])  # fmt: skip
         if lm.tokenizer is not None:
@@ -113,6 +140,10 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
 
             save_file(tensors, str(tmp / "compression.safetensors"))
         (tmp / "compression.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        mode = file_mode()  # safetensors writes its files 0600; results are shared, like every other file
+        for f in tmp.iterdir():
+            if f.is_file():
+                f.chmod(mode)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -130,23 +161,25 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
     return dest
 
 
-def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], save_dir: Path) -> dict[str, Any]:
-    """A compressed-tensors pack-quantized checkpoint of the model as it is; returns what the sidecar records."""
+def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], save_dir: Path,
+                            act: ActScheme | None = None) -> dict[str, Any]:  # fmt: skip
+    """A compressed-tensors checkpoint of the model as it is (pack-quantized; int-quantized with the input
+    activations' scheme `act`); returns what the sidecar records."""
     from compress_order import ct_export
 
-    packed = {n: ct_export.pack_layer(t) for n, t in targets.items() if t.constraint.grid is not None}
+    packed = {n: ct_export.pack_layer(t, act) for n, t in targets.items() if t.constraint.grid is not None}
     schemes = {n: p.scheme for n, p in packed.items()}
     config = ct_export.quantization_config(schemes, ignore=ct_export.dense_linears(model, set(packed)))
     model.save_pretrained(save_dir, state_dict=ct_export.compressed_state_dict(model, packed))
     ct_export.write_config(str(save_dir), config)
-    servable, reasons = ct_export.vllm_servability(model, schemes)
+    path, servable, reasons = ct_export.vllm_servability(model, schemes)
     mismatched = sum(p.mismatched for p in packed.values())
     return {
-        "format": "compressed-tensors", "compression_format": ct_export.FORMAT,
+        "format": "compressed-tensors", "compression_format": config.format,
         "schemes": sorted({p.scheme.describe() for p in packed.values()}),
         "exact": mismatched == 0,  # reloading gives the evaluated weights bit for bit
         "mismatched_weights": mismatched,  # otherwise: weights changed by holding scales in the model dtype
-        "vllm_wna16": {"servable": servable, "reasons": reasons},
+        "vllm": {"path": path, "servable": servable, "reasons": reasons},  # path: WNA16, W8A8 int8, W4A8 int
         "transformers_reload": ct_export.transformers_reloads(schemes),
     }  # fmt: skip
 
@@ -165,10 +198,13 @@ def summary_line(checkpoint: dict[str, Any]) -> str:
         size = (f"; {checkpoint['disk_bytes']:,} bytes on disk, size_bytes {checkpoint['size_bytes']:,.0f} "
                 f"({checkpoint['dense_bits']}-bit dense layers)")  # fmt: skip
     if checkpoint["format"] != "compressed-tensors":
-        return f"{checkpoint['format']} checkpoint{size}"
+        act = checkpoint.get("activations")
+        acts = f" (evaluated with {act} activations, not in its config)" if act else ""
+        return f"{checkpoint['format']} checkpoint{acts}{size}"
     exact = "exact" if checkpoint["exact"] else f"{checkpoint['mismatched_weights']} weights not exact"
-    vllm = checkpoint["vllm_wna16"]
-    serve = "vLLM WNA16 serves it" if vllm["servable"] else f"vLLM WNA16 does not serve it: {'; '.join(vllm['reasons'])}"
+    vllm = checkpoint["vllm"]
+    serve = (f"vLLM {vllm['path']} serves it" if vllm["servable"]
+             else f"vLLM {vllm['path']} does not serve it: {'; '.join(vllm['reasons'])}")  # fmt: skip
     reload = "" if checkpoint["transformers_reload"] else "; transformers cannot reload its zero-points"
     return (f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; "
             f"{serve}{reload}{size}")  # fmt: skip
@@ -261,7 +297,7 @@ def load_constraints(model_dir: str | Path) -> dict[str, Any]:
 def export_command(args: list[str]) -> int:
     """`compress-order export RUN_DIR --order "a > b" [--format ...] [--seed N]`: rebuild one full order of a finished
     run from its saved config (the same stages, settings and calibration seed: `--seed`, one of the run's seeds,
-    default its first) and write it to RUN_DIR/models/<order>/."""
+    default its first) and write it where the run saves it: RUN_DIR/models/<order>/ (several seeds: …/seed-<N>/)."""
     import argparse
     from typing import NoReturn
 
@@ -293,6 +329,7 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     from omegaconf import OmegaConf
 
     import compress_order.config  # noqa: F401  (registers ${asset:}, which the embedded models' saved configs use)
+    from compress_order.act import ActQuant
     from compress_order.instantiate import build
     from compress_order.plan import run_seeds, with_seed
     from compress_order.runner import apply_stage
@@ -315,6 +352,7 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     seeds = run_seeds(cfg)
     if seed is not None and seed not in seeds:
         raise UserError(f"seed {seed} is not a calibration seed of this run; valid: {', '.join(map(str, seeds))}")
+    several = len(seeds) > 1
     cfg = with_seed(cfg, seeds[0] if seed is None else seed)
     device = resolve_device(str(cfg.device))
     cfg.device = str(device)
@@ -323,6 +361,9 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
         raise UserError(f"export needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
     lm.model.to(device)
     targets = find_targets(lm.model, lm.skip)
+    act = act_scheme(cfg)
+    if act is not None:  # as the run: later stages calibrate on quantized inputs
+        ActQuant(act.bits, act.granularity).install(targets)
     state = ModelState(lm.model, targets)
     stages = {lab: build_stage(by_label[lab]) for lab in order}
     for s in stages.values():
@@ -333,4 +374,5 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
         why = apply_stage(stages[lab], state, task, cfg)
         if why is not None:
             raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
-    return save_model(lm, targets, order, Path(run_dir) / MODELS_DIR / order_slug(order), fmt, int(cfg.dense_bits))
+    dest = model_dir(run_dir, order, int(cfg.seed) if several else None)
+    return save_model(lm, targets, order, dest, fmt, int(cfg.dense_bits), act)

@@ -303,7 +303,7 @@ class Executor:
                     store.release(plan.keys[node.order])
             stats.from_store += status == "stored"
             if cfg.save and node.order not in infeasible:
-                dest = save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg.save_format, int(cfg.dense_bits))
+                dest = save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg, len(run_seeds(self.cfg)) > 1)
                 stats.saved += dest is not None
             if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
                 deferred.append(node)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from compress_order.config import compose_config
 from compress_order.instantiate import build
 from compress_order.errors import UserError
-from compress_order.export import checkpoint_format, save_model
+from compress_order.ct_export import ActScheme
+from compress_order.export import checkpoint_format, save_model, summary_line
 from compress_order.measure import compression_metrics
 from compress_order.models import causal_lm
 from compress_order.quant import fit_grid
@@ -82,7 +83,7 @@ def test_rtn_exports_its_own_codes_bit_for_bit(tiny_lm, tmp_path, bits, group_si
 
     side = json.loads((d / "compression.json").read_text())
     assert side["checkpoint"]["exact"] is True and side["checkpoint"]["mismatched_weights"] == 0
-    vllm = side["checkpoint"]["vllm_wna16"]
+    vllm = side["checkpoint"]["vllm"]
     assert vllm["servable"] is (bits in (4, 8))
     if bits not in (4, 8):
         assert vllm["reasons"] == [f"{bits}-bit weights (WNA16 takes 4 or 8)"]
@@ -132,7 +133,7 @@ def test_mixed_widths_become_one_config_group_each(tiny_lm, tmp_path):
     assert by_bits == {4: sorted(set(targets) - set(wide)), 8: sorted(wide)}
     back = dequantized(d, torch.float32)
     assert all(torch.equal(back[f"{n}.weight"], t.module.weight.data) for n, t in targets.items())
-    vllm = json.loads((d / "compression.json").read_text())["checkpoint"]["vllm_wna16"]
+    vllm = json.loads((d / "compression.json").read_text())["checkpoint"]["vllm"]
     assert not vllm["servable"]
     assert vllm["reasons"] == [
         "model.layers.0.self_attn: q_proj, k_proj, v_proj differ in scheme but vLLM fuses them into qkv_proj"
@@ -144,8 +145,119 @@ def test_group_size_vllm_cannot_take_is_named(tiny_lm, tmp_path):
     state.restore(dense)
     rtn(targets, 4, 16, True)
     d = save_model(lm, targets, ("rtn",), tmp_path / "m")
-    vllm = json.loads((d / "compression.json").read_text())["checkpoint"]["vllm_wna16"]
-    assert vllm == {"servable": False, "reasons": ["group size 16 (WNA16 takes -1, 32, 64, 128)"]}
+    vllm = json.loads((d / "compression.json").read_text())["checkpoint"]["vllm"]
+    assert vllm == {"path": "WNA16", "servable": False, "reasons": ["group size 16 (WNA16 takes -1, 32, 64, 128)"]}
+
+
+def test_w8a8_export_carries_the_input_activation_scheme(tiny_lm, tmp_path):
+    """bits=8 group_size=-1 act_bits=8, rtn with sym=true: an int-quantized checkpoint whose config groups carry the
+    dynamic per-token int8 input scheme, one int8 per code, the evaluated weights back bit for bit, and a line
+    saying vLLM's W8A8 int8 path serves it."""
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    rtn(targets, 8, -1, True)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m", act=ActScheme(8, "token"))
+
+    qc = qconfig(d)
+    assert (qc["format"], qc["quant_method"]) == ("int-quantized", "compressed-tensors")
+    group = qc["config_groups"]["group_0"]
+    assert group["format"] == "int-quantized" and sorted(group["targets"]) == sorted(targets)
+    w, a = group["weights"], group["input_activations"]
+    assert (w["num_bits"], w["symmetric"], w["strategy"], w["dynamic"]) == (8, True, "channel", False)
+    assert (a["num_bits"], a["type"], a["symmetric"], a["dynamic"], a["strategy"]) == (8, "int", True, True, "token")
+
+    raw = load_file(str(d / "model.safetensors"))
+    back = dequantized(d, torch.float32)
+    for name, t in targets.items():
+        assert raw[f"{name}.weight"].dtype == torch.int8 and f"{name}.weight_zero_point" not in raw
+        assert torch.equal(raw[f"{name}.weight"].float() + 128, t.constraint.grid.codes(t.weight))
+        assert torch.equal(back[f"{name}.weight"], t.module.weight.data)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        model(torch.arange(1, 17).reshape(1, 16))  # the first forward decompresses
+    mods = dict(model.named_modules())
+    assert all(torch.equal(mods[n].weight.data, t.module.weight.data) for n, t in targets.items())
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert ck["exact"] and ck["activations"] == "A8 token-wise dynamic symmetric"
+    assert ck["vllm"] == {"path": "W8A8 int8", "servable": True, "reasons": []}
+    assert summary_line(ck).startswith(
+        "compressed-tensors int-quantized, 8-bit per channel symmetric, A8 token-wise dynamic symmetric activations; "
+        "exact; vLLM W8A8 int8 serves it; ")
+    d = save_model(lm, targets, ("rtn",), tmp_path / "dense", "dense", act=ActScheme(8, "token"))
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert summary_line(ck).startswith(
+        "dense checkpoint (evaluated with A8 token-wise dynamic symmetric activations, not in its config); ")
+
+
+@pytest.mark.parametrize("bits,group_size,sym,act,path,reasons", [
+    (8, -1, False, ActScheme(8, "token"), "W8A8 int8",
+     ["asymmetric 8-bit weights (vLLM's W8A8/W4A8 take symmetric weights, sym: true)"]),
+    (8, 32, True, ActScheme(8, "tensor"), "W8A8 int8",
+     ["dynamic per-tensor activations (vLLM's int8 kernels take dynamic per-token or static per-tensor scales)",
+      "8-bit weights in groups of 32 (W8A8 int8 takes per-channel weights, group_size=-1)"]),
+    (8, -1, True, ActScheme(4, "token"), "W8A8 int8",
+     ["4-bit activations (vLLM's integer-activation kernels take int8)"]),
+    (3, 32, True, ActScheme(8, "token"), "W3A8",
+     ["3-bit weights with quantized activations (vLLM takes 8-bit: W8A8, or 4-bit: W4A8)"]),
+    (4, 32, True, ActScheme(8, "token"), "W4A8 int", []),
+])  # fmt: skip
+def test_servability_with_quantized_activations(tiny_lm, tmp_path, bits, group_size, sym, act, path, reasons):
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    rtn(targets, bits, group_size, sym)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m", "compressed-tensors", act=act)
+    vllm = json.loads((d / "compression.json").read_text())["checkpoint"]["vllm"]
+    assert vllm == {"path": path, "servable": not reasons, "reasons": reasons}
+    back = dequantized(d, torch.float32)  # every width is one int8 per code, read back bit for bit
+    assert all(torch.equal(back[f"{n}.weight"], t.module.weight.data) for n, t in targets.items())
+
+
+def test_saved_files_follow_the_umask(tiny_lm, tmp_path):
+    """safetensors writes 0600; the checkpoint's files take the umask's mode like every other result file."""
+    import os
+    import stat
+
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    prune = Magnitude(sparsity=0.5, name="magnitude")
+    for t in targets.values():
+        prune.compress(t)
+    rtn(targets, 4, 32, True)
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / f"m{umask:o}")
+        finally:
+            os.umask(old)
+        files = [f for f in d.iterdir() if f.is_file()]
+        names = {f.name for f in files}
+        assert {"model.safetensors", "compression.safetensors", "compression.json", "config.json"} <= names
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: mode for f in files}
+
+
+def test_saved_files_follow_the_umask(tiny_lm, tmp_path):
+    """safetensors writes 0600; the checkpoint's files take the umask's mode like every other result file."""
+    import os
+    import stat
+
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    prune = Magnitude(sparsity=0.5, name="magnitude")
+    for t in targets.values():
+        prune.compress(t)
+    rtn(targets, 4, 32, True)
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / f"m{umask:o}")
+        finally:
+            os.umask(old)
+        files = [f for f in d.iterdir() if f.is_file()]
+        names = {f.name for f in files}
+        assert {"model.safetensors", "compression.safetensors", "compression.json", "config.json"} <= names
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: mode for f in files}
 
 
 def test_half_precision_export_reports_scales_the_dtype_cannot_hold(tiny_llama, tmp_path):
@@ -252,7 +364,7 @@ def test_saved_orders_reload_to_the_evaluated_perplexity(tiny_overrides, tmp_pat
     df = run(cfg, tmp_path / "gptq")
     d = tmp_path / "gptq" / "models" / "gptq"
     side = json.loads((d / "compression.json").read_text())["checkpoint"]
-    assert side["exact"] and side["vllm_wna16"]["servable"]
+    assert side["exact"] and side["vllm"]["servable"]
     assert _ppl_of_reload(cfg, d) == df[(df["metric"] == "perplexity") & (df["order"] == "gptq")]["value"].item()
 
 
@@ -293,12 +405,13 @@ def test_export_command_rebuilds_an_order_of_a_run_exactly(tiny_overrides, tmp_p
     assert "save format 'onnx' is unknown; valid: auto, compressed-tensors, dense" in capsys.readouterr().err
 
 
-def test_export_rebuilds_the_chosen_calibration_seed(tiny_overrides, tmp_path, capsys):
-    """A run with several calibration seeds: `--seed` picks the one to rebuild (default the first), and the export
-    reloads to that seed's perplexity; a seed the run did not use is one line naming the valid ones."""
+def test_each_calibration_seed_saves_and_exports_its_own_model(tiny_overrides, tmp_path, capsys):
+    """A run with several calibration seeds saves each seed's model in models/<order>/seed-<N>/ (none overwrites
+    another); `export --seed` (default the first) rebuilds that seed's model into the same folder byte for byte, and
+    it reloads to that seed's perplexity; a seed the run did not use is one line naming the valid ones."""
     from compress_order.cli import main
 
-    over = tiny_overrides + ["bits=4", "group_size=32", "eval.backends=none", "replicates=2",
+    over = tiny_overrides + ["bits=4", "group_size=32", "eval.backends=none", "replicates=2", "save=true",
                              "stages=[{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
     assert main(["run", *over]) == 0
     run_dir = tmp_path / "run"
@@ -306,16 +419,47 @@ def test_export_rebuilds_the_chosen_calibration_seed(tiny_overrides, tmp_path, c
     ppl = df[(df["metric"] == "perplexity") & (df["order"] == "gptq")].set_index("seed")["value"]
     assert sorted(ppl.index) == [0, 1] and ppl[0] != ppl[1]
     cfg = compose_config(over)
-    d = run_dir / "models" / "gptq"
-    for seed, args in ((0, []), (1, ["--seed", "1"])):
-        assert main(["export", str(run_dir), "--order", "gptq", "--format", "dense", *args]) == 0
+    assert sorted(p.name for p in (run_dir / "models" / "gptq").iterdir()) == ["seed-0", "seed-1"]
+    saved = {}
+    for seed in (0, 1):
+        d = run_dir / "models" / "gptq" / f"seed-{seed}"
         assert _ppl_of_reload(cfg, d) == ppl[seed]
+        saved[seed] = load_file(str(d / "model.safetensors"))
+    assert not all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
     capsys.readouterr()
+    for seed, args in ((0, []), (1, ["--seed", "1"])):
+        d = run_dir / "models" / "gptq" / f"seed-{seed}"
+        assert main(["export", str(run_dir), "--order", "gptq", *args]) == 0
+        assert f"\n{d}: compressed-tensors pack-quantized" in "\n" + capsys.readouterr().out
+        again = load_file(str(d / "model.safetensors"))
+        assert again.keys() == saved[seed].keys() and all(torch.equal(again[k], saved[seed][k]) for k in again)
+    assert sorted(p.name for p in (run_dir / "models" / "gptq").iterdir()) == ["seed-0", "seed-1"]
     assert main(["export", str(run_dir), "--order", "gptq", "--seed", "7"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "compress-order: error: seed 7 is not a calibration seed of this run; valid: 0, 1"]  # fmt: skip
     assert main(["export", str(run_dir), "--order", "gptq", "--seed", "one"]) == 2
     assert "argument --seed: invalid int value: 'one'" in capsys.readouterr().err
+
+
+def test_a_w8a8_run_saves_and_exports_its_activation_scheme(tiny_overrides, tmp_path, capsys):
+    """act_bits=8 with 8-bit symmetric per-channel GPTQ: the saved checkpoint carries the per-token int8 input
+    scheme and is servable as W8A8; `export` calibrates on quantized inputs as the run did (byte for byte)."""
+    from compress_order.cli import main
+
+    over = tiny_overrides + ["bits=8", "group_size=-1", "act_bits=8", "eval.backends=none", "save=true",
+                             "stages=[{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
+    assert main(["run", *over]) == 0
+    d = tmp_path / "run" / "models" / "gptq"
+    group = qconfig(d)["config_groups"]["group_0"]
+    a = group["input_activations"]
+    assert (group["format"], a["num_bits"], a["strategy"], a["dynamic"], a["symmetric"]) == (
+        "int-quantized", 8, "token", True, True)  # fmt: skip
+    saved = load_file(str(d / "model.safetensors"))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--order", "gptq"]) == 0
+    assert "; exact; vLLM W8A8 int8 serves it; " in capsys.readouterr().out
+    again = load_file(str(d / "model.safetensors"))
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in again)
 
 
 def test_export_of_a_run_on_the_embedded_assets_in_a_fresh_process(tiny_overrides, tmp_path):

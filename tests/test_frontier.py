@@ -86,6 +86,23 @@ def test_frontier_pools_seeds_before_ranking():
     assert at20["frontier"].to_dict() == {"rtn > magnitude": True, "magnitude > rtn": False}
 
 
+def test_backend_named_without_its_dtype(capsys):
+    """Backend rows carry their dtype (`int4_weight_only(bf16)`): the name before the parenthesis still selects
+    them; an unknown name, or one that fits rows of two dtypes, is one line naming the choices."""
+    df = grid_frame()
+    lat = df[df["metric"] == "size_bytes"].assign(metric="latency_ms", value=1.0)
+    df = pd.concat([df, lat.assign(backend="int4_weight_only(bf16)"), lat.assign(backend="dense(bf16)", value=2.0)])
+    pts = frontier.nodes(df, "perplexity", "int4_weight_only")
+    assert (pts["latency_ms"] == 1.0).all()
+    assert (frontier.nodes(df, "perplexity", "int4_weight_only(bf16)")["latency_ms"] == 1.0).all()
+    with pytest.raises(UserError, match=r"^--backend int8_weight_only: no successful rows of it; backends present: "
+                       r"dense\(bf16\), dense-simulated, int4_weight_only\(bf16\)$"):  # fmt: skip
+        frontier.nodes(df, "perplexity", "int8_weight_only")
+    two = pd.concat([df, lat.assign(backend="int4_weight_only(fp16)")])
+    with pytest.raises(UserError, match=r"ambiguous: int4_weight_only\(bf16\), int4_weight_only\(fp16\)"):
+        frontier.nodes(two, "perplexity", "int4_weight_only")
+
+
 def test_parse_size():
     assert frontier.parse_size("500MB") == 500e6
     assert frontier.parse_size("1.2GB") == pytest.approx(1.2e9)

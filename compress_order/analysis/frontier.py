@@ -91,13 +91,25 @@ def _keys(node_keys: pd.Series) -> tuple[str, ...] | None:
     return tuple(sorted(map(str, node_keys.unique()))) if node_keys.notna().all() else None
 
 
+def resolve_backend(df: pd.DataFrame, backend: str) -> str:
+    """The backend rows named `backend`: its exact name, or the one row name whose part before the dtype in
+    parentheses it is (`int4_weight_only` → `int4_weight_only(bf16)`); a UserError naming the backends present."""
+    present = set(df.loc[df["status"] == "ok", "backend"].dropna().astype(str))
+    if backend in present:
+        return backend
+    found = sorted(b for b in present if b.split("(", 1)[0] == backend)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise UserError(f"--backend {backend} is ambiguous: {choices(found)}; name one with its dtype")
+    raise UserError(f"--backend {backend}: no successful rows of it; backends present: {choices(present)}")
+
+
 def nodes(df: pd.DataFrame, metric: str, backend: str = SIMULATED) -> pd.DataFrame:
     """One row per distinct node and panel: its settings, pattern, `value` (metric, mean over seeds), `score`
     (value oriented so larger is better), the costs present, `n_seeds`, and `keys` (its node_keys, one per seed
     for a calibrated node)."""
-    present = set(df.loc[df["status"] == "ok", "backend"].dropna())
-    if backend not in present:
-        raise UserError(f"--backend {backend}: no successful rows of it; backends present: {choices(present)}")
+    backend = resolve_backend(df, backend)
     rows = node_values(df, metric)
     if (rows["backend"] == backend).any():
         rows = rows[rows["backend"] == backend]
