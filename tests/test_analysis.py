@@ -179,6 +179,9 @@ def test_order_differences_flag_significance(tmp_path):
     settings = bootstrap.attach_a_interval(pih.analyze(df, "perplexity")[1], diffs.reset_index()).set_index("bits")
     assert settings.loc[3, "A_low"] <= settings.loc[3, "A"] <= settings.loc[3, "A_high"]
     assert settings.loc[3, "A_significant"] and not settings.loc[4, "A_significant"]
+    # 3-stage settings (no f1/f2: A is pairwise) get no interval instead of breaking the merge
+    three = settings.reset_index().assign(f1=math.nan, f2=math.nan, stages="a,b,c")
+    assert bootstrap.attach_a_interval(three, diffs.reset_index())["A_low"].isna().all()
 
 
 def test_seeds_summarised_as_mean_and_sd():

@@ -260,8 +260,9 @@ def attach_a_interval(settings: pd.DataFrame, diffs: pd.DataFrame) -> pd.DataFra
     # The same pair the other way round: the difference and its interval change sign.
     rev = fwd.assign(low=-fwd["high"], high=-fwd["low"]).rename(columns={"order_a": "order_b", "order_b": "order_a"})
     ci = pd.concat([fwd, rev]).rename(columns=dict(zip(["low", "high", "significant", "noise"], cols)))
+    f1, f2 = settings["f1"].astype(str), settings["f2"].astype(str)  # NaN for 3+ stages: matches no pair
     keyed = settings.drop(columns=[c for c in cols if c in settings.columns]).assign(
-        order_a=settings["f1"] + " > " + settings["f2"], order_b=settings["f2"] + " > " + settings["f1"])
+        order_a=f1 + " > " + f2, order_b=f2 + " > " + f1)
     out = keyed.merge(ci, on=[*GROUP, "order_a", "order_b"], how="left")
     return out.drop(columns=["order_a", "order_b"])
 

@@ -170,6 +170,7 @@ def frontier_table(pts: pd.DataFrame, x: str, metric: str, higher_is_better: boo
     front = shown(pts[pts["frontier"]]).rename(columns={"value": metric})
     cols = [c for c in PANEL if pts[c].nunique(dropna=False) > 1]
     cols += [x, metric, "order", "pattern", "stages", "bits", "sparsity", "group_size"]
+    cols += ["act_bits"] if "act_bits" in pts.columns and pts["act_bits"].notna().any() else []
     cols += [c for c in ("size_bytes", "avg_bits") if c != x and front[c].notna().any()]  # what the node costs
     if pts["n_seeds"].max() > 1:
         cols.append("n_seeds")
@@ -266,7 +267,7 @@ def budget_text(budgets: dict[str, float]) -> str:
 
 # --- the order map ----------------------------------------------------------------------------------------------
 
-MAP_PANEL = ["model", "dataset", "stages", "group_size"]
+MAP_PANEL = ["model", "dataset", "stages", "group_size", "act_bits"]
 MAP_COLUMNS = [*MAP_PANEL, "bits", "sparsity", "f1", "f2", "winner", "A", "A_low", "A_high", "significant",
                "predicted", "agree", "n_seeds"]  # fmt: skip
 

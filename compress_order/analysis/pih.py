@@ -32,7 +32,7 @@ from compress_order.analysis.tables import (
     SETTING, TABLE_INDEX, direction, is_sequential, node_values, stage_kind,
 )
 
-CURVE_KEY = ["model", "dataset", "group_size"]
+CURVE_KEY = ["model", "dataset", "group_size", "act_bits"]  # the quantization curve of one setting
 
 
 def equivalent_bits(bits: Sequence[float], values: Sequence[float], target: float) -> float:
@@ -53,12 +53,18 @@ def equivalent_bits(bits: Sequence[float], values: Sequence[float], target: floa
 def quant_curves(nodes: pd.DataFrame) -> pd.Series:
     """Metric of each quantization stage alone by (model, dataset, group_size, stage, bits), over all runs."""
     single = nodes[(nodes["role"] == "single") & (nodes["order"].map(stage_kind) == "quantize")]
+    single = single.assign(**{k: single[k].map(_present) for k in CURVE_KEY})
     return single.groupby([*CURVE_KEY, "order", "bits"], dropna=False)["value"].mean()
+
+
+def _present(v: object) -> object:
+    """A missing setting (no activation quantization) as a value index lookups can match (NaN never equals)."""
+    return "none" if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
 def _cer(curves: pd.Series, setting: dict, labels: list[str], alone: float) -> float:
     quant = next((lab for lab in labels if stage_kind(lab) == "quantize"), None)
-    key = (*(setting[k] for k in CURVE_KEY), quant)
+    key = (*(_present(setting[k]) for k in CURVE_KEY), quant)
     if quant is None or math.isnan(alone) or key not in curves.index.droplevel("bits"):
         return math.nan
     curve = curves.loc[key]

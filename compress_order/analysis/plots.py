@@ -138,10 +138,10 @@ def order_map(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
     '?' where there are no samples for an interval."""
     if cells.empty:
         return []
-    panels = list(cells.groupby(["model", "dataset", "stages", "group_size"], dropna=False, sort=False))
+    panels = list(cells.groupby(["model", "dataset", "stages", "group_size", "act_bits"], dropna=False, sort=False))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     vmax = float(cells["A"].abs().max()) or 1.0
-    for ax, ((model, dataset, pair, _), g) in zip(axes[0], panels):
+    for ax, ((model, dataset, pair, _, act), g) in zip(axes[0], panels):
         bits = sorted(g["bits"].unique())
         sparsity = sorted(g["sparsity"].unique())
         grid = np.full((len(bits), len(sparsity)), np.nan)
@@ -164,7 +164,8 @@ def order_map(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_xlabel("sparsity")
         ax.set_ylabel("bits")
         f1, f2 = pair.split(",")
-        ax.set_title(f"{model} / {dataset}: which order wins\nA > 0 (red): {f1} first; hatched: CI covers 0",
+        acts = "" if pd.isna(act) else f", A{act:g}"
+        ax.set_title(f"{model} / {dataset}{acts}: which order wins\nA > 0 (red): {f1} first; hatched: CI covers 0",
                      fontsize=8)  # fmt: skip
         fig.colorbar(im, ax=ax, shrink=0.8, label=f"A({f1}→{f2})")
     return save(fig, out_dir, "order_map")
