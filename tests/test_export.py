@@ -237,29 +237,6 @@ def test_saved_files_follow_the_umask(tiny_lm, tmp_path):
         assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: mode for f in files}
 
 
-def test_saved_files_follow_the_umask(tiny_lm, tmp_path):
-    """safetensors writes 0600; the checkpoint's files take the umask's mode like every other result file."""
-    import os
-    import stat
-
-    lm, targets, state, dense = tiny_lm
-    state.restore(dense)
-    prune = Magnitude(sparsity=0.5, name="magnitude")
-    for t in targets.values():
-        prune.compress(t)
-    rtn(targets, 4, 32, True)
-    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
-        old = os.umask(umask)
-        try:
-            d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / f"m{umask:o}")
-        finally:
-            os.umask(old)
-        files = [f for f in d.iterdir() if f.is_file()]
-        names = {f.name for f in files}
-        assert {"model.safetensors", "compression.safetensors", "compression.json", "config.json"} <= names
-        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: mode for f in files}
-
-
 def test_half_precision_export_reports_scales_the_dtype_cannot_hold(tiny_llama, tmp_path):
     lm = causal_lm("tiny", str(tiny_llama), dtype="float16")
     targets = find_targets(lm.model, lm.skip)
