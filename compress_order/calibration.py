@@ -2,9 +2,10 @@
 
 The repeated blocks of a decoder LM (model.layers, transformer.h, decoder.layers) are the nn.ModuleList of the
 block classes the model declares in `_no_split_modules` (Hugging Face models), else, by structure, the list
-whose children all hold target layers and that holds the most of them. One forward per calibration sample
-records what every block is called with (blocks replaced by pass-through recorders, so nothing heavy runs);
-then for each block in turn:
+whose children all hold target layers and that holds the most of them (and most of the model's); an
+nn.Sequential of two or more children of one class is such a list too (timm's ViT `blocks`, ConvNeXt's
+`stages`). One forward per calibration sample records what every block is called with (blocks replaced by
+pass-through recorders, so nothing heavy runs); then for each block in turn:
 
   hooks on the block's targets accumulate input statistics over all samples → the stage compresses the
   block's targets → the block is re-run on all samples, and its compressed outputs are the next block's inputs.
@@ -12,8 +13,8 @@ then for each block in turn:
 Only the current block (and its statistics) needs to be on the compute device, so a model may sit on CPU.
 `true_sequential` compresses a block's layers group by group in forward order (layers fed the same tensor,
 e.g. q/k/v, form one group and share one statistic), re-collecting after each group so later layers see the
-compressed earlier ones. A model without such a list (a CNN, a ViT with Sequential blocks), or whose list is
-not a plain chain, is one block: the model's own forward on the batches. Targets outside the blocks (an
+compressed earlier ones. A model without such a list (a plain CNN, ResNet's four separate stages), or whose
+list is not a plain chain, is one block: the model's own forward on the batches. Targets outside the blocks (an
 un-skipped lm_head) are done last the same way.
 """
 
@@ -56,13 +57,31 @@ class _Stop(Exception):
 # Finding and feeding the blocks
 
 
-def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList of repeated blocks. From the model's own metadata when it has some (Hugging Face models
-    name their block classes in `_no_split_modules`, which accelerate uses for the same purpose): the list
-    whose children are all of those classes. Otherwise by structure: every child holds a target, most targets
-    covered, then most children. Logs what it found, so a wrong guess is visible."""
+# A block list is a ModuleList (decoder LMs loop over one) or an nn.Sequential of repeated blocks (timm keeps
+# ViT blocks and CNN stages in Sequentials). A Sequential is usually a heterogeneous pipeline (conv, norm, act),
+# so it counts only when it repeats: two or more children, all of one class.
+BlockList = nn.ModuleList | nn.Sequential
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, BlockList]]:
+    out: list[tuple[str, BlockList]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            out.append((name, mod))
+        elif isinstance(mod, nn.Sequential) and len(mod) > 1 and len({type(c) for c in mod}) == 1:
+            out.append((name, mod))
+    return out
+
+
+def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, BlockList] | None:
+    """The list of repeated blocks (a ModuleList, or a Sequential of one block class). From the model's own
+    metadata when it has some (Hugging Face models name their block classes in `_no_split_modules`, which
+    accelerate uses for the same purpose): the list whose children are all of those classes. Otherwise by
+    structure: every child holds a target, most targets covered, then most children; and more than half of all
+    targets, as a backbone does (one of ResNet's four stages is not: done first, it would be compressed before
+    the layers feeding it). Logs what it found, so a wrong guess is visible."""
     ids = {id(t.module) for t in targets.values()}
-    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    lists = _block_lists(model)
     declared = set(getattr(model, "_no_split_modules", None) or ())
     for name, mod in lists:
         if declared and all(type(child).__name__ in declared for child in mod):
@@ -70,7 +89,7 @@ def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, n
                 _report(model, "decoder blocks: %s × %d at %s (from _no_split_modules)", type(mod[0]).__name__,
                         len(mod), name)  # fmt: skip
                 return name, mod
-    best: tuple[int, int, str, nn.ModuleList] | None = None
+    best: tuple[int, int, str, BlockList] | None = None
     for name, mod in lists:
         per_child = [sum(id(m) in ids for m in child.modules()) for child in mod]
         if min(per_child) == 0:
@@ -78,12 +97,14 @@ def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, n
         key = (sum(per_child), len(mod))
         if best is None or key > best[:2]:
             best = (*key, name, mod)
+    if best is not None and 2 * best[0] <= len(ids):
+        best = None
     if best is None:
         _report(model, "decoder blocks: none found in %s; calibrating it as one block", type(model).__name__)
         return None
     kinds = sorted({type(child).__name__ for child in best[3]})
-    _report(model, "decoder blocks: %s × %d at %s (by structure: the list holding the most target layers)",
-            "/".join(kinds), len(best[3]), best[2])  # fmt: skip
+    _report(model, "decoder blocks: %s × %d at %s (by structure: the %s holding the most target layers)",
+            "/".join(kinds), len(best[3]), best[2], type(best[3]).__name__)  # fmt: skip
     return best[2], best[3]
 
 
@@ -179,7 +200,7 @@ def _without(model: nn.Module, list_name: str) -> Iterator[None]:
 
 
 def capture_block_calls(
-    model: nn.Module, list_name: str, blocks: nn.ModuleList, batches: list[Any], device: torch.device
+    model: nn.Module, list_name: str, blocks: BlockList, batches: list[Any], device: torch.device
 ) -> tuple[list[Tensor], list[list[_Call]]] | None:
     """First-block hidden states and every block's call (args, kwargs) per sample, or None if the blocks are
     not a plain chain (some block's input is not the previous block's output, or a block is never called).

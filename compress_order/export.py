@@ -19,7 +19,10 @@ Both come with the tokenizer and a sidecar that loaders ignore:
                             the evaluated weights bit for bit, and whether vLLM's WNA16 path serves it, or why not),
                             and per layer: shape, stages applied, measured sparsity and structure (dense, unstructured
                             or N:M), mask density, quantization bits, group size, symmetry; tensor entries name keys
-                            of ↓
+                            of ↓. Masks and codes index `shape`, the (out, in·kh·kw) view; `layout` and
+                            `stored_shape` say how it maps onto the tensor in the checkpoint: (out, in) is the view,
+                            (out, in/groups, kh, kw) (Conv2d) is it reshaped row-major, (in, out) (transformers'
+                            Conv1D, GPT-2) is its transpose: mask[r, c] belongs to stored[c, r]
   compression.safetensors   per layer `<layer>.mask` (np.packbits of the row-major keep-mask, True = kept),
                             `<layer>.scale` (float32) and `<layer>.zero` (uint8 integer zero-points), (rows, groups)
 
@@ -45,7 +48,7 @@ import torch
 
 from compress_order.errors import UserError
 from compress_order.models import LoadedModel
-from compress_order.targets import Target
+from compress_order.targets import Target, adapter_for
 from compress_order.trie import Node
 
 if TYPE_CHECKING:  # ct_export imports compressed-tensors, which a run without save=true does not need
@@ -243,6 +246,9 @@ def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[
         c, w = t.constraint, t.weight
         entry: dict[str, Any] = {
             "shape": list(w.shape),  # the weight as every stage sees it: (out, in·kh·kw)
+            "kind": type(t.module).__name__,
+            "layout": adapter_for(t.module).layout,  # the stored tensor's axes in terms of `shape`
+            "stored_shape": list(t.module.weight.shape),
             "applied": list(c.applied),
             "sparsity": float((w == 0).float().mean()),  # measured on the saved weight
             "density": 1.0,

@@ -24,12 +24,14 @@ class LayerAdapter:
     """How one layer type stores its weight: `to_2d` gives the contiguous (out, in) matrix (a view of the stored
     tensor where the layout allows, else a copy: stages write back only through `Target.set_weight`), `from_2d`
     the stored layout of such a matrix. `linear`: the layer computes x @ W2dᵀ + bias over the last dimension of
-    its input, so an nn.Linear can stand in for it (packed kernels exist for Linear only)."""
+    its input, so an nn.Linear can stand in for it (packed kernels exist for Linear only). `layout`: the stored
+    tensor's axes in the view's terms, for readers of a saved checkpoint (export's sidecar records it)."""
 
     kind: type[nn.Module]
     to_2d: Callable[[Tensor], Tensor]
     from_2d: Callable[[Tensor, torch.Size], Tensor]
     linear: bool
+    layout: str
 
 
 def _flatten(w: Tensor) -> Tensor:
@@ -52,9 +54,9 @@ def _untransposed(w2d: Tensor, shape: torch.Size) -> Tensor:
 # A Conv2d's view is its weight flattened per output channel; with groups, every group's patches share
 # the columns of that view (hessian.layer_columns), so grouped and depthwise convs need no entry of their own.
 ADAPTERS: tuple[LayerAdapter, ...] = (
-    LayerAdapter(nn.Linear, _flatten, _unflatten, linear=True),
-    LayerAdapter(nn.Conv2d, _flatten, _unflatten, linear=False),
-    LayerAdapter(Conv1D, _transposed, _untransposed, linear=True),
+    LayerAdapter(nn.Linear, _flatten, _unflatten, linear=True, layout="(out, in)"),
+    LayerAdapter(nn.Conv2d, _flatten, _unflatten, linear=False, layout="(out, in/groups, kh, kw)"),
+    LayerAdapter(Conv1D, _transposed, _untransposed, linear=True, layout="(in, out)"),
 )
 COMPRESSIBLE = tuple(a.kind for a in ADAPTERS)
 KIND_NAMES = "/".join(k.__name__ for k in COMPRESSIBLE)

@@ -457,6 +457,125 @@ def test_calibration_that_reaches_no_layer_is_a_user_error():
         calibrate_and_compress(model, find_targets(model), [torch.randn(2, 4)], GPTQ(4, name="gptq"), {})
 
 
+# ----------------------------------------------------------------------------------------------- Sequential blocks
+
+
+def tiny_vit(depth: int = 3):
+    """timm's vit_tiny_patch16_224 layout (blocks in an nn.Sequential) at a 32×32 input, random weights."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth, num_classes=10)
+    return model.eval()
+
+
+def vit_targets(model: nn.Module) -> dict[str, Target]:
+    cfg = model.pretrained_cfg
+    return find_targets(model, [f"^{cfg['first_conv']}$", f"^{cfg['classifier']}$"])
+
+
+def test_vit_blocks_in_a_sequential_are_calibrated_one_block_at_a_time(monkeypatch, caplog):
+    """The Sequential `blocks` is found and fed block by block: statistics equal a plain full forward; a block's
+    statistics exist only once the blocks before it are compressed; the next block sees compressed outputs."""
+    import compress_order.calibration as calibration
+
+    model = tiny_vit()
+    targets = vit_targets(model)
+    with caplog.at_level("INFO", logger="compress_order.calibration"):
+        assert find_blocks(model, targets)[0] == "blocks"
+    assert any(r.getMessage().startswith("decoder blocks: Block × 3 at blocks (by structure") for r in caplog.records)
+    batches = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    ref = full_forward_hessians(model, targets, batches)
+    for ts in (False, True):
+        rec = Recorder()
+        calibrate_and_compress(model, targets, batches, rec, {"true_sequential": ts})
+        assert rec.H.keys() == ref.keys()
+        for n in ref:
+            torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)
+
+    events: list[tuple[str, str]] = []
+    names = {id(t.module): n for n, t in targets.items()}
+
+    class Logged(HessianStats):
+        def __init__(self, module: nn.Module, *a, **k) -> None:
+            events.append(("stats", names[id(module)]))
+            super().__init__(module, *a, **k)
+
+    seen: dict[str, Tensor] = {}
+
+    class Spy(SparseGPT):
+        def compress(self, target: Target, stats: HessianStats) -> None:
+            events.append(("compress", target.name))
+            seen[target.name] = stats.H.clone()
+            super().compress(target, stats)
+
+    monkeypatch.setattr(calibration, "HessianStats", Logged)
+    apply(Spy(0.5, name="sparsegpt"), ModelState(model, targets), batches)
+    block_of = [int(n.split(".")[1]) for _, n in events]
+    assert block_of == sorted(block_of), events  # block i's statistics only after block i-1 is compressed
+    ref = full_forward_hessians(model, targets, batches)  # the compressed model: what the last block was fed
+    torch.testing.assert_close(seen["blocks.2.attn.qkv"], ref["blocks.2.attn.qkv"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(seen["blocks.2.attn.qkv"], full_forward_hessians(tiny_vit(), targets, batches)[
+        "blocks.2.attn.qkv"])  # fmt: skip
+
+
+def test_wanda_then_gptq_on_a_vit_keeps_every_invariant():
+    model = tiny_vit(depth=2)
+    state = ModelState(model, vit_targets(model))
+    batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    for stage in (Wanda(0.5, name="wanda"), GPTQ(4, 32, name="gptq")):
+        apply(stage, state, batches)  # checks zeros, sparsity and grid after each
+    for t in state.targets.values():
+        assert t.constraint.applied == ["wanda", "gptq"]
+        assert int((t.weight == 0).sum()) >= t.weight.numel() // 2
+        assert torch.equal(t.constraint.grid.project(t.weight), t.weight)
+
+
+class _Loop(nn.Module):
+    """Blocks in a Sequential that the forward loops over with work between them: not a plain chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x
+
+
+def test_a_sequential_that_is_not_a_chain_is_calibrated_as_one_block():
+    torch.manual_seed(0)
+    model = _Loop().eval()
+    targets = find_targets(model)
+    assert find_blocks(model, targets)[0] == "blocks"
+    batches = [torch.randn(2, 8) for _ in range(3)]
+    assert capture_block_calls(model, "blocks", model.blocks, batches, torch.device("cpu")) is None
+    rec = Recorder()
+    calibrate_and_compress(model, targets, batches, rec, {})
+    ref = full_forward_hessians(model, targets, batches)
+    for n in ref:
+        torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arch,kw,want",
+    [("vit_tiny_patch16_224", {"img_size": 32}, "blocks"), ("convnext_atto", {}, "stages"),
+     ("efficientnet_b0", {}, "blocks"), ("mobilenetv3_small_100", {}, "blocks"), ("resnet18", {}, None)],
+)  # fmt: skip
+def test_timm_block_lists_are_found_from_structure(arch, kw, want):
+    """A Sequential of one repeated class holding most targets; ResNet's stages are four attributes, none of
+    them holding most of the model, so it stays one block."""
+    import timm
+
+    model = timm.create_model(arch, pretrained=False, num_classes=10, **kw).eval()
+    found = find_blocks(model, vit_targets(model))
+    assert (found and found[0]) == want
+    if found:
+        chain = capture_block_calls(model, found[0], found[1], [torch.randn(1, 3, 32, 32)], torch.device("cpu"))
+        assert chain is not None and len(chain[1]) == len(found[1])
+
+
 PRUNE = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
 QUANT = {"rtn": RTN, "gptq": GPTQ}
 

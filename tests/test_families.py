@@ -316,6 +316,48 @@ def test_blocks_come_from_no_split_modules_else_structure(caplog):
     assert lines[1].startswith("decoder blocks: Sequential × 3 at heads (by structure")
 
 
+# ----------------------------------------------------------------------------------------------- export sidecar
+
+
+@pytest.mark.parametrize("family,layout", [("GPT-2", "(in, out)"), ("LLaMA", "(out, in)")])
+def test_sidecar_states_the_stored_layout_and_its_masks_and_codes_map_onto_it(family, layout, tmp_path):
+    """compression.json indexes masks and codes in the (out, in) view; `layout`/`stored_shape` say where they
+    land in the saved tensor: for GPT-2's Conv1D, mask[r, c] and code[r, c] belong to stored[c, r]."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from compress_order.export import load_constraints, save_model
+    from compress_order.models import LoadedModel
+    from compress_order.stages.magnitude import Magnitude
+    from compress_order.stages.rtn import RTN
+    from compress_order.targets import find_targets
+
+    ckpt = save_tiny(family, tmp_path / "ckpt")
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    targets = find_targets(model, ["lm_head"])
+    for stage in (Magnitude(SPARSITY, name="magnitude"), RTN(BITS, GROUP, name="rtn")):
+        for t in targets.values():
+            stage.compress(t)
+    lm = LoadedModel(model, "causal_lm", "tiny")
+    d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / "m", fmt="dense")
+    raw = json.loads((d / "compression.json").read_text())["layers"]
+    side = load_constraints(d)["layers"]
+    saved = AutoModelForCausalLM.from_pretrained(d)
+    for name, entry in raw.items():
+        stored = saved.get_submodule(name).weight.detach()
+        assert entry["layout"] == layout and entry["kind"] == type(saved.get_submodule(name)).__name__
+        assert entry["stored_shape"] == list(stored.shape)
+        view = stored.t() if layout == "(in, out)" else stored  # what the layout says, nothing else
+        assert list(view.shape) == entry["shape"]
+        mask, q = side[name]["mask"], side[name]["quant"]
+        assert torch.all(view[~mask] == 0) and int((~mask).sum()) >= SPARSITY * mask.numel()
+        g = torch.arange(view.shape[1]) // q["group_size"]
+        scale, zero = q["scale"][:, g], q["zero"][:, g]
+        codes = torch.round(view / scale) + zero
+        assert codes.min() >= 0 and codes.max() <= 2**BITS - 1
+        torch.testing.assert_close((codes - zero) * scale, view, rtol=0, atol=1e-6)
+
 # ----------------------------------------------------------------------------------------------- packed backends
 
 
