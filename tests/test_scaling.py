@@ -56,6 +56,14 @@ def test_scaling_pairs_are_found_from_structure(caplog):
                     "o_proj; post_attention_layernorm → gate_proj/up_proj; mlp.up_proj → down_proj")  # fmt: skip
 
 
+def test_scaling_pairs_are_found_in_half_precision(caplog):
+    model = mha_llama().to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="compress_order.calibration"):
+        calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"), {})
+    line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
+    assert "none" not in line, line
+
+
 def test_grouped_query_attention_has_no_v_to_o_pair(caplog):
     model = tiny_llama_model()  # 4 query heads, 2 K/V heads: V's 32 outputs cannot absorb O's 64 input factors
     with caplog.at_level("INFO", logger="compress_order.calibration"):
