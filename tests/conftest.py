@@ -79,3 +79,16 @@ def tiny_overrides(tiny_llama, tiny_text, tmp_path) -> list[str]:
         f"store_dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}", "threads=1",
     ]  # fmt: skip
+
+
+def write_fake_run(run_dir: Path, results: list[dict], samples: list, finished: bool = True) -> None:
+    """A run folder as the runner leaves it: tidy rows, per-unit samples and (when finished) a summary."""
+    import pandas as pd
+
+    from compress_order.results import COLUMNS
+
+    run_dir.mkdir(parents=True)
+    pd.DataFrame(results, columns=COLUMNS).to_parquet(run_dir / "results.parquet")
+    pd.concat(samples).to_parquet(run_dir / "samples.parquet")
+    if finished:
+        (run_dir / "summary.md").write_text("# done\n")

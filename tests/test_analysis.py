@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import write_fake_run
+
 from compress_order import cli
 from compress_order.analysis import bootstrap, collect, pih, plots, tables, write_report
 from compress_order.config import compose_config, expand_overrides
@@ -59,11 +61,7 @@ def write_run(run_dir, shifts: dict[str, float], finished: bool = True, n_units:
         results.append(node_rows(ctx, order, "perplexity", np.exp(nll.mean())))
         samples.append(pd.DataFrame({"order": order, "node_key": results[-1]["node_key"], "metric": "nll",
                                      "unit": np.arange(n_units), "value": nll}))  # fmt: skip
-    run_dir.mkdir(parents=True)
-    pd.DataFrame(results, columns=COLUMNS).to_parquet(run_dir / "results.parquet")
-    pd.concat(samples).to_parquet(run_dir / "samples.parquet")
-    if finished:
-        (run_dir / "summary.md").write_text("# done\n")
+    write_fake_run(run_dir, results, samples, finished)
 
 
 SHIFTS = {"dense": 0.0, "magnitude": 0.1, "rtn": 0.4, "magnitude > rtn": 0.5, "rtn > magnitude": 0.7}

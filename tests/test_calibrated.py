@@ -59,6 +59,16 @@ def run_stage(stage: Stage, t: Target, X: Tensor) -> Tensor:
     return t.weight.clone()
 
 
+def assert_driver_statistics_equal(model, targets, batches, ref: dict) -> None:
+    """The driver's statistics, all layers at once and group by group, equal those of a plain full forward."""
+    for ts in (False, True):
+        rec = Recorder()
+        calibrate_and_compress(model, targets, batches, rec, {"true_sequential": ts})
+        assert rec.H.keys() == ref.keys()
+        for n in ref:
+            torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)
+
+
 def tiny_llama_model(seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -322,12 +332,7 @@ def test_driver_statistics_equal_a_full_forward(family):
     assert name in ("model.layers", "model.decoder.layers")
     batches = token_batches(3, 16, 50)
     ref = full_forward_hessians(model, targets, batches, use_cache=False)
-    for ts in (False, True):
-        rec = Recorder()
-        calibrate_and_compress(model, targets, batches, rec, {"true_sequential": ts})
-        assert rec.H.keys() == ref.keys()
-        for n in ref:
-            torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)
+    assert_driver_statistics_equal(model, targets, batches, ref)
     if family == "qwen2_sliding":
         _, calls = capture_block_calls(model, name, blocks, batches[:1], torch.device("cpu"))
         assert not torch.equal(calls[0][0].kwargs["attention_mask"], calls[1][0].kwargs["attention_mask"])
@@ -486,12 +491,7 @@ def test_vit_blocks_in_a_sequential_are_calibrated_one_block_at_a_time(monkeypat
     assert any(r.getMessage().startswith("decoder blocks: Block × 3 at blocks (by structure") for r in caplog.records)
     batches = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     ref = full_forward_hessians(model, targets, batches)
-    for ts in (False, True):
-        rec = Recorder()
-        calibrate_and_compress(model, targets, batches, rec, {"true_sequential": ts})
-        assert rec.H.keys() == ref.keys()
-        for n in ref:
-            torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)
+    assert_driver_statistics_equal(model, targets, batches, ref)
 
     events: list[tuple[str, str]] = []
     names = {id(t.module): n for n, t in targets.items()}

@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import write_fake_run
+
 from compress_order import cli
 from compress_order.analysis import collect, frontier, write_report
 from compress_order.errors import UserError
@@ -132,10 +134,7 @@ def write_run(run_dir, shifts: dict[str, float], sizes: dict[str, float], n_unit
                                           "avg_bits": 16 * sizes[order] / sizes["dense"]})  # fmt: skip
         samples.append(pd.DataFrame({"order": order, "node_key": key, "metric": "nll", "unit": np.arange(n_units),
                                      "value": nll}))  # fmt: skip
-    run_dir.mkdir(parents=True)
-    pd.DataFrame(results, columns=COLUMNS).to_parquet(run_dir / "results.parquet")
-    pd.concat(samples).to_parquet(run_dir / "samples.parquet")
-    (run_dir / "summary.md").write_text("# done\n")
+    write_fake_run(run_dir, results, samples)
 
 
 SIZES = {"dense": 4e9, "magnitude": 2e9, "rtn": 1.1e9, "magnitude > rtn": 0.6e9, "rtn > magnitude": 0.6e9}

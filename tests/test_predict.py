@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from conftest import write_fake_run
+
 from compress_order.analysis import collect, pih, write_report
 from compress_order.cli import main
 from compress_order.config import compose_config
@@ -106,10 +108,7 @@ def _write_run(run_dir: Path, model: str, bits: int, shifts: dict[str, float], n
                         "backend": "dense-simulated", "status": "ok", "error": "", "node_key": key, "timestamp": "t"})
         samples.append(pd.DataFrame({"order": order, "node_key": key, "metric": "nll", "unit": np.arange(UNITS),
                                      "value": nll}))  # fmt: skip
-    run_dir.mkdir(parents=True)
-    pd.DataFrame(results, columns=COLUMNS).to_parquet(run_dir / "results.parquet")
-    pd.concat(samples).to_parquet(run_dir / "samples.parquet")
-    (run_dir / "summary.md").write_text("# done\n")
+    write_fake_run(run_dir, results, samples)
 
 
 def _shifts(mag: float, rtn: float, mag_first: float, rtn_first: float) -> dict[str, float]:
