@@ -109,6 +109,13 @@ class ActQuant:
         self._last = None
 
     def install(self, targets: dict[str, Target]) -> "ActQuant":
+        expert = next((t for t in targets.values() if t.index is not None), None)
+        if expert is not None:  # a hook on the module would round its hidden states, never down_proj's input
+            raise UserError(
+                f"act_bits: quantizing the inputs of fused MoE experts ({type(expert.module).__name__}) is not "
+                f"supported yet; run without act_bits, or leave the experts dense with "
+                f"model.skip=[lm_head,'\\.(gate|router)$','experts']"
+            )
         for t in targets.values():
             channel_dim = 1 if isinstance(t.module, nn.Conv2d) else -1
             self.modules.append(t.module)

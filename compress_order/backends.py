@@ -52,7 +52,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def model_dtype(targets: dict[str, Target]) -> torch.dtype:
-    return next(iter(targets.values())).module.weight.dtype
+    return next(iter(targets.values())).dtype
 
 
 def _same(model: torch.dtype, device: torch.device) -> torch.dtype:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from compress_order.errors import UserError
 from compress_order.hessian import HessianStats
+from compress_order.moe import ExpertUnit, collect_routing, expert_units, token_summary
 from compress_order.stages.base import Stage
 from compress_order.targets import Target, adapter_of
 
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 _reported: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose blocks were logged (once each)
 
 
-# What a calibrated stage may ask for (`Stage.needs`): X Xᵀ of a layer's inputs, or only its diagonal ‖X_j‖².
-STATISTICS = ("hessian", "hessian_diag")
+# What a calibrated stage may ask for (`Stage.needs`): X Xᵀ of a layer's inputs, or only its diagonal ‖X_j‖²;
+# or, per MoE layer, how the router spreads the tokens over the experts (moe.Routing, for `compress_experts`).
+STATISTICS = ("hessian", "hessian_diag", "routing")
 
 def _report(model: nn.Module, msg: str, *args: Any) -> None:
     """INFO the first time for a model, DEBUG after: every calibrated stage finds the same blocks again."""
@@ -334,20 +336,28 @@ def compress_unit(
     device: torch.device,
     unit: nn.Module | None = None,
     first: bool = True,
+    all_experts: bool = False,
+    report: dict | None = None,
 ) -> int:
     """Collect statistics of `targets` over samples 0..n-1 of `run`, compress them; return how many targets
     calibration reached. Unreached targets are compressed with empty statistics (Hessian-free fallback).
     For a stage that rescales inputs, each group's producer is found in `unit` first (scaling.find_partners); the
-    `first` unit of a model must have one, else the stage does not fit the model (said before any change)."""
-    groups, unreached = input_groups(run, targets)
+    `first` unit of a model must have one, else the stage does not fit the model (said before any change).
+    Experts of a fused MoE module get statistics of their routed tokens each (moe.py; `all_experts`: of every
+    token), are compressed one by one with no scaling partner, and their token counts go to `report`."""
     if stage.needs not in STATISTICS:
         raise ValueError(f"stage '{stage.label}' needs '{stage.needs}'; the driver provides {', '.join(STATISTICS)}")
+    units = expert_units(targets)
+    if stage.needs == "routing":
+        return route_unit(run, n, units, stage, unit)
+    layers = [t for t in targets if t.index is None]
+    groups, unreached = input_groups(run, layers) if layers else ([], [])
     diag_only = stage.needs == "hessian_diag"
     partners: dict[int, Any] = {}
     if stage.scales_inputs and unit is not None and groups:
         from compress_order.scaling import find_partners
 
-        found = find_partners(run, unit, groups, targets)
+        found = find_partners(run, unit, groups, layers)
         if not found and first:
             raise UserError(
                 f"stage '{stage.label}' rescales input channels, but no layer group of {type(unit).__name__} "
@@ -359,17 +369,26 @@ def compress_unit(
             f"{partners[id(g[0])]} → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" if id(g[0]) in partners
             else f"none → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" for g in groups))  # fmt: skip
 
-    def collect(gs: list[list[Target]], stop: bool) -> list[HessianStats]:
+    def stop() -> None:  # true-sequential: nothing after this group's input matters yet
+        raise _Stop
+
+    def collect(gs: list[list[Target]], seq: bool, experts: list[tuple[ExpertUnit, list[str]]] = ()
+                ) -> tuple[list[HessianStats], dict[int, HessianStats]]:  # fmt: skip
         stats = [HessianStats(g[0].module, device, diag_only) for g in gs]
         handles = []
         for g, s in zip(gs, stats):
 
             def hook(mod: nn.Module, args: tuple, kwargs: dict, s: HessianStats = s) -> None:
                 s.add_batch(_first_input(args, kwargs))
-                if stop:  # true-sequential: nothing after this group's input matters yet
-                    raise _Stop
+                if seq:
+                    stop()
 
             handles.append(g[0].module.register_forward_pre_hook(hook, with_kwargs=True))
+        routed: dict[int, HessianStats] = {}
+        for u, params in experts:
+            st, h = u.collect(params, lambda t: HessianStats(t, device, diag_only), all_experts, stop if seq else None)
+            routed.update(st)
+            handles.append(h)
         try:
             for k in range(n):
                 try:
@@ -379,7 +398,7 @@ def compress_unit(
         finally:
             for h in handles:
                 h.remove()
-        return stats
+        return stats, routed
 
     def apply(g: list[Target], s: HessianStats) -> None:
         for t in g:
@@ -388,15 +407,52 @@ def compress_unit(
         stage.compress_group(g, s, partners.get(id(g[0])))
         s.free()
 
+    def apply_experts(u: ExpertUnit, params: list[str], routed: dict[int, HessianStats]) -> None:
+        if u.tokens and params[0] == next(iter(u.by_param)):
+            summary = token_summary(u.tokens)
+            if report is not None:
+                report[u.name] = summary
+            log.info("%s '%s': calibration tokens per expert min %d, median %g, max %d%s", u.name, stage.label,
+                     summary["min"], summary["median"], summary["max"],
+                     f"; {summary['without_tokens']} expert(s) got none and are compressed data-free"
+                     if summary["without_tokens"] else "")  # fmt: skip
+        for p in params:
+            for t in u.by_param[p].values():
+                apply([t], routed[id(t)])
+
+    reached = 0
     if true_sequential:
         for g in groups:
-            apply(g, collect([g], stop=True)[0])
+            apply(g, collect([g], seq=True)[0][0])
+        for u in units:
+            for p in u.by_param:
+                apply_experts(u, [p], collect([], seq=True, experts=[(u, [p])])[1])
     else:
-        for g, s in zip(groups, collect(groups, stop=False)):
+        stats, routed = collect(groups, seq=False, experts=[(u, list(u.by_param)) for u in units])
+        for g, s in zip(groups, stats):
             apply(g, s)
+        for u in units:
+            apply_experts(u, list(u.by_param), routed)
+    for u in units:
+        reached += len(u.targets) if u.tokens else 0
     for t in unreached:
         apply([t], HessianStats(t.module, device, diag_only))
-    return sum(len(g) for g in groups)
+    return reached + sum(len(g) for g in groups)
+
+
+def route_unit(run: Callable[[int], Any], n: int, units: list[ExpertUnit], stage: Stage, block: nn.Module | None
+               ) -> int:  # fmt: skip
+    """A stage on the MoE layers of a unit, given how the router spreads samples 0..n-1 over their experts."""
+    collected = [collect_routing(u) for u in units]
+    try:
+        for k in range(n):
+            run(k)
+    finally:
+        for _, h in collected:
+            h.remove()
+    for u, (routing, _) in zip(units, collected):
+        stage.compress_experts(u, routing, block)
+    return sum(len(u.targets) for u in units)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,19 +467,22 @@ def calibrate_and_compress(
     stage: Stage,
     calib_cfg: Mapping[str, Any],
     device: torch.device | str | None = None,
+    report: dict | None = None,
 ) -> None:
     """Compress every target with `stage`, feeding it input statistics from `batches`, block by block.
 
     `device`: where blocks and statistics are computed (default: calib_cfg.device if set, else where the
     model's parameters are); the model may live elsewhere (CPU) and is left where it was.
+    `report` receives the calibration tokens per expert of every fused MoE module (min / median / max).
     """
     if not batches:
         raise UserError(f"stage '{stage.label}' needs calibration data but calibration.nsamples=0; set it >= 1")
     true_seq = bool(calib_cfg.get("true_sequential", False))
+    all_experts = bool(calib_cfg.get("moe_all_experts", False))
     dev = torch.device(device or calib_cfg.get("device", None) or _device_of(model, torch.device("cpu")))
     if dev.type == "cuda" and dev.index is None:  # compare equal to the parameters' "cuda:N"
         dev = torch.device("cuda", torch.cuda.current_device())
-    all_targets = list(targets.values())
+    all_targets = [t for t in targets.values() if not t.constraint.dropped]  # a removed expert stays removed
     was_training = model.training
     model.eval()
     try:
@@ -441,7 +500,8 @@ def calibrate_and_compress(
                         args, kwargs = calls[i][k].bind(hiddens[k])
                         return block(*args, **kwargs)
 
-                    compress_unit(run, len(batches), block_targets, stage, true_seq, dev, block, first=i == 0)
+                    compress_unit(run, len(batches), block_targets, stage, true_seq, dev, block, first=i == 0,
+                                  all_experts=all_experts, report=report)  # fmt: skip
                     for k in range(len(batches)):  # the next block sees this block's compressed outputs
                         out = run(k)
                         hiddens[k] = out[0] if isinstance(out, (tuple, list)) else out
@@ -454,7 +514,9 @@ def calibrate_and_compress(
                 def run_model(k: int) -> Any:
                     return model_forward(model, _to(batches[k], dev))
 
-                if compress_unit(run_model, len(batches), rest, stage, true_seq, dev, model, first=not done) == 0:
+                reached = compress_unit(run_model, len(batches), rest, stage, true_seq, dev, model, first=not done,
+                                        all_experts=all_experts, report=report)  # fmt: skip
+                if reached == 0:
                     raise UserError(
                         f"stage '{stage.label}': calibration inputs reach none of the {len(rest)} target layers of "
                         f"{type(model).__name__} (first: {rest[0].name}); use a data-free stage (magnitude, rtn)"

@@ -25,6 +25,7 @@ class LayerConstraint:
     nm: tuple[int, int] | None = None  # N kept in every M consecutive inputs
     grid: QuantGrid | None = None
     applied: list[str] = field(default_factory=list)  # stage labels, in order
+    dropped: bool = False  # an expert removed by expert pruning: all zero, never routed to, never compressed again
 
     def clone(self, device: torch.device | str | None = None) -> "LayerConstraint":
         dev = device if device is not None else (self.mask.device if self.mask is not None else None)
@@ -34,6 +35,7 @@ class LayerConstraint:
             nm=self.nm,
             grid=None if self.grid is None else (self.grid.to(dev) if dev is not None else self.grid.clone()),
             applied=list(self.applied),
+            dropped=self.dropped,
         )
 
     def keep_mask(self, shape: torch.Size, device: torch.device) -> Tensor:
@@ -57,6 +59,8 @@ def nm_holds(mask: Tensor, n: int, m: int) -> bool:
 def check_invariants(name: str, w: Tensor, c: LayerConstraint) -> None:
     """Raise InvariantError naming the layer and the broken constraint."""
     where = f"layer {name} after [{' > '.join(c.applied)}]"
+    if c.dropped and bool((w != 0).any()):
+        raise InvariantError(f"{where}: a removed expert has non-zero weights")
     if c.mask is not None:
         if c.mask.shape != w.shape:
             raise InvariantError(f"{where}: mask shape {tuple(c.mask.shape)} != weight {tuple(w.shape)}")

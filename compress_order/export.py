@@ -48,7 +48,8 @@ import torch
 
 from compress_order.errors import UserError
 from compress_order.models import LoadedModel
-from compress_order.targets import Target, adapter_for
+from compress_order.moe import renamed_after_removal, without_removed_experts
+from compress_order.targets import Target
 from compress_order.trie import Node
 
 if TYPE_CHECKING:  # ct_export imports compressed-tensors, which a run without save=true does not need
@@ -123,8 +124,8 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        record, tensors = constraint_record(targets)
-        with _as_plain_model(lm.model):
+        record, tensors = constraint_record(renamed_after_removal(targets))
+        with _as_plain_model(lm.model), without_removed_experts(lm.model, targets):
             if fmt == "compressed-tensors":
                 checkpoint = save_compressed_tensors(lm.model, targets, tmp, act)
             else:
@@ -170,7 +171,11 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
     activations' scheme `act`); returns what the sidecar records."""
     from compress_order import ct_export
 
-    packed = {n: ct_export.pack_layer(t, act) for n, t in targets.items() if t.constraint.grid is not None}
+    # compressed-tensors 0.20 describes quantized nn.Linear modules; transformers keeps fused experts as 3-D
+    # parameters no scheme names, so they are stored dense (their values exactly on their grids) and said so.
+    packed = {n: ct_export.pack_layer(t, act) for n, t in targets.items()
+              if t.constraint.grid is not None and t.index is None}  # fmt: skip
+    dense_experts = sum(1 for t in targets.values() if t.constraint.grid is not None and t.index is not None)
     schemes = {n: p.scheme for n, p in packed.items()}
     config = ct_export.quantization_config(schemes, ignore=ct_export.dense_linears(model, set(packed)))
     model.save_pretrained(save_dir, state_dict=ct_export.compressed_state_dict(model, packed))
@@ -184,6 +189,7 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
         "mismatched_weights": mismatched,  # otherwise: weights changed by holding scales in the model dtype
         "vllm": {"path": path, "servable": servable, "reasons": reasons},  # path: WNA16, W8A8 int8, W4A8 int
         "transformers_reload": ct_export.transformers_reloads(schemes),
+        "dense_experts": dense_experts,  # quantized experts stored dense (see above)
     }  # fmt: skip
 
 
@@ -209,6 +215,9 @@ def summary_line(checkpoint: dict[str, Any]) -> str:
     serve = (f"vLLM {vllm['path']} serves it" if vllm["servable"]
              else f"vLLM {vllm['path']} does not serve it: {'; '.join(vllm['reasons'])}")  # fmt: skip
     reload = "" if checkpoint["transformers_reload"] else "; transformers cannot reload its zero-points"
+    if checkpoint.get("dense_experts"):
+        reload += (f"; {checkpoint['dense_experts']} quantized expert matrices stored dense (on their grids): "
+                   f"compressed-tensors 0.20 has no scheme for transformers' fused 3-D expert parameters")  # fmt: skip
     return (f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; "
             f"{serve}{reload}{size}")  # fmt: skip
 
@@ -247,8 +256,8 @@ def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[
         entry: dict[str, Any] = {
             "shape": list(w.shape),  # the weight as every stage sees it: (out, in·kh·kw)
             "kind": type(t.module).__name__,
-            "layout": adapter_for(t.module).layout,  # the stored tensor's axes in terms of `shape`
-            "stored_shape": list(t.module.weight.shape),
+            "layout": t.adapter.layout,  # the stored tensor's axes in terms of `shape`
+            "stored_shape": list(t.stored.shape),
             "applied": list(c.applied),
             "sparsity": float((w == 0).float().mean()),  # measured on the saved weight
             "density": 1.0,
@@ -277,7 +286,7 @@ def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[
 
 
 def _dtype(targets: dict[str, Target]) -> str:
-    return str(next(iter(targets.values())).module.weight.dtype).removeprefix("torch.")
+    return str(next(iter(targets.values())).dtype).removeprefix("torch.")
 
 
 def load_constraints(model_dir: str | Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress_order.targets import weight_2d
+from compress_order.targets import Target
 
 
 def layer_columns(module: nn.Module, inp: Tensor) -> Tensor:
@@ -38,11 +38,12 @@ def layer_columns(module: nn.Module, inp: Tensor) -> Tensor:
 class HessianStats:
     """Running H = 2/n Σ xᵀx (or just its diagonal) of one layer's inputs; `add_batch` from a forward hook."""
 
-    def __init__(self, module: nn.Module, device: torch.device | str | None = None, diag_only: bool = False):
-        self.module = module
-        w = weight_2d(module)  # columns of the stages' view (a Conv1D stores its weight transposed)
-        self.cols = w.shape[1]
-        self.device = torch.device(device) if device is not None else w.device
+    def __init__(self, target: Target | nn.Module, device: torch.device | str | None = None, diag_only: bool = False):
+        if isinstance(target, nn.Module):  # a layer's own .weight
+            target = Target("", target)
+        self.module = target.module
+        self.cols = target.shape[1]  # columns of the stages' view (a Conv1D stores its weight transposed)
+        self.device = torch.device(device) if device is not None else target.device
         self.diag_only = diag_only
         self.n = 0  # input rows (tokens, or conv patches) seen so far
         self._h: Tensor | None = None

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compress_order.coverage import compressed_share
 from compress_order.targets import Target
 
 
@@ -25,6 +26,8 @@ def layer_bits(t: Target, dense_bits: int = 16) -> tuple[float, str]:
     rows, cols = t.shape
     numel = rows * cols
     c = t.constraint
+    if c.dropped:  # a removed expert is not stored at all
+        return 0.0, "removed"
     vbits = c.grid.bits if c.grid is not None else dense_bits
     overhead = 0.0
     if c.grid is not None:
@@ -41,7 +44,7 @@ def layer_bits(t: Target, dense_bits: int = 16) -> tuple[float, str]:
 
 @torch.no_grad()
 def compression_metrics(model: nn.Module, targets: dict[str, Target], dense_bits: int = 16) -> dict[str, float]:
-    target_params = {id(t.module.weight) for t in targets.values()}
+    target_params = {id(t.parameter) for t in targets.values()}
     numel = zeros = 0
     bits = 0.0
     for t in targets.values():
@@ -54,6 +57,7 @@ def compression_metrics(model: nn.Module, targets: dict[str, Target], dense_bits
         "sparsity": zeros / numel,
         "avg_bits": bits / numel,
         "size_bytes": (bits + rest * dense_bits) / 8,
+        "coverage": compressed_share(targets),
     }
 
 

@@ -66,6 +66,8 @@ for _m in [
     Metric("sparsity", True, "measured fraction of exactly-zero weights in the compressed layers", summary=True),
     Metric("avg_bits", False, "packed bits per weight of the compressed layers, counting scales, zeros and masks",
            summary=True),
+    Metric("coverage", True, "share of the targeted weight matrices' elements that the node's stages compressed "
+           "(targets: every weight matrix outside embeddings, biases and model.skip)", summary=True),
     Metric("size_bytes", False, "bytes of the whole model in its packed form (uncompressed layers at dense_bits)",
            summary=True),
     Metric("latency_ms", False, "median milliseconds of a fixed-shape forward", summary=True, measured=True),

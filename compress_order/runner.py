@@ -12,7 +12,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +39,7 @@ from compress_order.stages import build_stage
 from compress_order.state_cache import StateCache
 from compress_order.stages.base import Stage
 from compress_order.store import NodeStore
+from compress_order.coverage import Coverage, load_targets
 from compress_order.targets import ModelState, Snapshot, find_targets
 from compress_order.tasks import Task, build_task
 from compress_order.trie import Node, run_trie
@@ -70,11 +71,12 @@ def library_versions() -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, act: ActQuant | None = None
-                ) -> str | None:  # fmt: skip
+def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, act: ActQuant | None = None,
+                report: dict | None = None) -> str | None:  # fmt: skip
     """Apply one stage to every target layer, then check every layer's invariants. Returns why the stage cannot
     follow what the layers hold (then nothing is changed), else None. With static activation ranges (`act`),
-    a calibrated stage reads statistics of activations quantized with ranges observed on the current weights."""
+    a calibrated stage reads statistics of activations quantized with ranges observed on the current weights.
+    `report` receives the calibration tokens per expert of each MoE layer."""
     why = stage.feasible(state.targets)
     if why is not None:
         return why
@@ -82,11 +84,13 @@ def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, ac
         act.observe(state.model, task.calibration_batches())
     if stage.needs is None:
         for t in state.targets.values():
-            stage.compress(t, None)
+            if not t.constraint.dropped:  # a removed expert stays removed
+                stage.compress(t, None)
     else:
         from compress_order.calibration import calibrate_and_compress
 
-        calibrate_and_compress(state.model, state.targets, task.calibration_batches(), stage, cfg.calibration)
+        calibrate_and_compress(state.model, state.targets, task.calibration_batches(), stage, cfg.calibration,
+                               report=report)  # fmt: skip
     state.check()
     return None
 
@@ -103,6 +107,8 @@ class RunStats:
     taken_over: int = 0  # stale claims of dead jobs, computed here
     saved: int = 0
     wall_s: float = 0.0
+    # calibration tokens per expert (min / median / max, experts without any) per MoE layer, by node
+    expert_tokens: dict = field(default_factory=dict)
 
 
 def stage_list(scfgs: list[dict]) -> str:
@@ -163,12 +169,20 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 
     df = writer.frame()
     summary = summary_markdown(df, executor.primary, executor.protocol)
+    if executor.coverage is not None:
+        summary += f"- {executor.coverage.line(_full_coverage(df))}\n"
     if plans[0].predict_only:
         summary += "\n" + _predicted(cfg, df, out_dir, executor.primary, stats)
     write_text(out_dir / "summary.md", summary)
     stats.wall_s = round(time.perf_counter() - start, 3)
     write_text(out_dir / STATS_FILE, json.dumps(asdict(stats), indent=1))
     return df
+
+
+def _full_coverage(df: pd.DataFrame) -> float | None:
+    """The smallest `coverage` of the deepest nodes (the full orders) in the rows, if measured."""
+    rows = df[(df["metric"] == "coverage") & (df["status"] == "ok")]
+    return None if rows.empty else float(rows[rows["depth"] == rows["depth"].max()]["value"].min())
 
 
 def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, stats: RunStats) -> str:
@@ -196,6 +210,7 @@ class Executor:
         self.primary, self.protocol = "perplexity", ""
         self.lm: LoadedModel | None = None
         self.act: ActQuant | None = None
+        self.coverage: Coverage | None = None
         self._dense: Snapshot | None = None
 
     def _load(self) -> None:
@@ -203,7 +218,7 @@ class Executor:
         self.lm = build(cfg.model)
         self.data = build(cfg.data)
         self.lm.model.to(self.device)
-        self.targets = find_targets(self.lm.model, self.lm.skip)
+        self.targets, self.coverage = load_targets(self.lm.model, self.lm.skip)
         if cfg.act_bits is not None:  # on for the whole run: every evaluation and every later calibration
             self.act = ActQuant(int(cfg.act_bits), str(cfg.act_granularity)).install(self.targets)
         self.state = ModelState(self.lm.model, self.targets)
@@ -318,7 +333,10 @@ class Executor:
                 state.restore(snap)
                 return
             parent = node.order[:-1]
-            why = infeasible.get(parent) or apply_stage(stages[node.stage], state, task, cfg, act)
+            report: dict = {}
+            why = infeasible.get(parent) or apply_stage(stages[node.stage], state, task, cfg, act, report)
+            if report:
+                stats.expert_tokens[node.label] = report
             if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
                 infeasible[node.order] = why
                 log.warning("order %s is infeasible: %s", node.label, why)

@@ -60,7 +60,7 @@ class Partner:
             w.data.copy_(NORM_FOLDS[self.fold](w.data.float(), s.to(w.device).float()).to(w.dtype))
         else:
             t = self.target
-            s = s.to(t.module.weight.device)
+            s = s.to(t.device)
             w = t.weight.float() / s[:, None]
             c = t.constraint
             if c.grid is not None:
@@ -68,7 +68,7 @@ class Partner:
                 w = c.grid.project(w)
             if c.mask is not None:
                 w = w * c.mask
-            t.set_weight(w.to(t.module.weight.dtype))
+            t.set_weight(w.to(t.dtype))
         bias = getattr(self.module, "bias", None)
         if isinstance(bias, Tensor):
             bias.data.copy_((bias.data.float() / s.to(bias.device)).to(bias.dtype))
@@ -83,7 +83,7 @@ def group_constant(s: Tensor, group_size: int) -> Tensor:
 @torch.no_grad()
 def multiply_columns(t: Target, s: Tensor) -> None:
     """W ← W·diag(s) keeping the mask and, where s is constant per group, the grid (rescaled, re-projected)."""
-    s = s.to(t.module.weight.device)
+    s = s.to(t.device)
     w = t.weight.float() * s[None, :]
     c = t.constraint
     if c.grid is not None:
@@ -95,7 +95,7 @@ def multiply_columns(t: Target, s: Tensor) -> None:
         w = c.grid.project(w)
     if c.mask is not None:
         w = w * c.mask
-    t.set_weight(w.to(t.module.weight.dtype))
+    t.set_weight(w.to(t.dtype))
 
 
 def grid_obstacle(targets: list[Target]) -> str | None:
@@ -169,7 +169,7 @@ def find_partners(run: Callable[[int], Any], unit: nn.Module, groups: list[list[
                 try:
                     _raw_divide(cand, s)
                     for t in group:
-                        t.set_weight(t.weight * s.to(t.module.weight.device)[None, :].to(t.module.weight.dtype))
+                        t.set_weight(t.weight * s.to(t.device)[None, :].to(t.dtype))
                     out = first_tensor(run(0)).float()
                 finally:
                     for p, data in saved:
@@ -200,7 +200,7 @@ def _raw_divide(cand: Partner, s: Tensor) -> None:
         w.data.copy_(NORM_FOLDS[cand.fold](w.data.float(), s.to(w.device).float()).to(w.dtype))
     else:
         t = cand.target
-        t.set_weight(t.weight / s.to(t.module.weight.device, t.module.weight.dtype)[:, None])
+        t.set_weight(t.weight / s.to(t.device, t.dtype)[:, None])
     bias = getattr(cand.module, "bias", None)
     if isinstance(bias, Tensor):
         bias.data.div_(s.to(bias.device, bias.dtype))

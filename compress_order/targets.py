@@ -3,6 +3,11 @@
 Every stage sees a layer's weight as one 2-D matrix (out, in·kh·kw) whose columns match the layer's input
 columns (hessian.layer_columns). A `LayerAdapter` maps a layer type's stored weight to that view and back;
 adding a layer type is one entry of `ADAPTERS`.
+
+A target is a module's `.weight`, or one expert's slice of a fused 3-D parameter: transformers 5 stores the
+experts of MoE families in one module (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I), or
+transposed (E, in, out) where the module says `is_transposed`), so each of its E experts is one target
+`<module>.<e>.<param>` seen as (out, in) like any Linear.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class LayerAdapter:
     from_2d: Callable[[Tensor, torch.Size], Tensor]
     linear: bool
     layout: str
+    expert: bool = False  # one expert's slice of a fused (E, ·, ·) parameter
 
 
 def _flatten(w: Tensor) -> Tensor:
@@ -59,7 +65,25 @@ ADAPTERS: tuple[LayerAdapter, ...] = (
     LayerAdapter(Conv1D, _transposed, _untransposed, linear=True, layout="(in, out)"),
 )
 COMPRESSIBLE = tuple(a.kind for a in ADAPTERS)
-KIND_NAMES = "/".join(k.__name__ for k in COMPRESSIBLE)
+KIND_NAMES = "/".join(k.__name__ for k in COMPRESSIBLE) + "/fused experts"
+
+# An expert's slice e of an (E, out, in) parameter is already the (out, in) view; an (E, in, out) one is a Linear
+# weight stored transposed, like Conv1D.
+EXPERT_ADAPTERS = {
+    False: LayerAdapter(nn.Module, _flatten, _unflatten, linear=False, layout="(experts, out, in)", expert=True),
+    True: LayerAdapter(nn.Module, _transposed, _untransposed, linear=False, layout="(experts, in, out)", expert=True),
+}
+# The fused projections of transformers' experts interface, in forward order: the first sees the routed hidden
+# states, down_proj the gated intermediate.
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def expert_params(module: nn.Module) -> list[str]:
+    """The 3-D expert parameters of a fused experts module that transformers' experts interface describes (it
+    sets `is_transposed` and `num_experts`); [] for any other module."""
+    if not hasattr(module, "is_transposed") or not isinstance(getattr(module, "num_experts", None), int):
+        return []
+    return [n for n in EXPERT_PARAMS if isinstance(p := getattr(module, n, None), nn.Parameter) and p.dim() == 3]
 
 
 def adapter_of(module: nn.Module) -> LayerAdapter | None:
@@ -97,42 +121,77 @@ def as_linear(module: nn.Module) -> nn.Linear:
 
 @dataclass
 class Target:
-    """One compressible layer. Its weight is seen as 2-D (out, in·kh·kw) by every stage."""
+    """One compressible layer: `module.<param>`, or expert `index` of that fused 3-D parameter. Its weight is
+    seen as 2-D (out, in·kh·kw) by every stage."""
 
     name: str
     module: nn.Module
     constraint: LayerConstraint = field(default_factory=LayerConstraint)
+    param: str = "weight"
+    index: int | None = None  # the expert, for a fused experts parameter
 
     @property
     def adapter(self) -> LayerAdapter:
+        if self.index is not None:
+            return EXPERT_ADAPTERS[bool(self.module.is_transposed)]
         return adapter_for(self.module)
 
     @property
+    def parameter(self) -> nn.Parameter:
+        """The parameter holding this target's weight (all experts' for an expert target)."""
+        return getattr(self.module, self.param)
+
+    @property
+    def stored(self) -> Tensor:
+        """The target's weight in its stored layout: a view into the parameter's data."""
+        data = self.parameter.data
+        return data if self.index is None else data[self.index]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parameter.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parameter.device
+
+    @property
     def weight(self) -> Tensor:
-        return self.adapter.to_2d(self.module.weight.data)
+        return self.adapter.to_2d(self.stored)
 
     def set_weight(self, w2d: Tensor) -> None:
-        stored = self.module.weight.data
+        stored = self.stored
         stored.copy_(self.adapter.from_2d(w2d, stored.shape))
 
     @property
     def shape(self) -> tuple[int, int]:
-        meta = torch.empty_like(self.module.weight, device="meta")  # the view's shape without copying data
+        meta = torch.empty(self.stored.shape, device="meta")  # the view's shape without copying data
         return tuple(self.adapter.to_2d(meta).shape)  # type: ignore[return-value]
 
     def check(self) -> None:
         check_invariants(self.name, self.weight, self.constraint)
 
 
+def all_targets(model: nn.Module) -> dict[str, Target]:
+    """Every compressible layer (an `ADAPTERS` type) and every expert of a fused experts module, skipped or not."""
+    found: dict[str, Target] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, COMPRESSIBLE):
+            found[name] = Target(name, mod)
+        for pname in expert_params(mod):
+            for e in range(getattr(mod, pname).shape[0]):
+                found[f"{name}.{e}.{pname}"] = Target(f"{name}.{e}.{pname}", mod, param=pname, index=e)
+    return found
+
+
+def is_skipped(name: str, skip: list[str] | tuple[str, ...]) -> bool:
+    """Whether a layer name matches one of the `skip` regexes (searched, not anchored)."""
+    return any(re.search(p, name) for p in skip)
+
+
 def find_targets(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> dict[str, Target]:
-    """Every compressible layer (an `ADAPTERS` type) whose name matches none of the `skip` regexes (searched,
-    not anchored)."""
-    patterns = [re.compile(p) for p in skip]
-    found = {
-        name: Target(name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, COMPRESSIBLE) and not any(p.search(name) for p in patterns)
-    }
+    """Every compressible layer and expert whose name matches none of the `skip` regexes."""
+    found = {n: t for n, t in all_targets(model).items() if not is_skipped(n, skip)}
     if not found:
         raise UserError(f"no compressible layers ({KIND_NAMES}) left after skipping {list(skip)}")
     return found
@@ -156,7 +215,7 @@ class ModelState:
 
     def snapshot(self) -> Snapshot:
         snap: Snapshot = {
-            n: (t.module.weight.data.to(self.snapshot_device, copy=True), t.constraint.clone(self.snapshot_device))
+            n: (t.stored.to(self.snapshot_device, copy=True), t.constraint.clone(self.snapshot_device))
             for n, t in self.targets.items()
         }
         for n, p in self.params.items():
@@ -166,9 +225,8 @@ class ModelState:
     def restore(self, snap: Snapshot) -> None:
         for n, t in self.targets.items():
             w, c = snap[n]
-            t.module.weight.data.copy_(w)
-            dev = t.module.weight.device
-            t.constraint = c.clone(dev)
+            t.stored.copy_(w)
+            t.constraint = c.clone(t.device)
         for n, p in self.params.items():
             if PARAM + n in snap:  # snapshots from before 1-D parameters were kept hold none
                 p.data.copy_(snap[PARAM + n][0])
@@ -180,6 +238,6 @@ class ModelState:
     @torch.no_grad()
     def equal(self, snap: Snapshot) -> bool:
         """Bit-exact comparison with a snapshot (tests, and a guard after restores)."""
-        return all(torch.equal(t.module.weight.data.cpu(), snap[n][0].cpu()) for n, t in self.targets.items()) and all(
+        return all(torch.equal(t.stored.cpu(), snap[n][0].cpu()) for n, t in self.targets.items()) and all(
             torch.equal(p.data.cpu(), snap[PARAM + n][0].cpu()) for n, p in self.params.items() if PARAM + n in snap
         )

@@ -73,12 +73,35 @@ def embedded():
     return cfg, task, state, state.snapshot()
 
 
+@pytest.fixture(scope="module")
+def embedded_moe(tmp_path_factory):
+    """A tiny Mixtral (fused experts) with the embedded data, for stages that act on MoE layers."""
+    from conftest import save_tiny_moe
+
+    ckpt = save_tiny_moe("Mixtral", tmp_path_factory.mktemp("moe") / "ckpt")
+    cfg = compose_config([f"model.path={ckpt}", "model.dtype=float32", "calibration.nsamples=2",
+                          "calibration.seqlen=32", "eval.max_windows=1", "device=cpu"])  # fmt: skip
+    lm = build(cfg.model)
+    task = build_task(lm, build(cfg.data), cfg)
+    state = ModelState(lm.model, find_targets(lm.model, lm.skip))
+    return cfg, task, state, state.snapshot()
+
+
 @pytest.mark.parametrize("name", group_options("stage"))
-def test_stage_config_compresses_the_embedded_model(name, embedded):
-    cfg, task, state, dense = embedded
+def test_stage_config_compresses_the_embedded_model(name, embedded, embedded_moe):
     over = compose_config([f"stages=[{name}]", "bits=4", "sparsity=0.5", "group_size=64"])
     (sc,) = stage_configs(over)
     stage = build_stage(sc)
+    if stage.needs == "routing":  # acts on MoE layers: a tiny Mixtral, whose experts it removes
+        cfg, task, state, dense = embedded_moe
+        state.restore(dense)
+        apply_stage(stage, state, task, cfg)
+        removed = [t for t in state.targets.values() if t.constraint.dropped]
+        assert removed and all(t.constraint.applied == [stage.label] and not t.weight.any() for t in removed)
+        assert len(removed) == round(sc["expert_sparsity"] * 4) * 2 * 2  # per layer, gate_up and down
+        state.restore(dense)
+        return
+    cfg, task, state, dense = embedded
     assert stage.label == sc["label"] and stage.kind in ("prune", "quantize", "joint", "transform")
     state.restore(dense)
     apply_stage(stage, state, task, cfg)  # checks every layer's recorded constraints

@@ -16,12 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TEXT, char_tokenizer
+from conftest import TEXT, char_tokenizer, readme_list
 from matrix_report import kinds, record
 
 HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 64
 SPARSITY, BITS, GROUP = 0.5, 4, 32
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 # The families the calibration driver is tested on; README.md lists exactly these.
 FAMILIES = ("LLaMA", "Mistral", "Qwen2", "OPT", "GPT-2", "GPT-NeoX", "Phi-3", "Gemma2", "Falcon")
@@ -152,12 +151,7 @@ def test_family_runs_every_order_and_compresses_every_projection(family, tiny_te
 
 
 def test_readme_names_exactly_the_tested_families():
-    text = " ".join(README.read_text().split())
-    marker = "families tested on tiny checkpoints of "
-    assert marker in text
-    listed = text.split(marker, 1)[1].split(":", 1)[0]
-    names = [n.strip(" .,") for n in listed.replace(" and ", ", ").split(",")]
-    assert tuple(n for n in names if n) == FAMILIES, names
+    assert readme_list("Decoder families tested on tiny checkpoints of ") == FAMILIES
 
 
 # ----------------------------------------------------------------------------------------------- layer adapters

@@ -14,8 +14,8 @@ from compress_order.metrics import METRICS
 from compress_order.results import COLUMNS
 from compress_order.runner import run
 
-NODE_METRICS = {"perplexity", "sparsity", "avg_bits", "size_bytes", "latency_ms", "latency_ms_iqr", "decode_ms_per_token",
-                "peak_mem_mb"}
+NODE_METRICS = {"perplexity", "sparsity", "avg_bits", "coverage", "size_bytes", "latency_ms", "latency_ms_iqr",
+                "decode_ms_per_token", "peak_mem_mb"}
 
 
 def _run(overrides, out: Path) -> pd.DataFrame:

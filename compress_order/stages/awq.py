@@ -82,7 +82,7 @@ class AWQ(QuantMixin, Stage):
 
     def search(self, group: list[Target], stats: HessianStats) -> Tensor:
         """The α-grid search of s = mean|X|^α (normalised) on the group's output error."""
-        dev = group[0].module.weight.device
+        dev = group[0].device
         H = stats.H.to(dev)
         xmean = stats.absmean().to(dev).clamp_min(1e-8)
         ws = [(t.weight.float(), t.constraint.mask) for t in group]
@@ -118,7 +118,7 @@ class AWQ(QuantMixin, Stage):
                 grid = clipped_grid(w, Hs, mask, self.bits, self.group_size, self.sym, ratios)
             else:
                 grid = fit_grid(w, self.bits, self.group_size, self.sym)
-            set_quantized(t, grid.project(w).to(t.module.weight.dtype), grid, self.label)
+            set_quantized(t, grid.project(w).to(t.dtype), grid, self.label)
 
     def compress(self, target: Target, stats: HessianStats | None = None) -> None:
         self.compress_group([target], stats, None)

@@ -48,6 +48,11 @@ class Stage:
         for t in group:
             self.compress(t, stats)
 
+    def compress_experts(self, unit: Any, routing: Any, block: Any) -> None:
+        """For `needs = "routing"`: one MoE layer's experts (moe.ExpertUnit), with how the router spread the
+        calibration tokens over them (moe.Routing); `block` is the module holding the layer and its router."""
+        raise NotImplementedError
+
     # What the stage promises, for rows and tables.
     bits: int | None = None
     sparsity: float | None = None

@@ -46,7 +46,7 @@ class SmoothQuant(Stage):
         return None
 
     def factors(self, group: list[Target], stats: HessianStats) -> torch.Tensor:
-        dev = group[0].module.weight.device
+        dev = group[0].device
         xmax = stats.absmax.to(dev)
         wmax = torch.stack([t.weight.float().abs().amax(0) for t in group]).amax(0)
         s = xmax.clamp_min(1e-5).pow(self.alpha) / wmax.clamp_min(1e-5).pow(1 - self.alpha)
