@@ -409,7 +409,8 @@ def compress_unit(
 
     def apply_experts(u: ExpertUnit, params: list[str], routed: dict[int, HessianStats]) -> None:
         if u.tokens and params[0] == next(iter(u.by_param)):
-            summary = token_summary(u.tokens)
+            experts = sorted({t.index for t in u.targets})  # removed experts are not targets any more
+            summary = token_summary([u.tokens[e] for e in experts])
             if report is not None:
                 report[u.name] = summary
             log.info("%s '%s': calibration tokens per expert min %d, median %g, max %d%s", u.name, stage.label,

@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 def order_slug(order: tuple[str, ...]) -> str:
     """A folder name for an order: 'magnitude > rtn' → 'magnitude_then_rtn'."""
-    return "_then_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", lab).strip("-") or "stage" for lab in order)
+    # only characters a Hydra override takes unquoted, so the folder can be passed back as model.path=<folder>
+    return "_then_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", lab).strip("-") or "stage" for lab in order)
 
 
 def model_dir(run_dir: Path, order: tuple[str, ...], seed: int | None = None) -> Path:

@@ -22,9 +22,26 @@ def _check_arch(name: str, arch: str) -> None:
 
     if arch.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(arch):
         return
-    close = difflib.get_close_matches(arch.lower(), timm.list_models(), n=4, cutoff=0.6)
-    hint = f"; did you mean: {', '.join(close)}?" if close else "; see timm.list_models()"
-    raise UserError(f"model '{name}': timm has no architecture '{arch}'{hint}")
+    names = timm.list_models()
+    norm = arch.lower().replace("-", "_")
+    families = _close_families(norm, names)
+    # names of the nearest families first (`vit_tiny_patch16_224` for `vit-tiny`), then the nearest anywhere
+    kin = [x for x in names if any(x.startswith(f) for f in families)]
+    close = list(dict.fromkeys(difflib.get_close_matches(norm, kin, n=4, cutoff=0.5)
+                               + difflib.get_close_matches(norm, names, n=4, cutoff=0.6)))[:4]  # fmt: skip
+    hint = f"did you mean: {', '.join(close)}? " if close else ""
+    fams = f"families named alike: {', '.join(families)}; " if families else ""
+    raise UserError(f"model '{name}': timm has no architecture '{arch}'; {hint}{fams}see timm.list_models('<family>*')")
+
+
+def _close_families(arch: str, names: list[str], n: int = 3) -> list[str]:
+    """timm's family prefixes (a name up to its first '_' or digit: `resnet`, `vit_`) nearest to `arch`'s own."""
+    def family(s: str) -> str:
+        m = re.match(r"[a-z]+_?", s)
+        return m.group(0) if m else s
+
+    fams = sorted({family(x) for x in names})
+    return difflib.get_close_matches(family(arch), fams, n=n, cutoff=0.6)
 
 
 def io_layers(model: Any) -> list[str]:

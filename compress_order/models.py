@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,25 @@ def _dtype(name: str) -> Any:
     if name not in DTYPES:
         raise UserError(f"model.dtype={name} is unknown; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def _decompressed(path: str) -> dict[str, Any]:
+    """A compressed-tensors checkpoint (compress-order's own export) loads decompressed: transformers would keep its
+    layers packed, with no `.weight` to compress further or to evaluate as the node was."""
+    import json
+
+    cfg = os.path.join(os.path.expanduser(path), "config.json")
+    if not os.path.isfile(cfg):
+        return {}
+    try:
+        qc = json.loads(open(cfg, encoding="utf-8").read()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
 
 
 def causal_lm(
@@ -67,9 +87,12 @@ def causal_lm(
     kw: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     if gguf_file:
         kw["gguf_file"] = gguf_file
+    mkw = _decompressed(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kw)
+        with warnings.catch_warnings():  # "quantization_config from the model will be used": ours only decompresses
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kw, **mkw)
     except (OSError, ValueError) as e:
         local = os.path.isdir(path) or os.path.isfile(path)
         why = str(e).strip().splitlines()[0][:160]

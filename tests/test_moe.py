@@ -309,6 +309,9 @@ def test_expert_prune_composes_and_its_checkpoint_has_fewer_experts(order, moe_o
     assert sim[sim.metric == "coverage"].set_index("order")["value"][first] == 1
     (folder,) = [p for p in (out / "models").iterdir()
                  if json.loads((p / "compression.json").read_text())["label"] == first]  # fmt: skip
+    if order == "[expert_prune,gptq]":  # gptq calibrates the experts left, each of which gets tokens
+        tokens = json.loads((out / "run_stats.json").read_text())["expert_tokens"]["expert_prune > gptq"]
+        assert all(t["experts"] == 2 and t["without_tokens"] == 0 for t in tokens.values()), tokens
     saved = _load(folder)
     assert saved.config.num_local_experts == 2
     for layer in saved.model.layers:

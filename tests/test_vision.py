@@ -302,6 +302,13 @@ def test_unknown_arch_suggests_close_names(capsys, tmp_path):
          capsys, tmp_path)  # fmt: skip
 
 
+@pytest.mark.parametrize("arch,family,close", [("resnett", "resnet", None), ("vit-tiny", "vit_", "vit_tiny_patch16_224")])
+def test_unknown_arch_names_the_families_close_by_prefix(arch, family, close, capsys, tmp_path):
+    _bad(["model=resnet18", f"model.arch={arch}"], f"families named alike: {family}", capsys, tmp_path)
+    if close:  # the nearest family's own names come first
+        _bad(["model=resnet18", f"model.arch={arch}"], close, capsys, tmp_path)
+
+
 def test_classifier_and_dataset_class_mismatch(image_folder, tiny_ckpt, capsys, tmp_path):
     torch.manual_seed(0)
     five = timm.create_model("resnet18", in_chans=1, num_classes=5, **TINY_KWARGS)
