@@ -23,12 +23,12 @@ from torch import Tensor, nn
 
 from compress_order.errors import InvariantError, UserError, choices
 from compress_order.quant import QuantGrid
+from compress_order.schema import DENSE_REFERENCE
 from compress_order.targets import Target, as_linear
 
 if TYPE_CHECKING:
     from compress_order.tasks import Task
 
-SIMULATED = "dense-simulated"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TINYGEMM_GROUPS = (256, 128, 64, 32)  # group sizes the int4 tinygemm kernels take (CPU and CUDA)
 
@@ -285,7 +285,7 @@ def latency_entries(backends: list[Backend], model: nn.Module, targets: dict[str
                 del packed
                 if act != here and act not in references:  # timed right after the packed copy, same shapes
                     dense = copy.deepcopy(model).to(act)
-                    out += [{"metric": m, "value": v, "backend": f"dense({dtype_name(act)})"}
+                    out += [{"metric": m, "value": v, "backend": f"{DENSE_REFERENCE}{dtype_name(act)})"}
                             for m, v in task.latency(dense).items()]  # fmt: skip
                     references.add(act)
                     del dense

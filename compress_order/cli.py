@@ -170,7 +170,7 @@ def _first_comment(path: Path) -> str:
 
 
 def cmd_export(args: list[str]) -> int:
-    from compress_order.export import export_command
+    from compress_order.export_command import export_command
 
     return export_command(args)
 

@@ -22,8 +22,7 @@ from omegaconf import DictConfig
 from compress_order import config  # noqa: F401  (registers the ${asset:} resolver)
 from compress_order.errors import UserError
 from compress_order.paths import CONF_DIR
-
-FAILURE_FILE = "failed.json"
+from compress_order.schema import FAILURE_FILE, PREDICTED_CSV, RESULTS, RESULTS_CSV, SUMMARY
 
 
 def _job(cfg: DictConfig) -> None:
@@ -48,8 +47,8 @@ def _job(cfg: DictConfig) -> None:
             raise
         _record_failure(cfg, out, hc, f"{type(e).__name__}: {e}", traceback.format_exc())
         return
-    print((out / "summary.md").read_text())
-    print(f"results: {out / 'results.parquet'} (also results.csv, summary.md)")
+    print((out / SUMMARY).read_text())
+    print(f"results: {out / RESULTS} (also {RESULTS_CSV}, {SUMMARY})")
 
 
 def _record_failure(cfg: DictConfig, out: Path, hc, message: str, detail: str) -> None:
@@ -92,7 +91,7 @@ def hydra_main(args: list[str]) -> int:
 
 def report_sweep(sweep_dir: Path) -> int:
     """Print one line per job, gather every job's rows into the sweep folder, exit 1 if any job failed."""
-    from compress_order.analysis.collect import RESULTS, read_parquet
+    from compress_order.analysis.collect import read_parquet
 
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     frames, failed = [], []
@@ -104,12 +103,10 @@ def report_sweep(sweep_dir: Path) -> int:
         if rows is not None:
             frames.append(rows.assign(job=int(job.name)))
     if frames:
-        from compress_order.results import atomic_write
+        from compress_order.results import write_results
 
-        df = pd.concat(frames, ignore_index=True)
-        atomic_write(sweep_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
-        atomic_write(sweep_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
-    print(f"sweep: {len(jobs)} jobs, {len(jobs) - len(failed)} ok, {len(failed)} failed; rows in {sweep_dir}/results.parquet")
+        write_results(sweep_dir, pd.concat(frames, ignore_index=True))
+    print(f"sweep: {len(jobs)} jobs, {len(jobs) - len(failed)} ok, {len(failed)} failed; rows in {sweep_dir}/{RESULTS}")
     _gather_predictions(sweep_dir, jobs)
     if failed:
         print("failed jobs:\n" + "\n".join(failed), file=sys.stderr)
@@ -119,18 +116,16 @@ def report_sweep(sweep_dir: Path) -> int:
 
 def _gather_predictions(sweep_dir: Path, jobs: list[Path]) -> None:
     """predict_only sweeps: every job's predicted order in one table (sweep_dir/predicted.csv), printed."""
-    from compress_order.analysis.collect import RESULTS
-
     def fresh(job: Path) -> bool:  # written after the job's results (not left by an earlier run in the folder)
-        pred, rows = job / "predicted.csv", job / RESULTS
+        pred, rows = job / PREDICTED_CSV, job / RESULTS
         return pred.is_file() and (not rows.is_file() or pred.stat().st_mtime >= rows.stat().st_mtime)
 
-    found = [job / "predicted.csv" for job in jobs if fresh(job)]
+    found = [job / PREDICTED_CSV for job in jobs if fresh(job)]
     frames = [f for f in (pd.read_csv(p) for p in found) if not f.empty]
     if not frames:
         return
     df = pd.concat(frames, ignore_index=True)
-    df.to_csv(sweep_dir / "predicted.csv", index=False)
+    df.to_csv(sweep_dir / PREDICTED_CSV, index=False)
     cols = [c for c in ("model", "dataset", "stages", "bits", "sparsity", "group_size", "intensity", "predicted")
             if df[c].nunique(dropna=False) > 1 or c in ("intensity", "predicted")]  # fmt: skip
-    print(f"predicted orders (PIH, weaker first) → {sweep_dir}/predicted.csv\n{df[cols].to_markdown(index=False)}")
+    print(f"predicted orders (PIH, weaker first) → {sweep_dir}/{PREDICTED_CSV}\n{df[cols].to_markdown(index=False)}")

@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from compress_order.act import ActQuant
 from compress_order.act import paused as act_paused
-from compress_order.backends import SIMULATED, latency_entries, select_backends
+from compress_order.backends import latency_entries, select_backends
 from compress_order.instantiate import build
 from compress_order.errors import Interrupted
 from compress_order.export import save_node
@@ -34,7 +34,8 @@ from compress_order.paths import PACKAGE_DIR
 from compress_order.identity import base_identity, digest, stage_identity
 from compress_order.models import LoadedModel
 from compress_order.plan import Plan, cost, make_plan, run_seeds, with_seed
-from compress_order.results import STATS_FILE, RunWriter, make_rows, summary_markdown, write_text
+from compress_order.results import RunWriter, make_rows, summary_markdown, write_text
+from compress_order.schema import SIMULATED, STATS_FILE, SUMMARY, NodeRecord
 from compress_order.stages import build_stage
 from compress_order.state_cache import StateCache
 from compress_order.stages.base import Stage
@@ -165,7 +166,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     summary = summary_markdown(df, executor.primary, executor.protocol)
     if plans[0].predict_only:
         summary += "\n" + _predicted(cfg, df, out_dir, executor.primary, stats)
-    write_text(out_dir / "summary.md", summary)
+    write_text(out_dir / SUMMARY, summary)
     stats.wall_s = round(time.perf_counter() - start, 3)
     write_text(out_dir / STATS_FILE, json.dumps(asdict(stats), indent=1))
     return df
@@ -226,15 +227,14 @@ class Executor:
         records = {o: store.get(k) for o, k in plan.keys.items() if plan.done[o]}
         plan.done.update({o: rec is not None for o, rec in records.items()})  # a damaged record was quarantined
 
-        def emit(node: Node, rec: dict) -> None:
+        def emit(node: Node, rec: NodeRecord) -> None:
             key = plan.keys[node.order]
-            self.writer.add(make_rows(context, node.label, node.depth, key, rec["entries"], rec["timestamp"]),
-                            rec.get("samples", {}), node.label, key)  # fmt: skip
+            self.writer.add(make_rows(context, node.label, node.depth, key, rec), rec.samples, node.label, key)
 
         if not plan.needed(plan.trie):  # everything is in the store: no model needed
             for n in plan.nodes:
                 rec = records[n.order]
-                self.primary, self.protocol = rec.get("primary", self.primary), rec.get("protocol", self.protocol)
+                self.primary, self.protocol = rec.primary, rec.protocol
                 emit(n, rec)
                 stats.from_store += 1
             return
@@ -256,16 +256,14 @@ class Executor:
         deferred: list[Node] = []
         infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
 
-        def infeasible_record(why: str) -> dict:
-            return {"entries": [{"metric": self.primary, "value": float("nan"), "backend": SIMULATED,
-                                 "higher_is_better": METRICS[self.primary].higher_is_better, "status": "infeasible",
-                                 "error": why}],
-                    "samples": {}, "primary": self.primary, "protocol": self.protocol,
-                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        def infeasible_record(why: str) -> NodeRecord:
+            return NodeRecord([{"metric": self.primary, "value": float("nan"), "backend": SIMULATED,
+                                "higher_is_better": METRICS[self.primary].higher_is_better, "status": "infeasible",
+                                "error": why}], primary=self.primary, protocol=self.protocol)  # fmt: skip
 
         act = self.act if self.act is not None and self.act.static else None
 
-        def evaluate(node: Node) -> dict:
+        def evaluate(node: Node) -> NodeRecord:
             if act is not None:  # static ranges of this node's activations
                 act.observe(lm.model, task.calibration_batches())
             metrics, samples = task.evaluate(lm.model)
@@ -274,18 +272,14 @@ class Executor:
                 metrics.update(task.latency(lm.model))
                 metrics["peak_mem_mb"] = peak_memory_mb(self.device)  # since the node's apply (reset_peak)
                 packed = backend_entries(self.backends, lm.model, targets, task, self.device)
-            rec = {
-                "entries": [{"metric": m, "value": v, "backend": SIMULATED,
-                             "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()]
-                + packed,
-                "samples": {k: v.tolist() for k, v in samples.items()}, "primary": self.primary,
-                "protocol": self.protocol, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }  # fmt: skip
+            rec = NodeRecord([{"metric": m, "value": v, "backend": SIMULATED,
+                               "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()] + packed,
+                             {k: v.tolist() for k, v in samples.items()}, self.primary, self.protocol)  # fmt: skip
             store.put(plan.keys[node.order], rec)
             stats.evaluations += 1
             return rec
 
-        def finish(node: Node, rec: dict) -> None:
+        def finish(node: Node, rec: NodeRecord) -> None:
             emit(node, rec)
             bar.set_postfix_str(node.label)
             bar.update(1)
@@ -353,7 +347,7 @@ class Executor:
             bar.close()
 
 
-def _claim(store: NodeStore, key: str) -> tuple[str, dict | None]:
+def _claim(store: NodeStore, key: str) -> tuple[str, NodeRecord | None]:
     """("stored", record) if the store has it, ("claimed", None) if it is ours to compute, else ("busy", None)."""
     rec = store.get(key)
     if rec is not None:
@@ -367,7 +361,7 @@ def _claim(store: NodeStore, key: str) -> tuple[str, dict | None]:
     return "claimed", None
 
 
-def _wait_for(deferred: list[Node], store: NodeStore, keys: dict, poll: float = 0.5) -> Iterator[tuple[Node, dict | None]]:
+def _wait_for(deferred: list[Node], store: NodeStore, keys: dict, poll: float = 0.5) -> Iterator[tuple[Node, NodeRecord | None]]:
     """Each node another job was computing, with its record once stored, or with None once its claim went
     stale and became ours (the caller computes it)."""
     pending = list(deferred)

@@ -25,8 +25,9 @@ from typing import Any
 
 from compress_order.errors import UserError
 from compress_order.results import write_text
+from compress_order.schema import RECORD_VERSION, NodeRecord
+from compress_order.schema import record_problem as schema_problem
 
-RECORD_VERSION = 1
 QUARANTINE = "quarantine"
 log = logging.getLogger("compress_order.store")
 
@@ -38,23 +39,10 @@ def _checksum(record: dict) -> str:
 
 def record_problem(record: Any) -> str | None:
     """Why a stored record cannot be trusted (None: it can): schema first, then the checksum written with it."""
-    if not isinstance(record, dict):
-        return f"not a JSON object but {type(record).__name__}"
-    for key, kind in (("entries", list), ("timestamp", str), ("checksum", str), ("version", int)):
-        if not isinstance(record.get(key), kind):
-            return f"field '{key}' is missing or not a {kind.__name__}"
-    if record["version"] != RECORD_VERSION:
-        return f"record version {record['version']}, expected {RECORD_VERSION}"
-    for e in record["entries"]:
-        if not (isinstance(e, dict) and isinstance(e.get("metric"), str) and isinstance(e.get("backend"), str)
-                and isinstance(e.get("value"), (int, float))):  # fmt: skip
-            return "an entry lacks metric, backend or a numeric value"
-    samples = record.get("samples", {})
-    if not isinstance(samples, dict) or not all(isinstance(v, list) for v in samples.values()):
-        return "field 'samples' is not a mapping of lists"
-    if record["checksum"] != _checksum(record):
+    why = schema_problem(record)
+    if why is None and record["checksum"] != _checksum(record):
         return "checksum mismatch (the file was changed after it was written)"
-    return None
+    return why
 
 
 def _pid_alive(pid: int) -> bool:
@@ -68,7 +56,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class NodeStore:
-    """Finished nodes by key ({entries, samples, timestamp, version, checksum}) and claims on nodes in flight."""
+    """Finished nodes by key (a NodeRecord with its version and checksum) and claims on nodes in flight."""
 
     def __init__(self, root: str | Path | None, claim_timeout: float = 120.0):
         self.root = Path(root) if root else None
@@ -91,7 +79,7 @@ class NodeStore:
         """A record file exists (validated only when read with `get`)."""
         return self.root is not None and self._path(key).is_file()
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str) -> NodeRecord | None:
         if self.root is None:
             return None
         p = self._path(key)
@@ -107,7 +95,7 @@ class NodeStore:
         except OSError as e:
             raise UserError(f"cannot read store record {p} ({e.strerror}); check store_dir") from None
         if why is None:
-            return record
+            return NodeRecord.from_json(record)
         self.quarantine(p, why)
         return None
 
@@ -122,9 +110,9 @@ class NodeStore:
         log.warning("store record %s is damaged (%s): moved to %s; the node is recomputed", path, why, dest)
         return dest
 
-    def put(self, key: str, record: dict) -> None:
+    def put(self, key: str, node: NodeRecord) -> None:
         if self.root is not None:
-            record = {**record, "version": RECORD_VERSION}
+            record = {**node.to_json(), "version": RECORD_VERSION}
             record["checksum"] = _checksum(record)
             write_text(self._path(key), json.dumps(record))
 

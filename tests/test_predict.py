@@ -15,7 +15,8 @@ from compress_order.analysis import collect, pih, write_report
 from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.metrics import METRICS
-from compress_order.results import COLUMNS, STATS_FILE
+from compress_order.results import COLUMNS
+from compress_order.schema import STATS_FILE
 from compress_order.runner import run
 
 THREE = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # full trie: 1 + 3 + 6 + 6 = 16 nodes

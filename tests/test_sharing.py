@@ -17,7 +17,7 @@ from compress_order import identity
 from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.paths import PACKAGE_DIR
-from compress_order.results import STATS_FILE
+from compress_order.schema import STATS_FILE
 from compress_order.runner import run
 from compress_order.store import NodeStore
 from compress_order.metrics import METRICS

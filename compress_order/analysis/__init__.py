@@ -19,6 +19,7 @@ from compress_order.analysis.tables import (
     SETTING, TABLE_INDEX, apply_where, direction, node_values, order_table, primary_metric, render, seed_dependent,
 )
 from compress_order.errors import UserError
+from compress_order.schema import PREDICTED_CSV, PREDICTED_MD, SIMULATED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,8 +39,8 @@ def _parser(cmd: str) -> _Parser:
         return p
     p.add_argument("--metric", help="metric to compare (default: perplexity if present, else top1)")
     if cmd in ("frontier", "best"):
-        p.add_argument("--backend", default=frontier.SIMULATED,
-                       help=f"backend whose latency_ms is read (default: {frontier.SIMULATED})")  # fmt: skip
+        p.add_argument("--backend", default=SIMULATED,
+                       help=f"backend whose latency_ms is read (default: {SIMULATED})")  # fmt: skip
         p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
     if cmd == "frontier":
         p.add_argument("--x", default="size_bytes", choices=frontier.COSTS, help="the cost axis")
@@ -266,7 +267,7 @@ def write_predictions(df: pd.DataFrame, out_dir: Path, metric: str, done: str) -
     """predicted.md / predicted.csv of a `predict_only` run: per setting, the stages by intensity alone and the
     order the PIH predicts; `done` says what the run cost against the full trie. Returns the markdown."""
     pred = pih.predictions(df, metric)
-    pred.to_csv(out_dir / "predicted.csv", index=False)
+    pred.to_csv(out_dir / PREDICTED_CSV, index=False)
     arrow = "higher" if direction(df, metric) > 0 else "lower"
     if pred.empty:
         body = "a single stage: there is no order to predict"
@@ -279,7 +280,7 @@ def write_predictions(df: pd.DataFrame, out_dir: Path, metric: str, done: str) -
         "Progressive Intensity Hypothesis: apply the weaker stage first, intensity I(f) = how much f alone degrades "
         "the dense model; no full order was run (`predict_only=true`).", "", body, "", f"- {done}", "",
     ])  # fmt: skip
-    (out_dir / "predicted.md").write_text(text)
+    (out_dir / PREDICTED_MD).write_text(text)
     return text
 
 

@@ -13,18 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from compress_order.errors import UserError, choices
 from compress_order.paths import CONF_DIR, group_options
+from compress_order.schema import entry_label, entry_name_overrides
 from compress_order.stages.base import Stage
-
-
-def _entry_name_overrides(entry: Any) -> tuple[str, dict]:
-    if isinstance(entry, str):
-        return entry, {}
-    if isinstance(entry, (dict, DictConfig)):
-        d = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else dict(entry)
-        if "name" not in d:
-            raise UserError(f"stage entry {d} has no 'name'; valid names: {choices(group_options('stage'))}")
-        return str(d.pop("name")), d
-    raise UserError(f"stage entry {entry!r} is neither a name nor a mapping with 'name'")
 
 
 def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
@@ -35,7 +25,7 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
     root = OmegaConf.to_container(cfg, resolve=False)
     out = []
     for entry in entries:
-        name, overrides = _entry_name_overrides(entry)
+        name, overrides = entry_name_overrides(entry)
         path = CONF_DIR / "stage" / f"{name}.yaml"
         if not path.is_file():
             raise UserError(f"unknown stage '{name}'; valid stages: {choices(group_options('stage'))}")
@@ -67,21 +57,6 @@ def _check_params(name: str, node: DictConfig, overrides: dict) -> None:
     for key in [k for k in node if k != "_target_"] + list(overrides):
         if key not in valid:
             raise unknown_key(key, valid, "parameter", f" for stage '{name}'")
-
-
-def entry_label(entry: Any) -> str:
-    """The label of a stage entry, the one rule every row, order and table uses: the entry's own `label`, else its
-    yaml's, else the name with the overrides it sets (`magnitude(scope=row;sparsity=0.3)`). Labels never hold a
-    comma, since a run's stage list is written as comma-joined labels."""
-    name, overrides = _entry_name_overrides(entry)
-    label = overrides.pop("label", None)
-    if label is None:
-        path = CONF_DIR / "stage" / f"{name}.yaml"
-        label = OmegaConf.load(path).get("label") if path.is_file() else None
-    if label is None:
-        label = name if not overrides else f"{name}(" + ";".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
-    label = str(label).replace(",", ";")
-    return label
 
 
 def is_calibrated(sc: dict) -> bool:
