@@ -48,13 +48,9 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     from omegaconf import OmegaConf
 
     import compress_order.config  # noqa: F401  (registers ${asset:}, which the embedded models' saved configs use)
-    from compress_order.act import ActQuant
-    from compress_order.instantiate import build
+    from compress_order.pipeline import RunContext
     from compress_order.plan import run_seeds, with_seed
-    from compress_order.runner import apply_stage
-    from compress_order.stages import build_stage, stage_configs
-    from compress_order.tasks import build_task
-    from compress_order.targets import ModelState, find_targets
+    from compress_order.stages import stage_configs
     from compress_order.trie import build_trie, full_orders
     from compress_order.validate import resolve_device
 
@@ -75,23 +71,15 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     cfg = with_seed(cfg, seeds[0] if seed is None else seed)
     device = resolve_device(str(cfg.device))
     cfg.device = str(device)
-    lm = build(cfg.model)
-    if not hasattr(lm.model, "save_pretrained"):
-        raise UserError(f"export needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
-    lm.model.to(device)
-    targets = find_targets(lm.model, lm.skip)
-    act = act_scheme(cfg)
-    if act is not None:  # as the run: later stages calibrate on quantized inputs
-        ActQuant(act.bits, act.granularity).install(targets)
-    state = ModelState(lm.model, targets)
-    stages = {lab: build_stage(by_label[lab]) for lab in order}
-    for s in stages.values():
-        s.validate(targets)
-    task = build_task(lm, build(cfg.data), cfg)
+    ctx = RunContext.load(cfg, device)
+    if not hasattr(ctx.lm.model, "save_pretrained"):
+        raise UserError(f"export needs a Hugging Face model (save_pretrained); model '{ctx.lm.name}' has none")
+    stages = ctx.build_stages({lab: by_label[lab] for lab in order})
+    task = ctx.task(cfg)
     torch.manual_seed(int(cfg.seed))
-    for lab in order:
-        why = apply_stage(stages[lab], state, task, cfg)
+    for lab in order:  # as the run did: static activation ranges observed before each calibrated stage
+        why = ctx.apply(stages[lab], task, cfg)
         if why is not None:
             raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
     dest = model_dir(run_dir, order, int(cfg.seed) if several else None)
-    return save_model(lm, targets, order, dest, fmt, int(cfg.dense_bits), act)
+    return save_model(ctx.lm, ctx.targets, order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg))

@@ -22,26 +22,20 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from compress_order.act import ActQuant
-from compress_order.act import paused as act_paused
-from compress_order.backends import latency_entries, select_backends
-from compress_order.instantiate import build
+from compress_order import pipeline
+from compress_order.backends import select_backends
 from compress_order.errors import Interrupted
 from compress_order.export import save_node
-from compress_order.measure import compression_metrics, peak_memory_mb, reset_peak
-from compress_order.metrics import METRICS
+from compress_order.measure import reset_peak
 from compress_order.paths import PACKAGE_DIR
 from compress_order.identity import base_identity, digest, stage_identity
-from compress_order.models import LoadedModel
+from compress_order.pipeline import RunContext
 from compress_order.plan import Plan, cost, make_plan, run_seeds, with_seed
 from compress_order.results import RunWriter, make_rows, summary_markdown, write_text
-from compress_order.schema import SIMULATED, STATS_FILE, SUMMARY, NodeRecord
-from compress_order.stages import build_stage
+from compress_order.schema import STATS_FILE, SUMMARY, NodeRecord
 from compress_order.state_cache import StateCache
-from compress_order.stages.base import Stage
 from compress_order.store import NodeStore
-from compress_order.targets import ModelState, Snapshot, find_targets
-from compress_order.tasks import Task, build_task
+from compress_order.targets import Snapshot
 from compress_order.trie import Node, run_trie
 from compress_order.validate import check_config, resolve_device
 
@@ -69,27 +63,6 @@ def library_versions() -> str:
         except PackageNotFoundError:
             out[pkg] = None
     return json.dumps(out, sort_keys=True)
-
-
-def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, act: ActQuant | None = None
-                ) -> str | None:  # fmt: skip
-    """Apply one stage to every target layer, then check every layer's invariants. Returns why the stage cannot
-    follow what the layers hold (then nothing is changed), else None. With static activation ranges (`act`),
-    a calibrated stage reads statistics of activations quantized with ranges observed on the current weights."""
-    why = stage.feasible(state.targets)
-    if why is not None:
-        return why
-    if act is not None and stage.needs is not None:
-        act.observe(state.model, task.calibration_batches())
-    if stage.needs is None:
-        for t in state.targets.values():
-            stage.compress(t, None)
-    else:
-        from compress_order.calibration import calibrate_and_compress
-
-        calibrate_and_compress(state.model, state.targets, task.calibration_batches(), stage, cfg.calibration)
-    state.check()
-    return None
 
 
 @dataclass
@@ -195,31 +168,24 @@ class Executor:
         self.cfg, self.store, self.writer, self.out_dir, self.device = cfg, store, writer, out_dir, device
         self.stats, self.keep_dense = stats, keep_dense
         self.primary, self.protocol = "perplexity", ""
-        self.lm: LoadedModel | None = None
-        self.act: ActQuant | None = None
+        self.ctx: RunContext | None = None
         self._dense: Snapshot | None = None
 
-    def _load(self) -> None:
+    def _load(self) -> RunContext:
         cfg = self.cfg
-        self.lm = build(cfg.model)
-        self.data = build(cfg.data)
-        self.lm.model.to(self.device)
-        self.targets = find_targets(self.lm.model, self.lm.skip)
-        if cfg.act_bits is not None:  # on for the whole run: every evaluation and every later calibration
-            self.act = ActQuant(int(cfg.act_bits), str(cfg.act_granularity)).install(self.targets)
-        self.state = ModelState(self.lm.model, self.targets)
+        self.ctx = RunContext.load(cfg, self.device)
         self.backends = select_backends(cfg.eval.get("backends", "auto"), self.device)
         sc = cfg.get("state_cache") or {}
         self.cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
         if self.keep_dense:  # several tries start from the dense weights
-            self._dense = self.state.snapshot()
+            self._dense = self.ctx.state.snapshot()
+        return self.ctx
 
     def dense(self) -> Snapshot:
         """The dense weights: kept from the load when several seeds need them, else rebuilt from a fresh load."""
         if self._dense is None:
-            assert self.lm is not None
-            fresh = build(self.cfg.model)
-            self._dense = ModelState(fresh.model, find_targets(fresh.model, self.lm.skip)).snapshot()
+            assert self.ctx is not None
+            self._dense = self.ctx.fresh_dense(self.cfg)
         return self._dense
 
     def execute(self, cfg: DictConfig, plan: Plan, context: dict) -> None:
@@ -239,42 +205,26 @@ class Executor:
                 stats.from_store += 1
             return
 
-        first = self.lm is None
+        first = self.ctx is None
         reset_peak(self.device)  # the dense node's peak includes loading the model
-        if first:
-            self._load()
+        if self.ctx is None:
+            ctx = self._load()
         else:
-            self.state.restore(self.dense())
-        lm, targets, state = self.lm, self.targets, self.state
-        assert lm is not None
-        stages = {lab: build_stage(sc) for lab, sc in plan.by_label.items()}
-        for s in stages.values():
-            s.validate(targets)
-        task = build_task(lm, self.data, cfg)
+            ctx = self.ctx
+            ctx.state.restore(self.dense())
+        state = ctx.state
+        stages = ctx.build_stages(plan.by_label)
+        task = ctx.task(cfg)
         self.primary, self.protocol = task.primary_metric, task.protocol
         bar = tqdm(total=len(plan.nodes), desc="orders" if first else f"orders, seed {cfg.seed}", unit="node")
         deferred: list[Node] = []
         infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
 
         def infeasible_record(why: str) -> NodeRecord:
-            return NodeRecord([{"metric": self.primary, "value": float("nan"), "backend": SIMULATED,
-                                "higher_is_better": METRICS[self.primary].higher_is_better, "status": "infeasible",
-                                "error": why}], primary=self.primary, protocol=self.protocol)  # fmt: skip
-
-        act = self.act if self.act is not None and self.act.static else None
+            return pipeline.infeasible_record(why, self.primary, self.protocol)
 
         def evaluate(node: Node) -> NodeRecord:
-            if act is not None:  # static ranges of this node's activations
-                act.observe(lm.model, task.calibration_batches())
-            metrics, samples = task.evaluate(lm.model)
-            metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
-            with act_paused():  # fake activation rounding is no kernel: time what the weights cost
-                metrics.update(task.latency(lm.model))
-                metrics["peak_mem_mb"] = peak_memory_mb(self.device)  # since the node's apply (reset_peak)
-                packed = backend_entries(self.backends, lm.model, targets, task, self.device)
-            rec = NodeRecord([{"metric": m, "value": v, "backend": SIMULATED,
-                               "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()] + packed,
-                             {k: v.tolist() for k, v in samples.items()}, self.primary, self.protocol)  # fmt: skip
+            rec = ctx.evaluate(task, cfg, self.backends)
             store.put(plan.keys[node.order], rec)
             stats.evaluations += 1
             return rec
@@ -297,7 +247,8 @@ class Executor:
                     store.release(plan.keys[node.order])
             stats.from_store += status == "stored"
             if cfg.save and node.order not in infeasible:
-                dest = save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg, len(run_seeds(self.cfg)) > 1)
+                dest = save_node(ctx.lm, ctx.targets, node, plan.full_depth, self.out_dir, cfg,
+                                 len(run_seeds(self.cfg)) > 1)  # fmt: skip
                 stats.saved += dest is not None
             if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
                 deferred.append(node)
@@ -312,7 +263,7 @@ class Executor:
                 state.restore(snap)
                 return
             parent = node.order[:-1]
-            why = infeasible.get(parent) or apply_stage(stages[node.stage], state, task, cfg, act)
+            why = infeasible.get(parent) or ctx.apply(stages[node.stage], task, cfg)
             if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
                 infeasible[node.order] = why
                 log.warning("order %s is infeasible: %s", node.label, why)
@@ -328,7 +279,7 @@ class Executor:
                     state.restore(self.dense())
                     why = None
                     for lab in node.order:
-                        why = why or apply_stage(stages[lab], state, task, cfg, act)
+                        why = why or ctx.apply(stages[lab], task, cfg)
                         stats.applications += why is None
                     try:
                         rec = evaluate(node) if why is None else infeasible_record(why)
@@ -373,9 +324,3 @@ def _wait_for(deferred: list[Node], store: NodeStore, keys: dict, poll: float = 
                 yield node, rec
         if pending:
             time.sleep(poll)
-
-
-def backend_entries(backends: list, model, targets, task: Task, device: torch.device) -> list[dict]:
-    """Latency of each deployable backend on a packed copy of the model (the node's own codes), or n/a with the
-    reason; with the dense reference in each backend's activation dtype (compress_order/backends.py)."""
-    return latency_entries(backends, model, targets, task, device)

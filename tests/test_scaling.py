@@ -17,7 +17,8 @@ from compress_order.calibration import calibrate_and_compress
 from compress_order.config import compose_config
 from compress_order.errors import UserError
 from compress_order.instantiate import build
-from compress_order.runner import apply_stage, run
+from compress_order.pipeline import apply_stage
+from compress_order.runner import run
 from compress_order.stages import build_stage, stage_configs
 from compress_order.stages.awq import AWQ
 from compress_order.stages.rtn import RTN

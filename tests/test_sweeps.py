@@ -144,12 +144,12 @@ def test_list_names_every_group(capsys):
 
 
 def test_state_cache_skips_finished_prefixes_and_stays_bounded(tiny_overrides, tmp_path, monkeypatch):
-    from compress_order import runner
+    from compress_order import pipeline
 
     cache_dir = tmp_path / "states"
     overrides = tiny_overrides + [f"state_cache.dir={cache_dir}", "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"]
     calls = {"n": 0}
-    real = runner.apply_stage
+    real = pipeline.apply_stage
 
     def counting(*a, **k):
         calls["n"] += 1
@@ -157,7 +157,7 @@ def test_state_cache_skips_finished_prefixes_and_stays_bounded(tiny_overrides, t
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "apply_stage", counting)
+    monkeypatch.setattr(pipeline, "apply_stage", counting)
     with pytest.raises(RuntimeError):
         run(compose_config(overrides), tmp_path / "a")
     cached = len(list(cache_dir.glob("*.pt")))

@@ -23,7 +23,8 @@ from compress_order.errors import UserError
 from compress_order.paths import ASSETS_DIR, CONF_DIR
 from compress_order.calibration import calibrate_and_compress
 from compress_order.hessian import HessianStats
-from compress_order.runner import apply_stage, run
+from compress_order.pipeline import apply_stage
+from compress_order.runner import run
 from compress_order.stages import build_stage, stage_configs
 from compress_order.stages.base import Stage
 from compress_order.targets import ModelState, find_targets

@@ -7,8 +7,6 @@ method can appear twice with split budgets. Each entry's yaml is resolved agains
 
 from __future__ import annotations
 
-from typing import Any
-
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.errors import UserError, choices
