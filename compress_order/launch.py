@@ -7,10 +7,12 @@ the sweep ends with a summary of every job and a non-zero exit when any failed.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import hydra
 import pandas as pd
@@ -83,10 +85,30 @@ def hydra_main(args: list[str]) -> int:
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)
     argv, sys.argv = sys.argv, ["compress-order", *args]  # hydra.main reads its command line from sys.argv
     try:
-        app()
+        with _job_logging():
+            app()
     finally:
         sys.argv = argv
     return SweepSummary.exit_status
+
+
+@contextmanager
+def _job_logging() -> Iterator[None]:
+    """Hydra attaches its job's log handlers (console, file) to the root logger for the app's duration; they
+    are detached and closed after it, so that no handler outlives the command's streams (a caller in the same
+    process, a test, may close them)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
+            h.close()
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
 
 
 def report_sweep(sweep_dir: Path) -> int:

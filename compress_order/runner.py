@@ -11,7 +11,6 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -92,8 +91,9 @@ def stage_list(scfgs: list[dict]) -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
-    """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats)."""
+def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.DataFrame:
+    """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats).
+    `store`: the node store of `store_dir` (a test passes one with its own clock)."""
     start = time.perf_counter()
     check_config(cfg)
     device = resolve_device(str(cfg.device))
@@ -102,7 +102,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         torch.set_num_threads(int(cfg.threads))
     seeds = run_seeds(cfg)
 
-    store = NodeStore(cfg.store_dir, float(cfg.store_claim_timeout))
+    store = NodeStore(cfg.store_dir, float(cfg.store_claim_timeout)) if store is None else store
     jobs = [with_seed(cfg, s) for s in seeds]
     plans = [make_plan(c, store, force=bool(cfg.force)) for c in jobs]
     total = sum(len(p.nodes) for p in plans)
@@ -239,7 +239,7 @@ class Executor:
                 records[node.order] = infeasible_record(infeasible[node.order])
                 store.put(plan.keys[node.order], records[node.order])
             rec = records.get(node.order)
-            status, rec = ("stored", rec) if rec is not None else _claim(store, plan.keys[node.order])
+            status, rec = ("stored", rec) if rec is not None else store.claim(plan.keys[node.order])
             if status == "claimed":
                 try:
                     rec = evaluate(node)
@@ -274,7 +274,7 @@ class Executor:
 
         try:
             run_trie(plan.trie, state, apply, visit, needed=plan.needed)
-            for node, rec in _wait_for(deferred, store, plan.keys):
+            for node, rec in store.wait({n: plan.keys[n.order] for n in deferred}):
                 if rec is None:  # its owner died: rebuild the node from the dense weights and compute it here
                     state.restore(self.dense())
                     why = None
@@ -296,31 +296,3 @@ class Executor:
             raise
         finally:
             bar.close()
-
-
-def _claim(store: NodeStore, key: str) -> tuple[str, NodeRecord | None]:
-    """("stored", record) if the store has it, ("claimed", None) if it is ours to compute, else ("busy", None)."""
-    rec = store.get(key)
-    if rec is not None:
-        return "stored", rec
-    if not store.claim(key):
-        return "busy", None
-    rec = store.get(key)  # finished and released by another job between our read and our claim
-    if rec is not None:
-        store.release(key)
-        return "stored", rec
-    return "claimed", None
-
-
-def _wait_for(deferred: list[Node], store: NodeStore, keys: dict, poll: float = 0.5) -> Iterator[tuple[Node, NodeRecord | None]]:
-    """Each node another job was computing, with its record once stored, or with None once its claim went
-    stale and became ours (the caller computes it)."""
-    pending = list(deferred)
-    while pending:
-        for node in list(pending):
-            status, rec = _claim(store, keys[node.order])
-            if status != "busy":
-                pending.remove(node)
-                yield node, rec
-        if pending:
-            time.sleep(poll)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from helpers import FakeClock
+
 from compress_order import identity
 from compress_order.cli import main
 from compress_order.config import compose_config
@@ -151,13 +153,18 @@ def test_a_claim_of_a_killed_job_is_taken_over(tiny_overrides, tmp_path, caplog)
 
 
 def test_a_node_claimed_elsewhere_is_waited_for_then_taken_over(tiny_overrides, tmp_path):
+    """On a clock that moves only while the run waits, the claim is fresh when the run reaches its node (deferred)
+    and goes stale while the run waits at the end (taken over), however long the other nodes take."""
     cfg = compose_config(tiny_overrides + ["eval.backends=none"])
     clean = run(cfg, tmp_path / "clean")
-    store = NodeStore(tmp_path / "s2")
+    clock = FakeClock()
+    store = NodeStore(tmp_path / "s2", 1.0, clock=clock, sleep=clock.sleep)
     key = clean.loc[clean["order"] == "rtn > magnitude", "node_key"].iloc[0]
-    _claim_file(store, key, "another-host", 1)  # alive as far as we can tell: its heartbeat decides
+    claim = _claim_file(store, key, "another-host", 1)  # alive as far as we can tell: its heartbeat decides
+    os.utime(claim, (clock.now, clock.now))
     overrides = tiny_overrides + ["eval.backends=none", f"store_dir={tmp_path / 's2'}", "store_claim_timeout=1"]
-    again = run(compose_config(overrides), tmp_path / "b")
+    again = run(compose_config(overrides), tmp_path / "b", store=store)
+    assert clock.slept and sum(clock.slept) > 1.0  # waited past the timeout, on the fake clock only
     stats = json.loads((tmp_path / "b" / STATS_FILE).read_text())
     assert stats["taken_over"] == 1 and stats["evaluations"] == 5
     pd.testing.assert_series_equal(_values(again), _values(clean))
