@@ -160,8 +160,7 @@ def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, st
 
 
 class Executor:
-    """Walks one plan's trie at a time over a model loaded once (on first need): reuses stored nodes, claims and
-    evaluates the others, defers those another job is computing and picks them up at the end."""
+    """Runs the plans of one run, one calibration seed at a time, over a model loaded once (on first need)."""
 
     def __init__(self, cfg: DictConfig, store: NodeStore, writer: RunWriter, out_dir: Path, device: torch.device,
                  stats: RunStats, keep_dense: bool) -> None:  # fmt: skip
@@ -189,22 +188,16 @@ class Executor:
         return self._dense
 
     def execute(self, cfg: DictConfig, plan: Plan, context: dict) -> None:
-        store, stats = self.store, self.stats
-        records = {o: store.get(k) for o, k in plan.keys.items() if plan.done[o]}
+        """One seed's plan: every node's rows, from the store where it has them, else computed (`TrieWalk`)."""
+        records = {o: self.store.get(k) for o, k in plan.keys.items() if plan.done[o]}
         plan.done.update({o: rec is not None for o, rec in records.items()})  # a damaged record was quarantined
-
-        def emit(node: Node, rec: NodeRecord) -> None:
-            key = plan.keys[node.order]
-            self.writer.add(make_rows(context, node.label, node.depth, key, rec), rec.samples, node.label, key)
-
         if not plan.needed(plan.trie):  # everything is in the store: no model needed
-            for n in plan.nodes:
-                rec = records[n.order]
+            for node in plan.nodes:
+                rec = records[node.order]
                 self.primary, self.protocol = rec.primary, rec.protocol
-                emit(n, rec)
-                stats.from_store += 1
+                self.emit(plan, context, node, rec)
+                self.stats.from_store += 1
             return
-
         first = self.ctx is None
         reset_peak(self.device)  # the dense node's peak includes loading the model
         if self.ctx is None:
@@ -212,87 +205,114 @@ class Executor:
         else:
             ctx = self.ctx
             ctx.state.restore(self.dense())
-        state = ctx.state
-        stages = ctx.build_stages(plan.by_label)
-        task = ctx.task(cfg)
-        self.primary, self.protocol = task.primary_metric, task.protocol
-        bar = tqdm(total=len(plan.nodes), desc="orders" if first else f"orders, seed {cfg.seed}", unit="node")
-        deferred: list[Node] = []
-        infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
+        walk = TrieWalk(self, ctx, cfg, plan, context, records)
+        self.primary, self.protocol = walk.task.primary_metric, walk.task.protocol
+        walk.run("orders" if first else f"orders, seed {cfg.seed}")
 
-        def infeasible_record(why: str) -> NodeRecord:
-            return pipeline.infeasible_record(why, self.primary, self.protocol)
+    def emit(self, plan: Plan, context: dict, node: Node, rec: NodeRecord) -> None:
+        key = plan.keys[node.order]
+        self.writer.add(make_rows(context, node.label, node.depth, key, rec), rec.samples, node.label, key)
 
-        def evaluate(node: Node) -> NodeRecord:
-            rec = ctx.evaluate(task, cfg, self.backends)
-            store.put(plan.keys[node.order], rec)
-            stats.evaluations += 1
-            return rec
 
-        def finish(node: Node, rec: NodeRecord) -> None:
-            emit(node, rec)
-            bar.set_postfix_str(node.label)
-            bar.update(1)
+class TrieWalk:
+    """One plan's trie over the loaded model: applies each stage once per prefix, reuses stored nodes, claims and
+    evaluates the others, defers those another job is computing and picks them up (or takes them over) at the end.
+    An infeasible node (a stage cannot follow what the layers hold) is recorded as such with its whole subtree."""
 
-        def visit(node: Node) -> None:
-            if node.order in infeasible and records.get(node.order) is None:
-                records[node.order] = infeasible_record(infeasible[node.order])
-                store.put(plan.keys[node.order], records[node.order])
-            rec = records.get(node.order)
-            status, rec = ("stored", rec) if rec is not None else store.claim(plan.keys[node.order])
-            if status == "claimed":
-                try:
-                    rec = evaluate(node)
-                finally:
-                    store.release(plan.keys[node.order])
-            stats.from_store += status == "stored"
-            if cfg.save and node.order not in infeasible:
-                dest = save_node(ctx.lm, ctx.targets, node, plan.full_depth, self.out_dir, cfg,
-                                 len(run_seeds(self.cfg)) > 1)  # fmt: skip
-                stats.saved += dest is not None
-            if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
-                deferred.append(node)
-            else:
-                finish(node, rec)
+    def __init__(self, ex: Executor, ctx: RunContext, cfg: DictConfig, plan: Plan, context: dict,
+                 records: dict[tuple, NodeRecord | None]) -> None:  # fmt: skip
+        self.ex, self.ctx, self.cfg, self.plan, self.context, self.records = ex, ctx, cfg, plan, context, records
+        self.store, self.stats = ex.store, ex.stats
+        self.stages = ctx.build_stages(plan.by_label)  # checked against the layers before any work
+        self.task = ctx.task(cfg)
+        self.deferred: list[Node] = []
+        self.infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
 
-        def apply(node: Node) -> None:
-            reset_peak(self.device)
-            key = plan.keys[node.order]
-            snap = self.cache.load(key) if plan.done[node.order] else None
-            if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
-                state.restore(snap)
-                return
-            parent = node.order[:-1]
-            why = infeasible.get(parent) or ctx.apply(stages[node.stage], task, cfg)
-            if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
-                infeasible[node.order] = why
-                log.warning("order %s is infeasible: %s", node.label, why)
-                return
-            stats.applications += 1
-            if node.children and self.cache.root is not None:
-                self.cache.save(key, state.snapshot())
-
+    def run(self, desc: str) -> None:
+        self.bar = tqdm(total=len(self.plan.nodes), desc=desc, unit="node")
         try:
-            run_trie(plan.trie, state, apply, visit, needed=plan.needed)
-            for node, rec in store.wait({n: plan.keys[n.order] for n in deferred}):
-                if rec is None:  # its owner died: rebuild the node from the dense weights and compute it here
-                    state.restore(self.dense())
-                    why = None
-                    for lab in node.order:
-                        why = why or ctx.apply(stages[lab], task, cfg)
-                        stats.applications += why is None
-                    try:
-                        rec = evaluate(node) if why is None else infeasible_record(why)
-                        if why is not None:
-                            store.put(plan.keys[node.order], rec)
-                    finally:
-                        store.release(plan.keys[node.order])
-                    stats.taken_over += 1
+            run_trie(self.plan.trie, self.ctx.state, self.apply, self.visit, needed=self.plan.needed)
+            for node, rec in self.store.wait({n: self.plan.keys[n.order] for n in self.deferred}):
+                if rec is None:  # its owner died: the claim is ours now
+                    rec = self.take_over(node)
                 else:
-                    stats.from_other_jobs += 1
-                finish(node, rec)
+                    self.stats.from_other_jobs += 1
+                self.finish(node, rec)
         except BaseException:
-            bar.leave = False  # an error or Ctrl-C ends with its own one line, not a half-finished bar
+            self.bar.leave = False  # an error or Ctrl-C ends with its own one line, not a half-finished bar
             raise
         finally:
-            bar.close()
+            self.bar.close()
+
+    def apply(self, node: Node) -> None:
+        """Bring the model from the node's parent to the node: reload a cached state, or apply its last stage."""
+        reset_peak(self.ex.device)
+        key, cache = self.plan.keys[node.order], self.ex.cache
+        snap = cache.load(key) if self.plan.done[node.order] else None
+        if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
+            self.ctx.state.restore(snap)
+            return
+        why = self.infeasible.get(node.order[:-1]) or self.ctx.apply(self.stages[node.stage], self.task, self.cfg)
+        if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
+            self.infeasible[node.order] = why
+            log.warning("order %s is infeasible: %s", node.label, why)
+            return
+        self.stats.applications += 1
+        if node.children and cache.root is not None:
+            cache.save(key, self.ctx.state.snapshot())
+
+    def visit(self, node: Node) -> None:
+        """The model holds the node: report it from the store, or claim and evaluate it, or defer it (busy)."""
+        key = self.plan.keys[node.order]
+        if node.order in self.infeasible and self.records.get(node.order) is None:
+            self.records[node.order] = self.infeasible_record(self.infeasible[node.order])
+            self.store.put(key, self.records[node.order])
+        rec = self.records.get(node.order)
+        status, rec = ("stored", rec) if rec is not None else self.store.claim(key)
+        if status == "claimed":
+            try:
+                rec = self.evaluate(node)
+            finally:
+                self.store.release(key)
+        self.stats.from_store += status == "stored"
+        if self.cfg.save and node.order not in self.infeasible:
+            dest = save_node(self.ctx.lm, self.ctx.targets, node, self.plan.full_depth, self.ex.out_dir, self.cfg,
+                             len(run_seeds(self.ex.cfg)) > 1)  # fmt: skip
+            self.stats.saved += dest is not None
+        if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
+            self.deferred.append(node)
+        else:
+            self.finish(node, rec)
+
+    def take_over(self, node: Node) -> NodeRecord:
+        """A deferred node whose owner died: rebuilt from the dense weights and computed here."""
+        key = self.plan.keys[node.order]
+        self.ctx.state.restore(self.ex.dense())
+        why = None
+        for lab in node.order:
+            why = why or self.ctx.apply(self.stages[lab], self.task, self.cfg)
+            self.stats.applications += why is None
+        try:
+            if why is None:
+                rec = self.evaluate(node)
+            else:
+                rec = self.infeasible_record(why)
+                self.store.put(key, rec)
+        finally:
+            self.store.release(key)
+        self.stats.taken_over += 1
+        return rec
+
+    def evaluate(self, node: Node) -> NodeRecord:
+        rec = self.ctx.evaluate(self.task, self.cfg, self.ex.backends)
+        self.store.put(self.plan.keys[node.order], rec)
+        self.stats.evaluations += 1
+        return rec
+
+    def infeasible_record(self, why: str) -> NodeRecord:
+        return pipeline.infeasible_record(why, self.task.primary_metric, self.task.protocol)
+
+    def finish(self, node: Node, rec: NodeRecord) -> None:
+        self.ex.emit(self.plan, self.context, node, rec)
+        self.bar.set_postfix_str(node.label)
+        self.bar.update(1)
