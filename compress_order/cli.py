@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
-from compress_order.errors import Interrupted, UserError
+from compress_order.errors import Interrupted, UserError, choices
 from compress_order.quiet import quiet_third_party
 
 USAGE = """usage: compress-order COMMAND [ARGS]
@@ -175,11 +176,14 @@ def cmd_export(args: list[str]) -> int:
     return export_command(args)
 
 
+ANALYSIS_COMMANDS = ("table", "analyze", "collect", "frontier", "best")  # compress_order/analysis/cli.py
+
+
 def cmd_analysis(cmd: str, args: list[str]) -> int:
     try:
-        from compress_order import analysis
+        from compress_order.analysis import cli as analysis
     except ModuleNotFoundError as e:
-        if e.name != "compress_order.analysis":
+        if e.name not in ("compress_order.analysis", "compress_order.analysis.cli"):
             raise
         raise UserError(f"'{cmd}' is not available in this version") from None
     return analysis.main(cmd, args)
@@ -192,13 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
-    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "export": cmd_export}
+    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "export": cmd_export,
+                **{name: partial(cmd_analysis, name) for name in ANALYSIS_COMMANDS}}  # fmt: skip
     try:
         if cmd in commands:
             return commands[cmd](rest)
-        if cmd in ("table", "analyze", "collect", "frontier", "best"):
-            return cmd_analysis(cmd, rest)
-        raise UserError(f"unknown command '{cmd}'; valid: analyze, best, collect, export, frontier, list, run, table, validate")
+        raise UserError(f"unknown command '{cmd}'; valid: {choices(commands)}")
     except UserError as e:
         print(f"compress-order: error: {e}", file=sys.stderr)
         return 2

@@ -147,7 +147,7 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
 
 def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, stats: RunStats) -> str:
     """predict_only: the order the PIH predicts from the singles (predicted.md / .csv), and what was not run."""
-    from compress_order.analysis import write_predictions
+    from compress_order.analysis.report import write_predictions
     from compress_order.plan import scratch_costs
 
     cut, full = scratch_costs(cfg)

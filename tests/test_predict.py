@@ -11,7 +11,8 @@ import pandas as pd
 
 from conftest import write_fake_run
 
-from compress_order.analysis import collect, pih, write_report
+from compress_order.analysis import collect, pih
+from compress_order.analysis.report import write_report
 from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.metrics import METRICS
