@@ -73,7 +73,7 @@ def write_readme(table: str) -> None:
 
 def expected() -> set[str]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_families import FAMILIES
+    from helpers import FAMILIES
     from test_vision_families import ARCHS
 
     return {*FAMILIES, *ARCHS}

@@ -15,45 +15,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import TEXT, save_tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)
-
-TEXT = (
-    "To be, or not to be, that is the question:\n"
-    "Whether 'tis nobler in the mind to suffer\n"
-    "The slings and arrows of outrageous fortune,\n"
-    "Or to take arms against a sea of troubles\n"
-)
-
-
-def char_tokenizer(text: str):
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(sorted(set(text)))}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-
-
-def save_tiny_llama(path: Path, text: str = TEXT, layers: int = 2, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = char_tokenizer(text)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def terminal_lines(text: str) -> list[str]:
-    """The non-blank lines a terminal shows for `text`: a progress bar redrawn with \\r leaves only its last state."""
-    return [shown for ln in text.split("\n") if (shown := ln.rsplit("\r", 1)[-1]).strip()]
 
 
 @pytest.fixture(scope="session")
@@ -79,16 +43,3 @@ def tiny_overrides(tiny_llama, tiny_text, tmp_path) -> list[str]:
         f"store_dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}", "threads=1",
     ]  # fmt: skip
-
-
-def write_fake_run(run_dir: Path, results: list[dict], samples: list, finished: bool = True) -> None:
-    """A run folder as the runner leaves it: tidy rows, per-unit samples and (when finished) a summary."""
-    import pandas as pd
-
-    from compress_order.results import COLUMNS
-
-    run_dir.mkdir(parents=True)
-    pd.DataFrame(results, columns=COLUMNS).to_parquet(run_dir / "results.parquet")
-    pd.concat(samples).to_parquet(run_dir / "samples.parquet")
-    if finished:
-        (run_dir / "summary.md").write_text("# done\n")

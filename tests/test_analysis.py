@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import write_fake_run
+from helpers import write_fake_run
 
 from compress_order import cli
 from compress_order.analysis import bootstrap, collect, pih, plots, tables

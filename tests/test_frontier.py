@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_fake_run
+from helpers import write_fake_run
 
 from compress_order import cli
 from compress_order.analysis import collect, frontier

@@ -9,8 +9,7 @@ import itertools
 import pandas as pd
 import pytest
 import torch
-from conftest import terminal_lines
-from test_calibrated import tiny_llama_model, token_batches
+from helpers import FAMILIES, family_config, terminal_lines, tiny_llama_model, token_batches
 
 from compress_order.act import ActQuant, fake_quant
 from compress_order.calibration import calibrate_and_compress
@@ -307,13 +306,11 @@ FAMILY_PAIRS = {
 
 @pytest.mark.parametrize("family", list(FAMILY_PAIRS))
 def test_scaling_stages_on_every_decoder_family(family, caplog):
-    from test_families import FAMILIES, _config
-
     from transformers import AutoModelForCausalLM
 
     assert set(FAMILY_PAIRS) == set(FAMILIES)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(family, 40)).eval()
+    model = AutoModelForCausalLM.from_config(family_config(family, 40)).eval()
     state = ModelState(model, find_targets(model, ["lm_head"]))
     dense = state.snapshot()
     task, cfg = Batches(token_batches(4)), compose_config(["calibration.nsamples=4"])

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from helpers import FakeClock
+from helpers import FakeClock, exit_code
 
 from compress_order import identity
-from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.paths import PACKAGE_DIR
 from compress_order.schema import STATS_FILE
@@ -26,12 +25,6 @@ from compress_order.metrics import METRICS
 
 THREE = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # 1 + 3 + 6 + 6 = 16 nodes
 
-
-def _rc(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def _values(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.Series:
@@ -50,22 +43,22 @@ def _base(tiny_overrides: list[str]) -> list[str]:
 
 def test_a_grid_evaluates_each_distinct_node_once(tiny_overrides, tmp_path, capsys):
     grid = ["bits=3,4", "sparsity=0.5,0.7"]
-    assert _rc(["validate", "-m", *_base(tiny_overrides), *grid]) == 0
+    assert exit_code(["validate", "-m", *_base(tiny_overrides), *grid]) == 0
     # dense once, magnitude at 2 sparsities, rtn at 2 widths, 2 orders × 4 settings
     assert "plan: 4 job(s), 20 nodes, 13 distinct, 0 stored; to do: 16 stage applications, 13 evaluations" in capsys.readouterr().out
-    assert _rc(["run", "-m", *_base(tiny_overrides), *grid]) == 0
+    assert exit_code(["run", "-m", *_base(tiny_overrides), *grid]) == 0
     shared = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
     stats = _stats(tmp_path / "sweep")
     assert len(stats) == 4 and sum(s["evaluations"] for s in stats) == 13
     assert sum(s["from_store"] for s in stats) == 20 - 13
     # the same grid with no store: every job computes all of its nodes; values are equal, value for value
     alone = [o for o in _base(tiny_overrides) if not o.startswith(("store_dir", "hydra.sweep.dir"))]
-    assert _rc(["run", "-m", *alone, "store_dir=null", f"hydra.sweep.dir={tmp_path / 'alone'}", *grid]) == 0
+    assert exit_code(["run", "-m", *alone, "store_dir=null", f"hydra.sweep.dir={tmp_path / 'alone'}", *grid]) == 0
     assert sum(s["evaluations"] for s in _stats(tmp_path / "alone")) == 20
     unshared = pd.read_parquet(tmp_path / "alone" / "results.parquet")
     by = ("bits", "sparsity")
     pd.testing.assert_series_equal(_values(shared, by), _values(unshared, by))
-    assert _rc(["validate", "-m", *_base(tiny_overrides), *grid]) == 0
+    assert exit_code(["validate", "-m", *_base(tiny_overrides), *grid]) == 0
     assert "20 nodes, 13 distinct, 13 stored; to do: 0 stage applications, 0 evaluations" in capsys.readouterr().out
 
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import FAMILIES
+
 from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.errors import UserError
@@ -200,8 +202,6 @@ def test_the_generic_timm_config_leaves_timm_io_layers_dense():
 
 
 def test_readme_coverage_table_lists_every_family_of_the_matrices():
-    from test_families import FAMILIES
-
     text = README.read_text()
     start, end = "<!-- family-matrix:start", "<!-- family-matrix:end -->"
     assert start in text and end in text
