@@ -9,10 +9,11 @@ import argparse
 import sys
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
-from compress_order.errors import Interrupted, UserError, choices
+from compress_order.errors import Interrupted, UserError
 from compress_order.quiet import quiet_third_party
+from compress_order.registry import Registry
 
 USAGE = """usage: compress-order COMMAND [ARGS]
 
@@ -147,9 +148,12 @@ def cmd_list(args: list[str]) -> int:
             node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
             doc = _first_comment(CONF_DIR / group / f"{name}.yaml")
             print(f"  {name:<22} {doc}")
+    from compress_order.stages import stage_defaults
+
     print("stage:")
     for name in group_options("stage"):
         node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / f"{name}.yaml"))
+        node.update({k: v for k, v in stage_defaults(node["_target_"]).items() if k not in node})
         params = " ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
         print(f"  {name:<22} {params}")
     from compress_order.backends import BACKENDS
@@ -196,12 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
-    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "export": cmd_export,
-                **{name: partial(cmd_analysis, name) for name in ANALYSIS_COMMANDS}}  # fmt: skip
     try:
-        if cmd in commands:
-            return commands[cmd](rest)
-        raise UserError(f"unknown command '{cmd}'; valid: {choices(commands)}")
+        return COMMANDS.lookup(cmd)(rest)
     except UserError as e:
         print(f"compress-order: error: {e}", file=sys.stderr)
         return 2
@@ -209,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         detail = str(e) if isinstance(e, Interrupted) else "interrupted; finished nodes are stored and re-running the same command resumes from them"
         print(f"compress-order: {detail}", file=sys.stderr)
         return 130
+
+
+COMMANDS: Registry[Callable[[list[str]], int]] = Registry("command")
+for _name, _cmd in {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "export": cmd_export,
+                    **{a: partial(cmd_analysis, a) for a in ANALYSIS_COMMANDS}}.items():  # fmt: skip
+    COMMANDS.register(_name, _cmd)
 
 
 def entry() -> None:

@@ -1,11 +1,18 @@
 """Stage loading: `stages=[magnitude, rtn]` names files of the `conf/stage/` group.
 
+A stage's parameters, their defaults and types are declared once, by its class's `__init__` (value checks there
+too); its yaml names the class, binds parameters to the root config (`bits: ${bits}`) and sets only what differs
+from the class's defaults. A resolved stage config holds every parameter, the defaults filled in.
+
 An entry is a name, or a mapping with `name` plus overrides (`{name: magnitude, sparsity: 0.3}`), so one
 method can appear twice with split budgets. Each entry's yaml is resolved against the root config, so
 `${bits}` and `${sparsity}` reach every stage, then instantiated through its `_target_`.
 """
 
 from __future__ import annotations
+
+import inspect
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,6 +41,7 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
         tmp = OmegaConf.create({**{k: v for k, v in root.items() if k != "hydra"}, "_stage_": node})
         resolved = OmegaConf.to_container(tmp["_stage_"], resolve=True)
         resolved.pop("label", None)
+        resolved.update({k: v for k, v in stage_defaults(resolved["_target_"]).items() if k not in resolved})
         resolved.update(name=name, label=entry_label(entry))
         out.append(resolved)
     labels: dict[str, dict] = {}
@@ -41,6 +49,24 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
         if sc["label"] in labels and labels[sc["label"]] != sc:
             raise UserError(f"two different stages share the label '{sc['label']}'; give one a distinct label")
         labels[sc["label"]] = sc
+    return out
+
+
+def stage_defaults(target: str) -> dict[str, Any]:
+    """The parameters a stage class declares with a default (its `__init__` and the base initializers its **kw
+    reaches), naming keys excepted; tuples as lists, as a config holds them."""
+    from compress_order.validate import target_object
+
+    out: dict[str, Any] = {}
+    for cls in target_object(target).__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        for p in params:
+            if p.default is not p.empty and p.name not in ("name", "label") and p.kind is p.POSITIONAL_OR_KEYWORD:
+                out.setdefault(p.name, list(p.default) if isinstance(p.default, tuple) else p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
     return out
 
 
