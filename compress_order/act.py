@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from compress_order.batches import model_forward, to_device
 from compress_order.errors import UserError
 from compress_order.targets import Target
 
@@ -87,8 +88,6 @@ class ActQuant:
         """Static ranges: max |x| of every layer's input over `batches`, with full-precision activations."""
         if not self.static:
             return
-        from compress_order.calibration import _to, model_forward
-
         device = next(model.parameters()).device
         seen: dict[int, Tensor] = {}
 
@@ -101,7 +100,7 @@ class ActQuant:
         try:
             with paused():
                 for batch in batches:
-                    model_forward(model, _to(batch, device))
+                    model_forward(model, to_device(batch, device))
         finally:
             for h in handles:
                 h.remove()

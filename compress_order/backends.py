@@ -23,12 +23,13 @@ from torch import Tensor, nn
 
 from compress_order.errors import InvariantError, UserError, choices
 from compress_order.quant import QuantGrid
+from compress_order.registry import Registry
+from compress_order.schema import DENSE_REFERENCE
 from compress_order.targets import Target, as_linear
 
 if TYPE_CHECKING:
     from compress_order.tasks import Task
 
-SIMULATED = "dense-simulated"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TINYGEMM_GROUPS = (256, 128, 64, 32)  # group sizes the int4 tinygemm kernels take (CPU and CUDA)
 
@@ -253,17 +254,16 @@ def _semi_structured(model: nn.Module, targets: dict[str, Target], device: torch
     return packed
 
 
-BACKENDS: dict[str, Backend] = {
-    b.name: b
-    for b in [
-        Backend("int8_weight_only", ("cpu", "cuda"), "torchao Int8Tensor of the node's codes (up to 8 bits), "
-                "activations in the model's dtype", _int8_fits, _int8_weight_only, _same),
-        Backend("int4_weight_only", ("cpu", "cuda"), "torchao int4 tinygemm of the node's codes (up to 4 bits, "
-                "groups of 32-256), bf16 activations", _int4_fits, _int4_weight_only, _int4_act),
-        Backend("sparse_2_4", ("cuda",), "2:4 semi-structured sparse matmul (torch.sparse), fp16", _semi_structured_fits,
-                _semi_structured, _half_act),
-    ]
-}  # fmt: skip
+BACKENDS: Registry[Backend] = Registry("backend", also=("auto", "none"))
+for _b in [
+    Backend("int8_weight_only", ("cpu", "cuda"), "torchao Int8Tensor of the node's codes (up to 8 bits), "
+            "activations in the model's dtype", _int8_fits, _int8_weight_only, _same),
+    Backend("int4_weight_only", ("cpu", "cuda"), "torchao int4 tinygemm of the node's codes (up to 4 bits, "
+            "groups of 32-256), bf16 activations", _int4_fits, _int4_weight_only, _int4_act),
+    Backend("sparse_2_4", ("cuda",), "2:4 semi-structured sparse matmul (torch.sparse), fp16", _semi_structured_fits,
+            _semi_structured, _half_act),
+]:  # fmt: skip
+    BACKENDS.register(_b.name, _b)
 
 
 def latency_entries(backends: list[Backend], model: nn.Module, targets: dict[str, Target], task: "Task",
@@ -285,7 +285,7 @@ def latency_entries(backends: list[Backend], model: nn.Module, targets: dict[str
                 del packed
                 if act != here and act not in references:  # timed right after the packed copy, same shapes
                     dense = copy.deepcopy(model).to(act)
-                    out += [{"metric": m, "value": v, "backend": f"dense({dtype_name(act)})"}
+                    out += [{"metric": m, "value": v, "backend": f"{DENSE_REFERENCE}{dtype_name(act)})"}
                             for m, v in task.latency(dense).items()]  # fmt: skip
                     references.add(act)
                     del dense
@@ -308,9 +308,8 @@ def select_backends(requested: str | list[str] | None, device: torch.device) -> 
     here = [b.name for b in BACKENDS.values() if device.type in b.devices]
     out = []
     for name in names:
-        if name not in BACKENDS:
-            raise UserError(f"unknown backend '{name}'; valid: {choices(BACKENDS)}, auto, none")
-        if device.type not in BACKENDS[name].devices:
+        backend = BACKENDS.lookup(name)
+        if device.type not in backend.devices:
             raise UserError(f"backend '{name}' cannot run on {device.type}; supported on {device.type}: {choices(here)}")
-        out.append(BACKENDS[name])
+        out.append(backend)
     return out

@@ -20,7 +20,6 @@ un-skipped lm_head) are done last the same way.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
 from contextlib import contextmanager
@@ -30,6 +29,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from compress_order.batches import model_forward
+from compress_order.batches import to_device as _to
 from compress_order.errors import UserError
 from compress_order.hessian import HessianStats
 from compress_order.moe import ExpertUnit, collect_routing, expert_units, token_summary
@@ -130,34 +131,6 @@ def _hidden_of(args: tuple, kwargs: dict) -> tuple[int | str, Tensor] | None:
     if isinstance(kwargs.get("hidden_states"), Tensor):
         return "hidden_states", kwargs["hidden_states"]
     return None
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
-def model_forward(model: nn.Module, batch: Any) -> Any:
-    """A calibration batch through the model: a tensor (first input), a dict (keywords) or a tuple (positional).
-    Hugging Face models get use_cache=False: no KV cache is built or passed between blocks."""
-    kw = {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
-    if isinstance(batch, Mapping):
-        return model(**batch, **kw)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch, **kw)
-    return model(batch, **kw)
 
 
 def _device_of(module: nn.Module, default: torch.device) -> torch.device:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from compress_order.errors import Interrupted, UserError
 from compress_order.quiet import quiet_third_party
+from compress_order.registry import Registry
 
 USAGE = """usage: compress-order COMMAND [ARGS]
 
@@ -146,9 +148,12 @@ def cmd_list(args: list[str]) -> int:
             node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
             doc = _first_comment(CONF_DIR / group / f"{name}.yaml")
             print(f"  {name:<22} {doc}")
+    from compress_order.stages import stage_defaults
+
     print("stage:")
     for name in group_options("stage"):
         node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / f"{name}.yaml"))
+        node.update({k: v for k, v in stage_defaults(node["_target_"]).items() if k not in node})
         params = " ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
         print(f"  {name:<22} {params}")
     from compress_order.backends import BACKENDS
@@ -170,16 +175,19 @@ def _first_comment(path: Path) -> str:
 
 
 def cmd_export(args: list[str]) -> int:
-    from compress_order.export import export_command
+    from compress_order.export_command import export_command
 
     return export_command(args)
 
 
+ANALYSIS_COMMANDS = ("table", "analyze", "collect", "frontier", "best")  # compress_order/analysis/cli.py
+
+
 def cmd_analysis(cmd: str, args: list[str]) -> int:
     try:
-        from compress_order import analysis
+        from compress_order.analysis import cli as analysis
     except ModuleNotFoundError as e:
-        if e.name != "compress_order.analysis":
+        if e.name not in ("compress_order.analysis", "compress_order.analysis.cli"):
             raise
         raise UserError(f"'{cmd}' is not available in this version") from None
     return analysis.main(cmd, args)
@@ -192,13 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
-    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "export": cmd_export}
     try:
-        if cmd in commands:
-            return commands[cmd](rest)
-        if cmd in ("table", "analyze", "collect", "frontier", "best"):
-            return cmd_analysis(cmd, rest)
-        raise UserError(f"unknown command '{cmd}'; valid: analyze, best, collect, export, frontier, list, run, table, validate")
+        return COMMANDS.lookup(cmd)(rest)
     except UserError as e:
         print(f"compress-order: error: {e}", file=sys.stderr)
         return 2
@@ -206,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         detail = str(e) if isinstance(e, Interrupted) else "interrupted; finished nodes are stored and re-running the same command resumes from them"
         print(f"compress-order: {detail}", file=sys.stderr)
         return 130
+
+
+COMMANDS: Registry[Callable[[list[str]], int]] = Registry("command")
+for _name, _cmd in {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "export": cmd_export,
+                    **{a: partial(cmd_analysis, a) for a in ANALYSIS_COMMANDS}}.items():  # fmt: skip
+    COMMANDS.register(_name, _cmd)
 
 
 def entry() -> None:

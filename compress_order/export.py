@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from compress_order.errors import UserError
+from compress_order.schema import MODELS_DIR, SAVE_FORMATS, SIDECAR, SIDECAR_TENSORS
 from compress_order.models import LoadedModel
 from compress_order.moe import renamed_after_removal, without_removed_experts
 from compress_order.targets import Target
@@ -55,7 +56,6 @@ from compress_order.trie import Node
 if TYPE_CHECKING:  # ct_export imports compressed-tensors, which a run without save=true does not need
     from compress_order.ct_export import ActScheme
 
-MODELS_DIR = "models"
 FORMAT = "compress-order/compression-v1"
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,6 @@ def act_scheme(cfg: Any) -> ActScheme | None:
 
     bits = cfg.get("act_bits")
     return None if bits is None else ActScheme(int(bits), str(cfg.get("act_granularity") or "token"))
-
-
-SAVE_FORMATS = ("auto", "compressed-tensors", "dense")
 
 
 def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
@@ -143,8 +140,8 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
         if tensors:
             from safetensors.torch import save_file
 
-            save_file(tensors, str(tmp / "compression.safetensors"))
-        (tmp / "compression.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+            save_file(tensors, str(tmp / SIDECAR_TENSORS))
+        (tmp / SIDECAR).write_text(json.dumps(record, indent=1), encoding="utf-8")
         mode = file_mode()  # safetensors writes its files 0600; results are shared, like every other file
         for f in tmp.iterdir():
             if f.is_file():
@@ -197,7 +194,7 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
 def weight_bytes(folder: Path) -> int:
     """Bytes on disk of a checkpoint's weight files (safetensors shards or .bin), not its config or tokenizer."""
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix in (".safetensors", ".bin")
-               and f.name != "compression.safetensors")  # fmt: skip
+               and f.name != SIDECAR_TENSORS)  # fmt: skip
 
 
 def summary_line(checkpoint: dict[str, Any]) -> str:
@@ -293,8 +290,8 @@ def _dtype(targets: dict[str, Target]) -> str:
 def load_constraints(model_dir: str | Path) -> dict[str, Any]:
     """compression.json with its tensors filled in: masks as bool (rows, cols), scales and zeros as float32."""
     d = Path(model_dir)
-    record = json.loads((d / "compression.json").read_text(encoding="utf-8"))
-    side = d / "compression.safetensors"
+    record = json.loads((d / SIDECAR).read_text(encoding="utf-8"))
+    side = d / SIDECAR_TENSORS
     if side.is_file():
         from safetensors.torch import load_file
 
@@ -308,87 +305,3 @@ def load_constraints(model_dir: str | Path) -> dict[str, Any]:
                 q = entry["quant"]
                 q["scale"], q["zero"] = tensors[q["scale"]], tensors[q["zero"]].float()
     return record
-
-
-def export_command(args: list[str]) -> int:
-    """`compress-order export RUN_DIR --order "a > b" [--format ...] [--seed N]`: rebuild one full order of a finished
-    run from its saved config (the same stages, settings and calibration seed: `--seed`, one of the run's seeds,
-    default its first) and write it where the run saves it: RUN_DIR/models/<order>/ (several seeds: …/seed-<N>/)."""
-    import argparse
-    from typing import NoReturn
-
-    def error(message: str) -> NoReturn:
-        raise UserError(f"export: {message}; usage: export RUN_DIR --order \"a > b\" [--format FORMAT] [--seed N]")
-
-    parser = argparse.ArgumentParser(prog="compress-order export", exit_on_error=False)
-    parser.error = error  # type: ignore[method-assign]  (one line instead of argparse's usage and exit)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--order", required=True, help='a full order of the run, e.g. "magnitude > rtn"')
-    parser.add_argument("--format", default="auto", dest="fmt", help=f"one of: {', '.join(SAVE_FORMATS)}")
-    parser.add_argument("--seed", type=int, help="the calibration seed to rebuild (default: the run's first)")
-    try:
-        ns, unknown = parser.parse_known_args(args)
-    except argparse.ArgumentError as e:
-        error(str(e))
-    if unknown:
-        error(f"unexpected argument(s) {' '.join(unknown)}")
-    checkpoint_format({}, ns.fmt)  # the format's name, before any model is loaded
-    dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt, ns.seed)
-    record = json.loads((dest / "compression.json").read_text(encoding="utf-8"))
-    print(f"{dest}: {summary_line(record['checkpoint'])}")
-    return 0
-
-
-def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed: int | None = None) -> Path:
-    """Apply the stages of `order` to the run's dense model as the run did for calibration seed `seed` (default:
-    the run's first), check every invariant, and save."""
-    from omegaconf import OmegaConf
-
-    import compress_order.config  # noqa: F401  (registers ${asset:}, which the embedded models' saved configs use)
-    from compress_order.act import ActQuant
-    from compress_order.instantiate import build
-    from compress_order.plan import run_seeds, with_seed
-    from compress_order.runner import apply_stage
-    from compress_order.stages import build_stage, stage_configs
-    from compress_order.tasks import build_task
-    from compress_order.targets import ModelState, find_targets
-    from compress_order.trie import build_trie, full_orders
-    from compress_order.validate import resolve_device
-
-    saved = Path(run_dir) / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"{run_dir} has no .hydra/config.yaml; expected the folder of a `compress-order run`")
-    cfg = OmegaConf.load(saved)
-    staged, joint = stage_configs(cfg), stage_configs(cfg, key="joint")
-    by_label = {sc["label"]: sc for sc in staged + joint}
-    full = {n.order for n in full_orders(build_trie([sc["label"] for sc in staged], [sc["label"] for sc in joint]))}
-    if order not in full:
-        valid = "; ".join(sorted(" > ".join(o) for o in full))
-        raise UserError(f"order '{' > '.join(order)}' is not a full order of this run; valid: {valid}")
-    seeds = run_seeds(cfg)
-    if seed is not None and seed not in seeds:
-        raise UserError(f"seed {seed} is not a calibration seed of this run; valid: {', '.join(map(str, seeds))}")
-    several = len(seeds) > 1
-    cfg = with_seed(cfg, seeds[0] if seed is None else seed)
-    device = resolve_device(str(cfg.device))
-    cfg.device = str(device)
-    lm = build(cfg.model)
-    if not hasattr(lm.model, "save_pretrained"):
-        raise UserError(f"export needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
-    lm.model.to(device)
-    targets = find_targets(lm.model, lm.skip)
-    act = act_scheme(cfg)
-    if act is not None:  # as the run: later stages calibrate on quantized inputs
-        ActQuant(act.bits, act.granularity).install(targets)
-    state = ModelState(lm.model, targets)
-    stages = {lab: build_stage(by_label[lab]) for lab in order}
-    for s in stages.values():
-        s.validate(targets)
-    task = build_task(lm, build(cfg.data), cfg)
-    torch.manual_seed(int(cfg.seed))
-    for lab in order:
-        why = apply_stage(stages[lab], state, task, cfg)
-        if why is not None:
-            raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
-    dest = model_dir(run_dir, order, int(cfg.seed) if several else None)
-    return save_model(lm, targets, order, dest, fmt, int(cfg.dense_bits), act)

@@ -7,10 +7,12 @@ the sweep ends with a summary of every job and a non-zero exit when any failed.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import hydra
 import pandas as pd
@@ -22,8 +24,7 @@ from omegaconf import DictConfig
 from compress_order import config  # noqa: F401  (registers the ${asset:} resolver)
 from compress_order.errors import UserError
 from compress_order.paths import CONF_DIR
-
-FAILURE_FILE = "failed.json"
+from compress_order.schema import FAILURE_FILE, PREDICTED_CSV, RESULTS, RESULTS_CSV, SUMMARY
 
 
 def _job(cfg: DictConfig) -> None:
@@ -48,8 +49,8 @@ def _job(cfg: DictConfig) -> None:
             raise
         _record_failure(cfg, out, hc, f"{type(e).__name__}: {e}", traceback.format_exc())
         return
-    print((out / "summary.md").read_text())
-    print(f"results: {out / 'results.parquet'} (also results.csv, summary.md)")
+    print((out / SUMMARY).read_text())
+    print(f"results: {out / RESULTS} (also {RESULTS_CSV}, {SUMMARY})")
 
 
 def _record_failure(cfg: DictConfig, out: Path, hc, message: str, detail: str) -> None:
@@ -84,15 +85,35 @@ def hydra_main(args: list[str]) -> int:
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)
     argv, sys.argv = sys.argv, ["compress-order", *args]  # hydra.main reads its command line from sys.argv
     try:
-        app()
+        with _job_logging():
+            app()
     finally:
         sys.argv = argv
     return SweepSummary.exit_status
 
 
+@contextmanager
+def _job_logging() -> Iterator[None]:
+    """Hydra attaches its job's log handlers (console, file) to the root logger for the app's duration; they
+    are detached and closed after it, so that no handler outlives the command's streams (a caller in the same
+    process, a test, may close them)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
+            h.close()
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
+
+
 def report_sweep(sweep_dir: Path) -> int:
     """Print one line per job, gather every job's rows into the sweep folder, exit 1 if any job failed."""
-    from compress_order.analysis.collect import RESULTS, read_parquet
+    from compress_order.analysis.collect import read_parquet
 
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     frames, failed = [], []
@@ -104,12 +125,10 @@ def report_sweep(sweep_dir: Path) -> int:
         if rows is not None:
             frames.append(rows.assign(job=int(job.name)))
     if frames:
-        from compress_order.results import atomic_write
+        from compress_order.results import write_results
 
-        df = pd.concat(frames, ignore_index=True)
-        atomic_write(sweep_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
-        atomic_write(sweep_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
-    print(f"sweep: {len(jobs)} jobs, {len(jobs) - len(failed)} ok, {len(failed)} failed; rows in {sweep_dir}/results.parquet")
+        write_results(sweep_dir, pd.concat(frames, ignore_index=True))
+    print(f"sweep: {len(jobs)} jobs, {len(jobs) - len(failed)} ok, {len(failed)} failed; rows in {sweep_dir}/{RESULTS}")
     _gather_predictions(sweep_dir, jobs)
     if failed:
         print("failed jobs:\n" + "\n".join(failed), file=sys.stderr)
@@ -119,18 +138,16 @@ def report_sweep(sweep_dir: Path) -> int:
 
 def _gather_predictions(sweep_dir: Path, jobs: list[Path]) -> None:
     """predict_only sweeps: every job's predicted order in one table (sweep_dir/predicted.csv), printed."""
-    from compress_order.analysis.collect import RESULTS
-
     def fresh(job: Path) -> bool:  # written after the job's results (not left by an earlier run in the folder)
-        pred, rows = job / "predicted.csv", job / RESULTS
+        pred, rows = job / PREDICTED_CSV, job / RESULTS
         return pred.is_file() and (not rows.is_file() or pred.stat().st_mtime >= rows.stat().st_mtime)
 
-    found = [job / "predicted.csv" for job in jobs if fresh(job)]
+    found = [job / PREDICTED_CSV for job in jobs if fresh(job)]
     frames = [f for f in (pd.read_csv(p) for p in found) if not f.empty]
     if not frames:
         return
     df = pd.concat(frames, ignore_index=True)
-    df.to_csv(sweep_dir / "predicted.csv", index=False)
+    df.to_csv(sweep_dir / PREDICTED_CSV, index=False)
     cols = [c for c in ("model", "dataset", "stages", "bits", "sparsity", "group_size", "intensity", "predicted")
             if df[c].nunique(dropna=False) > 1 or c in ("intensity", "predicted")]  # fmt: skip
-    print(f"predicted orders (PIH, weaker first) → {sweep_dir}/predicted.csv\n{df[cols].to_markdown(index=False)}")
+    print(f"predicted orders (PIH, weaker first) → {sweep_dir}/{PREDICTED_CSV}\n{df[cols].to_markdown(index=False)}")

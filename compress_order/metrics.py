@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compress_order.registry import Registry
+
 # mean of a metric's per-unit samples → the metric; named, so that two registrations compare by value
 REDUCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": np.asarray,
@@ -41,7 +43,7 @@ class Metric:
         return REDUCTIONS[self.reduction](mean)
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
 def register(metric: Metric) -> Metric:
@@ -50,10 +52,7 @@ def register(metric: Metric) -> Metric:
     Registering the same definition again is a no-op; a different definition under a registered name is an error,
     since rows already written under that name would change meaning.
     """
-    known = METRICS.setdefault(metric.name, metric)
-    if known != metric:
-        raise ValueError(f"metric '{metric.name}' is already registered as {known}; cannot redefine it as {metric}")
-    return known
+    return METRICS.register(metric.name, metric)
 
 
 for _m in [

@@ -17,8 +17,8 @@ import pandas as pd
 
 from compress_order.errors import UserError
 from compress_order.metrics import METRICS, summary_metrics
+from compress_order.schema import DENSE_REFERENCE, RESULTS, RESULTS_CSV, SAMPLES, SIMULATED, NodeRecord, entry_label
 
-STATS_FILE = "run_stats.json"  # what a run did: evaluations, stage applications, nodes reused (runner.RunStats)
 COLUMNS = [
     "run_id", "model", "dataset", "stages", "stage_list", "order", "depth", "bits", "sparsity", "group_size", "act_bits",
     "seed",
@@ -89,11 +89,16 @@ class RunWriter:
 
     def flush(self) -> None:
         df = self.frame()
-        atomic_write(self.out_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
-        atomic_write(self.out_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+        write_results(self.out_dir, df)
         if self.samples:
             s = pd.concat(self.samples, ignore_index=True)
-            atomic_write(self.out_dir / "samples.parquet", lambda tmp: s.to_parquet(tmp, index=False))
+            atomic_write(self.out_dir / SAMPLES, lambda tmp: s.to_parquet(tmp, index=False))
+
+
+def write_results(folder: Path, df: pd.DataFrame) -> None:
+    """The tidy rows of a run (or a gathered sweep), as parquet and CSV."""
+    atomic_write(folder / RESULTS, lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write(folder / RESULTS_CSV, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
@@ -115,34 +120,32 @@ def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
         stages=",".join(_label(s) for s in (get("stages") or [])),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )  # fmt: skip
-    existing = out_dir / "results.parquet"
+    existing = out_dir / RESULTS
     df = pd.DataFrame([row], columns=COLUMNS)
     if existing.is_file():  # keep the nodes that finished before the failure
         df = pd.concat([pd.read_parquet(existing), df], ignore_index=True)
-    atomic_write(out_dir / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
-    atomic_write(out_dir / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+    write_results(out_dir, df)
     return df
 
 
 def _label(entry: Any) -> str:
-    from compress_order.stages import entry_label
-
     try:
         return entry_label(entry)
     except UserError:  # the stage list itself may be what failed
         return str(entry).replace(",", ";")
 
 
-def make_rows(context: dict, order: str, depth: int, node_key: str, entries: list[dict], timestamp: str) -> list[dict]:
-    """Rows of one node: each entry is {metric, value, backend[, higher_is_better, status, error]}.
+def make_rows(context: dict, order: str, depth: int, node_key: str, record: NodeRecord) -> list[dict]:
+    """Rows of one node: one per entry of its record ({metric, value, backend[, higher_is_better, status, error]}).
 
     Entries carry their metric's direction, so rows rebuilt from the store need no task to register it."""
     return [
         {**context, "order": order, "depth": depth, "metric": e["metric"], "value": float(e["value"]),
          "higher_is_better": e.get("higher_is_better", METRICS[e["metric"]].higher_is_better) if e["metric"] else None,
          "backend": e["backend"],
-         "status": e.get("status", "ok"), "error": e.get("error", ""), "node_key": node_key, "timestamp": timestamp}
-        for e in entries
+         "status": e.get("status", "ok"), "error": e.get("error", ""), "node_key": node_key,
+         "timestamp": record.timestamp}
+        for e in record.entries
     ]  # fmt: skip
 
 
@@ -154,7 +157,7 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
     ok = df[df["status"] == "ok"]
     if ok.empty:
         return "no results\n"
-    sim = ok[ok["backend"] == "dense-simulated"]
+    sim = ok[ok["backend"] == SIMULATED]
     n_seeds = ok["seed"].nunique()
     # With several calibration seeds a node's value is its mean over seeds, beside its sd for the primary metric.
     wide = sim.pivot_table(index=["depth", "order"], columns="metric", values="value", aggfunc="mean", sort=False)
@@ -165,18 +168,18 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
     if n_seeds > 1 and primary in wide.columns:
         sd = sim[sim["metric"] == primary].groupby(["depth", "order"], sort=False)["value"].std(ddof=1)
         wide.insert(wide.columns.get_loc(primary) + 1, f"{primary} sd", sd.reindex(wide.index))
-    real = df[(df["backend"] != "dense-simulated") & (df["metric"] == "latency_ms")]
+    real = df[(df["backend"] != SIMULATED) & (df["metric"] == "latency_ms")]
     refs = {b: rows.groupby(["depth", "order"], sort=False)["value"].mean().reindex(wide.index)
-            for b, rows in real[real["backend"].str.startswith("dense(")].groupby("backend")}  # fmt: skip
+            for b, rows in real[real["backend"].str.startswith(DENSE_REFERENCE)].groupby("backend")}  # fmt: skip
     for backend, rows in real.groupby("backend", sort=True):
         ms = rows.groupby(["depth", "order"], sort=False)["value"].mean().reindex(wide.index)
-        missing = "" if backend.startswith("dense(") else "n/a"  # a reference is timed only beside a packed copy
+        missing = "" if backend.startswith(DENSE_REFERENCE) else "n/a"  # a reference is timed only beside a packed copy
         wide[f"{backend} ms"] = ms.map(lambda v: missing if pd.isna(v) else f"{v:.4g}")
         # vs the dense node in the backend's activation dtype, `name(dtype)`: the dense copy cast to it where one
         # was timed (`dense(dtype)`), else the evaluated model itself (the kernel computes in the model's dtype)
         dtype = backend[backend.rfind("(") :] if backend.endswith(")") else ""
         ref = refs.get(f"dense{dtype}", wide["latency_ms"] if "latency_ms" in wide.columns else None)
-        if ref is not None and not backend.startswith("dense("):
+        if ref is not None and not backend.startswith(DENSE_REFERENCE):
             speed = ref / ms
             wide[f"{backend} speed-up"] = speed.map(lambda v: "" if pd.isna(v) else f"{v:.2f}×")
     wide = wide.reset_index()

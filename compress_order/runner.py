@@ -11,9 +11,8 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,26 +21,20 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from compress_order.act import ActQuant
-from compress_order.act import paused as act_paused
-from compress_order.backends import SIMULATED, latency_entries, select_backends
-from compress_order.instantiate import build
+from compress_order import pipeline
+from compress_order.backends import select_backends
 from compress_order.errors import Interrupted
 from compress_order.export import save_node
-from compress_order.measure import compression_metrics, peak_memory_mb, reset_peak
-from compress_order.metrics import METRICS
+from compress_order.measure import reset_peak
 from compress_order.paths import PACKAGE_DIR
 from compress_order.identity import base_identity, digest, stage_identity
-from compress_order.models import LoadedModel
+from compress_order.pipeline import RunContext
 from compress_order.plan import Plan, cost, make_plan, run_seeds, with_seed
-from compress_order.results import STATS_FILE, RunWriter, make_rows, summary_markdown, write_text
-from compress_order.stages import build_stage
+from compress_order.results import RunWriter, make_rows, summary_markdown, write_text
+from compress_order.schema import STATS_FILE, SUMMARY, NodeRecord
 from compress_order.state_cache import StateCache
-from compress_order.stages.base import Stage
 from compress_order.store import NodeStore
-from compress_order.coverage import Coverage, load_targets
-from compress_order.targets import ModelState, Snapshot, find_targets
-from compress_order.tasks import Task, build_task
+from compress_order.targets import Snapshot
 from compress_order.trie import Node, run_trie
 from compress_order.validate import check_config, resolve_device
 
@@ -69,30 +62,6 @@ def library_versions() -> str:
         except PackageNotFoundError:
             out[pkg] = None
     return json.dumps(out, sort_keys=True)
-
-
-def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, act: ActQuant | None = None,
-                report: dict | None = None) -> str | None:  # fmt: skip
-    """Apply one stage to every target layer, then check every layer's invariants. Returns why the stage cannot
-    follow what the layers hold (then nothing is changed), else None. With static activation ranges (`act`),
-    a calibrated stage reads statistics of activations quantized with ranges observed on the current weights.
-    `report` receives the calibration tokens per expert of each MoE layer."""
-    why = stage.feasible(state.targets)
-    if why is not None:
-        return why
-    if act is not None and stage.needs is not None:
-        act.observe(state.model, task.calibration_batches())
-    if stage.needs is None:
-        for t in state.targets.values():
-            if not t.constraint.dropped:  # a removed expert stays removed
-                stage.compress(t, None)
-    else:
-        from compress_order.calibration import calibrate_and_compress
-
-        calibrate_and_compress(state.model, state.targets, task.calibration_batches(), stage, cfg.calibration,
-                               report=report)  # fmt: skip
-    state.check()
-    return None
 
 
 @dataclass
@@ -124,8 +93,9 @@ def stage_list(scfgs: list[dict]) -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
-    """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats)."""
+def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.DataFrame:
+    """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats).
+    `store`: the node store of `store_dir` (a test passes one with its own clock)."""
     start = time.perf_counter()
     check_config(cfg)
     device = resolve_device(str(cfg.device))
@@ -134,7 +104,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         torch.set_num_threads(int(cfg.threads))
     seeds = run_seeds(cfg)
 
-    store = NodeStore(cfg.store_dir, float(cfg.store_claim_timeout))
+    store = NodeStore(cfg.store_dir, float(cfg.store_claim_timeout)) if store is None else store
     jobs = [with_seed(cfg, s) for s in seeds]
     plans = [make_plan(c, store, force=bool(cfg.force)) for c in jobs]
     total = sum(len(p.nodes) for p in plans)
@@ -169,11 +139,11 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 
     df = writer.frame()
     summary = summary_markdown(df, executor.primary, executor.protocol)
-    if executor.coverage is not None:
-        summary += f"- {executor.coverage.line(_full_coverage(df))}\n"
+    if executor.ctx is not None and executor.ctx.coverage is not None:
+        summary += f"- {executor.ctx.coverage.line(_full_coverage(df))}\n"
     if plans[0].predict_only:
         summary += "\n" + _predicted(cfg, df, out_dir, executor.primary, stats)
-    write_text(out_dir / "summary.md", summary)
+    write_text(out_dir / SUMMARY, summary)
     stats.wall_s = round(time.perf_counter() - start, 3)
     write_text(out_dir / STATS_FILE, json.dumps(asdict(stats), indent=1))
     return df
@@ -187,7 +157,7 @@ def _full_coverage(df: pd.DataFrame) -> float | None:
 
 def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, stats: RunStats) -> str:
     """predict_only: the order the PIH predicts from the singles (predicted.md / .csv), and what was not run."""
-    from compress_order.analysis import write_predictions
+    from compress_order.analysis.report import write_predictions
     from compress_order.plan import scratch_costs
 
     cut, full = scratch_costs(cfg)
@@ -200,206 +170,163 @@ def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, st
 
 
 class Executor:
-    """Walks one plan's trie at a time over a model loaded once (on first need): reuses stored nodes, claims and
-    evaluates the others, defers those another job is computing and picks them up at the end."""
+    """Runs the plans of one run, one calibration seed at a time, over a model loaded once (on first need)."""
 
     def __init__(self, cfg: DictConfig, store: NodeStore, writer: RunWriter, out_dir: Path, device: torch.device,
                  stats: RunStats, keep_dense: bool) -> None:  # fmt: skip
         self.cfg, self.store, self.writer, self.out_dir, self.device = cfg, store, writer, out_dir, device
         self.stats, self.keep_dense = stats, keep_dense
         self.primary, self.protocol = "perplexity", ""
-        self.lm: LoadedModel | None = None
-        self.act: ActQuant | None = None
-        self.coverage: Coverage | None = None
+        self.ctx: RunContext | None = None
         self._dense: Snapshot | None = None
 
-    def _load(self) -> None:
+    def _load(self) -> RunContext:
         cfg = self.cfg
-        self.lm = build(cfg.model)
-        self.data = build(cfg.data)
-        self.lm.model.to(self.device)
-        self.targets, self.coverage = load_targets(self.lm.model, self.lm.skip)
-        if cfg.act_bits is not None:  # on for the whole run: every evaluation and every later calibration
-            self.act = ActQuant(int(cfg.act_bits), str(cfg.act_granularity)).install(self.targets)
-        self.state = ModelState(self.lm.model, self.targets)
+        self.ctx = RunContext.load(cfg, self.device)
         self.backends = select_backends(cfg.eval.get("backends", "auto"), self.device)
         sc = cfg.get("state_cache") or {}
         self.cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
         if self.keep_dense:  # several tries start from the dense weights
-            self._dense = self.state.snapshot()
+            self._dense = self.ctx.state.snapshot()
+        return self.ctx
 
     def dense(self) -> Snapshot:
         """The dense weights: kept from the load when several seeds need them, else rebuilt from a fresh load."""
         if self._dense is None:
-            assert self.lm is not None
-            fresh = build(self.cfg.model)
-            self._dense = ModelState(fresh.model, find_targets(fresh.model, self.lm.skip)).snapshot()
+            assert self.ctx is not None
+            self._dense = self.ctx.fresh_dense(self.cfg)
         return self._dense
 
     def execute(self, cfg: DictConfig, plan: Plan, context: dict) -> None:
-        store, stats = self.store, self.stats
-        records = {o: store.get(k) for o, k in plan.keys.items() if plan.done[o]}
+        """One seed's plan: every node's rows, from the store where it has them, else computed (`TrieWalk`)."""
+        records = {o: self.store.get(k) for o, k in plan.keys.items() if plan.done[o]}
         plan.done.update({o: rec is not None for o, rec in records.items()})  # a damaged record was quarantined
-
-        def emit(node: Node, rec: dict) -> None:
-            key = plan.keys[node.order]
-            self.writer.add(make_rows(context, node.label, node.depth, key, rec["entries"], rec["timestamp"]),
-                            rec.get("samples", {}), node.label, key)  # fmt: skip
-
         if not plan.needed(plan.trie):  # everything is in the store: no model needed
-            for n in plan.nodes:
-                rec = records[n.order]
-                self.primary, self.protocol = rec.get("primary", self.primary), rec.get("protocol", self.protocol)
-                emit(n, rec)
-                stats.from_store += 1
+            for node in plan.nodes:
+                rec = records[node.order]
+                self.primary, self.protocol = rec.primary, rec.protocol
+                self.emit(plan, context, node, rec)
+                self.stats.from_store += 1
             return
-
-        first = self.lm is None
+        first = self.ctx is None
         reset_peak(self.device)  # the dense node's peak includes loading the model
-        if first:
-            self._load()
+        if self.ctx is None:
+            ctx = self._load()
         else:
-            self.state.restore(self.dense())
-        lm, targets, state = self.lm, self.targets, self.state
-        assert lm is not None
-        stages = {lab: build_stage(sc) for lab, sc in plan.by_label.items()}
-        for s in stages.values():
-            s.validate(targets)
-        task = build_task(lm, self.data, cfg)
-        self.primary, self.protocol = task.primary_metric, task.protocol
-        bar = tqdm(total=len(plan.nodes), desc="orders" if first else f"orders, seed {cfg.seed}", unit="node")
-        deferred: list[Node] = []
-        infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
+            ctx = self.ctx
+            ctx.state.restore(self.dense())
+        walk = TrieWalk(self, ctx, cfg, plan, context, records)
+        self.primary, self.protocol = walk.task.primary_metric, walk.task.protocol
+        walk.run("orders" if first else f"orders, seed {cfg.seed}")
 
-        def infeasible_record(why: str) -> dict:
-            return {"entries": [{"metric": self.primary, "value": float("nan"), "backend": SIMULATED,
-                                 "higher_is_better": METRICS[self.primary].higher_is_better, "status": "infeasible",
-                                 "error": why}],
-                    "samples": {}, "primary": self.primary, "protocol": self.protocol,
-                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    def emit(self, plan: Plan, context: dict, node: Node, rec: NodeRecord) -> None:
+        key = plan.keys[node.order]
+        self.writer.add(make_rows(context, node.label, node.depth, key, rec), rec.samples, node.label, key)
 
-        act = self.act if self.act is not None and self.act.static else None
 
-        def evaluate(node: Node) -> dict:
-            if act is not None:  # static ranges of this node's activations
-                act.observe(lm.model, task.calibration_batches())
-            metrics, samples = task.evaluate(lm.model)
-            metrics.update(compression_metrics(lm.model, targets, int(cfg.dense_bits)))
-            with act_paused():  # fake activation rounding is no kernel: time what the weights cost
-                metrics.update(task.latency(lm.model))
-                metrics["peak_mem_mb"] = peak_memory_mb(self.device)  # since the node's apply (reset_peak)
-                packed = backend_entries(self.backends, lm.model, targets, task, self.device)
-            rec = {
-                "entries": [{"metric": m, "value": v, "backend": SIMULATED,
-                             "higher_is_better": METRICS[m].higher_is_better} for m, v in metrics.items()]
-                + packed,
-                "samples": {k: v.tolist() for k, v in samples.items()}, "primary": self.primary,
-                "protocol": self.protocol, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }  # fmt: skip
-            store.put(plan.keys[node.order], rec)
-            stats.evaluations += 1
-            return rec
+class TrieWalk:
+    """One plan's trie over the loaded model: applies each stage once per prefix, reuses stored nodes, claims and
+    evaluates the others, defers those another job is computing and picks them up (or takes them over) at the end.
+    An infeasible node (a stage cannot follow what the layers hold) is recorded as such with its whole subtree."""
 
-        def finish(node: Node, rec: dict) -> None:
-            emit(node, rec)
-            bar.set_postfix_str(node.label)
-            bar.update(1)
+    def __init__(self, ex: Executor, ctx: RunContext, cfg: DictConfig, plan: Plan, context: dict,
+                 records: dict[tuple, NodeRecord | None]) -> None:  # fmt: skip
+        self.ex, self.ctx, self.cfg, self.plan, self.context, self.records = ex, ctx, cfg, plan, context, records
+        self.store, self.stats = ex.store, ex.stats
+        self.stages = ctx.build_stages(plan.by_label)  # checked against the layers before any work
+        self.task = ctx.task(cfg)
+        self.deferred: list[Node] = []
+        self.infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
 
-        def visit(node: Node) -> None:
-            if node.order in infeasible and records.get(node.order) is None:
-                records[node.order] = infeasible_record(infeasible[node.order])
-                store.put(plan.keys[node.order], records[node.order])
-            rec = records.get(node.order)
-            status, rec = ("stored", rec) if rec is not None else _claim(store, plan.keys[node.order])
-            if status == "claimed":
-                try:
-                    rec = evaluate(node)
-                finally:
-                    store.release(plan.keys[node.order])
-            stats.from_store += status == "stored"
-            if cfg.save and node.order not in infeasible:
-                dest = save_node(lm, targets, node, plan.full_depth, self.out_dir, cfg, len(run_seeds(self.cfg)) > 1)
-                stats.saved += dest is not None
-            if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
-                deferred.append(node)
-            else:
-                finish(node, rec)
-
-        def apply(node: Node) -> None:
-            reset_peak(self.device)
-            key = plan.keys[node.order]
-            snap = self.cache.load(key) if plan.done[node.order] else None
-            if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
-                state.restore(snap)
-                return
-            parent = node.order[:-1]
-            report: dict = {}
-            why = infeasible.get(parent) or apply_stage(stages[node.stage], state, task, cfg, act, report)
-            if report:
-                stats.expert_tokens[node.label] = report
-            if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
-                infeasible[node.order] = why
-                log.warning("order %s is infeasible: %s", node.label, why)
-                return
-            stats.applications += 1
-            if node.children and self.cache.root is not None:
-                self.cache.save(key, state.snapshot())
-
+    def run(self, desc: str) -> None:
+        self.bar = tqdm(total=len(self.plan.nodes), desc=desc, unit="node")
         try:
-            run_trie(plan.trie, state, apply, visit, needed=plan.needed)
-            for node, rec in _wait_for(deferred, store, plan.keys):
-                if rec is None:  # its owner died: rebuild the node from the dense weights and compute it here
-                    state.restore(self.dense())
-                    why = None
-                    for lab in node.order:
-                        why = why or apply_stage(stages[lab], state, task, cfg, act)
-                        stats.applications += why is None
-                    try:
-                        rec = evaluate(node) if why is None else infeasible_record(why)
-                        if why is not None:
-                            store.put(plan.keys[node.order], rec)
-                    finally:
-                        store.release(plan.keys[node.order])
-                    stats.taken_over += 1
+            run_trie(self.plan.trie, self.ctx.state, self.apply, self.visit, needed=self.plan.needed)
+            for node, rec in self.store.wait({n: self.plan.keys[n.order] for n in self.deferred}):
+                if rec is None:  # its owner died: the claim is ours now
+                    rec = self.take_over(node)
                 else:
-                    stats.from_other_jobs += 1
-                finish(node, rec)
+                    self.stats.from_other_jobs += 1
+                self.finish(node, rec)
         except BaseException:
-            bar.leave = False  # an error or Ctrl-C ends with its own one line, not a half-finished bar
+            self.bar.leave = False  # an error or Ctrl-C ends with its own one line, not a half-finished bar
             raise
         finally:
-            bar.close()
+            self.bar.close()
 
+    def apply(self, node: Node) -> None:
+        """Bring the model from the node's parent to the node: reload a cached state, or apply its last stage."""
+        reset_peak(self.ex.device)
+        key, cache = self.plan.keys[node.order], self.ex.cache
+        snap = cache.load(key) if self.plan.done[node.order] else None
+        if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
+            self.ctx.state.restore(snap)
+            return
+        report: dict = {}
+        why = self.infeasible.get(node.order[:-1]) or self.ctx.apply(self.stages[node.stage], self.task, self.cfg,
+                                                                     report)  # fmt: skip
+        if report:
+            self.stats.expert_tokens[node.label] = report
+        if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
+            self.infeasible[node.order] = why
+            log.warning("order %s is infeasible: %s", node.label, why)
+            return
+        self.stats.applications += 1
+        if node.children and cache.root is not None:
+            cache.save(key, self.ctx.state.snapshot())
 
-def _claim(store: NodeStore, key: str) -> tuple[str, dict | None]:
-    """("stored", record) if the store has it, ("claimed", None) if it is ours to compute, else ("busy", None)."""
-    rec = store.get(key)
-    if rec is not None:
-        return "stored", rec
-    if not store.claim(key):
-        return "busy", None
-    rec = store.get(key)  # finished and released by another job between our read and our claim
-    if rec is not None:
-        store.release(key)
-        return "stored", rec
-    return "claimed", None
+    def visit(self, node: Node) -> None:
+        """The model holds the node: report it from the store, or claim and evaluate it, or defer it (busy)."""
+        key = self.plan.keys[node.order]
+        if node.order in self.infeasible and self.records.get(node.order) is None:
+            self.records[node.order] = self.infeasible_record(self.infeasible[node.order])
+            self.store.put(key, self.records[node.order])
+        rec = self.records.get(node.order)
+        status, rec = ("stored", rec) if rec is not None else self.store.claim(key)
+        if status == "claimed":
+            try:
+                rec = self.evaluate(node)
+            finally:
+                self.store.release(key)
+        self.stats.from_store += status == "stored"
+        if self.cfg.save and node.order not in self.infeasible:
+            dest = save_node(self.ctx.lm, self.ctx.targets, node, self.plan.full_depth, self.ex.out_dir, self.cfg,
+                             len(run_seeds(self.ex.cfg)) > 1)  # fmt: skip
+            self.stats.saved += dest is not None
+        if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
+            self.deferred.append(node)
+        else:
+            self.finish(node, rec)
 
+    def take_over(self, node: Node) -> NodeRecord:
+        """A deferred node whose owner died: rebuilt from the dense weights and computed here."""
+        key = self.plan.keys[node.order]
+        self.ctx.state.restore(self.ex.dense())
+        why = None
+        for lab in node.order:
+            why = why or self.ctx.apply(self.stages[lab], self.task, self.cfg)
+            self.stats.applications += why is None
+        try:
+            if why is None:
+                rec = self.evaluate(node)
+            else:
+                rec = self.infeasible_record(why)
+                self.store.put(key, rec)
+        finally:
+            self.store.release(key)
+        self.stats.taken_over += 1
+        return rec
 
-def _wait_for(deferred: list[Node], store: NodeStore, keys: dict, poll: float = 0.5) -> Iterator[tuple[Node, dict | None]]:
-    """Each node another job was computing, with its record once stored, or with None once its claim went
-    stale and became ours (the caller computes it)."""
-    pending = list(deferred)
-    while pending:
-        for node in list(pending):
-            status, rec = _claim(store, keys[node.order])
-            if status != "busy":
-                pending.remove(node)
-                yield node, rec
-        if pending:
-            time.sleep(poll)
+    def evaluate(self, node: Node) -> NodeRecord:
+        rec = self.ctx.evaluate(self.task, self.cfg, self.ex.backends)
+        self.store.put(self.plan.keys[node.order], rec)
+        self.stats.evaluations += 1
+        return rec
 
+    def infeasible_record(self, why: str) -> NodeRecord:
+        return pipeline.infeasible_record(why, self.task.primary_metric, self.task.protocol)
 
-def backend_entries(backends: list, model, targets, task: Task, device: torch.device) -> list[dict]:
-    """Latency of each deployable backend on a packed copy of the model (the node's own codes), or n/a with the
-    reason; with the dense reference in each backend's activation dtype (compress_order/backends.py)."""
-    return latency_entries(backends, model, targets, task, device)
+    def finish(self, node: Node, rec: NodeRecord) -> None:
+        self.ex.emit(self.plan, self.context, node, rec)
+        self.bar.set_postfix_str(node.label)
+        self.bar.update(1)

@@ -21,13 +21,16 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar
 
 from compress_order.errors import UserError
 from compress_order.results import write_text
+from compress_order.schema import RECORD_VERSION, NodeRecord
+from compress_order.schema import record_problem as schema_problem
 
-RECORD_VERSION = 1
 QUARANTINE = "quarantine"
+T = TypeVar("T")
 log = logging.getLogger("compress_order.store")
 
 
@@ -38,23 +41,10 @@ def _checksum(record: dict) -> str:
 
 def record_problem(record: Any) -> str | None:
     """Why a stored record cannot be trusted (None: it can): schema first, then the checksum written with it."""
-    if not isinstance(record, dict):
-        return f"not a JSON object but {type(record).__name__}"
-    for key, kind in (("entries", list), ("timestamp", str), ("checksum", str), ("version", int)):
-        if not isinstance(record.get(key), kind):
-            return f"field '{key}' is missing or not a {kind.__name__}"
-    if record["version"] != RECORD_VERSION:
-        return f"record version {record['version']}, expected {RECORD_VERSION}"
-    for e in record["entries"]:
-        if not (isinstance(e, dict) and isinstance(e.get("metric"), str) and isinstance(e.get("backend"), str)
-                and isinstance(e.get("value"), (int, float))):  # fmt: skip
-            return "an entry lacks metric, backend or a numeric value"
-    samples = record.get("samples", {})
-    if not isinstance(samples, dict) or not all(isinstance(v, list) for v in samples.values()):
-        return "field 'samples' is not a mapping of lists"
-    if record["checksum"] != _checksum(record):
+    why = schema_problem(record)
+    if why is None and record["checksum"] != _checksum(record):
         return "checksum mismatch (the file was changed after it was written)"
-    return None
+    return why
 
 
 def _pid_alive(pid: int) -> bool:
@@ -67,13 +57,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class NodeStore:
-    """Finished nodes by key ({entries, samples, timestamp, version, checksum}) and claims on nodes in flight."""
+Status = Literal["stored", "claimed", "busy"]
 
-    def __init__(self, root: str | Path | None, claim_timeout: float = 120.0):
+
+class NodeStore:
+    """Finished nodes by key (a NodeRecord with its version and checksum) and claims on nodes in flight.
+
+    `clock` and `sleep` (wall-clock seconds) decide when a claim is stale and how long `wait` pauses: a test passes
+    a fake pair, so that whether a node is waited for or taken over never depends on how loaded the machine is.
+    `beat`: a thread calls `heartbeat` while claims are held (a test without it calls `heartbeat` itself)."""
+
+    def __init__(self, root: str | Path | None, claim_timeout: float = 120.0, *, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep, host: str | None = None, beat: bool = True):  # fmt: skip
         self.root = Path(root) if root else None
         self.claim_timeout = float(claim_timeout)
-        self.host = socket.gethostname()
+        self.clock, self.sleep, self.beat = clock, sleep, beat
+        self.host = host or socket.gethostname()
         self._held: set[Path] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -91,7 +90,7 @@ class NodeStore:
         """A record file exists (validated only when read with `get`)."""
         return self.root is not None and self._path(key).is_file()
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str) -> NodeRecord | None:
         if self.root is None:
             return None
         p = self._path(key)
@@ -107,7 +106,7 @@ class NodeStore:
         except OSError as e:
             raise UserError(f"cannot read store record {p} ({e.strerror}); check store_dir") from None
         if why is None:
-            return record
+            return NodeRecord.from_json(record)
         self.quarantine(p, why)
         return None
 
@@ -122,15 +121,29 @@ class NodeStore:
         log.warning("store record %s is damaged (%s): moved to %s; the node is recomputed", path, why, dest)
         return dest
 
-    def put(self, key: str, record: dict) -> None:
+    def put(self, key: str, node: NodeRecord) -> None:
         if self.root is not None:
-            record = {**record, "version": RECORD_VERSION}
+            record = {**node.to_json(), "version": RECORD_VERSION}
             record["checksum"] = _checksum(record)
             write_text(self._path(key), json.dumps(record))
 
     # --- claims
-    def claim(self, key: str) -> bool:
-        """Take the node for this process: True if it is ours to compute (no store: always)."""
+    def claim(self, key: str) -> tuple[Status, NodeRecord | None]:
+        """("stored", record) if the store has the node, ("claimed", None) if it is ours to compute (release it
+        when done), else ("busy", None): another live job is computing it."""
+        rec = self.get(key)
+        if rec is not None:
+            return "stored", rec
+        if not self._take(key):
+            return "busy", None
+        rec = self.get(key)  # finished and released by another job between our read and our claim
+        if rec is not None:
+            self.release(key)
+            return "stored", rec
+        return "claimed", None
+
+    def _take(self, key: str) -> bool:
+        """Create the claim file exclusively, taking over a stale one: True if the node is ours (no store: always)."""
         if self.root is None:
             return True
         path = self._claim_path(key)
@@ -139,19 +152,39 @@ class NodeStore:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if not self.stale(key):
+                if not self.takeover(key):
                     return False
-                owner = self.owner(key)
-                log.warning("taking over node %s from a stale claim (%s)", key[:12], owner)
-                path.unlink(missing_ok=True)
                 continue
+            now = self.clock()
             with os.fdopen(fd, "w") as f:
-                json.dump({"host": self.host, "pid": os.getpid(), "started": time.time()}, f)
+                json.dump({"host": self.host, "pid": os.getpid(), "started": now}, f)
+            os.utime(path, (now, now))
             with self._lock:
                 self._held.add(path)
             self._start_heartbeat()
             return True
         return False
+
+    def takeover(self, key: str) -> bool:
+        """Remove the node's claim if it is stale (its owner is gone), so that it can be claimed: True if removed."""
+        if not self.stale(key):
+            return False
+        log.warning("taking over node %s from a stale claim (%s)", key[:12], self.owner(key))
+        self._claim_path(key).unlink(missing_ok=True)
+        return True
+
+    def wait(self, keys: dict[T, str], poll: float = 0.5) -> Iterator[tuple[T, NodeRecord | None]]:
+        """Each node (keys: node -> store key) another job was computing, with its record once stored, or with None
+        once its claim went stale and became ours (the caller computes it and releases the claim)."""
+        pending = dict(keys)
+        while pending:
+            for node, key in list(pending.items()):
+                status, rec = self.claim(key)
+                if status != "busy":
+                    del pending[node]
+                    yield node, rec
+            if pending:
+                self.sleep(poll)
 
     def release(self, key: str) -> None:
         if self.root is None:
@@ -174,7 +207,7 @@ class NodeStore:
         """The claim's owner is gone: a dead pid on this host, or no heartbeat for `claim_timeout` seconds."""
         path = self._claim_path(key)
         try:
-            age = time.time() - path.stat().st_mtime
+            age = self.clock() - path.stat().st_mtime
         except FileNotFoundError:
             return True
         owner = self.owner(key)
@@ -185,23 +218,28 @@ class NodeStore:
                 return True
         return age > self.claim_timeout
 
+    def heartbeat(self) -> None:
+        """Mark every claim this process holds as alive now."""
+        now = self.clock()
+        with self._lock:
+            held = list(self._held)
+        for p in held:
+            try:
+                os.utime(p, (now, now))
+            except FileNotFoundError:
+                pass
+
     def _start_heartbeat(self) -> None:
-        if self._beat is not None and self._beat.is_alive():
+        if not self.beat or (self._beat is not None and self._beat.is_alive()):
             return
         self._stop.clear()
-        self._beat = threading.Thread(target=self._heartbeat, name="store-heartbeat", daemon=True)
+        self._beat = threading.Thread(target=self._beat_loop, name="store-heartbeat", daemon=True)
         self._beat.start()
 
-    def _heartbeat(self) -> None:
+    def _beat_loop(self) -> None:
         interval = max(0.5, self.claim_timeout / 6)
         while not self._stop.wait(interval):
-            with self._lock:
-                held = list(self._held)
-            for p in held:
-                try:
-                    os.utime(p)
-                except FileNotFoundError:
-                    pass
+            self.heartbeat()
 
     def close(self) -> None:
         """Release every claim still held (an interrupted run) and stop the heartbeat."""

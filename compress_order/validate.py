@@ -172,7 +172,7 @@ def check_config(cfg: DictConfig) -> None:
     _int(lat["repeats"], "eval.latency.repeats", 1)
     _number((c.get("state_cache") or {}).get("max_gb", 1), "state_cache.max_gb", 0)
     _number(c["store_claim_timeout"], "store_claim_timeout", 0)
-    from compress_order.export import SAVE_FORMATS
+    from compress_order.schema import SAVE_FORMATS
 
     if c["save_format"] not in SAVE_FORMATS:
         raise UserError(f"save_format={c['save_format']} is unknown; valid: {', '.join(SAVE_FORMATS)}")

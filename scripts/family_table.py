@@ -74,8 +74,7 @@ def write_readme(table: str) -> None:
 
 def expected() -> set[str]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import MOE_FAMILIES
-    from test_families import FAMILIES
+    from helpers import FAMILIES, MOE_FAMILIES
     from test_vision_families import ARCHS
 
     return {*FAMILIES, *MOE_FAMILIES, *ARCHS}

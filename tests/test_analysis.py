@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import write_fake_run
+from helpers import write_fake_run
 
 from compress_order import cli
-from compress_order.analysis import bootstrap, collect, pih, plots, tables, write_report
+from compress_order.analysis import bootstrap, collect, pih, plots, tables
+from compress_order.analysis.report import write_report
 from compress_order.config import compose_config, expand_overrides
 from compress_order.errors import UserError
 from compress_order.paths import CONF_DIR, group_options

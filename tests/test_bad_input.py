@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from helpers import exit_code
+
 from compress_order.cli import main
 
 BAD = [
@@ -69,7 +71,7 @@ BAD = [
 def test_bad_input_exits_2_with_one_line(args, message, tiny_overrides, tmp_path, capsys):
     keys = {a.split("=", 1)[0] for a in args}
     base = [o for o in tiny_overrides if o.split("=", 1)[0] not in keys]
-    rc = _rc(["run", *base, *args])
+    rc = exit_code(["run", *base, *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and message in err[0], err
@@ -77,17 +79,10 @@ def test_bad_input_exits_2_with_one_line(args, message, tiny_overrides, tmp_path
     assert not (tmp_path / "run" / "results.parquet").exists() and not (tmp_path / "sweep").exists()
 
 
-def _rc(argv: list[str]) -> int:
-    """Exit code of the CLI: errors found inside the Hydra job exit through SystemExit."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
-
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(tiny_overrides, capsys):
-    assert _rc(["run", *tiny_overrides, "device=cuda"]) == 2
+    assert exit_code(["run", *tiny_overrides, "device=cuda"]) == 2
     assert "device=cuda but CUDA is not available here; valid: auto, cpu" in capsys.readouterr().err
 
 

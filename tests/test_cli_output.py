@@ -39,3 +39,16 @@ def test_parallel_sweep_workers_have_no_warnings(tiny_overrides):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "sweep: 2 jobs, 2 ok, 0 failed" in out.stdout
     assert _noise(out.stderr) == []
+
+
+def test_a_run_leaves_no_log_handler_behind(tiny_overrides):
+    """Hydra's job handlers hold the streams of the command that ran; a caller in the same process (here pytest,
+    which closes its captured streams) must not find them attached afterwards ('I/O operation on closed file')."""
+    import logging
+
+    from compress_order.cli import main
+
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    assert main(["run", *tiny_overrides, "eval.backends=none"]) == 0
+    assert (list(root.handlers), root.level) == before

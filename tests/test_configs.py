@@ -22,7 +22,7 @@ from compress_order.config import compose_config
 from compress_order.instantiate import build
 from compress_order.errors import UserError
 from compress_order.paths import CONF_DIR, group_options
-from compress_order.runner import apply_stage
+from compress_order.pipeline import apply_stage
 from compress_order.stages import build_stage, stage_configs
 from compress_order.targets import ModelState, find_targets
 from compress_order.tasks import build_task
@@ -76,7 +76,7 @@ def embedded():
 @pytest.fixture(scope="module")
 def embedded_moe(tmp_path_factory):
     """A tiny Mixtral (fused experts) with the embedded data, for stages that act on MoE layers."""
-    from conftest import save_tiny_moe
+    from helpers import save_tiny_moe
 
     ckpt = save_tiny_moe("Mixtral", tmp_path_factory.mktemp("moe") / "ckpt")
     cfg = compose_config([f"model.path={ckpt}", "model.dtype=float32", "calibration.nsamples=2",

@@ -10,46 +10,15 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import TEXT, char_tokenizer, readme_list
+from helpers import CONTEXT, FAMILIES, HIDDEN, LAYERS, TEXT, char_tokenizer, family_config, readme_list
 from matrix_report import kinds, record
 
-HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 64
 SPARSITY, BITS, GROUP = 0.5, 4, 32
-
-# The families the calibration driver is tested on; README.md lists exactly these.
-FAMILIES = ("LLaMA", "Mistral", "Qwen2", "OPT", "GPT-2", "GPT-NeoX", "Phi-3", "Gemma2", "Falcon")
-
-
-def _config(family: str, vocab: int):
-    """A transformers config of `family` with hidden 64, 2 layers and the char tokenizer's vocabulary."""
-    import transformers as tf
-
-    ids = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
-    gqa = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-               num_key_value_heads=2, max_position_embeddings=CONTEXT, **ids)  # fmt: skip
-    builders: dict[str, Callable[[], object]] = {
-        "LLaMA": lambda: tf.LlamaConfig(**gqa),
-        "Mistral": lambda: tf.MistralConfig(sliding_window=32, **gqa),
-        "Qwen2": lambda: tf.Qwen2Config(**gqa),
-        "OPT": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, word_embed_proj_dim=HIDDEN,
-                                    num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                    max_position_embeddings=CONTEXT, **ids),
-        "GPT-2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, **ids),
-        "GPT-NeoX": lambda: tf.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                                             num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **ids),
-        "Phi-3": lambda: tf.Phi3Config(**gqa),
-        "Gemma2": lambda: tf.Gemma2Config(head_dim=HIDDEN // HEADS, sliding_window=32, **gqa),
-        "Falcon": lambda: tf.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                          **ids),
-    }  # fmt: skip
-    return builders[family]()
-
 
 def _projections(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every Linear/Conv1D outside lm_head as (out, in), read independently of compress_order.targets."""
@@ -71,7 +40,7 @@ def save_tiny(family: str, path: Path) -> Path:
 
     tok = char_tokenizer(TEXT)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(family, len(tok)))
+    model = AutoModelForCausalLM.from_config(family_config(family, len(tok)))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -365,7 +334,7 @@ def test_conv1d_model_is_packed_as_linear_and_matches_fake_quant(name):
     from compress_order.targets import find_targets
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(_config("GPT-2", 30)).eval()
+    model = GPT2LMHeadModel(family_config("GPT-2", 30)).eval()
     targets = find_targets(model, ["lm_head"])
     for t in targets.values():
         RTN(4, 32, False, name="r").compress(t)

@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_fake_run
+from helpers import write_fake_run
 
 from compress_order import cli
-from compress_order.analysis import collect, frontier, write_report
+from compress_order.analysis import collect, frontier
+from compress_order.analysis.report import write_report
 from compress_order.errors import UserError
 from compress_order.metrics import METRICS
 from compress_order.results import COLUMNS

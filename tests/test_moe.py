@@ -11,20 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_order.cli import main
 from compress_order.coverage import check_coverage, load_targets, weight_matrices
 from compress_order.errors import UserError
 from compress_order.targets import ModelState, find_targets
-from conftest import save_tiny_moe
+from helpers import exit_code as _rc
+from helpers import save_tiny_moe
 
 ROUTERS = r"\.(gate|router|shared_expert_gate)$"
-
-
-def _rc(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MOE_FAMILIES, readme_list, save_tiny_moe
+from helpers import MOE_FAMILIES, exit_code, readme_list, save_tiny_moe
 from matrix_report import record
 
 SPARSITY, BITS, GROUP = 0.5, 4, 32
@@ -97,18 +97,13 @@ def _params():
 @pytest.mark.parametrize("family,stages,joint,prune,quant,removes", _params())
 def test_moe_family_runs_every_order_and_compresses_every_expert(family, stages, joint, prune, quant, removes,
                                                                  tiny_text, tmp_path, caplog):  # fmt: skip
-    from compress_order.cli import main
     from compress_order.config import compose_config
     from compress_order.runner import run
 
     ckpt = save_tiny_moe(family, tmp_path / "ckpt")
     args = _overrides(ckpt, tiny_text, tmp_path, stages, "run") + (["joint=[sparsegpt_gptq]"] if joint else [])
     if removes and family not in PRUNABLE:  # refused before any node, in one line
-        try:
-            rc = main(["run", *args])
-        except SystemExit as e:
-            rc = int(e.code)
-        assert rc == 2 and not list((tmp_path / "store").rglob("*.json"))
+        assert exit_code(["run", *args]) == 2 and not list((tmp_path / "store").rglob("*.json"))
         return
     with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
         df = run(compose_config(args), tmp_path / "out")

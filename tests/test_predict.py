@@ -9,23 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from conftest import write_fake_run
+from helpers import exit_code, write_fake_run
 
-from compress_order.analysis import collect, pih, write_report
-from compress_order.cli import main
+from compress_order.analysis import collect, pih
+from compress_order.analysis.report import write_report
 from compress_order.config import compose_config
 from compress_order.metrics import METRICS
-from compress_order.results import COLUMNS, STATS_FILE
+from compress_order.results import COLUMNS
+from compress_order.schema import STATS_FILE
 from compress_order.runner import run
 
 THREE = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # full trie: 1 + 3 + 6 + 6 = 16 nodes
 
-
-def _rc(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def _stats(run_dir: Path) -> dict:
@@ -37,14 +32,14 @@ def _base(tiny_overrides: list[str]) -> list[str]:
 
 
 def test_validate_shows_the_cut_plan_and_what_it_saves(tiny_overrides, capsys):
-    assert _rc(["validate", *_base(tiny_overrides), THREE, "predict_only=true", "joint=[sparsegpt_gptq]"]) == 0
+    assert exit_code(["validate", *_base(tiny_overrides), THREE, "predict_only=true", "joint=[sparsegpt_gptq]"]) == 0
     out = capsys.readouterr().out
     assert "predict only: 3 single stages (of 7 orders, 16 stage applications)" in out
     # the joint schedule is a full order: not run either
     assert "plan: 1 job(s), 4 nodes, 4 distinct, 0 stored; to do: 3 stage applications, 4 evaluations" in out
     assert "predict_only: 4 of 17 distinct nodes (dense and single stages); saves 13 of 16 stage applications" in out
-    assert _rc(["validate", *_base(tiny_overrides), "predict_only=true", "save=true"]) == 2
-    assert _rc(["validate", *_base(tiny_overrides), "predict_only=maybe"]) == 2
+    assert exit_code(["validate", *_base(tiny_overrides), "predict_only=true", "save=true"]) == 2
+    assert exit_code(["validate", *_base(tiny_overrides), "predict_only=maybe"]) == 2
 
 
 def test_predict_only_runs_n_plus_1_nodes_and_a_full_run_reuses_them(tiny_overrides, tmp_path):
@@ -78,7 +73,7 @@ def test_predict_only_runs_n_plus_1_nodes_and_a_full_run_reuses_them(tiny_overri
 
 
 def test_a_predict_only_sweep_gathers_the_predictions(tiny_overrides, tmp_path, capsys):
-    assert _rc(["run", "-m", *_base(tiny_overrides), "predict_only=true", "sparsity=0.5,0.7"]) == 0
+    assert exit_code(["run", "-m", *_base(tiny_overrides), "predict_only=true", "sparsity=0.5,0.7"]) == 0
     out = capsys.readouterr().out
     assert "predict_only: 4 of 8 distinct nodes" in out and "predicted orders (PIH, weaker first)" in out
     sweep = tmp_path / "sweep"

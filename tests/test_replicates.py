@@ -8,7 +8,7 @@ import pandas as pd
 
 from compress_order.cli import main
 from compress_order.config import compose_config
-from compress_order.results import STATS_FILE
+from compress_order.schema import STATS_FILE
 from compress_order.runner import run
 from compress_order.metrics import METRICS
 

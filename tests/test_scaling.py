@@ -9,15 +9,15 @@ import itertools
 import pandas as pd
 import pytest
 import torch
-from conftest import terminal_lines
-from test_calibrated import tiny_llama_model, token_batches
+from helpers import FAMILIES, family_config, terminal_lines, tiny_llama_model, token_batches
 
 from compress_order.act import ActQuant, fake_quant
 from compress_order.calibration import calibrate_and_compress
 from compress_order.config import compose_config
 from compress_order.errors import UserError
 from compress_order.instantiate import build
-from compress_order.runner import apply_stage, run
+from compress_order.pipeline import apply_stage
+from compress_order.runner import run
 from compress_order.stages import build_stage, stage_configs
 from compress_order.stages.awq import AWQ
 from compress_order.stages.rtn import RTN
@@ -306,13 +306,11 @@ FAMILY_PAIRS = {
 
 @pytest.mark.parametrize("family", list(FAMILY_PAIRS))
 def test_scaling_stages_on_every_decoder_family(family, caplog):
-    from test_families import FAMILIES, _config
-
     from transformers import AutoModelForCausalLM
 
     assert set(FAMILY_PAIRS) == set(FAMILIES)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(family, 40)).eval()
+    model = AutoModelForCausalLM.from_config(family_config(family, 40)).eval()
     state = ModelState(model, find_targets(model, ["lm_head"]))
     dense = state.snapshot()
     task, cfg = Batches(token_batches(4)), compose_config(["calibration.nsamples=4"])

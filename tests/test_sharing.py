@@ -13,23 +13,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from helpers import FakeClock, exit_code
+
 from compress_order import identity
-from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.paths import PACKAGE_DIR
-from compress_order.results import STATS_FILE
+from compress_order.schema import STATS_FILE
 from compress_order.runner import run
 from compress_order.store import NodeStore
 from compress_order.metrics import METRICS
 
 THREE = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # 1 + 3 + 6 + 6 = 16 nodes
 
-
-def _rc(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def _values(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.Series:
@@ -48,22 +43,22 @@ def _base(tiny_overrides: list[str]) -> list[str]:
 
 def test_a_grid_evaluates_each_distinct_node_once(tiny_overrides, tmp_path, capsys):
     grid = ["bits=3,4", "sparsity=0.5,0.7"]
-    assert _rc(["validate", "-m", *_base(tiny_overrides), *grid]) == 0
+    assert exit_code(["validate", "-m", *_base(tiny_overrides), *grid]) == 0
     # dense once, magnitude at 2 sparsities, rtn at 2 widths, 2 orders × 4 settings
     assert "plan: 4 job(s), 20 nodes, 13 distinct, 0 stored; to do: 16 stage applications, 13 evaluations" in capsys.readouterr().out
-    assert _rc(["run", "-m", *_base(tiny_overrides), *grid]) == 0
+    assert exit_code(["run", "-m", *_base(tiny_overrides), *grid]) == 0
     shared = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
     stats = _stats(tmp_path / "sweep")
     assert len(stats) == 4 and sum(s["evaluations"] for s in stats) == 13
     assert sum(s["from_store"] for s in stats) == 20 - 13
     # the same grid with no store: every job computes all of its nodes; values are equal, value for value
     alone = [o for o in _base(tiny_overrides) if not o.startswith(("store_dir", "hydra.sweep.dir"))]
-    assert _rc(["run", "-m", *alone, "store_dir=null", f"hydra.sweep.dir={tmp_path / 'alone'}", *grid]) == 0
+    assert exit_code(["run", "-m", *alone, "store_dir=null", f"hydra.sweep.dir={tmp_path / 'alone'}", *grid]) == 0
     assert sum(s["evaluations"] for s in _stats(tmp_path / "alone")) == 20
     unshared = pd.read_parquet(tmp_path / "alone" / "results.parquet")
     by = ("bits", "sparsity")
     pd.testing.assert_series_equal(_values(shared, by), _values(unshared, by))
-    assert _rc(["validate", "-m", *_base(tiny_overrides), *grid]) == 0
+    assert exit_code(["validate", "-m", *_base(tiny_overrides), *grid]) == 0
     assert "20 nodes, 13 distinct, 13 stored; to do: 0 stage applications, 0 evaluations" in capsys.readouterr().out
 
 
@@ -151,13 +146,18 @@ def test_a_claim_of_a_killed_job_is_taken_over(tiny_overrides, tmp_path, caplog)
 
 
 def test_a_node_claimed_elsewhere_is_waited_for_then_taken_over(tiny_overrides, tmp_path):
+    """On a clock that moves only while the run waits, the claim is fresh when the run reaches its node (deferred)
+    and goes stale while the run waits at the end (taken over), however long the other nodes take."""
     cfg = compose_config(tiny_overrides + ["eval.backends=none"])
     clean = run(cfg, tmp_path / "clean")
-    store = NodeStore(tmp_path / "s2")
+    clock = FakeClock()
+    store = NodeStore(tmp_path / "s2", 1.0, clock=clock, sleep=clock.sleep)
     key = clean.loc[clean["order"] == "rtn > magnitude", "node_key"].iloc[0]
-    _claim_file(store, key, "another-host", 1)  # alive as far as we can tell: its heartbeat decides
+    claim = _claim_file(store, key, "another-host", 1)  # alive as far as we can tell: its heartbeat decides
+    os.utime(claim, (clock.now, clock.now))
     overrides = tiny_overrides + ["eval.backends=none", f"store_dir={tmp_path / 's2'}", "store_claim_timeout=1"]
-    again = run(compose_config(overrides), tmp_path / "b")
+    again = run(compose_config(overrides), tmp_path / "b", store=store)
+    assert clock.slept and sum(clock.slept) > 1.0  # waited past the timeout, on the fake clock only
     stats = json.loads((tmp_path / "b" / STATS_FILE).read_text())
     assert stats["taken_over"] == 1 and stats["evaluations"] == 5
     pd.testing.assert_series_equal(_values(again), _values(clean))

@@ -14,7 +14,8 @@ import time
 import pandas as pd
 import pytest
 
-from compress_order.cli import main
+from helpers import exit_code
+
 from compress_order.config import compose_config
 from compress_order.errors import UserError
 from compress_order.store import QUARANTINE, NodeStore
@@ -23,12 +24,6 @@ from compress_order.tasks.lm import LMTask
 from compress_order.validate import check_writable
 from compress_order.metrics import METRICS
 
-
-def _rc(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def _one_line(capsys) -> str:
@@ -47,10 +42,10 @@ def test_bad_text_files_name_the_file(tiny_overrides, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     base = _without(tiny_overrides, "data.valid")
-    assert _rc(["run", *base, f"data.valid={garbage}"]) == 2
+    assert exit_code(["run", *base, f"data.valid={garbage}"]) == 2
     line = _one_line(capsys)
     assert f"valid file '{garbage}' is not UTF-8 text" in line and "\\x" not in line
-    assert _rc(["run", *base, f"data.valid={empty}"]) == 2
+    assert exit_code(["run", *base, f"data.valid={empty}"]) == 2
     assert f"valid file '{empty}' is empty" in _one_line(capsys)
 
 
@@ -60,7 +55,7 @@ def test_garbage_dataset_folder_names_the_files(tiny_overrides, tmp_path, capsys
     for split in ("train", "valid", "test"):
         (folder / f"wiki.{split}.raw").write_bytes(bytes(range(128, 256)) * 64)
     base = _without(tiny_overrides, "data.train", "data.valid", "data.name")
-    assert _rc(["run", *base, "data=wikitext2", f"data.path={folder}"]) == 2
+    assert exit_code(["run", *base, "data=wikitext2", f"data.path={folder}"]) == 2
     line = _one_line(capsys)
     assert "data 'wikitext2': cannot read" in line and str(folder / "wiki.t") in line
 
@@ -68,7 +63,7 @@ def test_garbage_dataset_folder_names_the_files(tiny_overrides, tmp_path, capsys
 def test_empty_model_folder_says_what_is_expected(tiny_overrides, tmp_path, capsys):
     empty = tmp_path / "model"
     empty.mkdir()
-    assert _rc(["run", *_without(tiny_overrides, "model.path"), f"model.path={empty}"]) == 2
+    assert exit_code(["run", *_without(tiny_overrides, "model.path"), f"model.path={empty}"]) == 2
     line = _one_line(capsys)
     assert f"folder '{empty}' has no config.json" in line and "safetensors" in line
 

@@ -12,18 +12,13 @@ import time
 import pandas as pd
 import pytest
 
+from helpers import exit_code, terminal_lines
+
 from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.runner import run
 from compress_order.tasks.lm import LMTask
-from conftest import terminal_lines
 
-
-def _rc(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def _sweep_overrides(tiny_overrides: list[str]) -> list[str]:
@@ -34,7 +29,7 @@ def _sweep_overrides(tiny_overrides: list[str]) -> list[str]:
 def test_failing_job_is_recorded_and_the_sweep_finishes(tiny_overrides, tmp_path, capsys):
     base = [o for o in _sweep_overrides(tiny_overrides) if not o.startswith("model.path")]
     good = next(o for o in tiny_overrides if o.startswith("model.path")).split("=", 1)[1]
-    rc = _rc(["run", "-m", *base, f"model.path={good},/no/such/model"])
+    rc = exit_code(["run", "-m", *base, f"model.path={good},/no/such/model"])
     captured = capsys.readouterr()
     assert rc == 1
     assert "sweep: 2 jobs, 1 ok, 1 failed" in captured.out and "/no/such/model" in captured.err
@@ -94,7 +89,7 @@ def test_sigkill_loses_at_most_the_node_in_flight(tiny_overrides, tmp_path):
 
 
 def test_joblib_launcher_runs_a_grid_and_collects(tiny_overrides, tmp_path, capsys):
-    rc = _rc(["run", "-m", "hydra/launcher=local_parallel", *_sweep_overrides(tiny_overrides), "bits=3,4"])
+    rc = exit_code(["run", "-m", "hydra/launcher=local_parallel", *_sweep_overrides(tiny_overrides), "bits=3,4"])
     assert rc == 0, capsys.readouterr().err[-1500:]
     df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
     assert sorted(df["bits"].unique()) == [3, 4] and set(df["job"]) == {0, 1}
@@ -103,7 +98,7 @@ def test_joblib_launcher_runs_a_grid_and_collects(tiny_overrides, tmp_path, caps
 
 @pytest.mark.slow
 def test_submitit_local_launcher(tiny_overrides, tmp_path, capsys):
-    rc = _rc(["run", "-m", "hydra/launcher=local_submitit", *_sweep_overrides(tiny_overrides), "sparsity=0.5,0.7"])
+    rc = exit_code(["run", "-m", "hydra/launcher=local_submitit", *_sweep_overrides(tiny_overrides), "sparsity=0.5,0.7"])
     assert rc == 0, capsys.readouterr().err[-1500:]
     df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
     assert sorted(df["sparsity"].unique()) == [0.5, 0.7]
@@ -112,9 +107,9 @@ def test_submitit_local_launcher(tiny_overrides, tmp_path, capsys):
 def test_unwritable_output_and_disk_full(tiny_overrides, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    assert _rc(["run", *_sweep_overrides(tiny_overrides), f"hydra.run.dir={blocker}/out"]) == 2
+    assert exit_code(["run", *_sweep_overrides(tiny_overrides), f"hydra.run.dir={blocker}/out"]) == 2
     assert "is not writable" in capsys.readouterr().err
-    assert _rc(["validate", f"store_dir={blocker}/store"]) == 2
+    assert exit_code(["validate", f"store_dir={blocker}/store"]) == 2
     assert "store_dir" in capsys.readouterr().err
 
     real_replace = os.replace
@@ -125,13 +120,13 @@ def test_unwritable_output_and_disk_full(tiny_overrides, tmp_path, capsys, monke
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", full)
-    assert _rc(["run", *tiny_overrides]) == 2
+    assert exit_code(["run", *tiny_overrides]) == 2
     err = terminal_lines(capsys.readouterr().err)  # the progress bar is cleared before the error
     assert len(err) == 1 and "disk full while writing" in err[0], err
 
 
 def test_conflicting_overrides(capsys):
-    assert _rc(["validate", "bits=3", "bits=4"]) == 2
+    assert exit_code(["validate", "bits=3", "bits=4"]) == 2
     assert "bits is given twice" in capsys.readouterr().err
 
 
@@ -144,12 +139,12 @@ def test_list_names_every_group(capsys):
 
 
 def test_state_cache_skips_finished_prefixes_and_stays_bounded(tiny_overrides, tmp_path, monkeypatch):
-    from compress_order import runner
+    from compress_order import pipeline
 
     cache_dir = tmp_path / "states"
     overrides = tiny_overrides + [f"state_cache.dir={cache_dir}", "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"]
     calls = {"n": 0}
-    real = runner.apply_stage
+    real = pipeline.apply_stage
 
     def counting(*a, **k):
         calls["n"] += 1
@@ -157,7 +152,7 @@ def test_state_cache_skips_finished_prefixes_and_stays_bounded(tiny_overrides, t
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "apply_stage", counting)
+    monkeypatch.setattr(pipeline, "apply_stage", counting)
     with pytest.raises(RuntimeError):
         run(compose_config(overrides), tmp_path / "a")
     cached = len(list(cache_dir.glob("*.pt")))
@@ -176,13 +171,13 @@ def test_validate_expands_an_experiments_own_sweep(capsys):
     assert main(["validate", "-m", "experiment=mini_lm_calibrated"]) == 0
     out = capsys.readouterr().out
     assert "8 configuration(s) valid" in out and "3 orders, 5 stage applications" in out  # + the joint order
-    assert _rc(["validate", "-m", "experiment=mini_lm", "bits=3,9"]) == 2
+    assert exit_code(["validate", "-m", "experiment=mini_lm", "bits=3,9"]) == 2
     assert "bits=9 is outside 2-8" in capsys.readouterr().err
 
 
 def test_a_config_that_sets_multirun_gets_the_sweep_summary(tiny_overrides, tmp_path, capsys):
     # hydra.mode=MULTIRUN is what an experiment config sets to sweep without -m.
-    rc = _rc(["run", "hydra.mode=MULTIRUN", *_sweep_overrides(tiny_overrides), "bits=3,4"])
+    rc = exit_code(["run", "hydra.mode=MULTIRUN", *_sweep_overrides(tiny_overrides), "bits=3,4"])
     out = capsys.readouterr().out
     assert rc == 0 and "sweep: 2 jobs, 2 ok, 0 failed" in out
     df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
@@ -190,12 +185,12 @@ def test_a_config_that_sets_multirun_gets_the_sweep_summary(tiny_overrides, tmp_
 
 
 def test_hydra_flags_are_parsed_by_hydra(tiny_overrides, capsys):
-    assert _rc(["run", "--cfg", "job", *tiny_overrides, "bits=5"]) == 0  # --cfg only prints: bits=5 not checked
+    assert exit_code(["run", "--cfg", "job", *tiny_overrides, "bits=5"]) == 0  # --cfg only prints: bits=5 not checked
     assert "bits: 5" in capsys.readouterr().out
-    assert _rc(["run", *tiny_overrides, "--cfg", "job", "sparsity=0.5"]) == 0  # overrides on both sides
+    assert exit_code(["run", *tiny_overrides, "--cfg", "job", "sparsity=0.5"]) == 0  # overrides on both sides
     assert "sparsity: 0.5" in capsys.readouterr().out
     for bad, message in ((["--no-such-flag", "bits=4"], "unexpected argument(s) --no-such-flag"),
                          (["--info", "nonsense"], "argument --info/-i: invalid choice: 'nonsense'")):  # fmt: skip
-        assert _rc(["run", *bad]) == 2
+        assert exit_code(["run", *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and "--hydra-help" in err[0]

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from compress_order import cli
-from compress_order.analysis import bootstrap, collect, pih, tables, write_report
+from compress_order.analysis import bootstrap, collect, pih, tables
+from compress_order.analysis.report import write_report
 from compress_order.metrics import METRICS, Metric, primary_metrics, register, summary_metrics
 from compress_order.results import COLUMNS, SUMMARY_METRICS
 

@@ -16,14 +16,16 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from compress_order.cli import main
+from helpers import exit_code
+
 from compress_order.config import compose_config
 from compress_order.instantiate import build
 from compress_order.errors import UserError
 from compress_order.paths import ASSETS_DIR, CONF_DIR
 from compress_order.calibration import calibrate_and_compress
 from compress_order.hessian import HessianStats
-from compress_order.runner import apply_stage, run
+from compress_order.pipeline import apply_stage
+from compress_order.runner import run
 from compress_order.stages import build_stage, stage_configs
 from compress_order.stages.base import Stage
 from compress_order.targets import ModelState, find_targets
@@ -282,16 +284,10 @@ def test_vit_on_an_rgb_image_folder_with_calibrated_stages(image_folder, tmp_pat
 # Bad input: one line on stderr, exit 2
 
 
-def _rc(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
-
 
 def _bad(args: list[str], message: str, capsys, tmp_path) -> None:
     out = [f"store_dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", "threads=1", "group_size=-1"]
-    rc = _rc(["run", *args, *out])
+    rc = exit_code(["run", *args, *out])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run" / "results.parquet").exists()

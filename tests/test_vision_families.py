@@ -19,6 +19,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import FAMILIES
+
 from compress_order.cli import main
 from compress_order.config import compose_config
 from compress_order.errors import UserError
@@ -85,10 +87,11 @@ def _case(arch: str, pair: str):
 
 @pytest.mark.parametrize("arch,pair", [_case(a, p) for a in ARCHS for p in PAIRS])
 def test_vision_family_runs_every_order_and_keeps_every_constraint(arch, pair, tmp_path, monkeypatch, caplog):
+    import compress_order.pipeline as pipeline
     import compress_order.runner as runner
 
     first, second = PAIRS[pair]
-    real_apply = runner.apply_stage
+    real_apply = pipeline.apply_stage
     seen: dict = {"applied": [], "io": None}
 
     def checked(stage, state, task, cfg, *rest) -> str | None:
@@ -106,7 +109,7 @@ def test_vision_family_runs_every_order_and_keeps_every_constraint(arch, pair, t
         seen["applied"].append(stage.label)
         return why
 
-    monkeypatch.setattr(runner, "apply_stage", checked)
+    monkeypatch.setattr(pipeline, "apply_stage", checked)
     cfg = compose_config(overrides(arch, tmp_path) + [f"stages=[{pair}]"])
     with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
         df = runner.run(cfg, tmp_path / "out")
@@ -145,6 +148,7 @@ class _Reached(Exception):
 def test_settings_a_layer_cannot_take_are_one_line_before_any_work(arch, tmp_path, monkeypatch):
     """A depthwise 3×3 conv has 9 columns per row: no group of 32 or 4 fits. The run names the layer and why in
     one line before evaluating or compressing anything; an architecture whose layers all fit gets past the check."""
+    import compress_order.pipeline as pipeline
     import compress_order.runner as runner
 
     def reached(*a, **k):
@@ -153,13 +157,13 @@ def test_settings_a_layer_cannot_take_are_one_line_before_any_work(arch, tmp_pat
     def no_work(*a, **k):
         raise AssertionError("a stage was applied before the setting was checked")
 
-    monkeypatch.setattr(runner, "build_task", reached)
-    monkeypatch.setattr(runner, "apply_stage", no_work)
+    monkeypatch.setattr(pipeline, "build_task", reached)
+    monkeypatch.setattr(pipeline, "apply_stage", no_work)
     model = None
     for name, (stages, group, divisor) in SETTINGS.items():
         cfg = compose_config(overrides(arch, tmp_path) + [stages, group])
         if model is None:
-            model = runner.build(cfg.model).model
+            model = pipeline.build(cfg.model).model
         refusing = [n for n, m in compressible(model).items() if fan_in(m) % divisor]
         if not refusing:
             with pytest.raises(_Reached):
@@ -198,8 +202,6 @@ def test_the_generic_timm_config_leaves_timm_io_layers_dense():
 
 
 def test_readme_coverage_table_lists_every_family_of_the_matrices():
-    from test_families import FAMILIES
-
     text = README.read_text()
     start, end = "<!-- family-matrix:start", "<!-- family-matrix:end -->"
     assert start in text and end in text

@@ -24,12 +24,10 @@ import yaml
 
 from compress_order.errors import UserError
 from compress_order.results import COLUMNS
-from compress_order.stages import entry_label
+from compress_order.schema import FAILURE_FILE as FAILURE
+from compress_order.schema import RESULTS, SAVED_CONFIG, SUMMARY, entry_label
 from compress_order.analysis.tables import learn_stages
 
-RESULTS = "results.parquet"
-FAILURE = "failed.json"  # written by compress_order.launch for a failed sweep job
-SUMMARY = "summary.md"  # written last by the runner: its absence means the run did not finish
 COLLECTED = [*COLUMNS, "path", "partial"]
 # Files skipped since the last collect(): path → why. Samples files found unreadable later (by the bootstrap)
 # are added too, so a report lists every file its numbers do not include.
@@ -67,7 +65,7 @@ def run_dirs(root: Path) -> list[Path]:
 
 def _config_context(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Model, data and targets of a failed job: from Hydra's saved config, else from its override strings."""
-    saved = run_dir / ".hydra" / "config.yaml"
+    saved = run_dir.joinpath(*SAVED_CONFIG)
     if saved.is_file():
         cfg = yaml.safe_load(saved.read_text()) or {}
         return {

@@ -22,9 +22,9 @@ from compress_order.analysis import bootstrap
 from compress_order.analysis.tables import TABLE_INDEX, direction, node_values, order_pattern, stage_kind
 from compress_order.errors import UserError, choices
 from compress_order.metrics import METRICS
+from compress_order.schema import SIMULATED
 
 COSTS = ("size_bytes", "avg_bits", "latency_ms")
-SIMULATED = "dense-simulated"  # the backend that times the evaluated (dense-stored) model
 PANEL = ["model", "dataset"]  # metrics compare only within one model on one dataset
 NODE = [*TABLE_INDEX, "order"]
 # decimal and binary byte units, matched case-insensitively

@@ -7,6 +7,7 @@ helpers here turn collected rows into per-node values of one metric, which the a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from functools import lru_cache
 
@@ -88,49 +89,59 @@ def is_sequential(order: str, stages: str) -> bool:
 # --- naming orders across stage lists ---------------------------------------------------------------------------
 
 
-# Stage classes by label, learned from the results' `stage_list` column (the stages as the run recorded them).
-STAGE_TARGETS: dict[str, str] = {}
+@dataclass(frozen=True)
+class StageInfo:
+    kind: str  # 'prune', 'quantize' or 'joint'
+    calibrated: bool  # reads calibration statistics: its result depends on the seed
+
+
+# What each label's stage is, learned from the results' `stage_list` column (the stages as the run recorded them).
+STAGES: dict[str, StageInfo] = {}
 
 
 def learn_stages(df: pd.DataFrame) -> None:
-    """Remember each label's stage class from the `stage_list` column (runs written before it have none: their
-    labels are traced through conf/stage/ instead). Where runs gave one label to different classes, the first wins."""
+    """Remember each label's kind and calibration from the `stage_list` column (runs written before it have none:
+    their labels are traced through conf/stage/ instead). Where runs gave one label to different stages, the first
+    wins."""
     if "stage_list" not in df.columns:
         return
     for js in df["stage_list"].dropna().unique():
         for st in json.loads(js):
-            STAGE_TARGETS.setdefault(st["label"], st["target"])
-    stage_class.cache_clear()
+            STAGES.setdefault(st["label"], StageInfo(str(st["kind"]), bool(st["calibrated"])))
+    stage_info.cache_clear()
 
 
 @lru_cache(maxsize=None)
-def stage_class(label: str) -> type | None:
-    """The Stage class of a label: recorded in the results, else a conf/stage file's `_target_`; None if neither."""
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
-
-    if label in STAGE_TARGETS:
-        return get_class(STAGE_TARGETS[label])
+def stage_info(label: str) -> StageInfo | None:
+    """What a label's stage is: recorded in the results, else (older runs) the class a conf/stage file names;
+    None if neither."""
+    if label in STAGES:
+        return STAGES[label]
     path = CONF_DIR / "stage" / f"{label.split('(')[0]}.yaml"
     if not path.is_file():
         return None
-    return get_class(OmegaConf.load(path)["_target_"])
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    cls = get_class(OmegaConf.load(path)["_target_"])
+    return StageInfo(str(cls.kind), getattr(cls, "needs", None) is not None)
 
 
 def stage_kind(label: str) -> str:
     """'prune', 'quantize' or 'joint' for a label naming a conf/stage file ('' for custom labels)."""
-    return str(getattr(stage_class(label), "kind", ""))
+    info = stage_info(label)
+    return info.kind if info is not None else ""
 
 
 def seed_dependent(order: str) -> bool:
     """Whether a node's result depends on the calibration seed: some stage of it `needs` calibration statistics.
 
-    A custom label cannot be traced to its class here, so it counts as seed-dependent (the cautious reading).
+    A custom label cannot be traced to its stage here, so it counts as seed-dependent (the cautious reading).
     """
     if order == "dense":
         return False
-    classes = [stage_class(lab) for lab in order.split(" > ")]
-    return any(cls is None or getattr(cls, "needs", None) is not None for cls in classes)
+    infos = [stage_info(lab) for lab in order.split(" > ")]
+    return any(info is None or info.calibrated for info in infos)
 
 
 def order_pattern(order: str, stages: str) -> str:

@@ -1,5 +1,9 @@
 """Stage loading: `stages=[magnitude, rtn]` names files of the `conf/stage/` group.
 
+A stage's parameters, their defaults and types are declared once, by its class's `__init__` (value checks there
+too); its yaml names the class, binds parameters to the root config (`bits: ${bits}`) and sets only what differs
+from the class's defaults. A resolved stage config holds every parameter, the defaults filled in.
+
 An entry is a name, or a mapping with `name` plus overrides (`{name: magnitude, sparsity: 0.3}`), so one
 method can appear twice with split budgets. Each entry's yaml is resolved against the root config, so
 `${bits}` and `${sparsity}` reach every stage, then instantiated through its `_target_`.
@@ -7,24 +11,15 @@ method can appear twice with split budgets. Each entry's yaml is resolved agains
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.errors import UserError, choices
 from compress_order.paths import CONF_DIR, group_options
+from compress_order.schema import entry_label, entry_name_overrides
 from compress_order.stages.base import Stage
-
-
-def _entry_name_overrides(entry: Any) -> tuple[str, dict]:
-    if isinstance(entry, str):
-        return entry, {}
-    if isinstance(entry, (dict, DictConfig)):
-        d = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else dict(entry)
-        if "name" not in d:
-            raise UserError(f"stage entry {d} has no 'name'; valid names: {choices(group_options('stage'))}")
-        return str(d.pop("name")), d
-    raise UserError(f"stage entry {entry!r} is neither a name nor a mapping with 'name'")
 
 
 def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
@@ -35,7 +30,7 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
     root = OmegaConf.to_container(cfg, resolve=False)
     out = []
     for entry in entries:
-        name, overrides = _entry_name_overrides(entry)
+        name, overrides = entry_name_overrides(entry)
         path = CONF_DIR / "stage" / f"{name}.yaml"
         if not path.is_file():
             raise UserError(f"unknown stage '{name}'; valid stages: {choices(group_options('stage'))}")
@@ -46,6 +41,7 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
         tmp = OmegaConf.create({**{k: v for k, v in root.items() if k != "hydra"}, "_stage_": node})
         resolved = OmegaConf.to_container(tmp["_stage_"], resolve=True)
         resolved.pop("label", None)
+        resolved.update({k: v for k, v in stage_defaults(resolved["_target_"]).items() if k not in resolved})
         resolved.update(name=name, label=entry_label(entry))
         out.append(resolved)
     labels: dict[str, dict] = {}
@@ -53,6 +49,24 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
         if sc["label"] in labels and labels[sc["label"]] != sc:
             raise UserError(f"two different stages share the label '{sc['label']}'; give one a distinct label")
         labels[sc["label"]] = sc
+    return out
+
+
+def stage_defaults(target: str) -> dict[str, Any]:
+    """The parameters a stage class declares with a default (its `__init__` and the base initializers its **kw
+    reaches), naming keys excepted; tuples as lists, as a config holds them."""
+    from compress_order.validate import target_object
+
+    out: dict[str, Any] = {}
+    for cls in target_object(target).__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        for p in params:
+            if p.default is not p.empty and p.name not in ("name", "label") and p.kind is p.POSITIONAL_OR_KEYWORD:
+                out.setdefault(p.name, list(p.default) if isinstance(p.default, tuple) else p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
     return out
 
 
@@ -67,21 +81,6 @@ def _check_params(name: str, node: DictConfig, overrides: dict) -> None:
     for key in [k for k in node if k != "_target_"] + list(overrides):
         if key not in valid:
             raise unknown_key(key, valid, "parameter", f" for stage '{name}'")
-
-
-def entry_label(entry: Any) -> str:
-    """The label of a stage entry, the one rule every row, order and table uses: the entry's own `label`, else its
-    yaml's, else the name with the overrides it sets (`magnitude(scope=row;sparsity=0.3)`). Labels never hold a
-    comma, since a run's stage list is written as comma-joined labels."""
-    name, overrides = _entry_name_overrides(entry)
-    label = overrides.pop("label", None)
-    if label is None:
-        path = CONF_DIR / "stage" / f"{name}.yaml"
-        label = OmegaConf.load(path).get("label") if path.is_file() else None
-    if label is None:
-        label = name if not overrides else f"{name}(" + ";".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
-    label = str(label).replace(",", ";")
-    return label
 
 
 def is_calibrated(sc: dict) -> bool:

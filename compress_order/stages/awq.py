@@ -63,8 +63,16 @@ class AWQ(QuantMixin, Stage):
     needs = "hessian"
     scales_inputs = True
 
-    def __init__(self, bits: int, group_size: int = 128, sym: bool = False, n_grid: int = 20, clip: bool = True,
-                 min_clip: float = 0.5, **kw: Any):  # fmt: skip
+    def __init__(
+        self,
+        bits: int,
+        group_size: int = 128,
+        sym: bool = False,
+        n_grid: int = 20,  # α values searched in [0, 1) for s = mean|X|^α
+        clip: bool = True,  # then shrink each group's range by the factor in [min_clip, 1] with the least output error
+        min_clip: float = 0.5,
+        **kw: Any,
+    ):
         super().__init__(**kw)
         self._init_quant(bits, group_size, sym)
         if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:

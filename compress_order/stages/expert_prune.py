@@ -27,6 +27,8 @@ class ExpertPrune(Stage):
     needs = "routing"
 
     def __init__(self, expert_sparsity: float, criterion: str = "frequency", **kw: Any):
+        """expert_sparsity: share of each MoE layer's experts removed, in [0, 1); criterion: frequency (least
+        often routed to) | reap (least router-weighted mean output norm)."""
         super().__init__(**kw)
         if isinstance(expert_sparsity, bool) or not isinstance(expert_sparsity, (int, float)) or not (
             0 <= float(expert_sparsity) < 1

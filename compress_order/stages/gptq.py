@@ -42,8 +42,8 @@ class GPTQ(QuantMixin, Stage):
         bits: int,
         group_size: int = -1,
         sym: bool = False,
-        act_order: bool = False,
-        static_groups: bool = False,
+        act_order: bool = False,  # columns by decreasing H_jj; with group_size > 0 needs static_groups=true
+        static_groups: bool = False,  # fit every group's grid before the solve (else when the solver reaches it)
         percdamp: float = 0.01,
         blocksize: int = 128,
         **kw: Any,

@@ -12,7 +12,13 @@ from compress_order.targets import Target
 class Magnitude(PruneMixin, Stage):
     kind = "prune"
 
-    def __init__(self, sparsity: float, nm: str | None = None, scope: str = "layer", **kw: Any):
+    def __init__(
+        self,
+        sparsity: float,
+        nm: str | None = None,  # e.g. "2:4" keeps 2 of every 4 consecutive inputs
+        scope: str = "layer",  # layer | row
+        **kw: Any,
+    ):
         super().__init__(**kw)
         self._init_sparsity(sparsity, nm)
         self.scope = scope

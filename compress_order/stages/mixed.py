@@ -51,9 +51,17 @@ def allocate_bits(errors: dict[str, dict[int, float]], sizes: dict[str, int], to
 class MixedRTN(QuantMixin, Stage):
     kind = "quantize"
 
-    def __init__(self, bits: int, bits_map: dict[str, int] | None = None, budget: float | None = None,
-                 choices: list[int] = (2, 3, 4, 8), group_size: int = -1, sym: bool = False, clip: float = 1.0,
-                 **kw: Any):  # fmt: skip
+    def __init__(
+        self,
+        bits: int,  # width of layers no bits_map pattern matches (when there is no budget)
+        bits_map: dict[str, int] | None = None,  # layer-name regex → bits, first match wins, e.g. {down_proj: 4}
+        budget: float | None = None,  # average bits per weight over all compressed layers; None: no allocation
+        choices: list[int] = (2, 3, 4, 8),  # widths the budget allocator may give a layer
+        group_size: int = -1,
+        sym: bool = False,
+        clip: float = 1.0,
+        **kw: Any,
+    ):
         super().__init__(**kw)
         self._init_quant(bits, group_size, sym)  # the default width (and the row's `bits`)
         self.clip = float(clip)

@@ -31,7 +31,7 @@ class SmoothQuant(Stage):
     needs = "hessian_diag"  # reads only the per-channel max |X_j| the statistics keep alongside
     scales_inputs = True
 
-    def __init__(self, alpha: float = 0.5, **kw: Any):
+    def __init__(self, alpha: float = 0.5, **kw: Any):  # α 0: no migration ... 1: activations fully into weights
         super().__init__(**kw)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= float(alpha) <= 1:
             raise UserError(f"smoothquant alpha={alpha} is outside [0, 1]")

@@ -30,7 +30,14 @@ class SparseGPT(PruneMixin, Stage):
     kind = "prune"
     needs = "hessian"
 
-    def __init__(self, sparsity: float, nm: str | None = None, blocksize: int = 128, percdamp: float = 0.01, **kw: Any):
+    def __init__(
+        self,
+        sparsity: float,
+        nm: str | None = None,  # e.g. "2:4" keeps 2 of every 4 consecutive inputs
+        blocksize: int = 128,  # columns per lazy update block (and per adaptive mask choice)
+        percdamp: float = 0.01,  # damping: this fraction of mean(diag H) added to the diagonal
+        **kw: Any,
+    ):
         super().__init__(**kw)
         self._init_sparsity(sparsity, nm)
         check_solver_params("sparsegpt", blocksize, percdamp)

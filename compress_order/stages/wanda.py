@@ -23,7 +23,13 @@ class Wanda(PruneMixin, Stage):
     kind = "prune"
     needs = "hessian_diag"  # only ‖X_j‖² is read: the driver keeps the diagonal, not the full H
 
-    def __init__(self, sparsity: float, nm: str | None = None, scope: str = "row", **kw: Any):
+    def __init__(
+        self,
+        sparsity: float,
+        nm: str | None = None,  # e.g. "2:4" keeps 2 of every 4 consecutive inputs
+        scope: str = "row",  # row | layer
+        **kw: Any,
+    ):
         super().__init__(**kw)
         self._init_sparsity(sparsity, nm)
         if scope not in SCOPES:

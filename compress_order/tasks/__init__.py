@@ -13,8 +13,8 @@ import numpy as np
 from omegaconf import DictConfig
 from torch import nn
 
-from compress_order.errors import UserError
 from compress_order.models import LoadedModel
+from compress_order.registry import Registry
 
 
 class Task(Protocol):
@@ -31,20 +31,15 @@ class Task(Protocol):
         """Timing metrics of a fixed-shape forward."""
 
 
-TASKS: dict[str, Callable[..., Task]] = {}
+TASKS: Registry[Callable[..., Task]] = Registry("model kind")
 
 
 def register(kind: str) -> Callable:
-    def deco(cls: Callable) -> Callable:
-        TASKS[kind] = cls
-        return cls
-
-    return deco
+    """A decorator: the task class for models of `kind` (LoadedModel.kind)."""
+    return TASKS.registers(kind)
 
 
 def build_task(lm: LoadedModel, data: Any, cfg: DictConfig) -> Task:
     for mod in pkgutil.iter_modules(__path__):  # each module registers its kinds
         importlib.import_module(f"{__name__}.{mod.name}")
-    if lm.kind not in TASKS:
-        raise UserError(f"no task for model kind '{lm.kind}'; known: {', '.join(sorted(TASKS))}")
-    return TASKS[lm.kind](lm, data, cfg)
+    return TASKS.lookup(lm.kind)(lm, data, cfg)

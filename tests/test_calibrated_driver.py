@@ -1,21 +1,20 @@
-"""Calibrated stages (Wanda, SparseGPT, GPTQ, joint) and the block-by-block driver: kernels on random matrices,
-every order of pairs on a tiny LLaMA, the driver's statistics against a plain full forward, and a run end to end."""
+"""The block-by-block calibration driver: its statistics against a plain full forward, compressed outputs fed to the
+next block, block lists of decoders, ViTs and CNNs, and every order of calibrated pairs on a tiny LLaMA."""
 
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from helpers import tiny_llama_model, token_batches
+
 from compress_order.calibration import calibrate_and_compress, capture_block_calls, find_blocks
 from compress_order.constraints import nm_holds, required_zeros
 from compress_order.errors import UserError
-from compress_order.hessian import HessianStats, damped_inverse_cholesky, layer_columns
-from compress_order.obs import obs_solve
-from compress_order.prune import row_quota_mask, spread_quota
+from compress_order.hessian import HessianStats
 from compress_order.stages.base import Stage
 from compress_order.stages.gptq import GPTQ
 from compress_order.stages.magnitude import Magnitude
@@ -28,37 +27,6 @@ from compress_order.targets import ModelState, Target, find_targets
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def correlated_inputs(n: int, cols: int, seed: int = 0) -> Tensor:
-    """Non-isotropic inputs: column scales over two decades and strong correlations (like LLM activations)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g) / math.sqrt(cols) + torch.eye(cols)
-    scale = torch.logspace(-1, 1, cols)[torch.randperm(cols, generator=g)]
-    return (torch.randn(n, cols, generator=g) @ mix) * scale
-
-
-def linear_target(rows: int = 32, cols: int = 64, seed: int = 1, dtype: torch.dtype = torch.float32) -> Target:
-    torch.manual_seed(seed)
-    lin = nn.Linear(cols, rows, bias=False).to(dtype)
-    return Target("lin", lin)
-
-
-def stats_for(t: Target, X: Tensor, diag_only: bool = False) -> HessianStats:
-    s = HessianStats(t.module, diag_only=diag_only)
-    for chunk in X.split(100):  # several batches: the running average must equal one big one
-        s.add_batch(chunk.to(t.module.weight.dtype))
-    return s
-
-
-def recon_error(W: Tensor, W_hat: Tensor, X: Tensor) -> float:
-    return float(((W.float() - W_hat.float()) @ X.T).norm())
-
-
-def run_stage(stage: Stage, t: Target, X: Tensor) -> Tensor:
-    stage.compress(t, stats_for(t, X) if stage.needs else None)
-    t.check()
-    return t.weight.clone()
-
-
 def assert_driver_statistics_equal(model, targets, batches, ref: dict) -> None:
     """The driver's statistics, all layers at once and group by group, equal those of a plain full forward."""
     for ts in (False, True):
@@ -67,22 +35,6 @@ def assert_driver_statistics_equal(model, targets, batches, ref: dict) -> None:
         assert rec.H.keys() == ref.keys()
         for n in ref:
             torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)
-
-
-def tiny_llama_model(seed: int = 0, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
-def token_batches(n: int = 4, seqlen: int = 32, vocab: int = 40, seed: int = 0) -> list[Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (1, seqlen), generator=g) for _ in range(n)]
 
 
 def apply(stage: Stage, state: ModelState, batches: list, true_sequential: bool = False) -> None:
@@ -118,196 +70,6 @@ def full_forward_hessians(model: nn.Module, targets: dict[str, Target], batches:
     for h in hooks:
         h.remove()
     return {n: s.H for n, s in stats.items()}
-
-
-# ----------------------------------------------------------------------------------------------- kernels
-
-
-def test_hessian_is_running_average_of_2_xtx():
-    t = linear_target()
-    X = correlated_inputs(300, 64)
-    s = stats_for(t, X)
-    assert s.n == 300
-    torch.testing.assert_close(s.H, 2 / 300 * X.T @ X, rtol=1e-4, atol=1e-4)
-    d = stats_for(t, X, diag_only=True)
-    torch.testing.assert_close(d.diag(), s.diag(), rtol=1e-4, atol=1e-5)
-    with pytest.raises(RuntimeError):
-        d.H
-
-
-@pytest.mark.parametrize("groups,stride,padding,dilation", [(1, 1, 1, 1), (1, 2, 0, 2), (2, 1, "same", 1)])
-def test_conv_columns_match_flattened_weight(groups, stride, padding, dilation):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=False)
-    x = torch.randn(2, 4, 9, 9)
-    cols = layer_columns(conv, x)
-    assert cols.shape[1] == conv.weight[0].numel()
-    y = conv(x)  # (B, out, H', W'): each group's outputs are W_g · patches of its inputs
-    per_group = conv.out_channels // groups
-    w2d = conv.weight.flatten(1)
-    L = y.shape[2] * y.shape[3]
-    for g in range(groups):
-        patches = cols.view(2, groups, L, -1)[:, g]  # (B, L, cols)
-        mine = patches @ w2d[g * per_group : (g + 1) * per_group].T
-        ref = y[:, g * per_group : (g + 1) * per_group].flatten(2).transpose(1, 2)
-        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
-
-
-def test_spread_quota_is_exact_and_respects_forced():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        units = int(torch.randint(1, 12, (1,), generator=g))
-        sizes = torch.randint(1, 50, (units,), generator=g).tolist()
-        forced = [int(torch.randint(0, s + 1, (1,), generator=g)) for s in sizes]
-        total = int(torch.randint(0, sum(sizes), (1,), generator=g))
-        q = spread_quota(total, sizes, forced)
-        assert sum(q) == max(total, sum(forced))
-        assert all(f <= k <= s for f, k, s in zip(forced, q, sizes))
-
-
-def test_row_quota_mask_exact_total_balanced_rows_and_prior():
-    torch.manual_seed(0)
-    score = torch.rand(7, 10)
-    for sp in (0.25, 0.3, 0.5):
-        k = required_zeros(sp, 70)
-        m = row_quota_mask(score, k)
-        per_row = (~m).sum(1)
-        assert int(per_row.sum()) == k and int(per_row.max() - per_row.min()) <= 1
-    prior = torch.rand(7, 10) > 0.2  # ~14 pruned earlier, unevenly
-    m = row_quota_mask(score, 35, prior)
-    assert int((~m).sum()) == 35 and not bool((m & ~prior).any())
-
-
-def test_damped_inverse_cholesky_handles_dead_inputs():
-    X = correlated_inputs(200, 16)
-    X[:, 3] = 0  # an input calibration never activates
-    H = 2 / 200 * X.T @ X
-    U = damped_inverse_cholesky(H, 0.01)
-    assert torch.isfinite(U).all() and torch.equal(U, U.triu())
-    Hd = H.clone()
-    Hd[3, 3] = 1
-    Hd += 0.01 * Hd.diagonal().mean() * torch.eye(16)
-    torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd), rtol=1e-3, atol=1e-4)
-
-
-@pytest.mark.parametrize("nm", [None, "2:4"])
-def test_sparsegpt_and_wanda_beat_magnitude(nm):
-    X = correlated_inputs(1000, 64)
-    errs = {}
-    for name, stage in {
-        "magnitude": Magnitude(0.5, nm, name="magnitude"),
-        "magnitude_row": Magnitude(0.5, nm, scope="row", name="magnitude_row"),
-        "wanda": Wanda(0.5, nm, name="wanda"),
-        "sparsegpt": SparseGPT(0.5, nm, blocksize=16, name="sparsegpt"),
-    }.items():
-        t = linear_target()
-        W = t.weight.clone()
-        W_hat = run_stage(stage, t, X)
-        assert int((~t.constraint.mask).sum()) == W.numel() // 2
-        if nm:
-            assert nm_holds(t.constraint.mask, 2, 4)
-        errs[name] = recon_error(W, W_hat, X)
-    assert errs["sparsegpt"] < errs["wanda"] <= min(errs["magnitude"], errs["magnitude_row"]), errs
-
-
-@pytest.mark.parametrize(
-    "group_size,act_order,static,sym",
-    [(-1, False, False, False), (16, False, False, False), (16, True, True, False), (-1, True, False, True)],
-)
-def test_gptq_beats_rtn_at_3_bits(group_size, act_order, static, sym):
-    X = correlated_inputs(1000, 64)
-    t_rtn, t_gptq = linear_target(), linear_target()
-    W = t_rtn.weight.clone()
-    e_rtn = recon_error(W, run_stage(RTN(3, group_size, sym, name="rtn"), t_rtn, X), X)
-    gptq = GPTQ(3, group_size, sym, act_order=act_order, static_groups=static, blocksize=16, name="gptq")
-    e_gptq = recon_error(W, run_stage(gptq, t_gptq, X), X)
-    g = t_gptq.constraint.grid
-    assert torch.equal(g.project(t_gptq.weight), t_gptq.weight)
-    assert g.scale.shape == (32, 1 if group_size < 0 else 64 // group_size)
-    assert e_gptq < 0.95 * e_rtn, (e_gptq, e_rtn)
-
-
-def test_gptq_keeps_mask_zeros_and_nm_and_sends_no_error_from_pruned():
-    X = correlated_inputs(600, 64)
-    t = linear_target()
-    run_stage(SparseGPT(0.5, "2:4", name="sparsegpt"), t, X)
-    mask = t.constraint.mask.clone()
-    run_stage(GPTQ(3, 16, name="gptq"), t, X)
-    assert torch.equal(t.constraint.mask, mask) and nm_holds(mask, 2, 4)
-    assert bool((t.weight[~mask] == 0).all())
-    # Pruned weights take no part: with only pruned weights in a column, the others are not updated by it.
-    W = torch.randn(4, 8)
-    prior = torch.ones(4, 8, dtype=torch.bool)
-    prior[:, 0] = False
-    U = damped_inverse_cholesky(stats_for(Target("x", nn.Linear(8, 4)), correlated_inputs(100, 8)).H, 0.01)
-    out, keep = obs_solve(W, U, prior, blocksize=3)
-    same, _ = obs_solve(W * prior, U, prior, blocksize=3)
-    assert torch.equal(keep, prior) and torch.equal(out, same) and bool((out[:, 0] == 0).all())
-
-
-@pytest.mark.parametrize("first", ["rtn", "gptq"])
-@pytest.mark.parametrize("nm", [None, "2:4"])
-def test_sparsegpt_on_quantized_layer_stays_on_grid_and_hits_target(first, nm):
-    X = correlated_inputs(600, 64)
-    t = linear_target()
-    quant = RTN(3, 16, name="rtn") if first == "rtn" else GPTQ(3, 16, name="gptq")
-    run_stage(quant, t, X)
-    grid = t.constraint.grid
-    before = t.weight.clone()
-    run_stage(SparseGPT(0.5, nm, blocksize=16, name="sparsegpt"), t, X)
-    assert t.constraint.grid is grid and torch.equal(grid.project(t.weight), t.weight)
-    assert int((~t.constraint.mask).sum()) == before.numel() // 2
-    assert not torch.equal(before * t.constraint.mask, t.weight)  # the kept weights were updated (re-rounded)
-
-
-def test_joint_records_mask_and_grid_exactly():
-    X = correlated_inputs(600, 64)
-    t = linear_target()
-    W = t.weight.clone()
-    run_stage(SparseGPTGPTQ(0.7, 3, group_size=16, blocksize=16, name="sparsegpt+gptq"), t, X)
-    c = t.constraint
-    assert int((~c.mask).sum()) == required_zeros(0.7, W.numel())
-    assert torch.equal(c.grid.project(t.weight), t.weight) and c.applied == ["sparsegpt+gptq"]
-    t2 = linear_target()
-    run_stage(SparseGPT(0.7, blocksize=16, name="sparsegpt"), t2, X)
-    run_stage(GPTQ(3, 16, blocksize=16, name="gptq"), t2, X)
-    e_joint, e_seq = recon_error(W, t.weight, X), recon_error(W, t2.weight, X)
-    assert e_joint < 1.25 * e_seq, (e_joint, e_seq)  # one pass is about as good as two
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_weights_stay_exactly_on_grid(dtype):
-    X = correlated_inputs(400, 64)
-    for stages in (
-        [GPTQ(3, 16, name="gptq"), SparseGPT(0.5, name="sparsegpt")],
-        [SparseGPTGPTQ(0.5, 4, group_size=32, name="j")],
-    ):
-        t = linear_target(dtype=dtype)
-        for s in stages:
-            s.compress(t, stats_for(t, X))
-            t.check()
-        assert t.weight.dtype == dtype
-
-
-def test_bad_input_is_a_user_error():
-    with pytest.raises(UserError, match="static_groups"):
-        GPTQ(4, 128, act_order=True, name="gptq")
-    GPTQ(4, -1, act_order=True, name="gptq")
-    GPTQ(4, 128, act_order=True, static_groups=True, name="gptq")
-    with pytest.raises(UserError, match="0 < N < M"):
-        SparseGPT(0.5, "4:4", name="sparsegpt")
-    with pytest.raises(UserError, match="contradicts"):
-        Wanda(0.7, "2:4", name="wanda")
-    with pytest.raises(UserError, match="row, layer"):
-        Wanda(0.5, scope="block", name="wanda")
-    with pytest.raises(UserError, match="blocksize"):
-        SparseGPT(0.5, blocksize=0, name="sparsegpt")
-    with pytest.raises(UserError, match="percdamp"):
-        GPTQ(4, percdamp=-1, name="gptq")
-    model = tiny_llama_model(layers=1)
-    targets = find_targets(model, ["lm_head"])
-    with pytest.raises(UserError, match="nsamples"):
-        calibrate_and_compress(model, targets, [], SparseGPT(0.5, name="sparsegpt"), {})
 
 
 # ----------------------------------------------------------------------------------------------- the driver
@@ -647,68 +409,3 @@ def test_deterministic_for_a_fixed_seed():
         apply(SparseGPTGPTQ(0.5, 3, group_size=32, name="j"), state, token_batches(seed=3))
         runs.append(state.snapshot())
     assert all(torch.equal(runs[0][n][0], runs[1][n][0]) for n in targets)
-
-
-# ----------------------------------------------------------------------------------------------- configs and runner
-
-
-def test_stage_configs_build(tiny_overrides):
-    from compress_order.config import compose_config
-    from compress_order.stages import build_stage, stage_configs
-
-    cfg = compose_config(tiny_overrides + ["stages=[wanda,sparsegpt,gptq]", "joint=[sparsegpt_gptq]"])
-    built = [build_stage(sc) for sc in stage_configs(cfg) + stage_configs(cfg, "joint")]
-    assert [type(s).__name__ for s in built] == ["Wanda", "SparseGPT", "GPTQ", "SparseGPTGPTQ"]
-    assert built[-1].label == "sparsegpt+gptq" and built[-1].kind == "joint"
-    assert cfg.calibration.true_sequential is False
-    bad = compose_config(tiny_overrides + ["stages=[{name: gptq, act_order: true}]", "group_size=64"])
-    with pytest.raises(UserError, match="act_order"):
-        build_stage(stage_configs(bad)[0])
-
-
-def test_run_end_to_end_with_joint(tiny_overrides, tmp_path):
-    from compress_order.config import compose_config
-    from compress_order.runner import run
-
-    cfg = compose_config(
-        tiny_overrides + ["stages=[wanda,gptq]", "joint=[sparsegpt_gptq]", "sparsity=0.5", "bits=4",
-                          "group_size=32", "calibration.true_sequential=true", "device=cpu"]
-    )  # fmt: skip
-    df = run(cfg, tmp_path / "out")
-    orders = set(df["order"])
-    assert orders == {"dense", "wanda", "gptq", "wanda > gptq", "gptq > wanda", "sparsegpt+gptq"}
-    sp = df[df.metric == "sparsity"].set_index("order")["value"]
-    assert all(sp[o] >= 0.5 - 1e-9 for o in orders - {"dense", "gptq"})
-    ppl = df[df.metric == "perplexity"].set_index("order")["value"]
-    assert all(math.isfinite(v) for v in ppl)
-
-
-# ----------------------------------------------------------------------------------------------- quality (slow)
-
-
-@pytest.mark.slow
-def test_quality_on_the_embedded_model(tmp_path):
-    from compress_order.config import compose_config
-    from compress_order.runner import run
-
-    ppl = {}
-    for stages in ("[magnitude]", "[wanda]", "[sparsegpt]", "[rtn]", "[gptq]"):
-        cfg = compose_config([
-            f"stages={stages}", "sparsity=0.5", "bits=3", "group_size=-1", "calibration.nsamples=32",
-            "device=cpu", f"store_dir={tmp_path / 'store'}",
-        ])  # fmt: skip
-        df = run(cfg, tmp_path / stages.strip("[]"))
-        ppl[stages.strip("[]")] = float(df[(df.metric == "perplexity") & (df.depth == 1)]["value"].iloc[0])
-    assert ppl["sparsegpt"] <= ppl["magnitude"] and ppl["wanda"] <= ppl["magnitude"], ppl
-    assert ppl["gptq"] <= ppl["rtn"], ppl
-
-
-def test_calibration_larger_than_the_text_is_a_one_line_error(tiny_overrides, capsys):
-    from compress_order.cli import main
-
-    args = [o for o in tiny_overrides if not o.startswith("calibration.nsamples")]
-    with pytest.raises(SystemExit) as exc:
-        main(["run", *args, "stages=[wanda]", "calibration.nsamples=100000"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lower calibration.nsamples or calibration.seqlen" in err[0]

@@ -1,0 +1,179 @@
+"""Helpers the test modules share (fixtures live in conftest.py); no test module imports another."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+TEXT = (
+    "To be, or not to be, that is the question:\n"
+    "Whether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\n"
+    "Or to take arms against a sea of troubles\n"
+)
+
+
+def char_tokenizer(text: str):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(sorted(set(text)))}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def save_tiny_llama(path: Path, text: str = TEXT, layers: int = 2, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = char_tokenizer(text)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def terminal_lines(text: str) -> list[str]:
+    """The non-blank lines a terminal shows for `text`: a progress bar redrawn with \\r leaves only its last state."""
+    return [shown for ln in text.split("\n") if (shown := ln.rsplit("\r", 1)[-1]).strip()]
+
+
+def write_fake_run(run_dir: Path, results: list[dict], samples: list, finished: bool = True) -> None:
+    """A run folder as the runner leaves it: tidy rows, per-unit samples and (when finished) a summary."""
+    import pandas as pd
+
+    from compress_order.results import COLUMNS
+
+    run_dir.mkdir(parents=True)
+    pd.DataFrame(results, columns=COLUMNS).to_parquet(run_dir / "results.parquet")
+    pd.concat(samples).to_parquet(run_dir / "samples.parquet")
+    if finished:
+        (run_dir / "summary.md").write_text("# done\n")
+
+
+def tiny_llama_model(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def token_batches(n: int = 4, seqlen: int = 32, vocab: int = 40, seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, seqlen), generator=g) for _ in range(n)]
+
+
+# Tiny decoder checkpoints of each family (test_families.py runs them end to end).
+HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 64
+# The families the calibration driver is tested on; README.md lists exactly these.
+FAMILIES = ("LLaMA", "Mistral", "Qwen2", "OPT", "GPT-2", "GPT-NeoX", "Phi-3", "Gemma2", "Falcon")
+
+
+def family_config(family: str, vocab: int):
+    """A transformers config of `family` with hidden 64, 2 layers and the char tokenizer's vocabulary."""
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    gqa = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+               num_key_value_heads=2, max_position_embeddings=CONTEXT, **ids)  # fmt: skip
+    builders: dict[str, Callable[[], object]] = {
+        "LLaMA": lambda: tf.LlamaConfig(**gqa),
+        "Mistral": lambda: tf.MistralConfig(sliding_window=32, **gqa),
+        "Qwen2": lambda: tf.Qwen2Config(**gqa),
+        "OPT": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, word_embed_proj_dim=HIDDEN,
+                                    num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                    max_position_embeddings=CONTEXT, **ids),
+        "GPT-2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, **ids),
+        "GPT-NeoX": lambda: tf.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                                             num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **ids),
+        "Phi-3": lambda: tf.Phi3Config(**gqa),
+        "Gemma2": lambda: tf.Gemma2Config(head_dim=HIDDEN // HEADS, sliding_window=32, **gqa),
+        "Falcon": lambda: tf.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                          **ids),
+    }  # fmt: skip
+    return builders[family]()
+
+
+class FakeClock:
+    """Wall-clock seconds that pass only when `sleep` is called: code timed by it behaves the same under any load."""
+
+    def __init__(self, start: float | None = None):
+        self.now = time.time() if start is None else start
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def exit_code(argv: list[str]) -> int:
+    """Exit code of the CLI: errors found inside the Hydra job exit through SystemExit."""
+    from compress_order.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def readme_list(marker: str) -> tuple[str, ...]:
+    """The names README.md lists after `marker`, up to the next colon ("A, B and C:")."""
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert marker in text, marker
+    listed = text.split(marker, 1)[1].split(":", 1)[0]
+    return tuple(n for n in (n.strip(" .,") for n in listed.replace(" and ", ", ").split(",")) if n)
+
+
+# Mixture-of-experts families (transformers 5 fused experts): hidden 64, 2 layers, 4 experts, top-2.
+MOE_FAMILIES = ("Mixtral", "Qwen2-MoE", "Qwen3-MoE", "OLMoE", "DeepSeek-V3", "GPT-OSS")
+
+
+def moe_config(family: str, vocab: int, experts: int = 4, top_k: int = 2):
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64, num_experts_per_tok=top_k, **ids)  # fmt: skip
+    qwen = dict(intermediate_size=128, moe_intermediate_size=64, num_experts=experts, head_dim=16)
+    builders = {
+        "Mixtral": lambda: tf.MixtralConfig(intermediate_size=64, num_local_experts=experts, **base),
+        "Qwen2-MoE": lambda: tf.Qwen2MoeConfig(shared_expert_intermediate_size=64, **qwen, **base),
+        "Qwen3-MoE": lambda: tf.Qwen3MoeConfig(**qwen, **base),
+        "OLMoE": lambda: tf.OlmoeConfig(intermediate_size=64, num_experts=experts, **base),
+        # MLA attention, one shared expert, grouped routing; the first layer dense, the second MoE
+        "DeepSeek-V3": lambda: tf.DeepseekV3Config(intermediate_size=128, moe_intermediate_size=64,
+                                                   n_routed_experts=experts, n_shared_experts=1, n_group=2,
+                                                   topk_group=1, first_k_dense_replace=1, q_lora_rank=32,
+                                                   kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                   v_head_dim=16, **base),
+        "GPT-OSS": lambda: tf.GptOssConfig(intermediate_size=64, num_local_experts=experts, head_dim=16, **base),
+    }  # fmt: skip
+    return builders[family]()
+
+
+def save_tiny_moe(family: str, path: Path, text: str = TEXT, seed: int = 0, **kw) -> Path:
+    """A tiny random checkpoint of an MoE family, saved with save_pretrained beside a char tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tok = char_tokenizer(text)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(moe_config(family, len(tok), **kw))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
