@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -103,10 +104,40 @@ def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_dept
         if not hasattr(lm.model, "save_pretrained"):
             raise UserError(f"save=true needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
         checkpoint_format(targets, fmt)
+        remove_stale_writes(Path(out_dir) / MODELS_DIR)  # of an earlier, killed run into this folder
     if node.depth != full_depth or node.depth == 0:
         return None
     dest = model_dir(out_dir, node.order, int(cfg.seed) if several_seeds else None)
     return save_model(lm, targets, node.order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg))
+
+
+TMP_MARK = ".tmp-"  # .<folder>.tmp-<host>-<pid>: a checkpoint being written, renamed into place when complete
+
+
+def remove_stale_writes(folder: Path) -> list[Path]:
+    """Remove the temporary checkpoint folders under `folder` (recursively) that a writer on this host left when
+    it was killed: its process is gone. Another host's, or a live writer's, are left alone. Returns those removed."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in sorted(Path(folder).glob(f"**/.*{TMP_MARK}*")) if Path(folder).is_dir() else []:
+        owner = tmp.name.rsplit(TMP_MARK, 1)[1]
+        who, _, pid = owner.rpartition("-")
+        if not tmp.is_dir() or who != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("removed %s: a checkpoint that a killed writer (pid %s) left half-written", tmp, pid)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path,
@@ -119,7 +150,8 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
     from compress_order.results import file_mode
 
     fmt = checkpoint_format(targets, fmt)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    remove_stale_writes(dest.parent)
+    tmp = dest.with_name(f".{dest.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         record, tensors = constraint_record(renamed_after_removal(targets))

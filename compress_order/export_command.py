@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from compress_order.errors import UserError
-from compress_order.export import act_scheme, checkpoint_format, model_dir, save_model, summary_line
-from compress_order.schema import SAVE_FORMATS, SAVED_CONFIG, SIDECAR
+from compress_order.errors import Interrupted, UserError
+from compress_order.export import act_scheme, checkpoint_format, model_dir, remove_stale_writes, save_model, summary_line
+from compress_order.schema import MODELS_DIR, SAVE_FORMATS, SAVED_CONFIG, SIDECAR
 
 
 def export_command(args: list[str]) -> int:
@@ -36,7 +36,13 @@ def export_command(args: list[str]) -> int:
     if unknown:
         error(f"unexpected argument(s) {' '.join(unknown)}")
     checkpoint_format({}, ns.fmt)  # the format's name, before any model is loaded
-    dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt, ns.seed)
+    remove_stale_writes(ns.run_dir / MODELS_DIR)
+    try:
+        dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt, ns.seed)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: export left {ns.run_dir / MODELS_DIR} as it was (a checkpoint is written "
+                          f"beside its folder and renamed into place only when complete); run the same export "
+                          f"again to write it") from None  # fmt: skip
     record = json.loads((dest / SIDECAR).read_text(encoding="utf-8"))
     print(f"{dest}: {summary_line(record['checkpoint'])}")
     return 0
