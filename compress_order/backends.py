@@ -104,6 +104,9 @@ def _grids(targets: dict[str, Target], max_bits: int) -> str | None:
     bits = {t.constraint.grid.bits if t.constraint.grid is not None else None for t in targets.values()}
     if None in bits:
         return "weights are not quantized"
+    fmts = sorted({t.constraint.grid.fmt for t in targets.values()} - {"int"})
+    if fmts:
+        return f"these kernels take integer grids; {', '.join(fmts)} weights have no kernel in this backend"
     if max(bits) > max_bits:
         return f"{max(bits)}-bit weights do not fit a {max_bits}-bit kernel"
     return None

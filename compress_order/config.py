@@ -13,9 +13,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.errors import UserError, choices
+from compress_order.formats import format_bits, format_group
 from compress_order.paths import ASSETS_DIR, CONF_DIR, group_options
 
 OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), replace=True)
+# bits and group_size follow the number format unless given (formats.py)
+OmegaConf.register_new_resolver("format_bits", format_bits, replace=True)
+OmegaConf.register_new_resolver("format_group", format_group, replace=True)
 
 GROUPS = ("model", "data", "eval", "experiment", "hydra/launcher")
 # Launcher plugins register their own options (joblib, submitit_slurm, ...): Hydra checks those names.

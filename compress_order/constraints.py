@@ -79,9 +79,11 @@ def check_invariants(name: str, w: Tensor, c: LayerConstraint) -> None:
             raise InvariantError(f"{where}: grid shape {tuple(g.scale.shape)} does not fit weight {tuple(w.shape)}")
         off = int((g.project(w) != w).sum())
         if off:
-            raise InvariantError(f"{where}: {off} weights are off the {g.bits}-bit grid")
-        if not bool(((g.zero == torch.round(g.zero)) & (g.zero >= 0) & (g.zero <= g.maxq)).all()):
-            raise InvariantError(f"{where}: zero-points are not integer codes, so 0 is not on the grid")
+            kind = "" if g.fmt == "int" else f" {g.fmt}"
+            raise InvariantError(f"{where}: {off} weights are off the {g.bits}-bit{kind} grid")
+        why = g.problem()
+        if why is not None:
+            raise InvariantError(f"{where}: {why}")
 
 
 def levels_per_group(w: Tensor, group_size: int) -> Tensor:

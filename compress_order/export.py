@@ -88,9 +88,13 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
     load back, so a dense checkpoint is what reloads with `model.path=` (ask for compressed-tensors to get one)."""
     if fmt not in SAVE_FORMATS:
         raise UserError(f"save format '{fmt}' is unknown; valid: {', '.join(SAVE_FORMATS)}")
+    grids = [t.constraint.grid for t in targets.values() if t.constraint.grid is not None]
+    floats = sorted({g.fmt for g in grids} - {"int"})
     if fmt == "auto":
-        grids = [t.constraint.grid for t in targets.values() if t.constraint.grid is not None]
-        return "compressed-tensors" if grids and all(g.sym for g in grids) else "dense"
+        return "compressed-tensors" if grids and all(g.sym for g in grids) and not floats else "dense"
+    if fmt == "compressed-tensors" and floats:
+        raise UserError(f"save format compressed-tensors is written for integer grids only so far; {floats[0]} "
+                        f"weights save as save_format=dense (their values exactly on their grids)")  # fmt: skip
     return fmt
 
 

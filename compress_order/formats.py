@@ -22,6 +22,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from compress_order.quant import QuantGrid, fit_grid
+
 FORMATS = ("int", "fp8", "nvfp4", "mxfp4")
 
 
@@ -80,9 +82,11 @@ def e4m3(x: Tensor) -> Tensor:
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
 
 
-def group_scales(amax: Tensor, fmt: FloatFormat, tensor_amax: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def group_scales(amax: Tensor, fmt: FloatFormat, tensor_amax: Tensor | None = None, keep_tensor: bool = False
+                 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Per-group scales (as the format stores them, times the per-tensor scale) from each group's max |w|, so
-    the largest weight of a group maps to (near) the codebook's largest value; and the per-tensor scale."""
+    the largest weight of a group maps to (near) the codebook's largest value; and the per-tensor scale (NVFP4:
+    from the whole tensor's max, or `tensor_amax`; `keep_tensor`: `tensor_amax` is that scale already)."""
     top = float(codebook(fmt.bits)[-1])
     amax = amax.float()
     if fmt.scale == "float32":
@@ -93,8 +97,11 @@ def group_scales(amax: Tensor, fmt: FloatFormat, tensor_amax: Tensor | None = No
         e = torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - emax
         return torch.exp2(e.clamp(-127, 127)), None
     # NVFP4: group scale amax/6 stored in E4M3 relative to a per-tensor float32 scale amax_tensor/(6·448)
-    ta = amax.max() if tensor_amax is None else tensor_amax.float()
-    g = (ta / (top * E4M3_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
+    if keep_tensor and tensor_amax is not None:
+        g = tensor_amax.float()
+    else:
+        ta = amax.max() if tensor_amax is None else tensor_amax.float()
+        g = (ta / (top * E4M3_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
     stored = e4m3(amax / top / g)
     stored = torch.where(stored > 0, stored, torch.full_like(stored, float(e4m3(torch.tensor(2.0**-9)))))
     return stored * g, g
@@ -141,7 +148,13 @@ class FloatGrid:
     def round_column(self, j: int, w: Tensor) -> Tensor:
         """Column j (rows,) rounded onto its per-row grid: the inner step of GPTQ-style solvers."""
         s = self.scale[:, j // self.group_size]
-        return (codebook(self.bits, w.device)[nearest_codes(w.float() / s, codebook(self.bits, w.device))] * s).to(w.dtype)
+        book = codebook(self.bits, w.device)
+        return (book[nearest_codes(w.float() / s, book)] * s).to(w.dtype)
+
+    def fit_group(self, g: int, span: Tensor) -> None:
+        """Refit group g's scale from `span` (rows, group_size), keeping the per-tensor scale."""
+        scale, _ = group_scales(span.abs().amax(1, keepdim=True), self.format, self.tensor_scale, keep_tensor=True)
+        self.scale[:, g] = scale[:, 0]
 
     def problem(self) -> str | None:
         """Why the stored scales are not of the format (None: they are)."""
@@ -165,6 +178,57 @@ class FloatGrid:
         """Bits of every stored scale: per group, plus the per-tensor scale."""
         f = self.format
         return self.scale.numel() * f.scale_bits + (32 if f.tensor_scale else 0)
+
+
+def check_format(fmt: str, bits: int, group_size: int) -> None:
+    """A format's name, and the bits and group size it fixes (a contradicting value given is an error)."""
+    from compress_order.errors import UserError
+
+    if fmt not in FORMATS:
+        raise UserError(f"format={fmt} is unknown; valid: {', '.join(FORMATS)}")
+    if fmt == "int":
+        return
+    f = FLOAT_FORMATS[fmt]
+    if bits != f.bits:
+        raise UserError(f"format={fmt} stores {f.bits}-bit elements; bits={bits} contradicts it (drop bits= to "
+                        f"follow the format, or use format=int)")  # fmt: skip
+    allowed = (f.group_size,) if f.group_size is not None else (-1, 128)
+    if group_size not in allowed:
+        raise UserError(f"format={fmt} takes group_size {' or '.join(map(str, allowed))}; group_size={group_size} "
+                        f"contradicts it (drop group_size= to follow the format)")  # fmt: skip
+
+
+def format_bits(fmt: str, default: int) -> int:
+    """The `bits` a format fixes (INT: the given default), for the root config's interpolation."""
+    return FLOAT_FORMATS[fmt].bits if fmt in FLOAT_FORMATS else int(default)
+
+
+def format_group(fmt: str, default: int) -> int:
+    """The group size a format fixes (FP8: per channel; INT: the given default)."""
+    if fmt in FLOAT_FORMATS:
+        g = FLOAT_FORMATS[fmt].group_size
+        return -1 if g is None else g
+    return int(default)
+
+
+def fit_weight_grid(w: Tensor, fmt: str, bits: int, group_size: int, sym: bool, clip: float = 1.0
+                    ) -> QuantGrid | FloatGrid:  # fmt: skip
+    """The grid of format `fmt` fit to a 2-D weight: min-max INT (`bits`, `sym`, `clip`), or max-scaled float."""
+    if fmt == "int":
+        return fit_grid(w, bits, group_size, sym, clip)
+    return fit_float_grid(w, fmt, group_size)
+
+
+def lazy_grid(w: Tensor, fmt: str, bits: int, group_size: int, sym: bool) -> QuantGrid | FloatGrid:
+    """A grid whose groups the solver fits as it reaches them (`fit_group`); a float grid's per-tensor scale is
+    fixed now, from the whole weight."""
+    rows, cols = w.shape
+    ones = torch.ones(rows, cols // group_size, dtype=torch.float32, device=w.device)
+    if fmt == "int":
+        return QuantGrid(bits, group_size, sym, ones, torch.zeros_like(ones))
+    grid = fit_float_grid(w, fmt, group_size)
+    grid.scale = ones
+    return grid
 
 
 def fit_float_grid(w: Tensor, fmt: str, group_size: int) -> FloatGrid:

@@ -31,7 +31,7 @@ def layer_bits(t: Target, dense_bits: int = 16) -> tuple[float, str]:
     vbits = c.grid.bits if c.grid is not None else dense_bits
     overhead = 0.0
     if c.grid is not None:
-        overhead = c.grid.scale.numel() * (16 + (0 if c.grid.sym else c.grid.bits))
+        overhead = c.grid.scale_bits()
     if c.mask is None:
         return numel * vbits + overhead, "dense"
     kept = int(c.mask.sum())

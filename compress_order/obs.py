@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from compress_order.prune import spread_quota
-from compress_order.quant import QuantGrid, grid_params, quantize_column
+from compress_order.quant import QuantGrid
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ColumnGrid:
     current, already-updated weights when a group's first column is reached (written into `grid`).
     `col_ids[j]` is the original column of processed column j (act-order); None = identity."""
 
-    grid: QuantGrid
+    grid: QuantGrid  # or a formats.FloatGrid: the same interface
     fit: bool = False
     col_ids: list[int] | None = None
 
@@ -103,11 +103,8 @@ def obs_solve(
                 j = i1 + i if rounding.col_ids is None else rounding.col_ids[i1 + i]
                 gs = grid.group_size
                 if rounding.fit and j % gs == 0:  # a new group starts: its range from the current weights
-                    span = W1[:, i : i + gs] * K1[:, i : i + gs]
-                    s, z = grid_params(span.amin(1), span.amax(1), grid.bits, grid.sym)
-                    grid.scale[:, j // gs], grid.zero[:, j // gs] = s, z
-                s, z = grid.column(j)
-                q = quantize_column(q, s, z, grid.maxq)
+                    grid.fit_group(j // gs, W1[:, i : i + gs] * K1[:, i : i + gs])
+                q = grid.round_column(j, q)
             Q1[:, i] = q
             # Frozen weights send no error; updates that reached them are dropped with them.
             e = ((w if L1 is None else w * L1[:, i]) - q) / d1[i]

@@ -45,10 +45,31 @@ class QuantGrid:
         """Round w onto the grid (round-to-nearest, clamped), in w's dtype."""
         return self.dequant(self.codes(w), w.dtype)
 
+    fmt = "int"  # the element format (formats.py has the floating-point ones, with the same interface)
+
     def column(self, j: int) -> tuple[Tensor, Tensor]:
         """Scale and zero of input column j, shape (rows,): GPTQ and SparseGPT walk columns one at a time."""
         g = j // self.group_size
         return self.scale[:, g], self.zero[:, g]
+
+    def round_column(self, j: int, w: Tensor) -> Tensor:
+        """Column j (rows,) rounded onto its per-row grid: the inner step of GPTQ-style solvers."""
+        s, z = self.column(j)
+        return quantize_column(w, s, z, self.maxq)
+
+    def fit_group(self, g: int, span: Tensor) -> None:
+        """Refit group g's min-max range from `span` (rows, group_size): GPTQ fits a group when it reaches it."""
+        self.scale[:, g], self.zero[:, g] = grid_params(span.amin(1), span.amax(1), self.bits, self.sym)
+
+    def problem(self) -> str | None:
+        """Why the grid is not a valid integer grid (None: it is): zero-points must be integer codes."""
+        if not bool(((self.zero == torch.round(self.zero)) & (self.zero >= 0) & (self.zero <= self.maxq)).all()):
+            return "zero-points are not integer codes, so 0 is not on the grid"
+        return None
+
+    def scale_bits(self) -> float:
+        """Bits of the stored scales (16 each) and, when asymmetric, zero-points (`bits` each)."""
+        return self.scale.numel() * (16 + (0 if self.sym else self.bits))
 
     def clone(self) -> "QuantGrid":
         return QuantGrid(self.bits, self.group_size, self.sym, self.scale.clone(), self.zero.clone())

@@ -98,6 +98,16 @@ def multiply_columns(t: Target, s: Tensor) -> None:
     t.set_weight(w.to(t.dtype))
 
 
+def float_grid_obstacle(targets: dict[str, Target]) -> str | None:
+    """Why input factors cannot be absorbed by a floating-point grid: its scales are stored in their own format
+    (E4M3, powers of two), which a rescaled scale leaves."""
+    t = next((t for t in targets.values() if t.constraint.grid is not None and t.constraint.grid.fmt != "int"), None)
+    if t is None:
+        return None
+    return (f"{t.name} holds a {t.constraint.grid.fmt} grid whose scales are stored in their own format, so "
+            f"rescaling its input channels would move them off it")  # fmt: skip
+
+
 def grid_obstacle(targets: list[Target]) -> str | None:
     """Why input factors could not be absorbed by these layers' grids (None when they can): a per-channel grid,
     or groups of different sizes in one group of layers fed the same input."""

@@ -140,6 +140,7 @@ def check_config(cfg: DictConfig) -> None:
     gs = c["group_size"]
     if not isinstance(gs, int) or isinstance(gs, bool) or (gs <= 0 and gs != -1):
         raise UserError(f"group_size={gs} must be a positive integer or -1 (per-channel)")
+    check_number_format(cfg, c["format"], bits, gs)
     _int(c["seed"], "seed", 0)
     _int(c["replicates"], "replicates", 1, what=" (calibration seeds per run)")
     seeds = c["seeds"]
@@ -191,6 +192,16 @@ def check_config(cfg: DictConfig) -> None:
         if resolve_device(str(c["device"])).type != "cpu":  # the runner would place the whole model there first
             raise UserError(f"eval.offload={ev['offload']} streams a model kept in CPU memory; set device=cpu "
                             f"(and calibration.device for calibrated stages)")
+
+
+def check_number_format(cfg: DictConfig, fmt: str, bits: int, group_size: int) -> None:
+    """The format with the bits and group size it fixes (each quantizing stage's is checked with its config)."""
+    from compress_order.formats import check_format
+
+    check_format(fmt, bits, group_size)
+    if fmt != "int" and cfg.get("save_format") == "compressed-tensors":
+        raise UserError(f"save_format=compressed-tensors is written for integer grids only so far; format={fmt} "
+                        f"saves as save_format=dense or auto (values exactly on their grids)")  # fmt: skip
 
 
 def check_writable(path: str, what: str) -> None:

@@ -22,6 +22,17 @@ from compress_order.schema import entry_label, entry_name_overrides
 from compress_order.stages.base import Stage
 
 
+def _check_format(sc: dict, fmt: Any) -> None:
+    """A quantizing stage rounds onto the run's number format, or the run is refused (never silently INT)."""
+    if fmt == "int" or "format" in sc:
+        return
+    from hydra.utils import get_object
+
+    if getattr(get_object(sc["_target_"]), "kind", None) in ("quantize", "joint"):
+        raise UserError(f"stage '{sc['label']}' rounds onto integer grids only; format={fmt} needs a stage that "
+                        f"takes a format (rtn, gptq, sparsegpt_gptq) or format=int")  # fmt: skip
+
+
 def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
     """Resolved config (a plain dict with `name` and `label`) of every entry of `cfg[key]`, in list order."""
     entries = list(cfg.get(key) or [])
@@ -43,6 +54,7 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
         resolved.pop("label", None)
         resolved.update({k: v for k, v in stage_defaults(resolved["_target_"]).items() if k not in resolved})
         resolved.update(name=name, label=entry_label(entry))
+        _check_format(resolved, root.get("format", "int"))
         out.append(resolved)
     labels: dict[str, dict] = {}
     for sc in out:

@@ -22,7 +22,7 @@ from torch import Tensor
 from compress_order.errors import UserError
 from compress_order.hessian import HessianStats
 from compress_order.quant import QuantGrid, fit_grid, grid_params
-from compress_order.scaling import Partner
+from compress_order.scaling import Partner, float_grid_obstacle
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
 from compress_order.targets import Target
 
@@ -87,6 +87,10 @@ class AWQ(QuantMixin, Stage):
     def _rounded(self, w: Tensor, mask: Tensor | None) -> Tensor:
         q = fit_grid(w, self.bits, self.group_size, self.sym).project(w)
         return q if mask is None else q * mask
+
+    def feasible(self, targets: dict[str, Target]) -> str | None:
+        why = float_grid_obstacle(targets)
+        return None if why is None else f"{self.label} after a quantizer: {why}"
 
     def search(self, group: list[Target], stats: HessianStats) -> Tensor:
         """The α-grid search of s = mean|X|^α (normalised) on the group's output error."""

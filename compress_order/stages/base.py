@@ -13,6 +13,7 @@ from torch import Tensor
 
 from compress_order.errors import UserError
 from compress_order.prune import nm_sparsity, parse_nm
+from compress_order.formats import check_format, fit_weight_grid
 from compress_order.quant import QuantGrid
 from compress_order.targets import Target
 
@@ -84,10 +85,17 @@ class PruneMixin:
 
 
 class QuantMixin:
-    def _init_quant(self, bits: int, group_size: int, sym: bool) -> None:
+    def _init_quant(self, bits: int, group_size: int, sym: bool, fmt: str = "int") -> None:
         if not isinstance(bits, int) or not 2 <= bits <= 8:
             raise UserError(f"bits={bits} is outside 2-8")
-        self.bits, self.group_size, self.sym = int(bits), int(group_size), bool(sym)
+        check_format(fmt, bits, group_size)
+        self.format = fmt
+        # float codebooks are symmetric: no zero-point whatever `sym` says
+        self.bits, self.group_size, self.sym = int(bits), int(group_size), bool(sym) or fmt != "int"
+
+    def _fit(self, w: Tensor, clip: float = 1.0):
+        """The stage's grid for a weight, in its format."""
+        return fit_weight_grid(w, self.format, self.bits, self.group_size, self.sym, clip)
 
     def _validate_groups(self, targets: dict[str, Target]) -> None:
         if self.group_size <= 0:

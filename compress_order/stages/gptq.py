@@ -18,19 +18,18 @@ from torch import Tensor
 from compress_order.errors import UserError
 from compress_order.hessian import HessianStats, damped_inverse_cholesky
 from compress_order.obs import ColumnGrid, obs_solve
-from compress_order.quant import QuantGrid, fit_grid
+from compress_order.formats import fit_weight_grid, lazy_grid
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
 from compress_order.stages.sparsegpt import check_solver_params
 from compress_order.targets import Target
 
 
-def column_grid(w: Tensor, bits: int, group_size: int, sym: bool, static: bool) -> ColumnGrid:
-    """Per-channel and static grids are fit now from `w`; otherwise an empty grid the solver fills per group."""
-    rows, cols = w.shape
+def column_grid(w: Tensor, bits: int, group_size: int, sym: bool, static: bool, fmt: str = "int") -> ColumnGrid:
+    """Per-channel and static grids are fit now from `w`; otherwise an empty grid the solver fills per group
+    (a float format's per-tensor scale is fixed now, from `w`)."""
     if group_size <= 0 or static:
-        return ColumnGrid(fit_grid(w, bits, group_size, sym), fit=False)
-    ones = torch.ones(rows, cols // group_size, dtype=torch.float32, device=w.device)
-    return ColumnGrid(QuantGrid(bits, group_size, sym, ones, torch.zeros_like(ones)), fit=True)
+        return ColumnGrid(fit_weight_grid(w, fmt, bits, group_size, sym), fit=False)
+    return ColumnGrid(lazy_grid(w, fmt, bits, group_size, sym), fit=True)
 
 
 class GPTQ(QuantMixin, Stage):
@@ -46,10 +45,11 @@ class GPTQ(QuantMixin, Stage):
         static_groups: bool = False,  # fit every group's grid before the solve (else when the solver reaches it)
         percdamp: float = 0.01,
         blocksize: int = 128,
+        format: str = "int",  # int | fp8 | nvfp4 | mxfp4: each column rounded onto that codebook, error fed forward
         **kw: Any,
     ):
         super().__init__(**kw)
-        self._init_quant(bits, group_size, sym)
+        self._init_quant(bits, group_size, sym, format)
         check_solver_params("gptq", blocksize, percdamp)
         if act_order and self.group_size > 0 and not static_groups:
             raise UserError(
@@ -67,7 +67,7 @@ class GPTQ(QuantMixin, Stage):
         w = target.weight.float()
         H = stats.H.to(w.device)
         prior = c.mask
-        rounding = column_grid(w, self.bits, self.group_size, self.sym, self.static_groups)
+        rounding = column_grid(w, self.bits, self.group_size, self.sym, self.static_groups, self.format)
         perm = None
         if self.act_order:
             # Most-active inputs first: their errors can still be absorbed by the most other columns.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress_order.quant import fit_grid
+from compress_order.errors import UserError
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
 from compress_order.targets import Target
 
@@ -15,9 +15,13 @@ from compress_order.targets import Target
 class RTN(QuantMixin, Stage):
     kind = "quantize"
 
-    def __init__(self, bits: int, group_size: int = -1, sym: bool = False, clip: float = 1.0, **kw: Any):
+    def __init__(self, bits: int, group_size: int = -1, sym: bool = False, clip: float = 1.0, format: str = "int",
+                 **kw: Any):  # fmt: skip
+        """format: int | fp8 | nvfp4 | mxfp4 (formats.py): the element codebook and scale of the grid."""
         super().__init__(**kw)
-        self._init_quant(bits, group_size, sym)
+        self._init_quant(bits, group_size, sym, format)
+        if format != "int" and clip != 1.0:
+            raise UserError(f"rtn clip={clip} shrinks integer ranges; a format={format} scale is max-scaled")
         self.clip = float(clip)
 
     def validate(self, targets: dict[str, Target]) -> None:
@@ -25,5 +29,5 @@ class RTN(QuantMixin, Stage):
 
     def compress(self, target: Target, stats: Any = None) -> None:
         w = target.weight
-        grid = fit_grid(w, self.bits, self.group_size, self.sym, self.clip)
+        grid = self._fit(w, self.clip)
         set_quantized(target, grid.project(w), grid, self.label)

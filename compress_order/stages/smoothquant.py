@@ -19,7 +19,7 @@ import torch
 
 from compress_order.errors import UserError
 from compress_order.hessian import HessianStats
-from compress_order.scaling import Partner, grid_obstacle, group_constant, multiply_columns
+from compress_order.scaling import Partner, float_grid_obstacle, grid_obstacle, group_constant, multiply_columns
 from compress_order.stages.base import Stage
 from compress_order.targets import Target
 
@@ -38,6 +38,9 @@ class SmoothQuant(Stage):
         self.alpha = float(alpha)
 
     def feasible(self, targets: dict[str, Target]) -> str | None:
+        why = float_grid_obstacle(targets)
+        if why is not None:
+            return f"{self.label} after a quantizer: {why}"
         linear = [t for t in targets.values() if t.adapter.linear and t.constraint.grid is not None]
         for t in linear:
             why = grid_obstacle([t])

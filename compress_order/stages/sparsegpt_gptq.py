@@ -31,11 +31,12 @@ class SparseGPTGPTQ(PruneMixin, QuantMixin, Stage):
         sym: bool = False,
         percdamp: float = 0.01,
         blocksize: int = 128,
+        format: str = "int",  # int | fp8 | nvfp4 | mxfp4
         **kw: Any,
     ):
         super().__init__(**kw)
         self._init_sparsity(sparsity, nm)
-        self._init_quant(bits, group_size, sym)
+        self._init_quant(bits, group_size, sym, format)
         check_solver_params("sparsegpt_gptq", blocksize, percdamp)
         self.percdamp, self.blocksize = float(percdamp), int(blocksize)
 
@@ -49,7 +50,7 @@ class SparseGPTGPTQ(PruneMixin, QuantMixin, Stage):
         U = damped_inverse_cholesky(stats.H.to(w.device), self.percdamp)
         # Per-channel: one range per row from the current weights; groups: fit as the solver reaches them,
         # after the block's pruning choice, from the kept and updated weights.
-        rounding = column_grid(w, self.bits, self.group_size, self.sym, static=False)
+        rounding = column_grid(w, self.bits, self.group_size, self.sym, static=False, fmt=self.format)
         n_prune = 0 if self.nm is not None else required_zeros(self.sparsity, w.numel())
         new, keep = obs_solve(w, U, c.mask, n_prune, self.nm, rounding, self.blocksize)
         set_pruned(target, new, keep, self.sparsity, self.nm, self.label)

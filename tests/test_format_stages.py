@@ -1,0 +1,130 @@
+"""Every quantizer that takes a `format` rounds onto that format's codebook, and every ordered pair with a pruner
+keeps both constraints: pruned weights stay zero and every weight stays exactly on its (float) grid."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from compress_order.calibration import calibrate_and_compress
+from compress_order.formats import FloatGrid, codebook
+from compress_order.stages.gptq import GPTQ
+from compress_order.stages.magnitude import Magnitude
+from compress_order.stages.rtn import RTN
+from compress_order.stages.sparsegpt import SparseGPT
+from compress_order.stages.sparsegpt_gptq import SparseGPTGPTQ
+from compress_order.stages.wanda import Wanda
+from compress_order.targets import ModelState, find_targets
+from helpers import exit_code, tiny_llama_model, token_batches
+
+FORMATS = {"fp8": (8, -1), "nvfp4": (4, 16), "mxfp4": (4, 32)}
+PRUNERS = {"magnitude": lambda nm: Magnitude(0.5, nm=nm, name="magnitude"),
+           "wanda": lambda nm: Wanda(0.5, nm=nm, name="wanda"),
+           "sparsegpt": lambda nm: SparseGPT(0.5, nm=nm, name="sparsegpt")}  # fmt: skip
+QUANTIZERS = {"rtn": lambda f, b, g: RTN(b, group_size=g, format=f, name="rtn"),
+              "gptq": lambda f, b, g: GPTQ(b, group_size=g, format=f, name="gptq")}  # fmt: skip
+
+
+def _apply(stage, model, targets, batches) -> None:
+    if stage.needs is None:
+        for t in targets.values():
+            stage.compress(t, None)
+    else:
+        calibrate_and_compress(model, targets, batches, stage, {})
+    ModelState(model, targets).check()  # masks, sparsity, N:M, exact codebook membership, scale formats
+
+
+def _on_codebook(t) -> bool:
+    """Every weight ÷ its scale is a codebook value (up to the division's rounding), read independently of the
+    grid's own projection."""
+    g = t.constraint.grid
+    r = (t.weight.double() / g.scale.double().repeat_interleave(g.group_size, 1)).flatten()
+    gap = (r[:, None] - codebook(g.bits).double()[None, :]).abs().min(1).values
+    return bool((gap <= 1e-6 * r.abs().clamp_min(1)).all())
+
+
+CASES = [(f, a, b, nm) for f in FORMATS for p, q in itertools.product(PRUNERS, QUANTIZERS)
+         for a, b in ((p, q), (q, p)) for nm in (None, "2:4")]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt,first,second,nm", CASES, ids=[f"{f}-{a}>{b}-{nm}" for f, a, b, nm in CASES])
+def test_every_ordered_pair_keeps_its_constraints_on_a_float_grid(fmt, first, second, nm):
+    bits, group = FORMATS[fmt]
+    model = tiny_llama_model()
+    targets = find_targets(model, ["lm_head"])
+    batches = token_batches()
+    for name in (first, second):
+        stage = PRUNERS[name](nm) if name in PRUNERS else QUANTIZERS[name](fmt, bits, group)
+        _apply(stage, model, targets, batches)
+    for t in targets.values():
+        c = t.constraint
+        assert isinstance(c.grid, FloatGrid) and c.grid.fmt == fmt and _on_codebook(t), t.name
+        assert float((t.weight == 0).float().mean()) >= 0.5 - 1e-9
+        assert bool((t.weight[~c.mask] == 0).all())
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_the_joint_schedule_prunes_and_rounds_onto_a_float_grid(fmt):
+    bits, group = FORMATS[fmt]
+    model = tiny_llama_model()
+    targets = find_targets(model, ["lm_head"])
+    _apply(SparseGPTGPTQ(0.5, bits, group_size=group, format=fmt, name="j"), model, targets, token_batches())
+    assert all(isinstance(t.constraint.grid, FloatGrid) and _on_codebook(t) for t in targets.values())
+
+
+def test_gptq_beats_rtn_on_the_layer_output_error_on_each_format():
+    """GPTQ's error feedback onto the codebook lowers the calibration-weighted error ‖(W - Q) X‖ against RTN."""
+    from compress_order.hessian import HessianStats
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = torch.randn(512, 128) @ torch.randn(128, 128) * 0.3  # correlated inputs: where feedback helps
+    lin = torch.nn.Linear(128, 64, bias=False)
+    for fmt, (bits, group) in FORMATS.items():
+        errs = {}
+        for name, make in QUANTIZERS.items():
+            lin.weight.data.copy_(w)
+            (t,) = find_targets(lin).values()
+            stats = HessianStats(lin)
+            stats.add_batch(x)
+            make(fmt, bits, group).compress(t, stats)
+            errs[name] = float(((t.weight - w) @ x.t()).norm())
+        assert errs["gptq"] < errs["rtn"], (fmt, errs)
+
+
+BAD = [
+    (["format=bf4"], "format=bf4 is unknown; valid: int, fp8, nvfp4, mxfp4"),
+    (["stages=[magnitude]", "format=bf4"], "format=bf4 is unknown"),  # checked whatever the stages
+    (["format=nvfp4", "bits=3"], "format=nvfp4 stores 4-bit elements; bits=3 contradicts it"),
+    (["format=mxfp4", "group_size=16"], "format=mxfp4 takes group_size 32; group_size=16 contradicts it"),
+    (["format=fp8", "group_size=64"], "format=fp8 takes group_size -1 or 128"),
+    (["format=nvfp4", "stages=[awq,magnitude]"], "stage 'awq' rounds onto integer grids only; format=nvfp4"),
+    (["format=nvfp4", "save=true", "save_format=compressed-tensors"], "integer grids only so far"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_format_settings_exit_2_with_one_line(args, message, tiny_overrides, tmp_path, capsys):
+    keys = {a.split("=", 1)[0] for a in args}
+    base = [o for o in tiny_overrides if o.split("=", 1)[0] not in keys]
+    assert exit_code(["run", *base, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run" / "results.parquet").exists()
+
+
+def test_a_float_format_run_follows_the_format_and_counts_its_scales(tiny_overrides, tmp_path):
+    from compress_order.config import compose_config
+    from compress_order.runner import run
+
+    df = run(compose_config([*tiny_overrides, "format=nvfp4", "stages=[sparsegpt,gptq]", "sparsity=0.5",
+                             "eval.backends=[int4_weight_only]", "calibration.nsamples=2"]), tmp_path / "out")  # fmt: skip
+    assert set(df["bits"]) == {4} and set(df["group_size"]) == {16}
+    sim = df[df.backend == "dense-simulated"]
+    bits = sim[sim.metric == "avg_bits"].set_index("order")["value"]
+    # 4-bit codes + an 8-bit E4M3 scale per 16 weights + one float32 scale per layer
+    assert bits["gptq"] == pytest.approx(4 + 8 / 16, abs=0.01) and bits["gptq"] > 4.5
+    na = df[(df.backend != "dense-simulated") & (df.order == "gptq")]
+    assert len(na) and (na["status"] == "n/a").all() and na["error"].str.contains("nvfp4 weights have no kernel").all()
