@@ -92,3 +92,15 @@ def write_fake_run(run_dir: Path, results: list[dict], samples: list, finished: 
     pd.concat(samples).to_parquet(run_dir / "samples.parquet")
     if finished:
         (run_dir / "summary.md").write_text("# done\n")
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod

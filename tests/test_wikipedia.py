@@ -4,7 +4,6 @@ tiny fake dump; the real gensim wheel's data when it has been prepared."""
 from __future__ import annotations
 
 import bz2
-import importlib.util
 import json
 import zipfile
 from pathlib import Path
@@ -14,8 +13,8 @@ import pytest
 from compress_order.config import compose_config
 from compress_order.instantiate import build
 from compress_order.wikipedia import Article, read_dump, read_news, split, strip_markup, write_splits
+from conftest import load_script
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 NS = "http://www.mediawiki.org/xml/export-0.10/"
 
 ARTICLE = """{{Infobox person|name=Ada|born=1815}}
@@ -78,15 +77,9 @@ def test_split_is_by_document_seeded_and_complete(tmp_path):
     assert json.loads((tmp_path / "out" / "split.json").read_text())["valid"]["documents"] == 6 == info["valid"]["documents"]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("get_wikipedia", SCRIPTS / "get_wikipedia.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_script_prepares_both_datasets_offline_and_configs_read_them(tmp_path, monkeypatch, capsys):
-    mod = _script()
+    mod = load_script("get_wikipedia")
     dump = fake_dump(tmp_path / "dump.bz2", n_articles=12)
     news = "\n".join(f"News story {i} said something about the weather today." for i in range(10)) + "\n"
 
