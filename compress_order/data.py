@@ -21,10 +21,11 @@ class TextSplits:
     max_windows: int | None = None  # evaluation windows the dataset's protocol scores (C4: 256), None: all
 
 
-def _read(path: str, what: str, name: str) -> str:
+def _read(path: str, what: str, name: str, missing_hint: str | None = None) -> str:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"data '{name}': {what} file '{path}' does not exist; set data.{what}=/path/to/text")
+        hint = missing_hint or f"set data.{what}=/path/to/text"
+        raise UserError(f"data '{name}': {what} file '{path}' does not exist; {hint}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -34,9 +35,11 @@ def _read(path: str, what: str, name: str) -> str:
     return text
 
 
-def text_files(name: str, train: str, valid: str) -> TextSplits:
-    """Plain UTF-8 text files (the embedded Shakespeare corpus, or any local corpus)."""
-    return TextSplits(name=name, train=_read(train, "train", name), valid=_read(valid, "valid", name))
+def text_files(name: str, train: str, valid: str, missing_hint: str | None = None) -> TextSplits:
+    """Plain UTF-8 text files (the embedded Shakespeare corpus, a prepared corpus, or any local corpus);
+    `missing_hint` says how to prepare files that are not there."""
+    return TextSplits(name=name, train=_read(train, "train", name, missing_hint),
+                      valid=_read(valid, "valid", name, missing_hint))
 
 
 # File formats `data.path` may hold, by suffix → the `datasets` builder that reads them.

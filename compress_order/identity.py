@@ -2,7 +2,8 @@
 
 A node (the dense model, or the model after a prefix of stages) is keyed by
 - the model and data configs (the embedded assets' folder written relative, so every checkout shares keys),
-- the evaluation settings, the device and `dense_bits` (they change the node's metrics),
+- the evaluation settings, the device and `dense_bits` (they change the node's metrics; `kld` is measured against
+  the dense model of these same settings, its reference scheme being `eval` keys, so it needs nothing more),
 - the resolved parameters of each stage of its prefix, in order (a label is a name, not identity: `bits` and
   `sparsity` enter only through the stages that interpolate them),
 - the calibration settings and the seed, only when the prefix holds a calibrated stage (one whose class `needs`

