@@ -172,7 +172,7 @@ def _smollm2() -> bool:
 def test_kld_topk_on_smollm2_against_every_token():
     """A 49k-token vocabulary: the default top-128 scheme against the exact KL after RTN W3 g64 and W4 g64."""
     from compress_order.instantiate import build
-    from compress_order.runner import apply_stage
+    from compress_order.pipeline import apply_stage
     from compress_order.stages import build_stage, stage_configs
     from compress_order.targets import ModelState, find_targets
     from compress_order.tasks import build_task
