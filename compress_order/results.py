@@ -21,7 +21,7 @@ from compress_order.schema import DENSE_REFERENCE, RESULTS, RESULTS_CSV, SAMPLES
 
 COLUMNS = [
     "run_id", "model", "dataset", "stages", "stage_list", "order", "depth", "bits", "sparsity", "group_size", "act_bits",
-    "seed",
+    "format", "expert_sparsity", "seed",
     "metric", "value", "higher_is_better", "backend", "status", "error", "config_hash", "node_key",
     "git_sha", "torch_version", "device", "timestamp", "library_versions",
 ]  # fmt: skip

@@ -113,7 +113,9 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
     context = {
         "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{base[:8]}",
         "model": cfg.model.name, "dataset": cfg.data.name, "bits": cfg.bits, "sparsity": cfg.sparsity,
-        "group_size": cfg.group_size, "act_bits": cfg.act_bits, "config_hash": base[:16], "git_sha": git_sha(),
+        "group_size": cfg.group_size, "act_bits": cfg.act_bits,
+        "format": None if cfg.format == "int" else cfg.format,  # a float format's name; empty for integer grids
+        "config_hash": base[:16], "git_sha": git_sha(),
         "torch_version": torch.__version__, "device": str(device), "library_versions": library_versions(),
     }  # fmt: skip
     writer = RunWriter(out_dir)
@@ -126,7 +128,9 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
             plan = plans[0] if i == 0 else make_plan(job, store, force=bool(cfg.force))
             stats.nodes += len(plan.nodes)
             labels = ",".join(sc["label"] for sc in plan.stage_cfgs)
-            context.update(stages=labels, stage_list=stage_list(plan.stage_cfgs + plan.joint_cfgs), seed=int(job.seed))
+            context.update(stages=labels, stage_list=stage_list(plan.stage_cfgs + plan.joint_cfgs), seed=int(job.seed),
+                           expert_sparsity=next((sc["expert_sparsity"] for sc in plan.stage_cfgs
+                                                 if "expert_sparsity" in sc), None))  # fmt: skip
             executor.execute(job, plan, dict(context))
     except KeyboardInterrupt:
         finished = len({(r["order"], r["seed"]) for r in writer.rows})

@@ -18,7 +18,8 @@ from compress_order.errors import UserError
 from compress_order.metrics import METRICS, primary_metrics
 from compress_order.paths import CONF_DIR
 
-SETTING = ["model", "dataset", "stages", "bits", "sparsity", "group_size", "act_bits", "seed"]
+SETTING = ["model", "dataset", "stages", "format", "bits", "sparsity", "expert_sparsity", "group_size", "act_bits",
+           "seed"]  # fmt: skip
 TABLE_INDEX = [c for c in SETTING if c != "seed"]  # tables and verdicts pool the calibration seeds of a setting
 FORMATS = ("markdown", "csv", "latex")
 LATEX_SYMBOLS = {" > ": r" $\rightarrow$ ", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "−": "--", "≤": r"$\leq$"}
