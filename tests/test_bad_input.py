@@ -79,6 +79,12 @@ BAD = [
     (["eval.lm_eval.bootstrap_iters=-1"], "eval.lm_eval.bootstrap_iters=-1 must be an integer ≥ 0"),
     (["eval.lm_eval.model_args=3"], "eval.lm_eval.model_args=3 must be a mapping"),
     (["eval.lm_eval.include_path=/nonexistent/tasks"], "eval.lm_eval.include_path '/nonexistent/tasks' does not exist"),
+    # What the model's structure decides is refused once it is loaded, before the dense node is evaluated.
+    (["stages=[{name:sparsegpt,nm:'2:3',sparsity:0}]"], "N:M 2:3: M does not divide the inputs of "),
+    (["stages=[{name:wanda,nm:'1:3',sparsity:0}]"], "N:M 1:3: M does not divide the inputs of "),
+    (["stages=[{name:awq,group_size:96}]"], "group_size=96 does not divide the 128 input features"),
+    (["joint=[{name:sparsegpt_gptq,group_size:96}]"], "group_size=96 does not divide the 128 input features"),
+    (["stages=[expert_prune,rtn]"], "stage 'expert_prune' removes experts, but the model has no MoE layer"),
     (["stages=[{name:smoothquant,alpha:1.5}]"], "smoothquant alpha=1.5 is outside [0, 1]"),
     (["stages=[{name:awq,min_clip:0}]"], "awq min_clip=0 is outside (0, 1]"),
     (["hydra.run.dir=/proc/compress-order"], "hydra.run.dir '/proc/compress-order' is not writable"),
@@ -96,6 +102,22 @@ def test_bad_input_exits_2_with_one_line(args, message, tiny_overrides, tmp_path
     assert len(err) == 1 and message in err[0], err
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "run" / "results.parquet").exists() and not (tmp_path / "sweep").exists()
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]  # no node was stored
+
+
+@pytest.mark.parametrize("stage", ["awq", "smoothquant"])
+def test_stage_without_scaling_producer_is_refused_before_the_first_node(stage, tmp_path, capsys):
+    # ResNet's first layers are convolutions fed through batch norm, ReLU and residual sums: nothing can absorb
+    # input scales. The probe runs once the model is loaded, not when calibration first reaches the stage.
+    rc = exit_code(["run", "model=mnist_resnet", "data=mnist", f"stages=[{stage},rtn]", "calibration.nsamples=4",
+                    "eval.latency.repeats=2", "eval.latency.warmup=1", f"store_dir={tmp_path / 'store'}",
+                    f"hydra.run.dir={tmp_path / 'run'}", "threads=1"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert (f"stage '{stage}' rescales input channels, but no layer group of ResNet (first: layer1.0.conv1) has a "
+            "producer (norm or linear layer) that can absorb the scales; use a stage that does not rescale") in err[0]
+    assert not (tmp_path / "run" / "results.parquet").exists()
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
 
 
