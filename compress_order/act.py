@@ -39,12 +39,11 @@ def paused() -> Iterator[None]:
 
 
 def check_act(bits: Any, granularity: Any) -> None:
-    if bits is None:
-        return
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-        raise UserError(f"act_bits={bits} is outside 2-16 (or null for full-precision activations)")
+    # The granularity is checked with act_bits off too: a bad value must not run and be saved as the config.
     if granularity not in GRANULARITIES:
         raise UserError(f"act_granularity={granularity} is unknown; valid: {', '.join(GRANULARITIES)}")
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16):
+        raise UserError(f"act_bits={bits} is outside 2-16 (or null for full-precision activations)")
 
 
 def fake_quant(x: Tensor, bits: int, granularity: str, channel_dim: int = -1, amax: Tensor | None = None) -> Tensor:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from compress_order.act import paused as act_paused
 from compress_order.batches import model_forward
 from compress_order.batches import to_device as _to
 from compress_order.errors import UserError
@@ -328,15 +329,7 @@ def compress_unit(
     diag_only = stage.needs == "hessian_diag"
     partners: dict[int, Any] = {}
     if stage.scales_inputs and unit is not None and groups:
-        from compress_order.scaling import find_partners
-
-        found = find_partners(run, unit, groups, layers)
-        if not found and first:
-            raise UserError(
-                f"stage '{stage.label}' rescales input channels, but no layer group of {type(unit).__name__} "
-                f"(first: {groups[0][0].name}) has a producer (norm or linear layer) that can absorb the scales; "
-                f"use a stage that does not rescale (rtn, gptq)"
-            )
+        found = scaling_partners(run, unit, groups, layers, stage, first)
         partners = {id(groups[i][0]): p for i, p in found.items()}
         log.log(logging.INFO if first else logging.DEBUG, "scaling pairs in %s: %s", type(unit).__name__, "; ".join(
             f"{partners[id(g[0])]} → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" if id(g[0]) in partners
@@ -414,6 +407,72 @@ def compress_unit(
     return reached + sum(len(g) for g in groups)
 
 
+def scaling_partners(run: Callable[[int], Any], unit: nn.Module, groups: list[list[Target]], layers: list[Target],
+                     stage: Stage, first: bool) -> dict[int, Any]:  # fmt: skip
+    """Each group's producer (by group index, scaling.find_partners); a UserError when the `first` unit of a
+    model has none: then the stage does not fit the model at all."""
+    from compress_order.scaling import find_partners
+
+    found = find_partners(run, unit, groups, layers)
+    if not found and first:
+        raise UserError(
+            f"stage '{stage.label}' rescales input channels, but no layer group of {type(unit).__name__} "
+            f"(first: {groups[0][0].name}) has a producer (norm or linear layer) that can absorb the scales; "
+            f"use a stage that does not rescale (rtn, gptq)"
+        )
+    return found
+
+
+@torch.no_grad()
+def check_scaling(model: nn.Module, targets: Mapping[str, Target], batches: list[Any], stage: Stage,
+                  calib_cfg: Mapping[str, Any]) -> None:  # fmt: skip
+    """For a stage that rescales inputs: the producer probe of `calibrate_and_compress` on the model's first unit
+    (its first block, or the whole model), on one sample, changing nothing. Run once the model is loaded, so a
+    model without producers is refused before any node is evaluated, not when the stage is first applied."""
+    if not stage.scales_inputs or not batches:
+        return
+    dev = _calibration_device(model, calib_cfg)
+    all_targets = [t for t in targets.values() if not t.constraint.dropped]
+    found = find_blocks(model, targets)
+    was_training = model.training
+    model.eval()
+    try:
+        with act_paused():  # static activation ranges are not observed yet; the probe compares full precision
+            captured = None if found is None else capture_block_calls(model, found[0], found[1], batches[:1], dev)
+            if captured is not None:
+                (hiddens, calls), block = captured, found[1][0]
+                mods = {id(m) for m in block.modules()}
+                unit, unit_targets = block, [t for t in all_targets if id(t.module) in mods]
+
+                def run(k: int) -> Any:
+                    args, kwargs = calls[0][k].bind(hiddens[k])
+                    return block(*args, **kwargs)
+            else:
+                unit, unit_targets = model, all_targets
+
+                def run(k: int) -> Any:
+                    return model_forward(model, _to(batches[k], dev))
+
+            layers = [t for t in unit_targets if t.index is None]
+            if not layers:
+                return
+            with _on_device(unit, unit_targets, dev):
+                groups, _ = input_groups(run, layers)
+                if groups:
+                    scaling_partners(run, unit, groups, layers, stage, first=True)
+    finally:
+        model.train(was_training)
+
+
+def _calibration_device(model: nn.Module, calib_cfg: Mapping[str, Any], device: torch.device | str | None = None
+                        ) -> torch.device:  # fmt: skip
+    """Where blocks are calibrated: `device`, else calib_cfg.device, else where the model's parameters are."""
+    dev = torch.device(device or calib_cfg.get("device", None) or _device_of(model, torch.device("cpu")))
+    if dev.type == "cuda" and dev.index is None:  # compare equal to the parameters' "cuda:N"
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def route_unit(run: Callable[[int], Any], n: int, units: list[ExpertUnit], stage: Stage, block: nn.Module | None
                ) -> int:  # fmt: skip
     """A stage on the MoE layers of a unit, given how the router spreads samples 0..n-1 over their experts."""
@@ -453,9 +512,7 @@ def calibrate_and_compress(
         raise UserError(f"stage '{stage.label}' needs calibration data but calibration.nsamples=0; set it >= 1")
     true_seq = bool(calib_cfg.get("true_sequential", False))
     all_experts = bool(calib_cfg.get("moe_all_experts", False))
-    dev = torch.device(device or calib_cfg.get("device", None) or _device_of(model, torch.device("cpu")))
-    if dev.type == "cuda" and dev.index is None:  # compare equal to the parameters' "cuda:N"
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = _calibration_device(model, calib_cfg, device)
     all_targets = [t for t in targets.values() if not t.constraint.dropped]  # a removed expert stays removed
     was_training = model.training
     model.eval()

@@ -41,6 +41,16 @@ def _task_manager(include_path: tuple[str, ...], include_defaults: bool) -> Any:
     return TaskManager(include_path=list(include_path) or None, include_defaults=include_defaults)
 
 
+def include_paths(value: Any) -> list[str]:
+    """`eval.lm_eval.include_path` (a folder, a list of them, or null) as absolute folders that exist."""
+    paths = [value] if isinstance(value, str) else list(value or [])
+    paths = [str(Path(str(p)).expanduser().resolve()) for p in paths]
+    for p in paths:
+        if not Path(p).exists():
+            raise UserError(f"eval.lm_eval.include_path '{p}' does not exist; pass a folder of task yaml files")
+    return paths
+
+
 def metric_name(task: str, key: str) -> tuple[str, str] | None:
     """lm-eval result key 'acc,none' of `task` → ('arc_easy/acc', 'acc'); None for aliases and non-metrics."""
     metric, _, filt = key.partition(",")
@@ -65,11 +75,7 @@ class LMEval:
         require_lm_eval()
         logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines would drown the run's log
         self.tasks = [str(t) for t in tasks]
-        paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
-        paths = [str(Path(p).expanduser().resolve()) for p in paths]
-        for p in paths:
-            if not Path(p).exists():
-                raise UserError(f"eval.lm_eval.include_path '{p}' does not exist; pass a folder of task yaml files")
+        paths = include_paths(include_path)
         # Local task files alone index in a blink; the built-in tasks are indexed only when a name needs them.
         self.manager = _task_manager(tuple(paths), False) if paths else None
         if self.manager is None or not set(self.tasks) <= set(self.manager.all_tasks):

@@ -7,7 +7,7 @@ through this module, so a rebuilt order is the order the run evaluated: same tar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,6 +64,7 @@ class RunContext:
     act: ActQuant | None
     device: torch.device
     coverage: Coverage | None = None  # which weight matrices the targets are, which model.skip leaves dense
+    probed: set[str] = field(default_factory=set)  # labels of stages `check_model` has probed on this model
 
     @classmethod
     def load(cls, cfg: DictConfig, device: torch.device) -> RunContext:
@@ -92,6 +93,17 @@ class RunContext:
         for s in stages.values():
             s.validate(self.targets)
         return stages
+
+    def check_model(self, stages: dict[str, Stage], task: Task, cfg: DictConfig) -> None:
+        """What the model's structure decides beyond the layer shapes `validate` sees: a stage that rescales
+        inputs needs a producer in the model's first unit. Probed once per stage, on one calibration sample and
+        the loaded weights, before any node is evaluated (calibration would find it only when the stage runs)."""
+        from compress_order.calibration import check_scaling
+
+        for label, stage in stages.items():
+            if stage.scales_inputs and label not in self.probed:
+                check_scaling(self.lm.model, self.targets, task.calibration_batches(), stage, cfg.calibration)
+                self.probed.add(label)
 
     def task(self, cfg: DictConfig) -> Task:
         return build_task(self.lm, self.data, cfg)

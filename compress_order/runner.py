@@ -239,6 +239,7 @@ class TrieWalk:
         self.store, self.stats = ex.store, ex.stats
         self.stages = ctx.build_stages(plan.by_label)  # checked against the layers before any work
         self.task = ctx.task(cfg)
+        ctx.check_model(self.stages, self.task, cfg)  # structure a stage needs (a scaling producer), also before any work
         self.deferred: list[Node] = []
         self.infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
 

@@ -103,6 +103,11 @@ def _number(value: Any, key: str, low: float, strict: bool = True) -> None:
         raise UserError(f"{key}={value} must be a number {'>' if strict else '≥'} {low:g}")
 
 
+def _fraction(value: Any, key: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        raise UserError(f"{key}={value} is outside [0, 1)")
+
+
 def resolved(cfg: DictConfig) -> dict:
     """The whole config resolved, with a failing interpolation (`${oc.env:NOPE}`) as one line naming its key."""
     try:
@@ -134,9 +139,8 @@ def check_config(cfg: DictConfig) -> None:
     bits = c["bits"]
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise UserError(f"bits={bits} is outside 2-8 (an integer)")
-    sp = c["sparsity"]
-    if not isinstance(sp, (int, float)) or isinstance(sp, bool) or not 0 <= sp < 1:
-        raise UserError(f"sparsity={sp} is outside [0, 1)")
+    _fraction(c["sparsity"], "sparsity")
+    _fraction(c["expert_sparsity"], "expert_sparsity")  # read by expert_prune only
     gs = c["group_size"]
     if not isinstance(gs, int) or isinstance(gs, bool) or (gs <= 0 and gs != -1):
         raise UserError(f"group_size={gs} must be a positive integer or -1 (per-channel)")
@@ -171,21 +175,28 @@ def check_config(cfg: DictConfig) -> None:
     _int(lat["decode_tokens"], "eval.latency.decode_tokens", 0)
     _int(lat["warmup"], "eval.latency.warmup", 0)
     _int(lat["repeats"], "eval.latency.repeats", 1)
-    _number((c.get("state_cache") or {}).get("max_gb", 1), "state_cache.max_gb", 0)
+    sc = c.get("state_cache") or {}
+    _number(sc.get("max_gb", 1), "state_cache.max_gb", 0)  # checked with the cache off too
+    if sc.get("dir") is not None and not isinstance(sc["dir"], str):
+        raise UserError(f"state_cache.dir={sc['dir']} must be a folder or null (no cache)")
     _number(c["store_claim_timeout"], "store_claim_timeout", 0)
     from compress_order.schema import SAVE_FORMATS
 
     if c["save_format"] not in SAVE_FORMATS:
         raise UserError(f"save_format={c['save_format']} is unknown; valid: {', '.join(SAVE_FORMATS)}")
-    for flag in ("force", "save", "predict_only"):
-        if not isinstance(c[flag], bool):
-            raise UserError(f"{flag}={c[flag]} must be true or false")
+    flags = {"force": c["force"], "save": c["save"], "predict_only": c["predict_only"],
+             "calibration.true_sequential": cal["true_sequential"], "calibration.moe_all_experts":
+             cal["moe_all_experts"], "eval.word_perplexity": ev["word_perplexity"]}  # fmt: skip
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise UserError(f"{flag}={value} must be true or false")
+    _check_lm_eval(ev)
     if c["predict_only"] and c["save"]:
         raise UserError("save=true writes full orders, which predict_only=true does not compute; drop one of them")
     from compress_order.backends import select_backends
 
     select_backends(ev.get("backends", "auto"), resolve_device(str(c["device"])))
-    if cal.get("device"):
+    if cal.get("device") is not None:  # checked whether or not a stage is calibrated
         resolve_device(str(cal["device"]), "calibration.device")
     if ev.get("offload") not in (None, False):
         resolve_device("auto" if ev["offload"] is True else str(ev["offload"]), "eval.offload")
@@ -202,6 +213,26 @@ def check_number_format(cfg: DictConfig, fmt: str, bits: int, group_size: int) -
     if fmt != "int" and cfg.get("save_format") == "compressed-tensors":
         raise UserError(f"save_format=compressed-tensors is written for integer grids only so far; format={fmt} "
                         f"saves as save_format=dense or auto (values exactly on their grids)")  # fmt: skip
+
+
+def _check_lm_eval(ev: dict) -> None:
+    """`eval.tasks` and the `eval.lm_eval.*` settings, checked when no task is asked for too (they are read
+    only when one is)."""
+    tasks = ev["tasks"]
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+        raise UserError(f"eval.tasks={tasks} must be a list of lm-eval task names, e.g. [arc_easy,hellaswag]")
+    le = ev["lm_eval"]
+    _int(le["num_fewshot"], "eval.lm_eval.num_fewshot", 0, none_ok=True, what=" (null: each task's default)")
+    if le["limit"] is not None:
+        _number(le["limit"], "eval.lm_eval.limit", 0)
+    _int(le["batch_size"], "eval.lm_eval.batch_size", 1)
+    _int(le["max_length"], "eval.lm_eval.max_length", 1, none_ok=True, what=" (null: the window length)")
+    _int(le["bootstrap_iters"], "eval.lm_eval.bootstrap_iters", 0)
+    if not isinstance(le["model_args"], dict):
+        raise UserError(f"eval.lm_eval.model_args={le['model_args']} must be a mapping, e.g. {{add_bos_token: true}}")
+    from compress_order.lmeval import include_paths
+
+    include_paths(le["include_path"])
 
 
 def check_writable(path: str, what: str) -> None:

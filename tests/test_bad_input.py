@@ -60,6 +60,31 @@ BAD = [
     (["act_bits=1"], "act_bits=1 is outside 2-16"),
     (["act_bits=17"], "act_bits=17 is outside 2-16"),
     (["act_bits=8", "act_granularity=channel"], "act_granularity=channel is unknown; valid: token, tensor, static"),
+    # A setting read only when another is on is checked with that one off too (act_bits, save, state_cache.dir,
+    # a calibrated stage and eval.tasks are off in these runs), so a bad value is never run and saved.
+    (["act_granularity=channel"], "act_granularity=channel is unknown; valid: token, tensor, static"),
+    (["save=false", "save_format=gguf"], "save_format=gguf is unknown"),
+    (["state_cache.dir=null", "state_cache.max_gb=-1"], "state_cache.max_gb=-1 must be a number > 0"),
+    (["state_cache.dir=5"], "state_cache.dir=5 must be a folder or null (no cache)"),
+    (["expert_sparsity=1.5"], "expert_sparsity=1.5 is outside [0, 1)"),
+    (["calibration.true_sequential=maybe"], "calibration.true_sequential=maybe must be true or false"),
+    (["calibration.moe_all_experts=2"], "calibration.moe_all_experts=2 must be true or false"),
+    (["calibration.device=tpu"], "calibration.device=tpu is unknown; valid: auto, cpu, cuda, cuda:N"),
+    (["eval.word_perplexity=yes please"], "eval.word_perplexity=yes please must be true or false"),
+    (["eval.tasks=arc_easy"], "eval.tasks=arc_easy must be a list of lm-eval task names"),
+    (["eval.lm_eval.num_fewshot=-1"], "eval.lm_eval.num_fewshot=-1 must be an integer ≥ 0 or null"),
+    (["eval.lm_eval.limit=0"], "eval.lm_eval.limit=0 must be a number > 0"),
+    (["eval.lm_eval.batch_size=0"], "eval.lm_eval.batch_size=0 must be an integer ≥ 1"),
+    (["eval.lm_eval.max_length=0"], "eval.lm_eval.max_length=0 must be an integer ≥ 1 or null"),
+    (["eval.lm_eval.bootstrap_iters=-1"], "eval.lm_eval.bootstrap_iters=-1 must be an integer ≥ 0"),
+    (["eval.lm_eval.model_args=3"], "eval.lm_eval.model_args=3 must be a mapping"),
+    (["eval.lm_eval.include_path=/nonexistent/tasks"], "eval.lm_eval.include_path '/nonexistent/tasks' does not exist"),
+    # What the model's structure decides is refused once it is loaded, before the dense node is evaluated.
+    (["stages=[{name:sparsegpt,nm:'2:3',sparsity:0}]"], "N:M 2:3: M does not divide the inputs of "),
+    (["stages=[{name:wanda,nm:'1:3',sparsity:0}]"], "N:M 1:3: M does not divide the inputs of "),
+    (["stages=[{name:awq,group_size:96}]"], "group_size=96 does not divide the 128 input features"),
+    (["joint=[{name:sparsegpt_gptq,group_size:96}]"], "group_size=96 does not divide the 128 input features"),
+    (["stages=[expert_prune,rtn]"], "stage 'expert_prune' removes experts, but the model has no MoE layer"),
     (["stages=[{name:smoothquant,alpha:1.5}]"], "smoothquant alpha=1.5 is outside [0, 1]"),
     (["stages=[{name:awq,min_clip:0}]"], "awq min_clip=0 is outside (0, 1]"),
     (["hydra.run.dir=/proc/compress-order"], "hydra.run.dir '/proc/compress-order' is not writable"),
@@ -77,6 +102,22 @@ def test_bad_input_exits_2_with_one_line(args, message, tiny_overrides, tmp_path
     assert len(err) == 1 and message in err[0], err
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "run" / "results.parquet").exists() and not (tmp_path / "sweep").exists()
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]  # no node was stored
+
+
+@pytest.mark.parametrize("stage", ["awq", "smoothquant"])
+def test_stage_without_scaling_producer_is_refused_before_the_first_node(stage, tmp_path, capsys):
+    # ResNet's first layers are convolutions fed through batch norm, ReLU and residual sums: nothing can absorb
+    # input scales. The probe runs once the model is loaded, not when calibration first reaches the stage.
+    rc = exit_code(["run", "model=mnist_resnet", "data=mnist", f"stages=[{stage},rtn]", "calibration.nsamples=4",
+                    "eval.latency.repeats=2", "eval.latency.warmup=1", f"store_dir={tmp_path / 'store'}",
+                    f"hydra.run.dir={tmp_path / 'run'}", "threads=1"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert (f"stage '{stage}' rescales input channels, but no layer group of ResNet (first: layer1.0.conv1) has a "
+            "producer (norm or linear layer) that can absorb the scales; use a stage that does not rescale") in err[0]
+    assert not (tmp_path / "run" / "results.parquet").exists()
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
 
 

@@ -274,3 +274,30 @@ def test_best_without_shared_units_compares_intervals(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "10 of 10 distinct nodes fit" in out and out.count("dense [dense") == 2
     assert "their intervals overlap; unpaired: no shared evaluation units" in out
+
+
+ANALYSIS_COMMANDS = {
+    "table": [], "analyze": ["--n-boot", "0", "--no-plots"], "collect": [], "frontier": ["--no-plots"],
+    "best": ["--max-size", "1.2GB", "--n-boot", "0"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cmd", ANALYSIS_COMMANDS)
+def test_unreadable_results_one_error_alone_a_warning_beside_readable_runs(cmd, tmp_path, capsys):
+    shifts = {o: 0.1 * i for i, o in enumerate(SIZES)}
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        write_run(sweep / job, shifts, SIZES, bits=3 + int(job))
+    bad = sweep / "1" / "results.parquet"
+    bad.write_bytes(bad.read_bytes()[:100])  # a job killed while writing it
+    extra = ANALYSIS_COMMANDS[cmd]
+    out_args = ["--out", str(tmp_path / "all.parquet")] if cmd == "collect" else []
+    # nothing readable: one error line naming the file, no warning about it first
+    assert cli.main([cmd, str(sweep / "1"), *extra, *out_args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("compress-order: error: no readable results: 1 unreadable file(s): "
+                                               f"'{bad}' ("), err  # fmt: skip
+    # beside a readable run: a warning for the unreadable one, and the command answers
+    assert cli.main([cmd, str(sweep), *extra, *out_args]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [line for line in err if "warning" in line] and len(err) == 1 and f"'{bad}'" in err[0], err

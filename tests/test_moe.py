@@ -323,7 +323,10 @@ def test_expert_prune_composes_and_its_checkpoint_has_fewer_experts(order, moe_o
 
 
 BAD_MOE = [
-    (["stages=[expert_prune]", "expert_sparsity=1.0"], "expert_prune expert_sparsity=1.0 is outside [0, 1)"),
+    # the root key is checked with the config, so the error names the key given (the stage's own check says
+    # "expert_prune expert_sparsity=..." for a value set in its entry)
+    (["stages=[expert_prune]", "expert_sparsity=1.0"], "error: expert_sparsity=1.0 is outside [0, 1)"),
+    (["stages=[{name:expert_prune,expert_sparsity:1.0}]"], "expert_prune expert_sparsity=1.0 is outside [0, 1)"),
     (["stages=[expert_prune]", "expert_sparsity=0.75"], "leaves 1 of 4 experts in model.layers.0.mlp.experts, "
                                                         "fewer than the router's top-k=2"),
     (["stages=[{name:expert_prune,criterion:size}]"], "expert_prune criterion=size is unknown; valid: frequency, reap"),

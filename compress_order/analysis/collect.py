@@ -7,8 +7,9 @@ status="failed" and its error (from its results, or else from its failed.json), 
 silently loses a grid point.
 
 A results or samples file that cannot be read (truncated by a killed job, overwritten, not parquet) is skipped
-with a one-line warning on stderr and remembered in `UNREADABLE` (path → reason) for the analysis report; when
-nothing readable is left the command stops with a UserError.
+and remembered in `UNREADABLE` (path → reason) for the analysis report. `collect` warns about each one (one line
+on stderr) once it knows something readable is left; when nothing is, the command stops with one error line
+naming the unreadable files instead (a warning and an error about the same file would say it twice).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ COLLECTED = [*COLUMNS, "path", "partial"]
 UNREADABLE: dict[str, str] = {}
 
 
-def read_parquet(path: Path) -> pd.DataFrame | None:
-    """The table in `path`, or None (with a warning, and the file recorded in UNREADABLE) when it cannot be read."""
+def read_parquet(path: Path, warn: bool = True) -> pd.DataFrame | None:
+    """The table in `path`, or None (the file recorded in UNREADABLE, with a warning if `warn`) when it cannot be
+    read."""
     try:
         df = pd.read_parquet(path)
         for col in COLUMNS:  # results written before a column existed
@@ -47,10 +49,14 @@ def read_parquet(path: Path) -> pd.DataFrame | None:
         return df
     except (pa.ArrowException, OSError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if str(path) not in UNREADABLE:
-            print(f"compress-order: warning: skipping unreadable '{path}': {reason}", file=sys.stderr)
+        if warn and str(path) not in UNREADABLE:
+            _warn(str(path), reason)
         UNREADABLE[str(path)] = reason
         return None
+
+
+def _warn(path: str, reason: str) -> None:
+    print(f"compress-order: warning: skipping unreadable '{path}': {reason}", file=sys.stderr)
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -90,12 +96,12 @@ def failure_row(run_dir: Path) -> dict[str, Any]:
     return {**ctx, "status": "failed", "error": str(record.get("error", "")), "order": None, "metric": None}
 
 
-def read_run(run_dir: Path) -> pd.DataFrame:
+def read_run(run_dir: Path, warn: bool = True) -> pd.DataFrame:
     """The rows of one run folder, plus a failure row when its job failed."""
     failed = (run_dir / FAILURE).is_file()
     frames = []
     if (run_dir / RESULTS).is_file():
-        results = read_parquet(run_dir / RESULTS)
+        results = read_parquet(run_dir / RESULTS, warn)
         if results is None and not failed:
             return pd.DataFrame(columns=COLLECTED)
         if results is not None:
@@ -111,7 +117,8 @@ def read_run(run_dir: Path) -> pd.DataFrame:
 def collect(paths: list[str | Path]) -> pd.DataFrame:
     """One tidy frame (COLUMNS + path, partial) from run folders, sweep folders, or previously collected files.
 
-    Unreadable files are skipped (see UNREADABLE); a UserError when no readable rows are left.
+    Unreadable files are skipped with a warning each (see UNREADABLE); when no readable rows are left, one
+    UserError naming them.
     """
     UNREADABLE.clear()
     frames = []
@@ -119,30 +126,37 @@ def collect(paths: list[str | Path]) -> pd.DataFrame:
         if not p.exists():
             raise UserError(f"'{p}' does not exist; pass run or multirun folders (or a collected .parquet/.csv)")
         if p.is_file():
-            frames.append(_read_file(p))
+            frames.append(_read_file(p, warn=False))
             continue
         dirs = run_dirs(p)
         if not dirs:
             raise UserError(f"no {RESULTS} or {FAILURE} under '{p}'")
-        frames.extend(read_run(d) for d in dirs)
+        frames.extend(read_run(d, warn=False) for d in dirs)
     frames = [f for f in frames if not f.empty]
     if not frames:
-        raise UserError(f"no readable results: {len(UNREADABLE)} unreadable file(s), e.g. '{next(iter(UNREADABLE))}'"
-                        if UNREADABLE else "no result rows under " + ", ".join(map(str, paths)))  # fmt: skip
+        raise UserError(_nothing_readable() if UNREADABLE else "no result rows under " + ", ".join(map(str, paths)))
+    for path, reason in UNREADABLE.items():  # warned only now: some rows are left to show
+        _warn(path, reason)
     df = pd.concat(frames, ignore_index=True)
     df["partial"] = df["partial"].astype(bool)
     learn_stages(df)
     return df
 
 
-def _read_file(p: Path) -> pd.DataFrame:
+def _nothing_readable(shown: int = 3) -> str:
+    """The one error line when every results file was unreadable: the files (the first few) and why."""
+    items = [f"'{p}' ({why})" for p, why in UNREADABLE.items()]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return f"no readable results: {len(items)} unreadable file(s): " + "; ".join(items[:shown]) + more
+
+
+def _read_file(p: Path, warn: bool = True) -> pd.DataFrame:
     """A run's own results file, or a file written by `collect --out`."""
     if p.name == RESULTS:
-        return read_run(p.parent)
-    reader = {".parquet": read_parquet, ".csv": pd.read_csv}.get(p.suffix)
-    if reader is None:
+        return read_run(p.parent, warn)
+    if p.suffix not in (".parquet", ".csv"):
         raise UserError(f"'{p}' is not a .parquet or .csv file of results")
-    df = reader(p)
+    df = read_parquet(p, warn) if p.suffix == ".parquet" else pd.read_csv(p)
     if df is None:
         return pd.DataFrame(columns=COLLECTED)
     missing = [c for c in ("order", "metric", "value", "stages") if c not in df.columns]
