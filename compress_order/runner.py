@@ -114,7 +114,7 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
         "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{base[:8]}",
         "model": cfg.model.name, "dataset": cfg.data.name, "bits": cfg.bits, "sparsity": cfg.sparsity,
         "group_size": cfg.group_size, "act_bits": cfg.act_bits,
-        "format": None if cfg.format == "int" else cfg.format,  # a float format's name; empty for integer grids
+        "format": cfg.format,
         "config_hash": base[:16], "git_sha": git_sha(),
         "torch_version": torch.__version__, "device": str(device), "library_versions": library_versions(),
     }  # fmt: skip

@@ -46,6 +46,7 @@ def read_parquet(path: Path, warn: bool = True) -> pd.DataFrame | None:
         # all-null in a run without activation quantization: one numeric dtype, so runs merge on it
         df["act_bits"] = pd.to_numeric(df["act_bits"], errors="coerce")
         df["expert_sparsity"] = pd.to_numeric(df["expert_sparsity"], errors="coerce")
+        df["format"] = df["format"].fillna("int").astype(str)  # every grid was an integer one before formats
         return df
     except (pa.ArrowException, OSError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
