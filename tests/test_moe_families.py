@@ -23,6 +23,7 @@ SPARSITY, BITS, GROUP = 0.5, 4, 32
 ROUTERS = r"\.(gate|router|shared_expert_gate)$"
 # Routers whose masking of removed experts is exact (softmax top-k); grouped sigmoid routing is refused.
 PRUNABLE = tuple(f for f in MOE_FAMILIES if f != "DeepSeek-V3")
+FAST = ("Mixtral", "DeepSeek-V3")  # expert pruning in the fast suite: one family that runs it, the one that refuses
 
 
 def _overrides(ckpt: Path, text: dict[str, Path], tmp: Path, stages: str, out: str) -> list[str]:
@@ -89,7 +90,8 @@ def _params():
     out = []
     for family in MOE_FAMILIES:
         for stages, joint, prune, quant, removes, slow in CASES:
-            marks = [pytest.mark.slow] if slow else []
+            # one family runs expert pruning in the fast suite; the matrix runs it on every family (slow)
+            marks = [pytest.mark.slow] if slow or (stages.startswith("[expert_prune") and family not in FAST) else []
             out.append(pytest.param(family, stages, joint, prune, quant, removes, id=f"{family}-{stages}", marks=marks))
     return out
 
@@ -130,7 +132,7 @@ def test_moe_family_runs_every_order_and_compresses_every_expert(family, stages,
     counts = Counter(type(m).__name__ for n, m in base.named_modules()
                      if isinstance(m, torch.nn.Linear) and "lm_head" not in n and not n.endswith(("gate", "router")))  # fmt: skip
     experts = Counter(n.rsplit(".", 2)[0] for n in _experts(base))
-    layers = {**counts, f"{type(base.model.layers[-1].mlp.experts).__name__} experts": sum(experts.values())}
+    layers = {**counts, f"{type(base.model.layers[-1].mlp.experts).__name__} expert matrices": sum(experts.values())}
     record("decoder", family, f"tiny random `{type(base).__name__}`, hidden 64, 2 layers, 4 experts, top-2",
            layers, ["lm_head", "routers"], blocks[0].removeprefix("decoder blocks: ") if blocks else "",
            sorted(full))  # fmt: skip
