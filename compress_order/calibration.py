@@ -513,7 +513,7 @@ def calibrate_and_compress(
     true_seq = bool(calib_cfg.get("true_sequential", False))
     all_experts = bool(calib_cfg.get("moe_all_experts", False))
     dev = _calibration_device(model, calib_cfg, device)
-    all_targets = [t for t in targets.values() if not t.constraint.dropped]  # a removed expert stays removed
+    all_targets = list(targets.values())
     was_training = model.training
     model.eval()
     try:

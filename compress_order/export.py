@@ -51,6 +51,7 @@ from compress_order.errors import UserError
 from compress_order.schema import MODELS_DIR, SAVE_FORMATS, SIDECAR, SIDECAR_TENSORS
 from compress_order.models import LoadedModel
 from compress_order.moe import renamed_after_removal, without_removed_experts
+from compress_order.store import pid_alive
 from compress_order.targets import Target
 from compress_order.trie import Node
 
@@ -126,22 +127,12 @@ def remove_stale_writes(folder: Path) -> list[Path]:
     for tmp in sorted(Path(folder).glob(f"**/.*{TMP_MARK}*")) if Path(folder).is_dir() else []:
         owner = tmp.name.rsplit(TMP_MARK, 1)[1]
         who, _, pid = owner.rpartition("-")
-        if not tmp.is_dir() or who != host or not pid.isdigit() or _alive(int(pid)):
+        if not tmp.is_dir() or who != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("removed %s: a checkpoint that a killed writer (pid %s) left half-written", tmp, pid)
         removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path,

@@ -70,7 +70,7 @@ def nearest_codes(x: Tensor, book: Tensor) -> Tensor:
     hi = torch.searchsorted(book, x.contiguous()).clamp(1, book.numel() - 1)
     lo = hi - 1
     dlo, dhi = x - book[lo], book[hi] - x
-    zero = int(torch.nonzero(book == 0)[0])
+    zero = book.numel() // 2  # codebooks are symmetric around their one zero
     # Among two neighbours, the one whose distance from zero in codes is even has the even mantissa.
     even_hi = ((hi - zero).abs() % 2) == 0
     pick_hi = (dhi < dlo) | ((dhi == dlo) & even_hi)

@@ -39,6 +39,16 @@ def intermediate(module: nn.Module, first: str, e: int, x: Tensor) -> Tensor:
     return module._apply_gate(h) if getattr(module, "has_gate", True) and first == "gate_up_proj" else module.act_fn(h)
 
 
+def routed_call(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """An experts module's call as (hidden rows (T, H), top-k expert indices (T, k), their router weights (T, k)):
+    transformers passes them positionally, under family-specific keyword names otherwise."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
+    weights = args[2] if len(args) > 2 else next(v for k, v in kwargs.items() if "weight" in k)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    return x, index.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
+
+
 def routed_tokens(top_k_index: Tensor, num_experts: int) -> list[Tensor]:
     """Per expert, the indices of the tokens the router sent to it (an index == num_experts is padding)."""
     return [torch.nonzero((top_k_index == e).any(-1)).flatten() for e in range(num_experts)]
@@ -67,10 +77,8 @@ class ExpertUnit:
         self.tokens = [0] * self.module.num_experts
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
-            x = hidden.reshape(-1, hidden.shape[-1])
-            rows = routed_tokens(index.reshape(x.shape[0], -1), mod.num_experts)
+            x, index, _ = routed_call(args, kwargs)
+            rows = routed_tokens(index, mod.num_experts)
             for e, r in enumerate(rows):
                 self.tokens[e] += int(r.numel())
                 xe = x if all_experts else x[r]
@@ -130,12 +138,7 @@ def collect_routing(unit: ExpertUnit) -> tuple[Routing, RemovableHandle]:
     params = expert_params(mod)
 
     def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
-        weights = args[2] if len(args) > 2 else next(v for k, v in kwargs.items() if "weight" in k)
-        x = hidden.reshape(-1, hidden.shape[-1])
-        index = index.reshape(x.shape[0], -1)
-        weights = weights.reshape(x.shape[0], -1)
+        x, index, weights = routed_call(args, kwargs)
         for e in range(m.num_experts):
             hit = index == e
             rows = torch.nonzero(hit.any(-1)).flatten()

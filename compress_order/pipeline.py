@@ -39,15 +39,14 @@ def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, ac
         return why
     if act is not None and stage.needs is not None:
         act.observe(state.model, task.calibration_batches())
+    live = {n: t for n, t in state.targets.items() if not t.constraint.dropped}  # a removed expert stays removed
     if stage.needs is None:
-        for t in state.targets.values():
-            if not t.constraint.dropped:  # a removed expert stays removed
-                stage.compress(t, None)
+        for t in live.values():
+            stage.compress(t, None)
     else:
         from compress_order.calibration import calibrate_and_compress
 
-        calibrate_and_compress(state.model, state.targets, task.calibration_batches(), stage, cfg.calibration,
-                               report=report)  # fmt: skip
+        calibrate_and_compress(state.model, live, task.calibration_batches(), stage, cfg.calibration, report=report)
     state.check()
     return None
 

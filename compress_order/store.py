@@ -47,7 +47,8 @@ def record_problem(record: Any) -> str | None:
     return why
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (a writer or claimer that died left its files behind)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -214,7 +215,7 @@ class NodeStore:
         if owner and owner.get("host") == self.host and isinstance(owner.get("pid"), int):
             if owner["pid"] == os.getpid():
                 return path not in self._held
-            if not _pid_alive(owner["pid"]):
+            if not pid_alive(owner["pid"]):
                 return True
         return age > self.claim_timeout
 
