@@ -177,17 +177,29 @@ def top_k_of(router: nn.Module, block: nn.Module | None = None) -> int | None:
 class _MaskedLogits(torch.overrides.TorchFunctionMode):
     """Inside a router's forward: the logits (its linear layer's output, one column per expert) of removed
     experts become -inf, so softmax, top-k and renormalisation run over the experts left — exactly what a
-    checkpoint without those experts (router rows sliced) computes."""
+    checkpoint without those experts (router rows sliced) computes. A sigmoid router that picks by
+    `sigmoid(logit) + correction bias` (DeepSeek-V3) would still see the bias of a removed expert, so the result of
+    any operation on that bias is masked to -inf as well: removed experts then take no part in the groups' scores
+    (each group's best two), the group choice or the top-k, and the weights gathered for the chosen experts are
+    the ones the sliced checkpoint computes."""
 
-    def __init__(self, removed: Tensor):
+    def __init__(self, removed: Tensor, bias: Tensor | None):
         super().__init__()
-        self.removed = removed
+        self.removed, self.bias = removed, bias
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        if func is torch.nn.functional.linear and out.shape[-1] == self.removed.numel():
+        n = self.removed.numel()
+        by_bias = self.bias is not None and any(a is self.bias for a in args)
+        if (func is torch.nn.functional.linear or by_bias) and isinstance(out, Tensor) and out.shape[-1] == n:
             out = out.masked_fill(self.removed.to(out.device), float("-inf"))
         return out
+
+
+def correction_bias(router: nn.Module) -> Tensor | None:
+    """The per-expert bias a sigmoid router adds to its scores to choose experts (not to weight them)."""
+    b = getattr(router, "e_score_correction_bias", None)
+    return b if isinstance(b, Tensor) else None
 
 
 def mask_router(router: nn.Module, removed: Callable[[], Tensor]) -> None:
@@ -197,11 +209,11 @@ def mask_router(router: nn.Module, removed: Callable[[], Tensor]) -> None:
         router._removed_experts = removed
         return
     router._removed_experts = removed
-    modes: list[_MaskedLogits] = []
+    modes: list[_MaskedLogits | None] = []
 
     def enter(m: nn.Module, args: tuple) -> None:
         gone = m._removed_experts()
-        mode = _MaskedLogits(gone) if bool(gone.any()) else None
+        mode = _MaskedLogits(gone, correction_bias(m)) if bool(gone.any()) else None
         modes.append(mode)
         if mode is not None:
             mode.__enter__()

@@ -140,13 +140,15 @@ def readme_list(marker: str) -> tuple[str, ...]:
     return tuple(n for n in (n.strip(" .,") for n in listed.replace(" and ", ", ").split(",")) if n)
 
 
-# Mixture-of-experts families (transformers 5 fused experts): hidden 64, 2 layers, 4 experts, top-2.
+# Mixture-of-experts families (transformers 5 fused experts): hidden 64, 2 layers, 4 experts (DeepSeek-V3: 8 in 2
+# router groups, so that pruning half leaves each group the two its score needs), top-2.
 MOE_FAMILIES = ("Mixtral", "Qwen2-MoE", "Qwen3-MoE", "OLMoE", "DeepSeek-V3", "GPT-OSS")
 
 
-def moe_config(family: str, vocab: int, experts: int = 4, top_k: int = 2):
+def moe_config(family: str, vocab: int, experts: int | None = None, top_k: int = 2):
     import transformers as tf
 
+    experts = experts or (8 if family == "DeepSeek-V3" else 4)
     ids = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
     base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=64, num_experts_per_tok=top_k, **ids)  # fmt: skip

@@ -269,6 +269,38 @@ def test_expert_prune_removes_the_least_routed_and_the_router_never_picks_them(m
             assert bool((layer.mlp.experts.gate_up_proj[e] == 0).all())
 
 
+def test_grouped_sigmoid_routing_loses_as_many_experts_per_group_and_matches_the_sliced_checkpoint(tmp_path):
+    """DeepSeek-V3 picks experts by sigmoid score + correction bias inside the best groups (by their top two):
+    removing experts by masking must give what the checkpoint without them computes, bias and groups included."""
+    from compress_order.calibration import calibrate_and_compress
+    from compress_order.moe import without_removed_experts
+    from compress_order.stages.expert_prune import ExpertPrune
+
+    model = _load(save_tiny_moe("DeepSeek-V3", tmp_path / "ds"))  # 8 experts in 2 groups, top-1 group, top-2
+    gate = model.model.layers[1].mlp.gate
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained model's bias is not zero; make it decide choices here
+        gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
+        gate.weight.normal_(0, 0.5)
+    targets = find_targets(model, ["lm_head", ROUTERS])
+    batches = [torch.randint(0, model.config.vocab_size, (1, 32)) for _ in range(4)]
+    calibrate_and_compress(model, targets, batches, ExpertPrune(0.5, criterion="reap", name="ep"), {})
+    ModelState(model, targets).check()
+    gone = sorted({t.index for t in targets.values() if t.index is not None and t.constraint.dropped})
+    assert [sum(e < 4 for e in gone), sum(e >= 4 for e in gone)] == [2, 2]  # two from each group
+    ids = torch.cat(batches, 1)
+    chosen = []
+    hook = model.model.layers[1].mlp.experts.register_forward_pre_hook(lambda m, a: chosen.append(a[1]))
+    with torch.no_grad():
+        masked = model(ids).logits
+        with without_removed_experts(model, targets):
+            assert gate.weight.shape[0] == 4 and gate.e_score_correction_bias.shape == (4,)
+            sliced = model(ids).logits
+    hook.remove()
+    assert not any(bool((chosen[0] == e).any()) for e in gone)  # the masked router never picks a removed expert
+    assert torch.allclose(masked, sliced, atol=1e-5, rtol=1e-5)
+
+
 def test_reap_scores_are_router_weighted_mean_output_norms(mixtral):
     from compress_order.moe import collect_routing
 
@@ -331,6 +363,19 @@ BAD_MOE = [
                                                         "fewer than the router's top-k=2"),
     (["stages=[{name:expert_prune,criterion:size}]"], "expert_prune criterion=size is unknown; valid: frequency, reap"),
 ]
+# a router in groups (DeepSeek-V3: 8 experts, 2 groups of 4, one group per token, top-2)
+BAD_GROUPED = [
+    ("0.75", "leaves 1 of the 4 experts of each of the 2 router groups in model.layers.1.mlp.experts; a group needs 2"),
+]
+
+
+@pytest.mark.parametrize("sparsity,message", BAD_GROUPED)
+def test_expert_prune_that_would_empty_a_router_group_exits_2(sparsity, message, moe_overrides, tmp_path, capsys):
+    ckpt = save_tiny_moe("DeepSeek-V3", tmp_path / "ds")
+    args = [o for o in moe_overrides if not o.startswith("model.path")] + [f"model.path={ckpt}"]
+    rc = _rc(["run", *args, "stages=[expert_prune]", f"expert_sparsity={sparsity}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize("args,message", BAD_MOE, ids=[" ".join(a) for a, _ in BAD_MOE])

@@ -6,6 +6,11 @@ router-weighted mean output norm, S_e = mean over the tokens routed to e of g_e(
 is -inf so softmax and top-k run over the experts left (moe.mask_router), quantizers and pruners skip it, and a
 saved checkpoint holds only the experts left. `expert_sparsity` is the share of each layer's experts removed in
 total: after an earlier expert_prune only the difference is removed.
+
+Routers that first choose groups of consecutive experts (DeepSeek-V3: the groups with the best two biased
+sigmoid scores, then the top-k inside them) lose the same number of experts from every group, the lowest-scored
+of each: a checkpoint keeps its `n_group` only if every group keeps the same size, and a group must keep two
+experts for its score to exist.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 import torch
 
 from compress_order.errors import UserError, choices
-from compress_order.moe import ExpertUnit, Routing, mask_router, router_of, top_k_of
+from compress_order.moe import ExpertUnit, Routing, mask_router, router_of
 from compress_order.stages.base import Stage, set_pruned
 from compress_order.targets import Target
 
@@ -48,19 +53,25 @@ class ExpertPrune(Stage):
             if id(t.module) in seen:
                 continue
             seen.add(id(t.module))
-            e = t.module.num_experts
-            left = e - self.removed_count(e)
+            unit, e = t.name.rsplit(".", 2)[0], t.module.num_experts
             config = getattr(t.module, "config", None)  # transformers' experts interface keeps the model config
-            if config is not None and hasattr(config, "n_group"):
-                raise UserError(f"stage '{self.label}': {type(t.module).__name__} is routed by grouped sigmoid scores "
-                                f"with a correction bias, where masking removed experts is not yet exact; "
-                                f"expert_prune supports softmax top-k routers (Mixtral, Qwen-MoE, OLMoE, GPT-OSS)")  # fmt: skip
+            groups = _config_groups(config)
+            per_group = e // groups[0] if groups else e
+            left = per_group - self.removed_count(per_group)
+            if groups and left < 2:
+                raise UserError(f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {left} of the "
+                                f"{per_group} experts of each of the {groups[0]} router groups in {unit}; a group "
+                                f"needs 2 for its score (lower expert_sparsity)")  # fmt: skip
             k = getattr(config, "num_experts_per_tok", None)
-            if isinstance(k, int) and left < k:
-                raise UserError(f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {left} of {e} experts "
-                                f"in {t.name.rsplit('.', 2)[0]}, fewer than the router's top-k={k}")  # fmt: skip
+            reachable = groups[1] * left if groups else left  # the experts a token can still be routed to
+            if isinstance(k, int) and reachable < k:
+                where = (f"{reachable} experts in the {groups[1]} router group(s) a token is sent to" if groups
+                         else f"{left} of {e} experts")  # fmt: skip
+                raise UserError(f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {where} in {unit}, "
+                                f"fewer than the router's top-k={k}")  # fmt: skip
 
     def removed_count(self, num_experts: int) -> int:
+        """Experts removed from `num_experts` (a layer's, or one router group's)."""
         return int(round(self.expert_sparsity * num_experts))
 
     def scores(self, routing: Routing) -> torch.Tensor:
@@ -74,23 +85,32 @@ class ExpertPrune(Stage):
                             f"{unit.name}")  # fmt: skip
         experts = {e: [t for by_e in unit.by_param.values() if (t := by_e.get(e)) is not None]
                    for e in range(mod.num_experts)}  # fmt: skip
-        gone = [e for e, ts in experts.items() if ts and all(t.constraint.dropped for t in ts)]
-        more = self.removed_count(mod.num_experts) - len(gone)
-        if more > 0:
-            score = self.scores(routing)
-            alive = [e for e in range(mod.num_experts) if e not in gone]
+        gone = {e for e, ts in experts.items() if ts and all(t.constraint.dropped for t in ts)}
+        groups = _config_groups(getattr(mod, "config", None))
+        size = mod.num_experts // groups[0] if groups else mod.num_experts
+        score = self.scores(routing)
+        for start in range(0, mod.num_experts, size):  # the whole layer, or each router group alike
+            members = range(start, start + size)
+            more = self.removed_count(size) - sum(e in gone for e in members)
+            alive = [e for e in members if e not in gone]
             # lowest score first; ties (e.g. experts that saw no token) by index, so the choice is deterministic
-            for e in sorted(alive, key=lambda e: (float(score[e]), e))[:more]:
+            for e in sorted(alive, key=lambda e: (float(score[e]), e))[: max(more, 0)]:
                 for t in experts[e]:
                     w = t.weight
                     set_pruned(t, w, torch.zeros_like(w, dtype=torch.bool), 1.0, None, self.label)
                     t.constraint.dropped = True
-        targets = [t for ts in experts.values() for t in ts]
+        targets, count = [t for ts in experts.values() for t in ts], mod.num_experts
 
-        def removed() -> torch.Tensor:
-            flags = torch.zeros(mod.num_experts, dtype=torch.bool)
+        def removed() -> torch.Tensor:  # by the experts the module was built with (a save slices them for a while)
+            flags = torch.zeros(count, dtype=torch.bool)
             for t in targets:
                 flags[t.index] |= t.constraint.dropped
             return flags
 
         mask_router(router, removed)
+
+
+def _config_groups(config: Any) -> tuple[int, int] | None:
+    """(groups, groups kept per token) from a model config whose router picks groups of experts first."""
+    g, kept = getattr(config, "n_group", None), getattr(config, "topk_group", None)
+    return (g, kept) if isinstance(g, int) and isinstance(kept, int) and g > 1 else None
