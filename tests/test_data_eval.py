@@ -100,6 +100,36 @@ def test_lm_task_honours_the_dataset_window_cap(tiny_llama, tmp_path):
     assert len(LMTask(lm, TextSplits("t", text, text, max_windows=3), cfg).windows) == 3
 
 
+def test_model_bos_leads_every_window_and_calibration_segment_with_it(tiny_llama, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from compress_order.tasks.lm import encode
+
+    with pytest.raises(UserError, match="model.bos=true but its tokenizer has no BOS token"):
+        build(compose_config([f"model.path={tiny_llama}", "+model.bos=true"]).model)
+    ckpt = Path(shutil.copytree(tiny_llama, tmp_path / "with_bos"))
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.bos_token = "<unk>"  # a char tokenizer given a BOS token, as Gemma's has
+    tok.save_pretrained(ckpt)
+    over = [f"model.path={ckpt}", "model.seqlen=16", "device=cpu", "calibration.nsamples=4"]
+    text = "To be, or not to be, that is the question:\n" * 40
+    plain = LMTask(build(compose_config(over).model), TextSplits("t", text, text), compose_config(over))
+    cfg = compose_config([*over, "+model.bos=true"])
+    lm = build(cfg.model)
+    bos = lm.tokenizer.bos_token_id
+    assert bos is not None and lm.bos == bos
+    task = LMTask(lm, TextSplits("t", text, text), cfg)
+    ids = encode(lm.tokenizer, text)
+    n = len(task.windows)
+    assert task.windows.shape == (n, 16) and n == ids.numel() // 15 and n > len(plain.windows)
+    assert bool((task.windows[:, 0] == bos).all())  # an input only: perplexity scores the 15 tokens after it
+    assert torch.equal(task.windows[:, 1:].flatten(), ids[: n * 15])
+    assert all(int(b[0, 0]) == bos and b.shape == (1, 16) for b in task.calibration_batches())
+    assert "each starts with BOS" in task.protocol and "BOS" not in plain.protocol
+
+
 def test_missing_split_and_missing_path_are_one_line_errors(tmp_path):
     _parquet(tmp_path / "train-00000-of-00001.parquet", ["only train\n"])
     with pytest.raises(UserError, match="no file for split 'test' under .*test in the name"):

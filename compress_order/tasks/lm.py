@@ -41,6 +41,11 @@ def encode(tokenizer, text: str) -> Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def with_bos(rows: Tensor, bos: int | None) -> Tensor:
+    """Rows of token ids, each led by `bos` when the model wants one (None: as they are)."""
+    return rows if bos is None else torch.cat([torch.full((rows.shape[0], 1), bos, dtype=rows.dtype), rows], 1)
+
+
 @register("causal_lm")
 class LMTask:
     primary_metric = "perplexity"
@@ -52,13 +57,16 @@ class LMTask:
         self.seqlen = int(cfg.eval.seqlen or lm.seqlen)
         self.batch_size = int(cfg.eval.batch_size)
         ids = encode(lm.tokenizer, data.valid)
-        full = ids.numel() // self.seqlen
+        self.bos = lm.bos
+        span = self.seqlen - (self.bos is not None)  # text tokens per window
+        full = ids.numel() // span
         n = min([full, *(int(c) for c in (cfg.eval.max_windows, data.max_windows) if c)])
         if n == 0:
             raise UserError(f"validation text of '{data.name}' has {ids.numel()} tokens, fewer than seqlen={self.seqlen}")
-        self.windows = ids[: n * self.seqlen].view(n, self.seqlen)
+        self.windows = with_bos(ids[: n * span].view(n, span), self.bos)
         self.protocol = (
             f"perplexity: token level, {n} non-overlapping windows of {self.seqlen} tokens of {data.name} validation"
+            + (" (each starts with BOS, which is not scored)" if self.bos is not None else "")
         )
         cal = cfg.calibration
         self.nsamples, self.cal_seqlen = int(cal.nsamples), int(cal.seqlen or self.seqlen)
@@ -188,9 +196,10 @@ class LMTask:
         """`nsamples` random segments of `seqlen` train tokens, drawn once with the run's seed."""
         if self._calib is None:
             g = torch.Generator().manual_seed(self.seed)
-            hi = self.train_ids.numel() - self.cal_seqlen
+            span = self.cal_seqlen - (self.bos is not None)
+            hi = self.train_ids.numel() - span
             starts = torch.randint(0, hi, (self.nsamples,), generator=g)
-            self._calib = [self.train_ids[s : s + self.cal_seqlen].unsqueeze(0) for s in starts.tolist()]
+            self._calib = [with_bos(self.train_ids[s : s + span].unsqueeze(0), self.bos) for s in starts.tolist()]
         return self._calib
 
     @torch.no_grad()
