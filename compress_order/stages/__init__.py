@@ -1,8 +1,8 @@
 """Stage loading: `stages=[magnitude, rtn]` names files of the `conf/stage/` group.
 
 A stage's parameters, their defaults and types are declared once, by its class's `__init__` (value checks there
-too); its yaml names the class, binds parameters to the root config (`bits: ${bits}`) and sets only what differs
-from the class's defaults. A resolved stage config holds every parameter, the defaults filled in.
+too, with the root config's ranges from compress_order/settings.py for the settings it binds); its yaml names the
+class, binds parameters to the root config (`bits: ${bits}`) and sets only what differs from the class's defaults. A resolved stage config holds every parameter, the defaults filled in.
 
 An entry is a name, or a mapping with `name` plus overrides (`{name: magnitude, sparsity: 0.3}`), so one
 method can appear twice with split budgets. Each entry's yaml is resolved against the root config, so
