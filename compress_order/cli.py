@@ -140,20 +140,18 @@ def cmd_list(args: list[str]) -> int:
 
     from compress_order.config import GROUPS
     from compress_order.metrics import METRICS
-    from compress_order.paths import CONF_DIR, group_options
+    from compress_order.registry import config_group, stage_files
 
     for group in GROUPS:
         print(f"{group}:")
-        for name in group_options(group):
-            node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
-            doc = _first_comment(CONF_DIR / group / f"{name}.yaml")
-            print(f"  {name:<22} {doc}")
+        for name, path in config_group(group).items():
+            print(f"  {name:<22} {_first_comment(path)}")
     from compress_order.stages import stage_defaults
 
     print("stage:")
-    for name in group_options("stage"):
-        node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / f"{name}.yaml"))
-        node.update({k: v for k, v in stage_defaults(node["_target_"]).items() if k not in node})
+    for name, stage in stage_files().items():
+        node = OmegaConf.to_container(OmegaConf.load(stage.path))
+        node.update({k: v for k, v in stage_defaults(stage.target).items() if k not in node})
         params = " ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
         print(f"  {name:<22} {params}")
     from compress_order.backends import BACKENDS

@@ -12,9 +12,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from compress_order.errors import UserError, choices
+from compress_order.errors import UserError
 from compress_order.formats import format_bits, format_group
-from compress_order.paths import ASSETS_DIR, CONF_DIR, group_options
+from compress_order.paths import ASSETS_DIR, CONF_DIR
+from compress_order.registry import config_group
 
 OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), replace=True)
 # bits and group_size follow the number format unless given (formats.py)
@@ -49,8 +50,8 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
         if group in NAME_CHECKED and o.value_type is not None and not o.is_delete():
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
             for v in values:
-                if isinstance(v, str) and v not in group_options(group) and v != "null":
-                    raise UserError(f"unknown {group} '{v}'; valid: {choices(group_options(group))}")
+                if isinstance(v, str) and v != "null":
+                    config_group(group).lookup(v)
     combos = [list(c) for c in itertools.product(*axes)]
     if len(combos) > MAX_COMBINATIONS:
         raise UserError(f"the sweep has {len(combos)} combinations, more than {MAX_COMBINATIONS}")

@@ -1,6 +1,6 @@
 """What a run writes, declared once: the node record, the run folder's file names, the backend names, the labels.
 
-A leaf module (it imports no other module of the package but errors and paths): the runner builds records, the
+A leaf module (it imports no other module of the package but errors and registry): the runner builds records, the
 store checks and keeps them, results turns them into rows and analysis reads the folders, all through this file.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.errors import UserError, choices
-from compress_order.paths import CONF_DIR, group_options
+from compress_order.registry import stage_files
 
 # ------------------------------------------------------------------------------------------------- run folder
 RESULTS = "results.parquet"  # one row per (node, metric), rewritten after every node
@@ -89,7 +89,7 @@ def entry_name_overrides(entry: Any) -> tuple[str, dict]:
     if isinstance(entry, (dict, DictConfig)):
         d = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else dict(entry)
         if "name" not in d:
-            raise UserError(f"stage entry {d} has no 'name'; valid names: {choices(group_options('stage'))}")
+            raise UserError(f"stage entry {d} has no 'name'; valid names: {choices(stage_files())}")
         return str(d.pop("name")), d
     raise UserError(f"stage entry {entry!r} is neither a name nor a mapping with 'name'")
 
@@ -100,9 +100,8 @@ def entry_label(entry: Any) -> str:
     comma, since a run's stage list is written as comma-joined labels."""
     name, overrides = entry_name_overrides(entry)
     label = overrides.pop("label", None)
-    if label is None:
-        path = CONF_DIR / "stage" / f"{name}.yaml"
-        label = OmegaConf.load(path).get("label") if path.is_file() else None
+    if label is None and name in stage_files():
+        label = stage_files()[name].label
     if label is None:
         label = name if not overrides else f"{name}(" + ";".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
     return str(label).replace(",", ";")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,7 @@ from compress_order.analysis import bootstrap, collect, frontier
 from compress_order.analysis.report import write_report
 from compress_order.analysis.tables import apply_where, direction, order_table, primary_metric, render
 from compress_order.errors import UserError
+from compress_order.registry import Registry
 from compress_order.schema import SIMULATED
 
 DESCRIPTION = (
@@ -79,8 +81,7 @@ def main(cmd: str, args: list[str]) -> int:
     df = apply_where(collect.collect(ns.paths), ns.where)
     if df.empty:
         raise UserError("no rows left after --where " + " ".join(ns.where))
-    handlers = {"collect": _collect, "table": _table, "analyze": _analyze, "frontier": _frontier, "best": _best}
-    return handlers[cmd](df, ns)
+    return HANDLERS.lookup(cmd)(df, ns)
 
 
 def _collect(df: pd.DataFrame, ns: argparse.Namespace) -> int:
@@ -204,3 +205,11 @@ def _with_intervals(df: pd.DataFrame, pts: pd.DataFrame, metric: str, n_boot: in
     rows = df.merge(keys, on=frontier.NODE, how="inner")
     ci = bootstrap.node_intervals(rows, metric, n_boot, roles=("dense", "single", "partial", "full"))
     return pts.merge(ci[[*frontier.NODE, "low", "high"]], on=frontier.NODE, how="left")
+
+
+# The five commands, by the names compress_order.cli dispatches (its ANALYSIS_COMMANDS, which must not import
+# this module to start: tests/test_registry.py keeps the two equal).
+HANDLERS: Registry[Callable[[pd.DataFrame, argparse.Namespace], int]] = Registry("analysis command")
+for _name, _handler in {"collect": _collect, "table": _table, "analyze": _analyze, "frontier": _frontier,
+                        "best": _best}.items():  # fmt: skip
+    HANDLERS.register(_name, _handler)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from compress_order.errors import UserError
 from compress_order.metrics import METRICS, primary_metrics
-from compress_order.paths import CONF_DIR
+from compress_order.registry import stage_files
 
 SETTING = ["model", "dataset", "stages", "format", "bits", "sparsity", "expert_sparsity", "group_size", "act_bits",
            "seed"]  # fmt: skip
@@ -120,13 +120,12 @@ def stage_info(label: str) -> StageInfo | None:
     None if neither."""
     if label in STAGES:
         return STAGES[label]
-    path = CONF_DIR / "stage" / f"{label.split('(')[0]}.yaml"
-    if not path.is_file():
+    entry = stage_files().get(label.split("(")[0])
+    if entry is None:
         return None
     from hydra.utils import get_class
-    from omegaconf import OmegaConf
 
-    cls = get_class(OmegaConf.load(path)["_target_"])
+    cls = get_class(entry.target)
     return StageInfo(str(cls.kind), getattr(cls, "needs", None) is not None)
 
 

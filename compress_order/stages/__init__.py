@@ -1,8 +1,8 @@
 """Stage loading: `stages=[magnitude, rtn]` names files of the `conf/stage/` group.
 
 A stage's parameters, their defaults and types are declared once, by its class's `__init__` (value checks there
-too); its yaml names the class, binds parameters to the root config (`bits: ${bits}`) and sets only what differs
-from the class's defaults. A resolved stage config holds every parameter, the defaults filled in.
+too, with the root config's ranges from compress_order/settings.py for the settings it binds); its yaml names the
+class, binds parameters to the root config (`bits: ${bits}`) and sets only what differs from the class's defaults. A resolved stage config holds every parameter, the defaults filled in.
 
 An entry is a name, or a mapping with `name` plus overrides (`{name: magnitude, sparsity: 0.3}`), so one
 method can appear twice with split budgets. Each entry's yaml is resolved against the root config, so
@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.errors import UserError, choices
-from compress_order.paths import CONF_DIR, group_options
+from compress_order.registry import stage_files
 from compress_order.schema import entry_label, entry_name_overrides
 from compress_order.stages.base import Stage
 
@@ -37,15 +37,12 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
     """Resolved config (a plain dict with `name` and `label`) of every entry of `cfg[key]`, in list order."""
     entries = list(cfg.get(key) or [])
     if not entries and key == "stages":
-        raise UserError(f"the stage list is empty; choose from: {choices(group_options('stage'))}")
+        raise UserError(f"the stage list is empty; choose from: {choices(stage_files())}")
     root = OmegaConf.to_container(cfg, resolve=False)
     out = []
     for entry in entries:
         name, overrides = entry_name_overrides(entry)
-        path = CONF_DIR / "stage" / f"{name}.yaml"
-        if not path.is_file():
-            raise UserError(f"unknown stage '{name}'; valid stages: {choices(group_options('stage'))}")
-        node = OmegaConf.load(path)
+        node = OmegaConf.load(stage_files().lookup(name).path)
         _check_params(name, node, overrides)
         node = OmegaConf.merge(node, overrides)
         # Resolve the stage's ${...} against the root config (bits, sparsity, group_size, ...).

@@ -15,6 +15,7 @@ from compress_order.errors import UserError
 from compress_order.prune import nm_sparsity, parse_nm
 from compress_order.formats import check_format, fit_weight_grid
 from compress_order.quant import QuantGrid
+from compress_order.settings import BITS, GROUP_SIZE, SPARSITY
 from compress_order.targets import Target
 
 
@@ -72,9 +73,7 @@ class PruneMixin:
                     f"set sparsity={implied:g} or drop nm"
                 )
             sparsity = implied
-        if not 0 <= float(sparsity) < 1:
-            raise UserError(f"sparsity={sparsity} is outside [0, 1)")
-        self.sparsity = float(sparsity)
+        self.sparsity = float(SPARSITY.check(sparsity, "sparsity"))
 
     def _validate_nm(self, targets: dict[str, Target]) -> None:
         if self.nm is None:
@@ -86,8 +85,8 @@ class PruneMixin:
 
 class QuantMixin:
     def _init_quant(self, bits: int, group_size: int, sym: bool, fmt: str = "int") -> None:
-        if not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise UserError(f"bits={bits} is outside 2-8")
+        BITS.check(bits, "bits")
+        GROUP_SIZE.check(group_size, "group_size")
         check_format(fmt, bits, group_size)
         self.format = fmt
         # float codebooks are symmetric: no zero-point whatever `sym` says

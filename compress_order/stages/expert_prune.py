@@ -21,6 +21,7 @@ import torch
 
 from compress_order.errors import UserError, choices
 from compress_order.moe import ExpertUnit, Routing, mask_router, router_of
+from compress_order.settings import SPARSITY
 from compress_order.stages.base import Stage, set_pruned
 from compress_order.targets import Target
 
@@ -35,10 +36,7 @@ class ExpertPrune(Stage):
         """expert_sparsity: share of each MoE layer's experts removed, in [0, 1); criterion: frequency (least
         often routed to) | reap (least router-weighted mean output norm)."""
         super().__init__(**kw)
-        if isinstance(expert_sparsity, bool) or not isinstance(expert_sparsity, (int, float)) or not (
-            0 <= float(expert_sparsity) < 1
-        ):
-            raise UserError(f"expert_prune expert_sparsity={expert_sparsity} is outside [0, 1)")
+        SPARSITY.check(expert_sparsity, "expert_prune expert_sparsity")
         if criterion not in CRITERIA:
             raise UserError(f"expert_prune criterion={criterion} is unknown; valid: {choices(CRITERIA)}")
         self.expert_sparsity, self.criterion = float(expert_sparsity), criterion

@@ -19,6 +19,7 @@ import torch
 
 from compress_order.errors import UserError
 from compress_order.quant import fit_grid
+from compress_order.settings import BITS
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
 from compress_order.targets import Target
 
@@ -108,9 +109,7 @@ class MixedRTN(QuantMixin, Stage):
 
 
 def _width(bits: Any, what: str) -> int:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise UserError(f"{what}={bits} is outside 2-8 bits")
-    return bits
+    return BITS.check(bits, what)
 
 
 def _regex(pattern: str) -> re.Pattern:
