@@ -165,15 +165,6 @@ def router_of(root: nn.Module, experts: nn.Module) -> nn.Module | None:
     return None
 
 
-def top_k_of(router: nn.Module, block: nn.Module | None = None) -> int | None:
-    for m in (router, block):
-        for attr in ("top_k", "num_experts_per_tok"):
-            k = getattr(m, attr, None)
-            if isinstance(k, int):
-                return k
-    return None
-
-
 class _MaskedLogits(torch.overrides.TorchFunctionMode):
     """Inside a router's forward: the logits (its linear layer's output, one column per expert) of removed
     experts become -inf, so softmax, top-k and renormalisation run over the experts left — exactly what a
