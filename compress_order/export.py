@@ -90,12 +90,8 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
     if fmt not in SAVE_FORMATS:
         raise UserError(f"save format '{fmt}' is unknown; valid: {', '.join(SAVE_FORMATS)}")
     grids = [t.constraint.grid for t in targets.values() if t.constraint.grid is not None]
-    floats = sorted({g.fmt for g in grids} - {"int"})
-    if fmt == "auto":
-        return "compressed-tensors" if grids and all(g.sym for g in grids) and not floats else "dense"
-    if fmt == "compressed-tensors" and floats:
-        raise UserError(f"save format compressed-tensors is written for integer grids only so far; {floats[0]} "
-                        f"weights save as save_format=dense (their values exactly on their grids)")  # fmt: skip
+    if fmt == "auto":  # float grids are symmetric: they have no zero-points
+        return "compressed-tensors" if grids and all(g.sym for g in grids) else "dense"
     return fmt
 
 
@@ -213,7 +209,7 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
         "exact": mismatched == 0,  # reloading gives the evaluated weights bit for bit
         "mismatched_weights": mismatched,  # otherwise: weights changed by holding scales in the model dtype
         "vllm": {"path": path, "servable": servable, "reasons": reasons},  # path: WNA16, W8A8 int8, W4A8 int
-        "transformers_reload": ct_export.transformers_reloads(schemes),
+        "transformers_reload": ct_export.transformers_reloads(schemes, next(model.parameters()).dtype),
         "dense_experts": dense_experts,  # quantized experts stored dense (see above)
     }  # fmt: skip
 
@@ -236,15 +232,26 @@ def summary_line(checkpoint: dict[str, Any]) -> str:
         acts = f" (evaluated with {act} activations, not in its config)" if act else ""
         return f"{checkpoint['format']} checkpoint{acts}{size}"
     exact = "exact" if checkpoint["exact"] else f"{checkpoint['mismatched_weights']} weights not exact"
+    if not checkpoint["exact"] and checkpoint["compression_format"] == "nvfp4-pack-quantized":
+        exact += " (compressed-tensors 0.20 reads NVFP4 back in bfloat16)"
     vllm = checkpoint["vllm"]
     serve = (f"vLLM {vllm['path']} serves it" if vllm["servable"]
              else f"vLLM {vllm['path']} does not serve it: {'; '.join(vllm['reasons'])}")  # fmt: skip
-    reload = "" if checkpoint["transformers_reload"] else "; transformers cannot reload its zero-points"
+    reload = "; transformers reloads it" if checkpoint["transformers_reload"] else f"; {_no_reload(checkpoint)}"
     if checkpoint.get("dense_experts"):
         reload += (f"; {checkpoint['dense_experts']} quantized expert matrices stored dense (on their grids): "
                    f"compressed-tensors 0.20 has no scheme for transformers' fused 3-D expert parameters")  # fmt: skip
     return (f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; "
             f"{serve}{reload}{size}")  # fmt: skip
+
+
+def _no_reload(checkpoint: dict[str, Any]) -> str:
+    """Why transformers does not reload a compressed-tensors checkpoint (see ct_export.transformers_reloads)."""
+    fmt = checkpoint["compression_format"]
+    if fmt.startswith(("nvfp4", "mxfp4")) or "FP4" in " ".join(checkpoint["schemes"]):
+        return ("transformers cannot reload it: compressed-tensors 0.20 decompresses FP4 weights into bfloat16, "
+                "which only a bfloat16 model runs")  # fmt: skip
+    return "transformers cannot reload its zero-points"
 
 
 @contextmanager

@@ -104,7 +104,15 @@ def group_scales(amax: Tensor, fmt: FloatFormat, tensor_amax: Tensor | None = No
         g = (ta / (top * E4M3_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
     stored = e4m3(amax / top / g)
     stored = torch.where(stored > 0, stored, torch.full_like(stored, float(e4m3(torch.tensor(2.0**-9)))))
-    return stored * g, g
+    # Divided by the global scale as compressed-tensors (and NVIDIA's kernels) apply it, so a checkpoint's loader
+    # gives back these float32 scales bit for bit (stored · g can differ from stored / (1/g) in the last bit).
+    return stored / nvfp4_global_scale(g), g
+
+
+def nvfp4_global_scale(tensor_scale: Tensor) -> Tensor:
+    """The per-tensor scale in the form NVFP4 checkpoints store it (`weight_global_scale`): its float32 reciprocal,
+    by which each stored E4M3 group scale is divided."""
+    return 1.0 / tensor_scale.float()
 
 
 @dataclass
