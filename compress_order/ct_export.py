@@ -148,8 +148,9 @@ class FloatScheme:
             return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy,
                                     group_size=None if self.group_size == -1 else self.group_size)  # fmt: skip
         if self.fmt == "nvfp4":  # groups plus a per-tensor global scale: compressed-tensors' TENSOR_GROUP
-            return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=16,
-                                    strategy=QuantizationStrategy.TENSOR_GROUP, scale_dtype=torch.float8_e4m3fn)  # fmt: skip
+            strategy = QuantizationStrategy.TENSOR_GROUP
+            return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=16, strategy=strategy,
+                                    scale_dtype=torch.float8_e4m3fn)  # fmt: skip
         return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=32,
                                 strategy=QuantizationStrategy.GROUP, scale_dtype=torch.uint8)  # fmt: skip
 

@@ -555,7 +555,9 @@ def test_float_grids_export_their_own_codes_bit_for_bit(tiny_llama, tmp_path, fm
         assert torch.equal(back[f"{name}.weight"], t.module.weight.data), name  # bit for bit
         assert (back[f"{name}.weight"][~t.constraint.mask] == 0).all()
     assert torch.equal(back["lm_head.weight"], lm.model.lm_head.weight.data)
-    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    side = json.loads((d / "compression.json").read_text())
+    assert {e["quant"]["format"] for e in side["layers"].values()} == {fmt}
+    ck = side["checkpoint"]
     assert (ck["format"], ck["compression_format"], ck["exact"], ck["mismatched_weights"]) == (
         "compressed-tensors", CT_FLOAT[fmt], True, 0)  # fmt: skip
     assert ck["transformers_reload"] is (fmt == "fp8" or dtype == "bfloat16")
@@ -656,3 +658,36 @@ def test_a_float_format_run_saves_compressed_tensors_that_reload_to_its_perplexi
         ck = json.loads((d / "compression.json").read_text())["checkpoint"]
         assert ck["exact"] and ck["vllm"]["servable"] and ck["transformers_reload"]
         assert _ppl_of_reload(cfg, d) == ppl[order]
+
+
+def test_float_quantized_experts_are_stored_dense_on_their_grids_and_said_so(tmp_path):
+    """transformers keeps Mixtral's experts as 3-D parameters no compressed-tensors scheme names: with a float
+    format they are stored dense, their values exactly on their grids, the attention Linears in the format's
+    layout, and the line says how many expert matrices were kept dense."""
+    from helpers import save_tiny_moe
+
+    path = save_tiny_moe("Mixtral", tmp_path / "mixtral")
+    lm = causal_lm("tiny-mixtral", str(path))
+    targets = find_targets(lm.model, lm.skip)
+    float_rtn(targets, "mxfp4", 32)
+    experts = {n for n, t in targets.items() if t.index is not None}
+    assert experts and len(experts) < len(targets)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m")
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert (ck["compression_format"], ck["dense_experts"], ck["exact"]) == ("mxfp4-pack-quantized", len(experts), True)
+    assert f"; {len(experts)} quantized expert matrices stored dense (on their grids)" in summary_line(ck)
+    (group,) = qconfig(d)["config_groups"].values()
+    assert sorted(group["targets"]) == sorted(set(targets) - experts)
+    back = dequantized(d, torch.float32)
+    for name, t in targets.items():
+        if name in experts:
+            continue
+        assert torch.equal(back[f"{name}.weight"], t.module.weight.data)
+    # transformers saves the fused experts as Mixtral's per-expert w1/w2/w3 matrices: dense float32, no scales, each
+    # group of 32 inputs holding at most the 15 E2M1 values times its one scale
+    raw = load_file(str(d / "model.safetensors"))
+    dense = {k: v for k, v in raw.items() if ".experts." in k}
+    assert len(dense) == len(experts) // 2 * 3 and all(k.endswith(".weight") for k in dense)
+    for v in dense.values():
+        assert v.dtype == torch.float32
+        assert max(len(torch.unique(g)) for g in v.reshape(-1, 32)) <= 15
