@@ -17,7 +17,8 @@ quantized activations), because vLLM picks its int8-activation kernels (W8A8, W4
 pack-quantized only without activation quantization (WNA16).
 
 Float grids (compress_order/formats.py) are written in compressed-tensors' own float formats, from their codes:
-  fp8    float-quantized: one float8_e4m3fn per weight, float32 `weight_scale` per channel or per group of 128.
+  fp8    float-quantized: one float8_e4m3fn per weight, `weight_scale` per channel or per group of 128 (in the
+         model's dtype, as loaders hold it, like the integer scales above).
   nvfp4  nvfp4-pack-quantized: E2M1 nibbles two per byte (even column in the low nibble), group 16, E4M3
          `weight_scale` and one float32 `weight_global_scale` per tensor; a group's scale is
          weight_scale / weight_global_scale (the global scale is the reciprocal of our per-tensor scale).
@@ -158,7 +159,7 @@ class FloatScheme:
         acts = "" if self.act is None else f", {self.act.describe()} activations"
         if self.fmt == "fp8":
             groups = "per channel" if self.group_size == -1 else f"group {self.group_size}"
-            return f"FP8 E4M3 {groups}, float32 scales{acts}"
+            return f"FP8 E4M3 {groups}{acts}"
         if self.fmt == "nvfp4":
             return f"NVFP4 E2M1 group 16, E4M3 scales and a float32 global scale{acts}"
         return f"MXFP4 E2M1 group 32, E8M0 scales{acts}"
@@ -179,7 +180,8 @@ def weight_scheme(grid: QuantGrid | FloatGrid, act: ActScheme | None = None) -> 
 class PackedLayer:
     scheme: WeightScheme | FloatScheme
     tensors: dict[str, Tensor]  # local names: weight_packed, weight_scale, weight_shape (and weight_zero_point);
-    # int-quantized: weight (int8 codes), weight_scale (and weight_zero_point)
+    # int-quantized: weight (int8 codes), weight_scale (and weight_zero_point); float-quantized: weight (float8),
+    # weight_scale; nvfp4 / mxfp4: weight_packed (uint8), weight_scale (and nvfp4's weight_global_scale)
     mismatched: int  # weights the loader's arithmetic (scales in the model dtype) does not give back exactly
 
 

@@ -640,6 +640,13 @@ def test_float_servability_is_per_format(tiny_lm, tmp_path, fmt, group_size, act
     if act is not None:  # the activations' scheme travels in the config group
         (group,) = qconfig(d)["config_groups"].values()
         assert group["input_activations"]["type"] == "int" and group["format"] == "float-quantized"
+    line = {("fp8", -1): "compressed-tensors float-quantized, FP8 E4M3 per channel; exact; vLLM W8A16 FP8 serves it; "
+                         "transformers reloads it; ",
+            ("mxfp4", 32): "compressed-tensors mxfp4-pack-quantized, MXFP4 E2M1 group 32, E8M0 scales; exact; vLLM "
+                           "W4A16 MXFP4 serves it; transformers cannot reload it: compressed-tensors 0.20 decompresses "
+                           "FP4 weights into bfloat16, which only a bfloat16 model runs; "}.get((fmt, group_size))  # fmt: skip
+    if line and act is None:
+        assert summary_line(ck).startswith(line)
     back = dequantized(d, torch.float32)  # bit for bit but NVFP4 in float32 (read back in bfloat16)
     assert all(torch.equal(back[f"{n}.weight"], t.module.weight.data) for n, t in targets.items()) is (fmt != "nvfp4")
     assert ck["exact"] is (fmt != "nvfp4")
