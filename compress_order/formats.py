@@ -5,7 +5,7 @@ A format fixes its element codebook, its group and how the group scale is stored
 | format | elements | group | scale |
 |---|---|---|---|
 | fp8 | E4M3 (±448, 256 codes less NaN) | per output channel, or 128-blocks | float32 |
-| nvfp4 | E2M1 (±{0, .5, 1, 1.5, 2, 3, 4, 6}) | 16 | E4M3, times one float32 scale per tensor |
+| nvfp4 | E2M1 (±{0, .5, 1, 1.5, 2, 3, 4, 6}) | 16 | E4M3, over one float32 global scale per tensor |
 | mxfp4 | E2M1 | 32 | E8M0: a power of two |
 
 A weight on such a grid equals codebook[code] · scale(row, group). 0 is a code of every codebook, so a pruned
