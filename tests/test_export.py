@@ -698,3 +698,18 @@ def test_float_quantized_experts_are_stored_dense_on_their_grids_and_said_so(tmp
     for v in dense.values():
         assert v.dtype == torch.float32
         assert max(len(torch.unique(g)) for g in v.reshape(-1, 32)) <= 15
+
+
+def test_save_format_compressed_tensors_with_a_float_format_is_no_longer_refused(tiny_overrides, tmp_path):
+    """format=mxfp4 save_format=compressed-tensors (refused with one line before float grids had a writer) runs and
+    writes an mxfp4-pack-quantized checkpoint that reads back exactly."""
+    from compress_order.cli import main
+
+    over = tiny_overrides + ["format=mxfp4", "save=true", "save_format=compressed-tensors", "eval.backends=none",
+                             "eval.max_windows=2", "stages=[rtn]"]  # fmt: skip
+    assert main(["run", *over]) == 0
+    d = tmp_path / "run" / "models" / "rtn"
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert (ck["compression_format"], ck["exact"], ck["vllm"]["servable"]) == ("mxfp4-pack-quantized", True, True)
+    assert summary_line(ck).startswith("compressed-tensors mxfp4-pack-quantized, MXFP4 E2M1 group 32, E8M0 scales; "
+                                       "exact; vLLM W4A16 MXFP4 serves it; ")  # fmt: skip
