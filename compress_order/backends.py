@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TINYGEMM_GROUPS = (256, 128, 64, 32)  # group sizes the int4 tinygemm kernels take (CPU and CUDA)
+# Why no backend times the float formats (torch 2.14, torchao 0.18): every backend here computes what was evaluated
+# (16/32-bit activations), and the float kernels that exist either quantize the activations too or dequantize.
+# scripts/gpu_checks.py (float_kernels) runs the CUDA ones.
+FLOAT_KERNELS = {
+    "fp8": "fp8: torch._scaled_mm (CPU and CUDA) multiplies FP8 activations by FP8 weights, which this node was not "
+           "evaluated with, and torchao's weight-only Float8Tensor dequantizes before a dense matmul",
+    "nvfp4": "nvfp4: torchao's NVFP4Tensor multiplies with torch._scaled_mm on CUDA SM 10.0+ only (FP4 activations) "
+             "and dequantizes elsewhere",
+    "mxfp4": "mxfp4: torchao's MXTensor multiplies with torch._scaled_mm on CUDA SM 10.0+ only (FP4 activations) "
+             "and dequantizes elsewhere",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,8 @@ def _grids(targets: dict[str, Target], max_bits: int) -> str | None:
         return "weights are not quantized"
     fmts = sorted({t.constraint.grid.fmt for t in targets.values()} - {"int"})
     if fmts:
-        return f"these kernels take integer grids; {', '.join(fmts)} weights have no kernel in this backend"
+        return (f"these kernels take integer grids; {', '.join(fmts)} weights have no kernel in this backend "
+                f"({'; '.join(FLOAT_KERNELS[f] for f in fmts)})")  # fmt: skip
     if max(bits) > max_bits:
         return f"{max(bits)}-bit weights do not fit a {max_bits}-bit kernel"
     return None

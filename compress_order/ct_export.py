@@ -16,6 +16,17 @@ checkpoint is `int-quantized` (one int8 per code, the format compressed-tensors 
 quantized activations), because vLLM picks its int8-activation kernels (W8A8, W4A8) only for that format and serves
 pack-quantized only without activation quantization (WNA16).
 
+Float grids (compress_order/formats.py) are written in compressed-tensors' own float formats, from their codes:
+  fp8    float-quantized: one float8_e4m3fn per weight, `weight_scale` per channel or per group of 128 (in the
+         model's dtype, as loaders hold it, like the integer scales above).
+  nvfp4  nvfp4-pack-quantized: E2M1 nibbles two per byte (even column in the low nibble), group 16, E4M3
+         `weight_scale` and one float32 `weight_global_scale` per tensor; a group's scale is
+         weight_scale / weight_global_scale (the global scale is the reciprocal of our per-tensor scale).
+  mxfp4  mxfp4-pack-quantized: E2M1 nibbles, group 32, uint8 `weight_scale` holding the E8M0 exponent + 127.
+compressed-tensors 0.20 decompresses both FP4 formats into bfloat16: MXFP4 weights (E2M1 value times a power of two)
+fit bfloat16 exactly, NVFP4 weights in general do not (their group scales are E4M3 over a float32), so a float32
+model's NVFP4 checkpoint reads back rounded to bfloat16; `mismatched_weights` counts what that changes.
+
 Act-order: GPTQ here keeps groups in the original column order (act_order needs static groups), so its grids
 need no group index (`weight_g_idx`); compressed-tensors 0.20 has dropped the dynamic (`group`) act-order anyway.
 """
@@ -26,7 +37,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 import torch
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+from compressed_tensors.compressors.base import BaseCompressor
 from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.config import CompressionFormat
@@ -40,6 +53,7 @@ from compressed_tensors.quantization import (
 from torch import Tensor, nn
 
 from compress_order.errors import InvariantError, UserError
+from compress_order.formats import FloatGrid, codebook, nvfp4_global_scale
 from compress_order.quant import QuantGrid
 from compress_order.targets import Target
 
@@ -102,9 +116,61 @@ class WeightScheme:
         return f"{self.bits}-bit {groups} {'symmetric' if self.sym else 'with zero-points'}{acts}"
 
 
-def weight_scheme(grid: QuantGrid, act: ActScheme | None = None) -> WeightScheme:
+# compressed-tensors' format for each float grid's weights, and how its scales are stored
+FLOAT_FORMAT = {"fp8": CompressionFormat.float_quantized.value, "nvfp4": CompressionFormat.nvfp4_pack_quantized.value,
+                "mxfp4": CompressionFormat.mxfp4_pack_quantized.value}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FloatScheme:
+    """One config group of float weights: the format, its group (-1: per channel; FP8 only) and the input
+    activations' scheme where the run quantized them. Float grids are symmetric: no zero-points."""
+
+    fmt: str  # fp8 | nvfp4 | mxfp4
+    group_size: int
+    act: ActScheme | None = None
+    sym = True
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.fmt == "fp8" else 4
+
+    @property
+    def format(self) -> str:
+        return FLOAT_FORMAT[self.fmt]
+
+    def scheme(self, targets: list[str]) -> QuantizationScheme:
+        inputs = None if self.act is None else self.act.args()
+        return QuantizationScheme(targets=targets, weights=self.args(), input_activations=inputs, format=self.format)
+
+    def args(self) -> QuantizationArgs:
+        if self.fmt == "fp8":
+            strategy = QuantizationStrategy.CHANNEL if self.group_size == -1 else QuantizationStrategy.GROUP
+            return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy,
+                                    group_size=None if self.group_size == -1 else self.group_size)  # fmt: skip
+        if self.fmt == "nvfp4":  # groups plus a per-tensor global scale: compressed-tensors' TENSOR_GROUP
+            strategy = QuantizationStrategy.TENSOR_GROUP
+            return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=16, strategy=strategy,
+                                    scale_dtype=torch.float8_e4m3fn)  # fmt: skip
+        return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=32,
+                                strategy=QuantizationStrategy.GROUP, scale_dtype=torch.uint8)  # fmt: skip
+
+    def describe(self) -> str:
+        acts = "" if self.act is None else f", {self.act.describe()} activations"
+        if self.fmt == "fp8":
+            groups = "per channel" if self.group_size == -1 else f"group {self.group_size}"
+            return f"FP8 E4M3 {groups}{acts}"
+        if self.fmt == "nvfp4":
+            return f"NVFP4 E2M1 group 16, E4M3 scales and a float32 global scale{acts}"
+        return f"MXFP4 E2M1 group 32, E8M0 scales{acts}"
+
+
+def weight_scheme(grid: QuantGrid | FloatGrid, act: ActScheme | None = None) -> WeightScheme | FloatScheme:
     """The scheme a grid is written under. A symmetric grid whose zero-points are not all the midpoint (none is
     made so, but a grid is only data) is written with its zero-points."""
+    if isinstance(grid, FloatGrid):  # FP4 formats fix their group; FP8's one group per row is per channel
+        fixed = grid.format.group_size
+        return FloatScheme(grid.fmt, fixed or (-1 if grid.n_groups == 1 else grid.group_size), act)
     mid = 2 ** (grid.bits - 1)
     sym = grid.sym and bool((grid.zero == mid).all())
     return WeightScheme(grid.bits, -1 if grid.n_groups == 1 else grid.group_size, sym, act)
@@ -112,9 +178,10 @@ def weight_scheme(grid: QuantGrid, act: ActScheme | None = None) -> WeightScheme
 
 @dataclass
 class PackedLayer:
-    scheme: WeightScheme
+    scheme: WeightScheme | FloatScheme
     tensors: dict[str, Tensor]  # local names: weight_packed, weight_scale, weight_shape (and weight_zero_point);
-    # int-quantized: weight (int8 codes), weight_scale (and weight_zero_point)
+    # int-quantized: weight (int8 codes), weight_scale (and weight_zero_point); float-quantized: weight (float8),
+    # weight_scale; nvfp4 / mxfp4: weight_packed (uint8), weight_scale (and nvfp4's weight_global_scale)
     mismatched: int  # weights the loader's arithmetic (scales in the model dtype) does not give back exactly
 
 
@@ -132,9 +199,11 @@ def pack_layer(target: Target, act: ActScheme | None = None) -> PackedLayer:
         )
     w = target.weight
     grid = grid.to(w.device)
-    codes = grid.codes(w)  # unsigned, float32
+    codes = grid.codes(w)  # unsigned, float32 (float grids: indices into the format's codebook)
     if not torch.equal(grid.dequant(codes, w.dtype), w):  # the invariant check guarantees this after every stage
-        raise InvariantError(f"layer {target.name}: its integer codes do not reproduce the evaluated weight")
+        raise InvariantError(f"layer {target.name}: its codes do not reproduce the evaluated weight")
+    if isinstance(grid, FloatGrid):
+        return _pack_float(target.name, w, grid, codes, act)
     scheme = weight_scheme(grid, act)
     mid = 2 ** (grid.bits - 1)
     signed = (codes - mid).to(torch.int8)
@@ -156,9 +225,56 @@ def pack_layer(target: Target, act: ActScheme | None = None) -> PackedLayer:
     return PackedLayer(scheme, packed, mismatched)
 
 
-def quantization_config(schemes: dict[str, WeightScheme], ignore: list[str]) -> QuantizationConfig:
+def e2m1_nibbles(codes: Tensor) -> Tensor:
+    """FP4 E2M1 bit patterns (uint8, 0-15) of codes indexing the sorted E2M1 codebook (-6 … 6, zero at index 7):
+    bit 3 the sign, bits 0-2 the magnitude's index in 0, .5, 1, 1.5, 2, 3, 4, 6."""
+    offset = codes.long() - 7
+    return ((offset < 0).to(torch.uint8) << 3) | offset.abs().to(torch.uint8)
+
+
+def pack_e2m1(codes: Tensor) -> Tensor:
+    """Two E2M1 values per byte along each row, the even column in the low nibble: (rows, cols / 2) uint8."""
+    nib = e2m1_nibbles(codes)
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
+@torch.no_grad()
+def _pack_float(name: str, w: Tensor, grid: FloatGrid, codes: Tensor, act: ActScheme | None) -> PackedLayer:
+    """A float grid's codes and scales in compressed-tensors' layout for its format (nothing re-quantized: the
+    stored scales are the grid's, checked to give back its float32 scales exactly), read back by the format's own
+    decompressor to count what it does not give back."""
+    scheme = weight_scheme(grid, act)
+    values = codebook(grid.bits, codes.device)[codes.long()]  # the element values, exact in their format
+    scale = grid.scale.float()
+    if grid.fmt == "fp8":  # loaders hold these scales in the model's dtype (as the integer path writes them)
+        tensors = {"weight": values.to(torch.float8_e4m3fn).cpu(), "weight_scale": scale.to(w.dtype).cpu()}
+        stored, back_scale = tensors["weight"].float(), scale
+    else:
+        tensors = {"weight_packed": pack_e2m1(codes).cpu()}
+        if grid.fmt == "nvfp4":
+            g = nvfp4_global_scale(grid.tensor_scale).reshape(1)
+            e4m3 = (scale * g).to(torch.float8_e4m3fn)  # the E4M3 group scale the grid divided by g
+            tensors.update(weight_scale=e4m3.cpu(), weight_global_scale=g.cpu())
+            back_scale = e4m3.float() / g
+        else:  # E8M0: the power of two's exponent, biased by 127
+            exponent = torch.round(torch.log2(scale)).to(torch.int32)
+            tensors["weight_scale"] = (exponent + 127).to(torch.uint8).cpu()
+            back_scale = torch.exp2(exponent.float())
+        stored = unpack_fp4_from_uint8(tensors["weight_packed"], *w.shape, dtype=torch.float32).to(w.device)
+    if not torch.equal(back_scale, scale):
+        raise InvariantError(f"layer {name}: its {grid.fmt} scales are not stored exactly in the format's scale type")
+    if not torch.equal(stored, values):
+        raise InvariantError(f"layer {name}: stored codes differ from the grid's codes")
+    ct = scheme.scheme([name])
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    back = compressor.decompress(dict(tensors), ct)["weight"].to(w.dtype)
+    mismatched = int((back != w.cpu()).sum())
+    return PackedLayer(scheme, tensors, mismatched)
+
+
+def quantization_config(schemes: dict[str, WeightScheme | FloatScheme], ignore: list[str]) -> QuantizationConfig:
     """One config group per distinct scheme (per-layer widths give several), targets named layer by layer."""
-    by_scheme: dict[WeightScheme, list[str]] = defaultdict(list)
+    by_scheme: dict[WeightScheme | FloatScheme, list[str]] = defaultdict(list)
     for name, s in schemes.items():
         by_scheme[s].append(name)
     ordered = sorted(by_scheme.items(), key=lambda kv: (kv[0].bits, kv[0].group_size, kv[0].sym))
@@ -190,11 +306,14 @@ def dense_linears(model: nn.Module, quantized: set[str]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
 
 
-def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme]) -> tuple[str, bool, list[str]]:
+def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme | FloatScheme]) -> tuple[str, bool, list[str]]:
     """Which vLLM compressed-tensors path reads the checkpoint (WNA16 for weight-only, its int8-activation
-    schemes W8A8 / W4A8 otherwise), whether it would serve it as saved, and if not, why."""
+    schemes W8A8 / W4A8 otherwise, its FP8 / FP4 weight-only schemes for float grids), whether it would serve it
+    as saved, and if not, why."""
     acts = {s.act for s in schemes.values()}
-    if acts == {None}:
+    if any(isinstance(s, FloatScheme) for s in schemes.values()):
+        path, reasons = _float_reasons(schemes)
+    elif acts == {None}:
         path, reasons = "WNA16", _wna16_reasons(model, schemes)
     else:
         path, reasons = _int_act_reasons(schemes)
@@ -254,8 +373,33 @@ def _int_act_reasons(schemes: dict[str, WeightScheme]) -> tuple[str, list[str]]:
     return path, reasons
 
 
-def transformers_reloads(schemes: dict[str, WeightScheme]) -> bool:
-    """Whether transformers' `from_pretrained` reloads the checkpoint. compressed-tensors 0.20 builds the model it
-    loads into with unpacked zero-points, so a checkpoint with (packed) zero-points fails there on a size mismatch;
-    its own CompressedTensorsDequantizer and vLLM read them."""
-    return all(s.sym for s in schemes.values())
+# vLLM's compressed-tensors schemes for float weights with 16-bit activations (CompressedTensorsW8A16Fp8,
+# CompressedTensorsW4A16Fp4, CompressedTensorsW4A16Mxfp4): FP8 takes per-tensor, per-channel or block scales, the
+# FP4 ones their formats' fixed groups. Layer-shape multiples their kernels need are not checked here.
+VLLM_FLOAT_PATHS = {"fp8": "W8A16 FP8", "nvfp4": "W4A16 NVFP4", "mxfp4": "W4A16 MXFP4"}
+
+
+def _float_reasons(schemes: dict[str, WeightScheme | FloatScheme]) -> tuple[str, list[str]]:
+    floats = [s for s in schemes.values() if isinstance(s, FloatScheme)]
+    path = " + ".join(sorted({VLLM_FLOAT_PATHS[s.fmt] for s in floats}))
+    reasons: list[str] = []
+    if len(floats) < len(schemes):
+        reasons.append("integer and float weights in one checkpoint (vLLM reads one scheme family per model)")
+    grouped = sorted({s.group_size for s in floats if s.fmt == "fp8" and s.group_size != -1})
+    if grouped:
+        reasons.append(f"FP8 weights in groups of {'/'.join(map(str, grouped))} along a row (vLLM's FP8 schemes take "
+                       f"per-tensor, per-channel or 128x128-block scales: group_size=-1)")  # fmt: skip
+    act = next((s.act for s in floats if s.act is not None), None)
+    if act is not None:
+        reasons.append(f"integer A{act.bits} input activations with float weights (vLLM's float schemes take 16-bit "
+                       f"or float activations)")  # fmt: skip
+    return path, reasons
+
+
+def transformers_reloads(schemes: dict[str, WeightScheme | FloatScheme], dtype: torch.dtype) -> bool:
+    """Whether transformers' `from_pretrained` reloads the checkpoint into a `dtype` model. compressed-tensors 0.20
+    builds the model it loads into with unpacked zero-points, so a checkpoint with (packed) zero-points fails there
+    on a size mismatch; and it decompresses NVFP4 / MXFP4 weights into bfloat16, so other models fail on their
+    first forward (a bfloat16 weight in a float32 matmul). Its own CompressedTensorsDequantizer and vLLM read all."""
+    fp4 = any(isinstance(s, FloatScheme) and s.fmt != "fp8" for s in schemes.values())
+    return all(s.sym for s in schemes.values()) and (not fp4 or dtype == torch.bfloat16)

@@ -3,20 +3,22 @@
 <run dir>/models/<order slug>/ (a run with several calibration seeds: <order slug>/seed-<N>/, one per seed) holds a
 checkpoint in one of two formats:
 
-  compressed-tensors  (the default for a node with a quantizer) what serving stacks load: config.json carries a
-                      compressed-tensors `quantization_config` (format pack-quantized, one config group per scheme,
-                      dense layers in `ignore`) and each quantized Linear its packed integer codes, scales and
-                      zero-points, taken from the node's own grids (compress_order/ct_export.py). Pruned weights are
-                      zero codes. A run with `act_bits` writes `int-quantized` (one int8 per code) with each
-                      group's input-activation scheme.
-  dense               (the default for a node without one) what `save_pretrained` writes: the weights as evaluated,
+  compressed-tensors  (the default for a node with a quantizer, all its grids symmetric) what serving stacks load:
+                      config.json carries a compressed-tensors `quantization_config` (format pack-quantized, one
+                      config group per scheme, dense layers in `ignore`) and each quantized Linear its packed integer
+                      codes, scales and zero-points, taken from the node's own grids (compress_order/ct_export.py).
+                      Pruned weights are zero codes. A run with `act_bits` writes `int-quantized` (one int8 per code)
+                      with each group's input-activation scheme. Float grids: float-quantized (FP8),
+                      nvfp4-pack-quantized, mxfp4-pack-quantized, from their own codes and scales.
+  dense               (the default otherwise) what `save_pretrained` writes: the weights as evaluated,
                       pruned weights exact zeros, quantized weights exactly on their grids, in the model's dtype.
 
 Both come with the tokenizer and a sidecar that loaders ignore:
 
   compression.json          order, model, checkpoint format, the weight files' bytes on disk beside the computed
                             `size_bytes` (and for compressed-tensors: whether reloading gives
-                            the evaluated weights bit for bit, and whether vLLM's WNA16 path serves it, or why not),
+                            the evaluated weights bit for bit, which vLLM path reads it and whether it serves it, or
+                            why not, and whether transformers reloads it),
                             and per layer: shape, stages applied, measured sparsity and structure (dense, unstructured
                             or N:M), mask density, quantization bits, group size, symmetry; tensor entries name keys
                             of ↓. Masks and codes index `shape`, the (out, in·kh·kw) view; `layout` and
@@ -26,10 +28,13 @@ Both come with the tokenizer and a sidecar that loaders ignore:
   compression.safetensors   per layer `<layer>.mask` (np.packbits of the row-major keep-mask, True = kept),
                             `<layer>.scale` (float32) and `<layer>.zero` (uint8 integer zero-points), (rows, groups)
 
-A quantized weight w[r, c] = (code - zero[r, g]) * scale[r, g] with g = c // group_size, code in [0, 2^bits - 1].
+A quantized weight w[r, c] = (code - zero[r, g]) * scale[r, g] with g = c // group_size, code in [0, 2^bits - 1]
+(`format` int); a float grid's (fp8, nvfp4, mxfp4: compress_order/formats.py) is value · scale[r, g] with value
+an E4M3 or E2M1 number, its zeros all 0. compressed-tensors writes float grids as float-quantized (FP8),
+nvfp4-pack-quantized and mxfp4-pack-quantized, from their codes (compress_order/ct_export.py).
 `AutoModelForCausalLM.from_pretrained(dir)` reloads the compressed model as it was evaluated: a dense checkpoint
-always, a compressed-tensors one when its grids are symmetric (`transformers_reload` in the sidecar; see
-compress_order/ct_export.py), in float32 bit for bit (`exact`).
+always, a compressed-tensors one when its grids are symmetric and, for NVFP4 / MXFP4, the model is bfloat16
+(`transformers_reload` in the sidecar; see compress_order/ct_export.py), bit for bit where `exact` says so.
 """
 from __future__ import annotations
 
@@ -90,12 +95,8 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
     if fmt not in SAVE_FORMATS:
         raise UserError(f"save format '{fmt}' is unknown; valid: {', '.join(SAVE_FORMATS)}")
     grids = [t.constraint.grid for t in targets.values() if t.constraint.grid is not None]
-    floats = sorted({g.fmt for g in grids} - {"int"})
-    if fmt == "auto":
-        return "compressed-tensors" if grids and all(g.sym for g in grids) and not floats else "dense"
-    if fmt == "compressed-tensors" and floats:
-        raise UserError(f"save format compressed-tensors is written for integer grids only so far; {floats[0]} "
-                        f"weights save as save_format=dense (their values exactly on their grids)")  # fmt: skip
+    if fmt == "auto":  # float grids are symmetric: they have no zero-points
+        return "compressed-tensors" if grids and all(g.sym for g in grids) else "dense"
     return fmt
 
 
@@ -213,7 +214,7 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
         "exact": mismatched == 0,  # reloading gives the evaluated weights bit for bit
         "mismatched_weights": mismatched,  # otherwise: weights changed by holding scales in the model dtype
         "vllm": {"path": path, "servable": servable, "reasons": reasons},  # path: WNA16, W8A8 int8, W4A8 int
-        "transformers_reload": ct_export.transformers_reloads(schemes),
+        "transformers_reload": ct_export.transformers_reloads(schemes, next(model.parameters()).dtype),
         "dense_experts": dense_experts,  # quantized experts stored dense (see above)
     }  # fmt: skip
 
@@ -236,15 +237,26 @@ def summary_line(checkpoint: dict[str, Any]) -> str:
         acts = f" (evaluated with {act} activations, not in its config)" if act else ""
         return f"{checkpoint['format']} checkpoint{acts}{size}"
     exact = "exact" if checkpoint["exact"] else f"{checkpoint['mismatched_weights']} weights not exact"
+    if not checkpoint["exact"] and checkpoint["compression_format"] == "nvfp4-pack-quantized":
+        exact += " (compressed-tensors 0.20 reads NVFP4 back in bfloat16)"
     vllm = checkpoint["vllm"]
     serve = (f"vLLM {vllm['path']} serves it" if vllm["servable"]
              else f"vLLM {vllm['path']} does not serve it: {'; '.join(vllm['reasons'])}")  # fmt: skip
-    reload = "" if checkpoint["transformers_reload"] else "; transformers cannot reload its zero-points"
+    reload = "; transformers reloads it" if checkpoint["transformers_reload"] else f"; {_no_reload(checkpoint)}"
     if checkpoint.get("dense_experts"):
         reload += (f"; {checkpoint['dense_experts']} quantized expert matrices stored dense (on their grids): "
                    f"compressed-tensors 0.20 has no scheme for transformers' fused 3-D expert parameters")  # fmt: skip
     return (f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; "
             f"{serve}{reload}{size}")  # fmt: skip
+
+
+def _no_reload(checkpoint: dict[str, Any]) -> str:
+    """Why transformers does not reload a compressed-tensors checkpoint (see ct_export.transformers_reloads)."""
+    fmt = checkpoint["compression_format"]
+    if fmt.startswith(("nvfp4", "mxfp4")) or "FP4" in " ".join(checkpoint["schemes"]):
+        return ("transformers cannot reload it: compressed-tensors 0.20 decompresses FP4 weights into bfloat16, "
+                "which only a bfloat16 model runs")  # fmt: skip
+    return "transformers cannot reload its zero-points"
 
 
 @contextmanager
@@ -299,9 +311,11 @@ def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[
         if c.grid is not None:
             g = c.grid
             entry["quant"] = {
-                "bits": g.bits, "group_size": g.group_size, "sym": g.sym, "n_groups": g.n_groups,
+                "format": g.fmt, "bits": g.bits, "group_size": g.group_size, "sym": g.sym, "n_groups": g.n_groups,
                 "scale": f"{name}.scale", "zero": f"{name}.zero",
             }  # fmt: skip
+            if getattr(g, "tensor_scale", None) is not None:  # NVFP4: the scales are E4M3 values over 1 / this
+                entry["quant"]["tensor_scale"] = float(g.tensor_scale)
             tensors[f"{name}.scale"] = g.scale.detach().float().cpu().contiguous()
             tensors[f"{name}.zero"] = g.zero.detach().cpu().to(torch.uint8).contiguous()  # integers in [0, 2^bits-1]
         layers[name] = entry

@@ -5,7 +5,7 @@ A format fixes its element codebook, its group and how the group scale is stored
 | format | elements | group | scale |
 |---|---|---|---|
 | fp8 | E4M3 (±448, 256 codes less NaN) | per output channel, or 128-blocks | float32 |
-| nvfp4 | E2M1 (±{0, .5, 1, 1.5, 2, 3, 4, 6}) | 16 | E4M3, times one float32 scale per tensor |
+| nvfp4 | E2M1 (±{0, .5, 1, 1.5, 2, 3, 4, 6}) | 16 | E4M3, over one float32 global scale per tensor |
 | mxfp4 | E2M1 | 32 | E8M0: a power of two |
 
 A weight on such a grid equals codebook[code] · scale(row, group). 0 is a code of every codebook, so a pruned
@@ -104,7 +104,15 @@ def group_scales(amax: Tensor, fmt: FloatFormat, tensor_amax: Tensor | None = No
         g = (ta / (top * E4M3_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
     stored = e4m3(amax / top / g)
     stored = torch.where(stored > 0, stored, torch.full_like(stored, float(e4m3(torch.tensor(2.0**-9)))))
-    return stored * g, g
+    # Divided by the global scale as compressed-tensors (and NVIDIA's kernels) apply it, so a checkpoint's loader
+    # gives back these float32 scales bit for bit (stored · g can differ from stored / (1/g) in the last bit).
+    return stored / nvfp4_global_scale(g), g
+
+
+def nvfp4_global_scale(tensor_scale: Tensor) -> Tensor:
+    """The per-tensor scale in the form NVFP4 checkpoints store it (`weight_global_scale`): its float32 reciprocal,
+    by which each stored E4M3 group scale is divided."""
+    return 1.0 / tensor_scale.float()
 
 
 @dataclass

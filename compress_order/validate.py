@@ -153,13 +153,11 @@ def _check_known_keys(c: dict) -> None:
 
 
 def check_number_format(cfg: DictConfig, fmt: str, bits: int, group_size: int) -> None:
-    """The format with the bits and group size it fixes (each quantizing stage's is checked with its config)."""
+    """The format with the bits and group size it fixes (each quantizing stage's is checked with its config). Every
+    format saves as every save_format (compress_order/ct_export.py writes the float ones)."""
     from compress_order.formats import check_format
 
     check_format(fmt, bits, group_size)
-    if fmt != "int" and cfg.get("save_format") == "compressed-tensors":
-        raise UserError(f"save_format=compressed-tensors is written for integer grids only so far; format={fmt} "
-                        f"saves as save_format=dense or auto (values exactly on their grids)")  # fmt: skip
 
 
 def _check_seeds(seeds: Any, replicates: int) -> None:

@@ -56,8 +56,9 @@ class Result:
     log: str = ""
 
 
-# name, title, own timeout (s). The timeouts add up to the 8-minute budget; the large model gets the most, as
-# its GPTQ and SparseGPT passes over 154 layers dominate.
+# name, title, own timeout (s). The first six timeouts add up to the 8-minute budget; the large model gets the most,
+# as its GPTQ and SparseGPT passes over 154 layers dominate. The float kernels' check, last, runs in what the
+# others leave of it (they seldom use their whole timeouts), and is skipped when nothing is left.
 CHECKS: list[tuple[str, str, float]] = [
     ("cuda_tests", "the test-suite's CUDA tests on the GPU", 45),
     ("end_to_end", "char-LLaMA end to end on cuda vs the CPU reference", 75),
@@ -65,6 +66,7 @@ CHECKS: list[tuple[str, str, float]] = [
     ("half_precision", "fp16 and bf16 models beside fp32", 75),
     ("packed_backends", "packed backends on CUDA: logits and speed-up", 60),
     ("large_model", "a ~1B-parameter random LLaMA: GPTQ, SparseGPT, 32-window evaluation", 180),
+    ("float_kernels", "FP8 / MXFP4 / NVFP4 matmuls (torch._scaled_mm, torchao) on our grids", 30),
 ]
 
 

@@ -443,8 +443,154 @@ def large_model() -> dict:
     return figures
 
 
+# --- 7 ----------------------------------------------------------------------------------------------------------
+
+FLOAT_TOL = {"fp8 _scaled_mm": 0.01, "torchao float8": 0.08, "torchao mxfp4": 0.3, "torchao nvfp4": 0.2}
+# _scaled_mm against the same FP8 product computed densely: bf16 output rounding (2^-8) only. The torchao paths
+# against the evaluated weights with 16-bit activations: they quantize the activations too (E4M3: about 4%;
+# E2M1 with its group scale: tens of percent), so their bound is loose: it catches a wrong layout, not a drift.
+
+
+def _needs(dev, sm: tuple[int, int]) -> str | None:
+    """Why a CUDA path needing compute capability `sm` cannot run here (None: it can)."""
+    import torch
+
+    if dev.type != "cuda":
+        return "CUDA only"
+    have = torch.cuda.get_device_capability(dev)
+    return None if have >= sm else f"needs SM {sm[0]}.{sm[1]}+, this GPU is SM {have[0]}.{have[1]}"
+
+
+def _fp8_scaled_mm(w, x, dev) -> tuple[list, list]:
+    """torch._scaled_mm on the node's own FP8 codes and per-channel float32 scales (rowwise scaling), activations
+    quantized per row to E4M3 (amax / 448), against the same product computed densely in float32."""
+    import torch
+
+    from compress_order.formats import codebook, fit_float_grid
+    from compress_order.measure import time_call
+
+    grid = fit_float_grid(w, "fp8", -1)
+    wq = grid.project(w)  # the weights as a stage leaves them (float32)
+    w8 = codebook(8, dev)[grid.codes(wq).long()].to(torch.float8_e4m3fn)  # their own codes, stored as FP8
+    sw = grid.scale.reshape(1, -1).contiguous()  # (1, out): one float32 scale per output channel
+    held = int((w8.float() * grid.scale != wq).sum())
+
+    def quantized_x() -> tuple:
+        sx = x.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / 448.0
+        return (x.float() / sx).to(torch.float8_e4m3fn), sx
+
+    def packed():
+        xq, sx = quantized_x()
+        return torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+
+    xq, sx = quantized_x()
+    ref = (xq.float() * sx) @ wq.t()
+    err = float((packed().float() - ref).norm() / ref.norm())
+    wb = wq.to(torch.bfloat16)
+    t_dense = time_call(lambda: x @ wb.t(), dev, 3, 20)[0]
+    t_packed = time_call(packed, dev, 3, 20)[0]
+    return [["fp8 _scaled_mm", "FP8 rowwise", held, err, FLOAT_TOL["fp8 _scaled_mm"]]], \
+        [["fp8 _scaled_mm", t_dense, t_packed, t_dense / t_packed]]  # fmt: skip
+
+
+def _torchao_path(name: str, w, x, dev) -> tuple[list, list]:
+    """One of torchao's float inference configs on a Linear holding weights already on our grid of that format
+    (bf16: FP4 values with their power-of-two or E4M3 scales fit it), then: how many weights its tensor does not
+    hold as ours, its output against the evaluated weights' bf16 product, and its time against that product."""
+    import torch
+
+    from compress_order.formats import fit_float_grid
+    from compress_order.measure import time_call
+    from torchao.quantization import quantize_
+
+    fmt = name.split()[-1]
+    wb = w.to(torch.bfloat16)
+    if fmt == "float8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        wq = fit_float_grid(wb, "fp8", -1).project(wb)
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    elif fmt == "mxfp4":
+        from torchao.prototype.mx_formats.inference_workflow import MXDynamicActivationMXWeightConfig
+        from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+        wq = fit_float_grid(wb, "mxfp4", 32).project(wb)
+        fp4 = torch.float4_e2m1fn_x2  # OCP MX: the scale is 2^(floor(log2 amax) - 2), as our grid's
+        config = MXDynamicActivationMXWeightConfig(activation_dtype=fp4, weight_dtype=fp4,
+                                                   scaling_mode=ScaleCalculationMode.FLOOR)  # fmt: skip
+    else:
+        from torchao.prototype.mx_formats.inference_workflow import NVFP4DynamicActivationNVFP4WeightConfig
+
+        wq = fit_float_grid(wb, "nvfp4", 16).project(wb)
+        config = NVFP4DynamicActivationNVFP4WeightConfig(use_triton_kernel=False)
+    model = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=dev, dtype=torch.bfloat16))
+    model[0].weight.data.copy_(wq)
+    quantize_(model, config)  # inside a container: a transform may replace the Linear
+    lin = model[0]
+    with torch.no_grad():
+        held = int((lin.weight.dequantize(torch.bfloat16) != wq).sum())
+        ref = x.float() @ wq.float().t()
+        err = float((lin(x).float() - ref).norm() / ref.norm())
+        t_dense = time_call(lambda: x @ wq.t(), dev, 3, 20)[0]
+        t_packed = time_call(lambda: lin(x), dev, 3, 20)[0]
+    return [[name, type(lin.weight).__name__, held, err, FLOAT_TOL[name]]], [[name, t_dense, t_packed,
+                                                                           t_dense / t_packed]]  # fmt: skip
+
+
+def float_kernels() -> dict:
+    """The float formats' matmuls on weights rounded onto our own grids (compress_order/formats.py): torch._scaled_mm
+    with FP8 rowwise scales (CUDA SM 8.9+; torch 2.14 also has it on CPU), torchao's Float8Tensor with dynamic FP8
+    activations (SM 8.9+), and torchao's MXFP4 and NVFP4 tensors (SM 10.0+). For each: the weights its tensor does
+    not hold as ours, its output error, its time against the dense bf16 matmul. A path this GPU cannot take is a
+    row saying why; on CUDA, none taking any is a skip, one off by more than its tolerance a failure."""
+    import torch
+
+    dev = torch.device(DEVICE)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Skipped("torch sees no CUDA device")
+    m, k, n = (64, 256, 256) if SMALL else (2048, 4096, 4096)
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(dev)
+    x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
+    needs = {"fp8 _scaled_mm": None if dev.type == "cpu" else (8, 9), "torchao float8": (8, 9),
+             "torchao mxfp4": (10, 0), "torchao nvfp4": (10, 0)}  # fmt: skip
+    paths = {name: (sm, (lambda: _fp8_scaled_mm(w, x, dev)) if name == "fp8 _scaled_mm" else
+                    (lambda name=name: _torchao_path(name, w, x, dev))) for name, sm in needs.items()}  # fmt: skip
+    acc, speed, not_run, failures = [], [], [], []
+    for name, (sm, fn) in paths.items():
+        why = _needs(dev, sm) if sm is not None else None
+        if why:
+            not_run.append([name, why])
+            continue
+        try:
+            a, s = fn()
+        except Exception as e:  # noqa: BLE001  (recorded in the report, with the log's traceback)
+            import traceback
+
+            traceback.print_exc()
+            failures.append(f"{name}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+            continue
+        acc += a
+        speed += s
+        if a[0][3] > a[0][4]:
+            failures.append(f"{name}: output off by {a[0][3]:.3g} > {a[0][4]}")
+        progress({"accuracy": _table(["path", "weight tensor", "weights not held", "rel error", "tolerance"], acc)})
+    figures = {
+        "shape": f"x ({m}, {k}) bf16 @ w ({n}, {k})ᵀ, w ~ N(0, 0.02²) rounded onto each format's grid",
+        "accuracy": _table(["path", "weight tensor", "weights not held", "rel error", "tolerance"], acc),
+        "speed": _table(["path", "dense bf16 ms", "packed ms", "speed-up"], speed),
+        "not run": _table(["path", "why"], not_run),
+    }  # fmt: skip
+    if failures:
+        raise Failed("; ".join(failures), figures)
+    if not acc:
+        raise Skipped(f"no float kernel runs here: {'; '.join(f'{p}: {w}' for p, w in not_run)}")
+    return figures
+
+
 CHECKS: dict[str, Callable[[], dict]] = {
-    f.__name__: f for f in (cuda_tests, end_to_end, calibration_device, half_precision, packed_backends, large_model)
+    f.__name__: f for f in (cuda_tests, end_to_end, calibration_device, half_precision, packed_backends, large_model,
+                            float_kernels)
 }
 
 

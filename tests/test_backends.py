@@ -209,6 +209,25 @@ def test_each_backend_is_labelled_and_compared_in_its_activation_dtype():
     assert "dense(bf16) speed-up" not in cells and cells["dense(bf16) ms"] == "3"
 
 
+@pytest.mark.parametrize("fmt,group", [("fp8", -1), ("nvfp4", 16), ("mxfp4", 32)])
+def test_float_grids_get_na_rows_that_say_why_no_kernel_times_them(fmt, group):
+    """No backend times a float grid: each gives an n/a row naming the float kernels that exist and why none of
+    them computes what was evaluated; nothing is timed."""
+    from compress_order.backends import FLOAT_KERNELS, latency_entries
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    targets = find_targets(model)
+    for t in targets.values():
+        RTN(8 if fmt == "fp8" else 4, group, True, name="r", format=fmt).compress(t)
+    timer = _Timer()
+    entries = latency_entries(select_backends("auto", torch.device("cpu")), model, targets, timer, torch.device("cpu"))
+    assert [e["backend"] for e in entries] == ["int8_weight_only(fp32)", "int4_weight_only(bf16)"]
+    assert timer.timed == [] and all(e["status"] == "n/a" and e["value"] != e["value"] for e in entries)
+    assert all(e["error"] == f"these kernels take integer grids; {fmt} weights have no kernel in this backend "
+                             f"({FLOAT_KERNELS[fmt]})" for e in entries)  # fmt: skip
+
+
 def test_backend_selection_on_cpu():
     cpu = torch.device("cpu")
     assert [b.name for b in select_backends("auto", cpu)] == ["int8_weight_only", "int4_weight_only"]

@@ -476,3 +476,240 @@ def test_export_of_a_run_with_static_activation_ranges_rebuilds_its_model(tiny_o
     assert f"{d}: " in capsys.readouterr().out
     again = load_file(str(d / "model.safetensors"))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+# ------------------------------------------------------------------------------------------- float formats
+
+
+def float_rtn(targets, fmt: str, group_size: int) -> None:
+    from compress_order.formats import fit_weight_grid
+
+    for t in targets.values():
+        grid = fit_weight_grid(t.weight, fmt, 8 if fmt == "fp8" else 4, group_size, True)
+        set_quantized(t, grid.project(t.weight), grid, "rtn")
+
+
+def pruned_float_lm(tiny_llama, fmt: str, group_size: int, dtype: str):
+    """The tiny model in `dtype`, half its weights pruned, then rounded onto `fmt`'s grid (zeros are codes)."""
+    lm = causal_lm("tiny", str(tiny_llama), dtype=dtype)
+    targets = find_targets(lm.model, lm.skip)
+    for t in targets.values():
+        Magnitude(sparsity=0.5, name="magnitude").compress(t)
+    float_rtn(targets, fmt, group_size)
+    return lm, targets
+
+
+FLOAT_CASES = [("fp8", -1, "float32"), ("fp8", 128, "float32"), ("nvfp4", 16, "bfloat16"), ("mxfp4", 32, "float32"),
+               ("mxfp4", 32, "bfloat16")]  # fmt: skip
+CT_FLOAT = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+
+
+@pytest.mark.parametrize("fmt,group_size,dtype", FLOAT_CASES)
+def test_float_grids_export_their_own_codes_bit_for_bit(tiny_llama, tmp_path, fmt, group_size, dtype):
+    """`auto` writes a float grid in compressed-tensors' format for it, from the grid's codes and scales; the
+    library's own dequantizer gives back the evaluated weights bit for bit, pruned weights as zero codes."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    from compress_order.formats import codebook
+
+    lm, targets = pruned_float_lm(tiny_llama, fmt, group_size, dtype)
+    d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / "m")
+    qc = qconfig(d)
+    assert (qc["quant_method"], qc["format"]) == ("compressed-tensors", CT_FLOAT[fmt]) and qc["ignore"] == ["lm_head"]
+    by_strategy = {}
+    for group in qc["config_groups"].values():
+        w = group["weights"]
+        assert (w["type"], w["num_bits"], w["symmetric"], group["format"]) == (
+            "float", 8 if fmt == "fp8" else 4, True, CT_FLOAT[fmt])  # fmt: skip
+        by_strategy[w["strategy"], w["group_size"]] = sorted(group["targets"])
+    wide = sorted(n for n, t in targets.items() if t.weight.shape[1] > 128)  # down_proj: two groups of 128
+    assert by_strategy == {
+        ("fp8", -1): {("channel", None): sorted(targets)},
+        ("fp8", 128): {("group", 128): wide, ("channel", None): sorted(set(targets) - set(wide))},  # one group: a row
+        ("nvfp4", 16): {("tensor_group", 16): sorted(targets)},
+        ("mxfp4", 32): {("group", 32): sorted(targets)}}[(fmt, group_size)]  # fmt: skip
+
+    raw = load_file(str(d / "model.safetensors"))
+    back = dequantized(d, getattr(torch, dtype))
+    for name, t in targets.items():
+        grid = t.constraint.grid
+        values = codebook(grid.bits)[grid.codes(t.weight).long()]
+        if fmt == "fp8":
+            assert raw[f"{name}.weight"].dtype == torch.float8_e4m3fn
+            assert torch.equal(raw[f"{name}.weight"].float(), values)  # the grid's own codes
+            assert torch.equal(raw[f"{name}.weight_scale"], grid.scale.to(t.weight.dtype))
+        else:
+            packed = raw[f"{name}.weight_packed"]
+            assert packed.dtype == torch.uint8 and packed.shape == (t.weight.shape[0], t.weight.shape[1] // 2)
+            assert torch.equal(unpack_fp4_from_uint8(packed, *t.weight.shape, dtype=torch.float32), values)
+            nibbles = torch.stack([packed & 15, packed >> 4], -1).reshape(t.weight.shape)
+            assert (nibbles[~t.constraint.mask] == 0).all()  # pruned: E2M1's +0
+            scale = raw[f"{name}.weight_scale"]
+            if fmt == "nvfp4":  # E4M3 group scales over compressed-tensors' global scale: 1 / the per-tensor scale
+                g = raw[f"{name}.weight_global_scale"]
+                assert scale.dtype == torch.float8_e4m3fn and g.dtype == torch.float32 and g.shape == (1,)
+                assert float(g) == float(1 / grid.tensor_scale.float())
+                assert torch.equal(scale.float() / g, grid.scale)
+            else:  # E8M0: a biased exponent
+                assert scale.dtype == torch.uint8 and torch.equal(torch.exp2(scale.float() - 127), grid.scale)
+        assert torch.equal(back[f"{name}.weight"], t.module.weight.data), name  # bit for bit
+        assert (back[f"{name}.weight"][~t.constraint.mask] == 0).all()
+    assert torch.equal(back["lm_head.weight"], lm.model.lm_head.weight.data)
+    side = json.loads((d / "compression.json").read_text())
+    assert {e["quant"]["format"] for e in side["layers"].values()} == {fmt}
+    ck = side["checkpoint"]
+    assert (ck["format"], ck["compression_format"], ck["exact"], ck["mismatched_weights"]) == (
+        "compressed-tensors", CT_FLOAT[fmt], True, 0)  # fmt: skip
+    assert ck["transformers_reload"] is (fmt == "fp8" or dtype == "bfloat16")
+
+
+def test_nvfp4_of_a_float32_model_reads_back_in_bfloat16_and_says_so(tiny_llama, tmp_path):
+    """compressed-tensors 0.20 decompresses NVFP4 into bfloat16: a float32 model's NVFP4 weights (E2M1 times an
+    E4M3-over-float32 scale) come back rounded to bfloat16; the sidecar counts exactly those and the line says why."""
+    lm, targets = pruned_float_lm(tiny_llama, "nvfp4", 16, "float32")
+    d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / "m")
+    back = dequantized(d, torch.float32)
+    differ = 0
+    for name, t in targets.items():
+        w = t.module.weight.data
+        assert torch.equal(back[f"{name}.weight"], w.to(torch.bfloat16).float())
+        differ += int((back[f"{name}.weight"] != w).sum())
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert differ > 0 and ck["mismatched_weights"] == differ and ck["exact"] is False
+    assert ck["transformers_reload"] is False
+    line = summary_line(ck)
+    assert f"{differ} weights not exact (compressed-tensors 0.20 reads NVFP4 back in bfloat16)" in line
+    assert "transformers cannot reload it: compressed-tensors 0.20 decompresses FP4 weights into bfloat16" in line
+
+
+def test_fp8_scales_are_held_in_the_models_dtype_and_what_that_changes_is_counted(tiny_llama, tmp_path):
+    """As for integer grids, loaders hold FP8 scales in the model's dtype: a bfloat16 model's float32 scales are
+    written in bfloat16 and the weights that changes are counted (and come back so from every reader)."""
+    lm, targets = pruned_float_lm(tiny_llama, "fp8", -1, "bfloat16")
+    d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / "m")
+    raw, back = load_file(str(d / "model.safetensors")), dequantized(d, torch.bfloat16)
+    differ = 0
+    for name, t in targets.items():
+        assert raw[f"{name}.weight_scale"].dtype == torch.bfloat16
+        differ += int((back[f"{name}.weight"] != t.module.weight.data).sum())
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert differ > 0 and ck["mismatched_weights"] == differ and ck["exact"] is False and ck["transformers_reload"]
+
+
+@pytest.mark.parametrize("fmt,group_size,dtype", [("fp8", 128, "float32"), ("nvfp4", 16, "bfloat16"),
+                                                  ("mxfp4", 32, "bfloat16"), ("mxfp4", 32, "float32")])  # fmt: skip
+def test_transformers_reloads_float_exports_where_the_sidecar_says(tiny_llama, tmp_path, fmt, group_size, dtype):
+    """transformers' from_pretrained decompresses FP8 into the model's dtype (the same logits), FP4 into bfloat16:
+    a bfloat16 model runs it to the same logits, a float32 one fails on its first forward, as the line says."""
+    from transformers import AutoModelForCausalLM
+
+    lm, targets = pruned_float_lm(tiny_llama, fmt, group_size, dtype)
+    d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / "m")
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype))
+    x = torch.arange(1, 33).reshape(1, 32) % lm.model.config.vocab_size
+    if not ck["transformers_reload"]:
+        with pytest.raises(RuntimeError, match="same dtype"), torch.no_grad():
+            model(x)
+        assert "transformers cannot reload it" in summary_line(ck)
+        return
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, lm.model(x).logits)
+    mods = dict(model.named_modules())
+    assert all(torch.equal(mods[n].weight.data, t.module.weight.data) for n, t in targets.items())
+    assert "; transformers reloads it" in summary_line(ck)
+
+
+@pytest.mark.parametrize("fmt,group_size,act,path,reasons", [
+    ("fp8", -1, None, "W8A16 FP8", []),
+    ("fp8", 128, None, "W8A16 FP8",
+     ["FP8 weights in groups of 128 along a row (vLLM's FP8 schemes take per-tensor, per-channel or 128x128-block "
+      "scales: group_size=-1)"]),
+    ("nvfp4", 16, None, "W4A16 NVFP4", []),
+    ("mxfp4", 32, None, "W4A16 MXFP4", []),
+    ("fp8", -1, ActScheme(8, "token"), "W8A16 FP8",
+     ["integer A8 input activations with float weights (vLLM's float schemes take 16-bit or float activations)"]),
+])  # fmt: skip
+def test_float_servability_is_per_format(tiny_lm, tmp_path, fmt, group_size, act, path, reasons):
+    lm, targets, state, dense = tiny_lm
+    state.restore(dense)
+    float_rtn(targets, fmt, group_size)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m", "compressed-tensors", act=act)
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert ck["vllm"] == {"path": path, "servable": not reasons, "reasons": reasons}
+    if act is not None:  # the activations' scheme travels in the config group
+        (group,) = qconfig(d)["config_groups"].values()
+        assert group["input_activations"]["type"] == "int" and group["format"] == "float-quantized"
+    line = {("fp8", -1): "compressed-tensors float-quantized, FP8 E4M3 per channel; exact; vLLM W8A16 FP8 serves it; "
+                         "transformers reloads it; ",
+            ("mxfp4", 32): "compressed-tensors mxfp4-pack-quantized, MXFP4 E2M1 group 32, E8M0 scales; exact; vLLM "
+                           "W4A16 MXFP4 serves it; transformers cannot reload it: compressed-tensors 0.20 decompresses "
+                           "FP4 weights into bfloat16, which only a bfloat16 model runs; "}.get((fmt, group_size))  # fmt: skip
+    if line and act is None:
+        assert summary_line(ck).startswith(line)
+    back = dequantized(d, torch.float32)  # bit for bit but NVFP4 in float32 (read back in bfloat16)
+    assert all(torch.equal(back[f"{n}.weight"], t.module.weight.data) for n, t in targets.items()) is (fmt != "nvfp4")
+    assert ck["exact"] is (fmt != "nvfp4")
+
+
+def test_a_float_format_run_saves_compressed_tensors_that_reload_to_its_perplexity(tiny_overrides, tmp_path):
+    """format=fp8 with save=true (auto): each order's checkpoint is float-quantized and reloads to its perplexity."""
+    over = tiny_overrides + ["format=fp8", "sparsity=0.5", "save=true", "eval.backends=none",
+                             "stages=[magnitude,rtn]", "joint=[]"]  # fmt: skip
+    cfg = compose_config(over)
+    df = run(cfg, tmp_path / "out")
+    ppl = df[df["metric"] == "perplexity"].set_index("order")["value"]
+    for folder, order in (("magnitude_then_rtn", "magnitude > rtn"), ("rtn_then_magnitude", "rtn > magnitude")):
+        d = tmp_path / "out" / "models" / folder
+        assert qconfig(d)["format"] == "float-quantized"
+        ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+        assert ck["exact"] and ck["vllm"]["servable"] and ck["transformers_reload"]
+        assert _ppl_of_reload(cfg, d) == ppl[order]
+
+
+def test_float_quantized_experts_are_stored_dense_on_their_grids_and_said_so(tmp_path):
+    """transformers keeps Mixtral's experts as 3-D parameters no compressed-tensors scheme names: with a float
+    format they are stored dense, their values exactly on their grids, the attention Linears in the format's
+    layout, and the line says how many expert matrices were kept dense."""
+    from helpers import save_tiny_moe
+
+    path = save_tiny_moe("Mixtral", tmp_path / "mixtral")
+    lm = causal_lm("tiny-mixtral", str(path))
+    targets = find_targets(lm.model, lm.skip)
+    float_rtn(targets, "mxfp4", 32)
+    experts = {n for n, t in targets.items() if t.index is not None}
+    assert experts and len(experts) < len(targets)
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m")
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert (ck["compression_format"], ck["dense_experts"], ck["exact"]) == ("mxfp4-pack-quantized", len(experts), True)
+    assert f"; {len(experts)} quantized expert matrices stored dense (on their grids)" in summary_line(ck)
+    (group,) = qconfig(d)["config_groups"].values()
+    assert sorted(group["targets"]) == sorted(set(targets) - experts)
+    back = dequantized(d, torch.float32)
+    for name, t in targets.items():
+        if name in experts:
+            continue
+        assert torch.equal(back[f"{name}.weight"], t.module.weight.data)
+    # transformers saves the fused experts as Mixtral's per-expert w1/w2/w3 matrices: dense float32, no scales, each
+    # group of 32 inputs holding at most the 15 E2M1 values times its one scale
+    raw = load_file(str(d / "model.safetensors"))
+    dense = {k: v for k, v in raw.items() if ".experts." in k}
+    assert len(dense) == len(experts) // 2 * 3 and all(k.endswith(".weight") for k in dense)
+    for v in dense.values():
+        assert v.dtype == torch.float32
+        assert max(len(torch.unique(g)) for g in v.reshape(-1, 32)) <= 15
+
+
+def test_save_format_compressed_tensors_with_a_float_format_is_no_longer_refused(tiny_overrides, tmp_path):
+    """format=mxfp4 save_format=compressed-tensors (refused with one line before float grids had a writer) runs and
+    writes an mxfp4-pack-quantized checkpoint that reads back exactly."""
+    from compress_order.cli import main
+
+    over = tiny_overrides + ["format=mxfp4", "save=true", "save_format=compressed-tensors", "eval.backends=none",
+                             "eval.max_windows=2", "stages=[rtn]"]  # fmt: skip
+    assert main(["run", *over]) == 0
+    d = tmp_path / "run" / "models" / "rtn"
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert (ck["compression_format"], ck["exact"], ck["vllm"]["servable"]) == ("mxfp4-pack-quantized", True, True)
+    assert summary_line(ck).startswith("compressed-tensors mxfp4-pack-quantized, MXFP4 E2M1 group 32, E8M0 scales; "
+                                       "exact; vLLM W4A16 MXFP4 serves it; ")  # fmt: skip

@@ -101,7 +101,6 @@ BAD = [
     (["format=mxfp4", "group_size=16"], "format=mxfp4 takes group_size 32; group_size=16 contradicts it"),
     (["format=fp8", "group_size=64"], "format=fp8 takes group_size -1 or 128"),
     (["format=nvfp4", "stages=[awq,magnitude]"], "stage 'awq' rounds onto integer grids only; format=nvfp4"),
-    (["format=nvfp4", "save=true", "save_format=compressed-tensors"], "integer grids only so far"),
 ]
 
 

@@ -323,3 +323,16 @@ def test_packed_backends_and_large_model_checks_run_on_cpu(tmp_path):
     res = _dry_run("large_model", tmp_path / "l", "--small")
     assert res["status"] == "passed", res["reason"]
     assert "| gptq | calibrate + compress |" in res["figures"]["timings"]
+
+
+def test_float_kernels_check_runs_fp8_scaled_mm_on_cpu_and_names_the_cuda_only_paths(tmp_path):
+    """torch 2.14 has torch._scaled_mm on CPU: the dry run multiplies the node's own FP8 codes with rowwise scales
+    (every weight held, output within bf16 rounding of the dense FP8 product); the CUDA-only torchao paths are
+    rows saying so, not failures."""
+    res = _dry_run("float_kernels", tmp_path, "--small")
+    assert res["status"] == "passed", res["reason"]
+    (row,) = [r for r in res["figures"]["accuracy"].splitlines() if r.startswith("| fp8 _scaled_mm |")]
+    held, err, tol = (c.strip() for c in row.strip("|").split("|")[2:])
+    assert int(held) == 0 and float(err) <= float(tol) == 0.01
+    for path in ("torchao float8", "torchao mxfp4", "torchao nvfp4"):
+        assert f"| {path} | CUDA only |" in res["figures"]["not run"]
