@@ -160,7 +160,7 @@ def check_config(cfg: DictConfig) -> None:
     _int(c["threads"], "threads", 1, none_ok=True)
     from compress_order.act import check_act
 
-    check_act(c["act_bits"], c["act_granularity"])
+    check_act(c["act_bits"], c["act_granularity"], c["act_format"], c["format"], c["save"])
     _int(c["dense_bits"], "dense_bits", 1)
     cal, ev = c["calibration"], c["eval"]
     _int(cal["nsamples"], "calibration.nsamples", 1)
