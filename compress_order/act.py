@@ -10,6 +10,11 @@ The hooks stay on the model for the whole run, so every evaluation and the calib
 see quantized inputs. Layers fed the same tensor (q/k/v) receive the same quantized tensor object, so the
 calibration driver still groups them by identity.
 
+Fused MoE experts (one module, 3-D parameters): the hidden states entering the module are rounded as a linear
+layer's input, and the gated intermediate entering each expert's down_proj with the same scheme (rows are that
+expert's tokens; `tensor`: one scale per expert's batch), the module's call then computed expert by expert
+(moe.routed_forward). Static ranges are not observed per expert, so `static` is refused there.
+
 Floating-point activations (`act_format`, the formats' element codebooks from formats.py; act_bits follows it):
 - `fp8`: E4M3 elements, x ≈ e4m3(x / s) · s with s = max |x| / 448 in float32: per token (dynamic, as FP8 W8A8
   kernels quantize their inputs), per tensor, or static per tensor (s fixed per layer from calibration);
@@ -33,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from compress_order.batches import model_forward, to_device
 from compress_order.errors import UserError
 from compress_order.formats import E4M3_MAX, FLOAT_FORMATS, codebook, group_scales, nearest_codes
+from compress_order.moe import routed_forward
 from compress_order.targets import Target
 
 GRANULARITIES = ("token", "tensor", "static", "group")
@@ -185,11 +191,12 @@ class ActQuant:
         self._last = None
 
     def install(self, targets: dict[str, Target]) -> "ActQuant":
-        expert = next((t for t in targets.values() if t.index is not None), None)
-        if expert is not None:  # a hook on the module would round its hidden states, never down_proj's input
+        experts = {id(t.module): t.module for t in targets.values() if t.index is not None}
+        if experts and self.static:  # one observed range per module would mix every expert's down_proj input
+            kind = type(next(iter(experts.values()))).__name__
             raise UserError(
-                f"act_bits: quantizing the inputs of fused MoE experts ({type(expert.module).__name__}) is not "
-                f"supported yet; run without act_bits, or leave the experts dense with "
+                f"act_granularity=static: the inputs of fused MoE experts ({kind}) "
+                f"take dynamic scales only (token or tensor); or leave the experts dense with "
                 f"model.skip=[lm_head,'\\.(gate|router)$','experts']"
             )
         if self.fmt == "nvfp4":
@@ -198,7 +205,9 @@ class ActQuant:
                 raise UserError(f"act_format=nvfp4 quantizes inputs in groups of {NVFP4_GROUP} channels; the "
                                 f"{_channels(bad)} input channels of {bad.name} are not a multiple of it (leave it "
                                 f"dense with model.skip, or use act_format=fp8)")  # fmt: skip
-        for t in targets.values():
+        for module in experts.values():
+            self._install_experts(module)
+        for t in {id(t.module): t for t in targets.values()}.values():  # an experts module once
             channel_dim = 1 if isinstance(t.module, nn.Conv2d) else -1
             self.modules.append(t.module)
 
@@ -211,6 +220,18 @@ class ActQuant:
             self.handles.append(t.module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
         return self
 
+    def _install_experts(self, module: nn.Module) -> None:
+        """down_proj's input rounded inside moe.intermediate, and the module's call computed through it."""
+
+        def quant(h: Tensor) -> Tensor:
+            return h if _pause[0] else fake_quant(h, self.bits, self.granularity, -1, None, self.fmt)
+
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            return type(module).forward(module, *args, **kwargs) if _pause[0] else routed_forward(module, args, kwargs)
+
+        module.act_quant, module.forward = quant, forward
+        self.handles.append(_Restore(module, ("act_quant", "forward")))
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -219,7 +240,17 @@ class ActQuant:
         self._last = None
 
 
-
 def _channels(t: Target) -> int:
     """The channels of a layer's input (a convolution's input channels; a linear layer's input features)."""
     return int(getattr(t.module, "in_channels", t.shape[1]))
+
+
+class _Restore:
+    """A handle removing instance attributes set over a module's own (its class's forward comes back)."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]):
+        self.module, self.names = module, names
+
+    def remove(self) -> None:
+        for n in self.names:
+            self.module.__dict__.pop(n, None)

@@ -115,7 +115,8 @@ def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
     row = {c: None for c in COLUMNS}
     row.update(
         model=get("model.name"), dataset=get("data.name"), bits=get("bits"), sparsity=get("sparsity"),
-        group_size=get("group_size"), act_bits=get("act_bits"), act_format=get("act_format"), seed=get("seed"), status="failed", error=error,
+        group_size=get("group_size"), act_bits=get("act_bits"), act_format=get("act_format"), seed=get("seed"),
+        status="failed", error=error,
         metric="", value=float("nan"),
         stages=",".join(_label(s) for s in (get("stages") or [])),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
