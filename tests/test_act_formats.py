@@ -190,3 +190,11 @@ def test_bad_activation_formats_exit_2_with_one_line(args, message, tiny_overrid
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run" / "results.parquet").exists()
+
+
+def test_export_of_an_act_format_run_is_refused_before_any_model_work(tmp_path, capsys):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("act_format: nvfp4\nstages: [rtn]\n")
+    assert exit_code(["export", str(tmp_path), "--order", "rtn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "an act_format=nvfp4 run is not saved" in err[0], err
