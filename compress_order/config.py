@@ -12,7 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from compress_order.errors import UserError
+from compress_order.act import act_format_bits, act_format_granularity
+from compress_order.errors import UserError, choices
 from compress_order.formats import format_bits, format_group
 from compress_order.paths import ASSETS_DIR, CONF_DIR
 from compress_order.registry import config_group
@@ -21,6 +22,9 @@ OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), repl
 # bits and group_size follow the number format unless given (formats.py)
 OmegaConf.register_new_resolver("format_bits", format_bits, replace=True)
 OmegaConf.register_new_resolver("format_group", format_group, replace=True)
+# act_bits and act_granularity follow the activation format unless given (act.py)
+OmegaConf.register_new_resolver("act_format_bits", act_format_bits, replace=True)
+OmegaConf.register_new_resolver("act_format_granularity", act_format_granularity, replace=True)
 
 GROUPS = ("model", "data", "eval", "experiment", "hydra/launcher")
 # Launcher plugins register their own options (joblib, submitit_slurm, ...): Hydra checks those names.

@@ -54,6 +54,7 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     from omegaconf import OmegaConf
 
     import compress_order.config  # noqa: F401  (registers ${asset:}, which the embedded models' saved configs use)
+    from compress_order.act import check_savable
     from compress_order.pipeline import RunContext
     from compress_order.plan import run_seeds, with_seed
     from compress_order.stages import stage_configs
@@ -64,6 +65,7 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     if not saved.is_file():
         raise UserError(f"{run_dir} has no .hydra/config.yaml; expected the folder of a `compress-order run`")
     cfg = OmegaConf.load(saved)
+    check_savable(cfg.get("act_format"))  # before any model work
     staged, joint = stage_configs(cfg), stage_configs(cfg, key="joint")
     by_label = {sc["label"]: sc for sc in staged + joint}
     full = {n.order for n in full_orders(build_trie([sc["label"] for sc in staged], [sc["label"] for sc in joint]))}

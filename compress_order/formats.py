@@ -16,6 +16,7 @@ even code, saturating at the largest one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -186,6 +187,17 @@ class FloatGrid:
         """Bits of every stored scale: per group, plus the per-tensor scale."""
         f = self.format
         return self.scale.numel() * f.scale_bits + (32 if f.tensor_scale else 0)
+
+
+def rebalance_tensor_scale(grid: "QuantGrid | FloatGrid") -> None:
+    """After an NVFP4 grid's rows were divided by powers of two (a producer absorbing AWQ factors): shift the
+    per-tensor scale by the power of two that brings the largest stored E4M3 scale back into (224, 448]. Stored
+    scales move by powers of two, so they stay E4M3 values while in range (`problem` says when one is not)."""
+    if getattr(grid, "tensor_scale", None) is None:  # an integer grid, or no per-tensor scale
+        return
+    top = float((grid.scale / grid.tensor_scale).max())
+    if top > 0:
+        grid.tensor_scale = grid.tensor_scale * 2.0 ** math.ceil(math.log2(top / E4M3_MAX))
 
 
 def check_format(fmt: str, bits: int, group_size: int) -> None:

@@ -71,6 +71,8 @@ def base_identity(cfg: DictConfig) -> dict:
     }  # fmt: skip
     if c.get("act_bits") is not None:  # quantized activations change every node, the dense one included
         ident["act"] = {"bits": c["act_bits"], "granularity": c["act_granularity"]}
+        if c.get("act_format") is not None:  # only then: integer runs keep their keys
+            ident["act"]["format"] = c["act_format"]
     return _portable(ident)
 
 

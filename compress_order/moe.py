@@ -36,7 +36,24 @@ def project(module: nn.Module, pname: str, e: int, x: Tensor) -> Tensor:
 def intermediate(module: nn.Module, first: str, e: int, x: Tensor) -> Tensor:
     """What expert e's down_proj reads for rows x: its gated (or plain) activation of the first projection."""
     h = project(module, first, e, x)
-    return module._apply_gate(h) if getattr(module, "has_gate", True) and first == "gate_up_proj" else module.act_fn(h)
+    h = module._apply_gate(h) if getattr(module, "has_gate", True) and first == "gate_up_proj" else module.act_fn(h)
+    quant = getattr(module, "act_quant", None)  # act.py: down_proj's input rounded as every layer's input is
+    return h if quant is None else quant(h)
+
+
+def routed_forward(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """An experts module's call computed expert by expert from `project` and `intermediate` (the module's own
+    layout, biases and gate), so that what down_proj reads is `intermediate`'s: Σ_k weight_k · expert_k(x)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    x, index, weights = routed_call(args, kwargs)
+    first = next(p for p in expert_params(module) if p != "down_proj")
+    out = torch.zeros_like(x)
+    for e, rows in enumerate(routed_tokens(index, module.num_experts)):
+        if rows.numel():
+            y = project(module, "down_proj", e, intermediate(module, first, e, x[rows]))
+            w = (weights[rows] * (index[rows] == e)).sum(-1, keepdim=True)  # the router's weight of e per token
+            out.index_add_(0, rows, (y * w).to(out.dtype))
+    return out.reshape(hidden.shape)
 
 
 def routed_call(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:

@@ -73,7 +73,7 @@ class RunContext:
         targets, coverage = load_targets(lm.model, lm.skip)  # every weight matrix a target or skipped on purpose
         act = None
         if cfg.get("act_bits") is not None:
-            act = ActQuant(int(cfg.act_bits), str(cfg.act_granularity)).install(targets)
+            act = ActQuant(int(cfg.act_bits), str(cfg.act_granularity), cfg.get("act_format")).install(targets)
         return cls(lm, data, targets, ModelState(lm.model, targets), act, device, coverage)
 
     @property

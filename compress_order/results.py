@@ -21,7 +21,7 @@ from compress_order.schema import DENSE_REFERENCE, RESULTS, RESULTS_CSV, SAMPLES
 
 COLUMNS = [
     "run_id", "model", "dataset", "stages", "stage_list", "order", "depth", "bits", "sparsity", "group_size", "act_bits",
-    "format", "expert_sparsity", "seed",
+    "format", "act_format", "expert_sparsity", "seed",
     "metric", "value", "higher_is_better", "backend", "status", "error", "config_hash", "node_key",
     "git_sha", "torch_version", "device", "timestamp", "library_versions",
 ]  # fmt: skip
@@ -115,7 +115,8 @@ def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
     row = {c: None for c in COLUMNS}
     row.update(
         model=get("model.name"), dataset=get("data.name"), bits=get("bits"), sparsity=get("sparsity"),
-        group_size=get("group_size"), act_bits=get("act_bits"), seed=get("seed"), status="failed", error=error,
+        group_size=get("group_size"), act_bits=get("act_bits"), act_format=get("act_format"), seed=get("seed"),
+        status="failed", error=error,
         metric="", value=float("nan"),
         stages=",".join(_label(s) for s in (get("stages") or [])),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -212,7 +213,10 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
         lines.append(f"- order effect on {primary}: best − worst full order = {vals.max() - vals.min():.4g}")
     act = ok["act_bits"].dropna().unique() if "act_bits" in ok.columns else []
     if len(act):
-        lines.append(f"- activations: every compressed layer's inputs fake-quantized to {int(act[0])} bits (act_bits) in "
+        fmts = ok["act_format"].dropna().unique() if "act_format" in ok.columns else []
+        fmt = fmts[0] if len(fmts) and fmts[0] != "int" else None  # a float codebook (act_format)
+        what = f"{fmt} ({int(act[0])}-bit, act_format)" if fmt else f"{int(act[0])} bits (act_bits)"
+        lines.append(f"- activations: every compressed layer's inputs fake-quantized to {what} in "
                      f"every evaluation and later calibration, the dense row included; latency is timed without it")
     lines += ["", wide.to_markdown(index=False, floatfmt=".4g"), ""]
     bad = df[df["status"] == "infeasible"].drop_duplicates("order")

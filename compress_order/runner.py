@@ -115,6 +115,8 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
         "model": cfg.model.name, "dataset": cfg.data.name, "bits": cfg.bits, "sparsity": cfg.sparsity,
         "group_size": cfg.group_size, "act_bits": cfg.act_bits,
         "format": cfg.format,
+        # the activations' format: int for act_bits alone, empty for full-precision activations (as act_bits)
+        "act_format": cfg.get("act_format") or ("int" if cfg.act_bits is not None else None),
         "config_hash": base[:16], "git_sha": git_sha(),
         "torch_version": torch.__version__, "device": str(device), "library_versions": library_versions(),
     }  # fmt: skip

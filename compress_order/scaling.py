@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from compress_order.act import paused as act_paused
+from compress_order.formats import rebalance_tensor_scale
 from compress_order.targets import Target, adapter_of
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Partner:
             c = t.constraint
             if c.grid is not None:
                 c.grid.scale = c.grid.scale / s[:, None].to(c.grid.scale.device)
+                rebalance_tensor_scale(c.grid)  # NVFP4: its E4M3 scales back in range (AWQ's powers of two)
                 w = c.grid.project(w)
             if c.mask is not None:
                 w = w * c.mask

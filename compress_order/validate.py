@@ -110,7 +110,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_seeds(c["seeds"], c["replicates"])
     from compress_order.act import check_act
 
-    check_act(c["act_bits"], c["act_granularity"])
+    check_act(c["act_bits"], c["act_granularity"], c["act_format"], c["format"], c["save"])
     from compress_order.lmeval import include_paths
 
     include_paths(c["eval"]["lm_eval"]["include_path"])  # checked when no task is asked for too

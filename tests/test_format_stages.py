@@ -10,8 +10,10 @@ import torch
 
 from compress_order.calibration import calibrate_and_compress
 from compress_order.formats import FloatGrid, codebook
+from compress_order.stages.awq import AWQ
 from compress_order.stages.gptq import GPTQ
 from compress_order.stages.magnitude import Magnitude
+from compress_order.stages.mixed import MixedRTN
 from compress_order.stages.rtn import RTN
 from compress_order.stages.sparsegpt import SparseGPT
 from compress_order.stages.sparsegpt_gptq import SparseGPTGPTQ
@@ -24,7 +26,8 @@ PRUNERS = {"magnitude": lambda nm: Magnitude(0.5, nm=nm, name="magnitude"),
            "wanda": lambda nm: Wanda(0.5, nm=nm, name="wanda"),
            "sparsegpt": lambda nm: SparseGPT(0.5, nm=nm, name="sparsegpt")}  # fmt: skip
 QUANTIZERS = {"rtn": lambda f, b, g: RTN(b, group_size=g, format=f, name="rtn"),
-              "gptq": lambda f, b, g: GPTQ(b, group_size=g, format=f, name="gptq")}  # fmt: skip
+              "gptq": lambda f, b, g: GPTQ(b, group_size=g, format=f, name="gptq"),
+              "awq": lambda f, b, g: AWQ(b, group_size=g, format=f, n_grid=5, name="awq")}  # fmt: skip
 
 
 def _apply(stage, model, targets, batches) -> None:
@@ -94,13 +97,76 @@ def test_gptq_beats_rtn_on_the_layer_output_error_on_each_format():
         assert errs["gptq"] < errs["rtn"], (fmt, errs)
 
 
+def test_awq_on_a_float_format_lowers_the_output_error_against_rtn_on_the_same_grid():
+    """AWQ's clip search on the format's grid (α = 0 and no shrink is RTN) lowers tr(ΔW H ΔWᵀ) on each format."""
+    from compress_order.hessian import HessianStats
+    from compress_order.stages.awq import output_error
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = torch.randn(512, 128) * torch.rand(128) * 3  # channels of very different magnitude
+    lin = torch.nn.Linear(128, 64, bias=False)
+    for fmt, (bits, group) in FORMATS.items():
+        errs = {}
+        for name in ("rtn", "awq"):
+            lin.weight.data.copy_(w)
+            (t,) = find_targets(lin).values()
+            stats = HessianStats(lin)
+            stats.add_batch(x)
+            QUANTIZERS[name](fmt, bits, group).compress(t, stats)
+            assert isinstance(t.constraint.grid, FloatGrid) and t.constraint.grid.problem() is None and _on_codebook(t)
+            errs[name] = output_error(t.weight - w, stats.H)
+        assert errs["awq"] < errs["rtn"], (fmt, errs)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_a_producer_with_stored_scales_absorbs_powers_of_two_only(fmt):
+    from compress_order.scaling import Partner
+    from compress_order.stages.awq import _absorbs
+
+    lin = torch.nn.Linear(64, 32, bias=False)
+    (t,) = find_targets(lin).values()
+    RTN(4, group_size=FORMATS[fmt][1], format=fmt, name="rtn").compress(t)
+    p = Partner("v", lin, t)
+    assert _absorbs(p, torch.exp2(torch.randint(-3, 4, (32,)).float()))
+    assert not _absorbs(p, torch.full((32,), 1.3))
+    p.divide(torch.exp2(torch.randint(-3, 4, (32,)).float()))  # the weights move with their scales, on the grid
+    assert t.constraint.grid.problem() is None and _on_codebook(t)
+
+
+def test_rtn_mixed_rounds_each_layer_onto_the_format_its_map_names():
+    model = tiny_llama_model()
+    targets = find_targets(model, ["lm_head"])
+    stage = MixedRTN(3, bits_map={"down_proj": "fp8", "q_proj": "nvfp4", "k_proj": "mxfp4", "v_proj": 8},
+                     group_size=32, name="rtn_mixed")  # fmt: skip
+    stage.validate(targets)
+    _apply(stage, model, targets, token_batches())
+    kinds = {n.rsplit(".", 1)[-1]: (t.constraint.grid.fmt, t.constraint.grid.bits, t.constraint.grid.group_size)
+             for n, t in targets.items()}  # fmt: skip
+    assert kinds == {"q_proj": ("nvfp4", 4, 16), "k_proj": ("mxfp4", 4, 32), "v_proj": ("int", 8, 32),
+                     "o_proj": ("int", 3, 32), "gate_proj": ("int", 3, 32), "up_proj": ("int", 3, 32),
+                     "down_proj": ("fp8", 8, 128)}  # fmt: skip (fp8 per channel: one group of all 128 inputs)
+    assert all(_on_codebook(t) for t in targets.values() if isinstance(t.constraint.grid, FloatGrid))
+
+
+def test_a_quantizer_without_a_format_is_refused_on_a_float_format():
+    from compress_order.errors import UserError
+    from compress_order.stages import _check_format
+
+    sc = {"_target_": "compress_order.stages.rtn.RTN", "label": "legacy"}  # a stage config with no `format`
+    with pytest.raises(UserError, match="stage 'legacy' rounds onto integer grids only; format=mxfp4"):
+        _check_format(sc, "mxfp4")
+    _check_format({**sc, "_target_": "compress_order.stages.smoothquant.SmoothQuant"}, "mxfp4")  # a transform
+
+
 BAD = [
     (["format=bf4"], "format=bf4 is unknown; valid: int, fp8, nvfp4, mxfp4"),
     (["stages=[magnitude]", "format=bf4"], "format=bf4 is unknown"),  # checked whatever the stages
     (["format=nvfp4", "bits=3"], "format=nvfp4 stores 4-bit elements; bits=3 contradicts it"),
     (["format=mxfp4", "group_size=16"], "format=mxfp4 takes group_size 32; group_size=16 contradicts it"),
     (["format=fp8", "group_size=64"], "format=fp8 takes group_size -1 or 128"),
-    (["format=nvfp4", "stages=[awq,magnitude]"], "stage 'awq' rounds onto integer grids only; format=nvfp4"),
+    (["format=nvfp4", "stages=[awq,{name:rtn_mixed,budget:3}]"],
+     "rtn_mixed budget=3 allocates integer widths; format=nvfp4 is max-scaled at its own width"),
 ]
 
 

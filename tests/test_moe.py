@@ -409,8 +409,8 @@ def test_a_dense_checkpoint_reloads_every_expert_bit_for_bit(mixtral, tmp_path):
         assert torch.equal(reloaded[name], value), name
 
 
-def test_activation_quantization_of_experts_is_refused_before_any_node(moe_overrides, tmp_path, capsys):
-    rc = _rc(["run", *moe_overrides, "stages=[rtn]", "bits=8", "act_bits=8"])
+def test_static_activation_quantization_of_experts_is_refused_before_any_node(moe_overrides, tmp_path, capsys):
+    rc = _rc(["run", *moe_overrides, "stages=[rtn]", "bits=8", "act_bits=8", "act_granularity=static"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "fused MoE experts (MixtralExperts)" in err[0], err
+    assert rc == 2 and len(err) == 1 and "fused MoE experts (MixtralExperts) take dynamic scales only" in err[0], err
     assert not list((tmp_path / "store").rglob("*.json"))

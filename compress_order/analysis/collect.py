@@ -47,6 +47,10 @@ def read_parquet(path: Path, warn: bool = True) -> pd.DataFrame | None:
         df["act_bits"] = pd.to_numeric(df["act_bits"], errors="coerce")
         df["expert_sparsity"] = pd.to_numeric(df["expert_sparsity"], errors="coerce")
         df["format"] = df["format"].fillna("int").astype(str)  # every grid was an integer one before formats
+        # activations were integer (where quantized) before act_format; empty where full precision
+        # (as text: an all-null column must not read as float in one run and text in another, or runs cannot merge)
+        fmt = df["act_format"].astype(object).where(df["act_format"].notna(), None)
+        df["act_format"] = fmt.where(fmt.notna() | df["act_bits"].isna(), "int")
         return df
     except (pa.ArrowException, OSError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]

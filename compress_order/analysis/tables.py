@@ -19,10 +19,10 @@ from compress_order.metrics import METRICS, primary_metrics
 from compress_order.registry import stage_files
 
 SETTING = ["model", "dataset", "stages", "format", "bits", "sparsity", "expert_sparsity", "group_size", "act_bits",
-           "seed"]  # fmt: skip
+           "act_format", "seed"]  # fmt: skip
 TABLE_INDEX = [c for c in SETTING if c != "seed"]  # tables and verdicts pool the calibration seeds of a setting
 # Setting columns a table leaves out when every row has this value (the default, which needs no column).
-IMPLIED = {"format": "int"}
+IMPLIED = {"format": "int", "act_format": "int"}  # (empty values aside: act_format is empty where act_bits is)
 FORMATS = ("markdown", "csv", "latex")
 LATEX_SYMBOLS = {" > ": r" $\rightarrow$ ", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "−": "--", "≤": r"$\leq$"}
 LATEX_SPECIALS = {"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"}  # the caption is not escaped by pandas
@@ -185,7 +185,7 @@ def order_table(
     columns = nodes.assign(r=role_rank).sort_values(["r", "rank"])["column"].drop_duplicates().tolist()
     full_cols = nodes.loc[nodes["role"] == "full", "column"].drop_duplicates().tolist()
 
-    index = [c for c in TABLE_INDEX if nodes[c].notna().any() and not (c in IMPLIED and (nodes[c] == IMPLIED[c]).all())]
+    index = [c for c in TABLE_INDEX if nodes[c].notna().any() and not (c in IMPLIED and (nodes[c].dropna() == IMPLIED[c]).all())]
     table = nodes.pivot_table(index=index, columns="column", values="value", aggfunc="mean", dropna=False)
     table = table.reindex(columns=columns).dropna(how="all")
     d = direction(df, metric)
