@@ -101,6 +101,8 @@ def settings_table(df: pd.DataFrame, metric: str, n_boot: int) -> pd.DataFrame:
     nodes = pih.node_values(df, metric)
     rows = []
     for _, s in settings.iterrows():
+        if not isinstance(s["A"], float) or math.isnan(s["A"]):  # a cell stopped before both orders finished
+            continue
         same = per_seed[(per_seed["stages"] == s["stages"]) & (per_seed["model"] == s["model"])
                         & (per_seed["bits"] == s["bits"])]  # fmt: skip
         mine = nodes[(nodes["stages"] == s["stages"]) & (nodes["model"] == s["model"]) & (nodes["bits"] == s["bits"])]
@@ -137,21 +139,25 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
     for m, note in NOTES.items():
         lines.append(f"- **{m}**: {note}.")
     lines += ["", "## What ran", "", "| cell | seeds | wall (min) |", "|---|---|---|"]
-    lines += [f"| {r['cell']} | {r['seeds']} | {r['wall_min']:.1f} |" for r in ran] or ["| (none yet) | | |"]
+    lines += [f"| {r['cell']} | {r['seeds']} | {_fmt(r['wall_min'], 3)} |" for r in ran] or ["| (none yet) | | |"]
+    lines += ["", "A cell stopped part-way contributes the nodes it finished (its store entries are kept; re-running "
+              "resumes it); a setting appears below once both of its orders finished for at least one seed."]
     tables = {metric: settings_table(df, metric, args.n_boot) for metric in METRICS}
     ppl, kld = tables["perplexity"], tables["kld"]
     headline = []
     for model in dict.fromkeys(ppl["model"]) if not ppl.empty else []:
         lines += ["", f"## {model}", "",
-                  "| setting | seeds | dense ppl | first order | ppl | other order | ppl | A ppl [95%] | A kld [95%] "
-                  "| PIH predicts | observed ppl / kld | seeds agreeing (ppl) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| setting | seeds | dense ppl | alone (ppl) | first order | ppl | other order | ppl | A ppl [95%] "
+                  "| A kld [95%] | PIH predicts | observed ppl / kld | seeds agreeing (ppl) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for _, r in ppl[ppl["model"] == model].iterrows():
             k = kld[(kld["model"] == model) & (kld["stages"] == r["stages"]) & (kld["bits"] == r["bits"])]
             k = k.iloc[0] if len(k) else None
             a_kld = "—" if k is None else f"{_fmt(k['A'], 3)} [{_fmt(k['A_low'], 3)}, {_fmt(k['A_high'], 3)}]"
             obs_k = "—" if k is None else str(k["observed"])
-            lines.append(f"| {_setting_name(r)} | {r['seeds']} | {_fmt(r['dense'])} | {r['first']} | "
+            f1, f2 = r["first"].split(" > ")
+            alone = f"{f1} {_fmt(r[f1])}, {f2} {_fmt(r[f2])}"
+            lines.append(f"| {_setting_name(r)} | {r['seeds']} | {_fmt(r['dense'])} | {alone} | {r['first']} | "
                          f"{_fmt(r['first_value'])} | {r['second']} | {_fmt(r['second_value'])} | {_fmt(r['A'], 3)} "
                          f"[{_fmt(r['A_low'], 3)}, {_fmt(r['A_high'], 3)}] | {a_kld} | {r['predicted']} | "
                          f"{r['observed']} / {obs_k} | {r['seeds_agreeing']}/{r['seeds']} |")  # fmt: skip
