@@ -141,7 +141,12 @@ def _offline_overrides(node: DictConfig) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("name", group_options("model"))
+# the real GGUF checkpoints (where their files are) take 25-80 s to load on 2 cores: in the slow suite
+REAL_GGUF = ("gemma3_270m", "smollm2")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in REAL_GGUF else [])
+                                  for n in group_options("model")])  # fmt: skip
 def test_model_config_builds_and_runs_a_forward_pass(name):
     node = compose_config([f"model={name}"]).model
     hub = _hub_only(node)
