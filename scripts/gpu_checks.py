@@ -35,6 +35,14 @@ class Skipped(Exception):
     """The check cannot run here (the reason says why)."""
 
 
+
+def _failure(what: str, e: Exception) -> str:
+    """A path that raised: its traceback to the log, one line for the report."""
+    import traceback
+
+    traceback.print_exc()
+    return f"{what}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
 def _table(header: list[str], rows: list[list[object]]) -> str:
     """A markdown table (report.md shows figures whose value starts with '|' as tables)."""
     fmt = [[f"{v:.5g}" if isinstance(v, float) else str(v) for v in r] for r in rows]
@@ -336,10 +344,7 @@ def packed_backends() -> dict:
         try:  # one backend without a working kernel is a failure of its own; the others are still measured
             acc, speed, why = _measure_backend(b, shape, batch, seq, new, dev)
         except Exception as e:  # noqa: BLE001  (recorded in the report, with the log's traceback)
-            import traceback
-
-            traceback.print_exc()
-            failures.append(f"{b.name}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+            failures.append(_failure(b.name, e))
             continue
         acc_rows += acc
         speed_rows += speed
@@ -565,10 +570,7 @@ def float_kernels() -> dict:
         try:
             a, s = fn()
         except Exception as e:  # noqa: BLE001  (recorded in the report, with the log's traceback)
-            import traceback
-
-            traceback.print_exc()
-            failures.append(f"{name}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+            failures.append(_failure(name, e))
             continue
         acc += a
         speed += s
