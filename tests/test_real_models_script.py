@@ -1,0 +1,66 @@
+"""scripts/real_models.py on the tiny LLaMA: a finished cell is kept (committed folder), not recomputed, and the
+document and README table are regenerated from the kept copy alone; cells of earlier.md are skipped and quoted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from helpers import load_script
+
+ARGS = ["--models", "smollm2", "--pairs", "sparsegpt-gptq", "--bits", "4", "--seeds", "0", "--n-boot", "200"]
+
+
+@pytest.fixture
+def study(tiny_overrides, tmp_path, monkeypatch):
+    mod = load_script("real_models")
+    tiny = [o for o in tiny_overrides if not o.startswith(("hydra.", "store_dir="))]
+
+    def overrides(cell, args):  # the cell's stages and targets on the tiny model instead of the GGUF checkpoint
+        return [*tiny, f"stages={cell.stages()}", f"bits={cell.bits}", "group_size=16", "sparsity=0.5", "seeds=[0]",
+                "eval.metrics=[perplexity,kld,top1_agree]", "eval.backends=none", "eval.latency.decode_tokens=0",
+                "eval.kld_topk=8", f"store_dir={args.out / 'store'}"]  # fmt: skip
+
+    monkeypatch.setattr(mod, "overrides", overrides)
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    (tmp_path / "README.md").write_text(f"intro\n{mod.START}\nold table\n{mod.END}\nrest\n")
+    paths = ["--out", str(tmp_path / "out"), "--kept", str(tmp_path / "kept"), "--doc", str(tmp_path / "doc.md")]
+    return mod, paths, tmp_path
+
+
+def test_a_finished_cell_is_kept_and_the_document_regenerates_from_it_alone(study, monkeypatch):
+    mod, paths, tmp = study
+    assert mod.main([*ARGS, "--patterns", "50%", *paths]) == 0
+    kept = tmp / "kept" / "smollm2" / "sparsegpt-gptq-w4-50pct"
+    for name in (*mod.KEEP, "config.yaml"):
+        assert (kept / name).is_file(), name
+    assert json.loads((tmp / "kept" / "cells.json").read_text())["smollm2/sparsegpt-gptq-w4-50pct"]["seeds"] == 1
+    doc = (tmp / "doc.md").read_text()
+    row = next(ln for ln in doc.splitlines() if ln.startswith("| [sparsegpt, gptq] W4 g32 | 1 |"))
+    readme = (tmp / "README.md").read_text()
+    assert "old table" not in readme and readme.startswith("intro\n") and readme.endswith("rest\n")
+    assert "| tiny | [sparsegpt, gptq] W4 g32 | 1 |" in readme
+
+    # the store is gone (a fresh clone): nothing is recomputed, the same table comes from the kept copy
+    shutil.rmtree(tmp / "out")
+    monkeypatch.setattr(mod, "run", lambda *a, **kw: pytest.fail("a kept cell was recomputed"))
+    assert mod.main([*ARGS, "--patterns", "50%", *paths]) == 0
+    assert row in (tmp / "doc.md").read_text().splitlines()
+    assert mod.main([*ARGS, "--patterns", "50%", "--render-only", *paths]) == 0
+    assert row in (tmp / "doc.md").read_text().splitlines()
+
+
+def test_cells_of_earlier_md_are_skipped_and_quoted_with_their_readme_rows(study, monkeypatch):
+    mod, paths, tmp = study
+    (tmp / "kept").mkdir()
+    (tmp / "kept" / "earlier.md").write_text(
+        "## Earlier measurements\n\n- cell: smollm2/sparsegpt-gptq-w4-2of4\n\n<!-- headline -->\n"
+        "| m † | [sparsegpt-2:4, gptq] W4 g32 | 3 | 1 | a | 2 | 3 | 0.1 [0, 0.2] |\n\nafter\n")  # fmt: skip
+    monkeypatch.setattr(mod, "run", lambda *a, **kw: pytest.fail("an earlier cell was recomputed"))
+    assert mod.main([*ARGS, "--patterns", "2:4", *paths]) == 0
+    doc = (tmp / "doc.md").read_text()
+    assert "## Earlier measurements" in doc and "Not run yet" not in doc
+    readme = (tmp / "README.md").read_text()
+    assert "| m † | [sparsegpt-2:4, gptq] W4 g32 | 3 |" in readme and "after" not in readme
