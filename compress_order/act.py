@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from compress_order.batches import model_forward, to_device
 from compress_order.errors import UserError
-from compress_order.formats import E4M3_MAX, FLOAT_FORMATS, codebook, group_scales, nearest_codes
+from compress_order.formats import E4M3_MAX, FLOAT_FORMATS, group_scales, round_to_codebook
 from compress_order.moe import routed_forward
 from compress_order.targets import Target
 
@@ -103,10 +103,21 @@ def check_act(bits: Any, granularity: Any, fmt: Any = None, weight_format: str |
 
 
 def check_savable(fmt: str | None) -> None:
-    """Checkpoints record integer activation schemes only so far: a float one must not be written as int8."""
-    if fmt is not None:
-        raise UserError(f"save: checkpoints record integer activation schemes only so far; an act_format={fmt} run "
-                        f"is not saved (run with save=false)")  # fmt: skip
+    """Checkpoints record integer and FP8 (dynamic) activation schemes. An NVFP4 one would need a calibrated
+    per-tensor global input scale, which this simulation computes per forward pass instead: not written."""
+    if fmt == "nvfp4":
+        raise UserError("save: an act_format=nvfp4 run is not saved: an NVFP4 checkpoint's activations need a "
+                        "calibrated global input scale, which this run computes per forward pass; valid: "
+                        "act_format=fp8 or null with save=true, or save=false")  # fmt: skip
+
+
+def act_scale(amax: Tensor, bits: int, fmt: str | None = None) -> Tensor:
+    """The symmetric scale of inputs whose max |x| is `amax`: max |x| / 448 for FP8 (an all-zero input is exact at
+    any scale: 1), max |x| / (2^(bits-1) - 1) for integers. A static checkpoint stores this as `input_scale`."""
+    if fmt == "fp8":
+        scale = amax / E4M3_MAX
+        return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return amax.clamp_min(1e-12) / (2 ** (bits - 1) - 1)
 
 
 def fake_quant(x: Tensor, bits: int, granularity: str, channel_dim: int = -1, amax: Tensor | None = None,
@@ -119,14 +130,10 @@ def fake_quant(x: Tensor, bits: int, granularity: str, channel_dim: int = -1, am
     xf = x.float()
     if amax is None:
         amax = xf.abs().amax() if granularity != "token" else xf.abs().amax(dim=channel_dim, keepdim=True)
-    amax = amax.to(xf.device)
+    scale = act_scale(amax.to(xf.device), bits, fmt)
     if fmt == "fp8":
-        scale = amax / E4M3_MAX
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero token is exact at any scale
-        book = codebook(8, xf.device)
-        return (book[nearest_codes(xf / scale, book)] * scale).to(x.dtype)  # saturates at ±448 · s
+        return (round_to_codebook(xf / scale, 8) * scale).to(x.dtype)  # saturates at ±448 · s
     qmax = 2 ** (bits - 1) - 1
-    scale = amax.clamp_min(1e-12) / qmax
     return (torch.clamp(torch.round(xf / scale), -qmax, qmax) * scale).to(x.dtype)
 
 
@@ -136,8 +143,7 @@ def _nvfp4(x: Tensor, channel_dim: int) -> Tensor:
     xf = x.float().movedim(channel_dim, -1)
     groups = xf.reshape(*xf.shape[:-1], xf.shape[-1] // NVFP4_GROUP, NVFP4_GROUP)
     scale, _ = group_scales(groups.abs().amax(-1, keepdim=True), FLOAT_FORMATS["nvfp4"], xf.abs().amax())
-    book = codebook(4, xf.device)
-    q = book[nearest_codes(groups / scale, book)] * scale
+    q = round_to_codebook(groups / scale, 4) * scale
     return q.reshape(xf.shape).movedim(-1, channel_dim).to(x.dtype)
 
 
@@ -189,6 +195,15 @@ class ActQuant:
                 h.remove()
         self.ranges = seen
         self._last = None
+
+    def input_scales(self, targets: dict[str, Target]) -> dict[str, Tensor]:
+        """Static: each target's observed input scale (one per tensor), by layer name, as a checkpoint stores it."""
+        if not self.static:
+            return {}
+        missing = [n for n, t in targets.items() if id(t.module) not in self.ranges]
+        if missing:
+            raise RuntimeError(f"static activation ranges were not observed for {missing[0]}")
+        return {n: act_scale(self.ranges[id(t.module)], self.bits, self.fmt).reshape(1) for n, t in targets.items()}
 
     def install(self, targets: dict[str, Target]) -> "ActQuant":
         experts = {id(t.module): t.module for t in targets.values() if t.index is not None}

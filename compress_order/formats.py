@@ -78,6 +78,21 @@ def nearest_codes(x: Tensor, book: Tensor) -> Tensor:
     return torch.where(pick_hi, hi, lo)
 
 
+def round_to_codebook(x: Tensor, bits: int) -> Tensor:
+    """codebook(bits)[nearest_codes(x, codebook(bits))], as float32, without the index search: E4M3 by torch's
+    round-to-nearest-even cast (after saturating); E2M1 by rounding |x| to its binade's step (0.5 below 2, 1 below
+    4, 2 up to 6), where torch.round's ties-to-even are the even mantissa's. For activations, rounded every forward
+    pass; equal to the indexed path value for value (tests/test_formats.py)."""
+    if bits == 8:
+        return e4m3(x)
+    if bits != 4:
+        raise ValueError(f"no floating-point codebook of {bits} bits")
+    xf = x.float()
+    a = xf.abs().clamp(max=E2M1_MAX)
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return torch.copysign(torch.round(a / step) * step, xf)
+
+
 def e4m3(x: Tensor) -> Tensor:
     """x rounded to E4M3 (saturating at ±448), as float32."""
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress_order.formats import (
-    E2M1_MAX, E4M3_MAX, FloatGrid, codebook, e4m3, fit_float_grid, nearest_codes,
+    E2M1_MAX, E4M3_MAX, FloatGrid, codebook, e4m3, fit_float_grid, nearest_codes, round_to_codebook,
 )  # fmt: skip
 
 
@@ -32,6 +32,19 @@ def test_e2m1_ties_go_to_the_even_mantissa_and_saturate():
     book = codebook(4)
     x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 100.0, -2.5, -5.0])
     assert book[nearest_codes(x, book)].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -2.0, -4.0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_fast_rounding_of_activations_equals_the_indexed_codebook_path(bits):
+    torch.manual_seed(0)
+    book = codebook(bits)
+    mids = (book[1:] + book[:-1]) / 2  # every tie, both signs
+    ulp = torch.nextafter(mids, torch.full_like(mids, float("inf"))) - mids
+    x = torch.cat([torch.randn(50000) * float(book[-1]) / 2, torch.randn(5000) * 1e-3, book, mids, mids + ulp,
+                   mids - ulp, torch.tensor([1e4, -1e4, 0.0, -0.0])])  # fmt: skip
+    fast = round_to_codebook(x, bits)
+    assert torch.equal(fast, book[nearest_codes(x, book)])  # -0 == +0
+    assert torch.isin(fast, book).all()
 
 
 @pytest.mark.parametrize("fmt,group", [("fp8", -1), ("fp8", 128), ("nvfp4", 16), ("mxfp4", 32)])

@@ -38,7 +38,9 @@ ARCHS: dict[str, dict] = {
 }
 PAIRS = {"magnitude,rtn": ("magnitude", "rtn"), "wanda,gptq": ("wanda", "gptq")}
 PRUNERS, QUANTIZERS = {"magnitude", "wanda"}, {"rtn", "gptq"}
-SLOW = {("resnet18", "wanda,gptq")}  # GPTQ on 4608-column 3×3 convs: ~25 s on one core
+# GPTQ on resnet18's 4608-column 3×3 convs: ~25 s on one core; efficientnet and deit (10-14 s each) have their
+# kind in the fast suite (mobilenetv3's depthwise convs, vit_tiny's blocks)
+SLOW = {("resnet18", "wanda,gptq"), ("efficientnet_b0", "wanda,gptq"), ("deit_tiny_patch16_224", "wanda,gptq")}
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
