@@ -72,17 +72,40 @@ VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate
 
 @dataclass(frozen=True)
 class ActScheme:
-    """The input activations of a run with `act_bits`: symmetric, dynamic, one scale per token or per tensor."""
+    """The input activations of a run with `act_bits`: symmetric, one dynamic scale per token or per tensor, or one
+    static scale per layer (observed on calibration data, stored as each layer's `input_scale`); integer, or FP8
+    E4M3 (`act_format=fp8`)."""
 
     bits: int
-    granularity: str  # "token" or "tensor" (compress_order/act.py)
+    granularity: str  # "token", "tensor" or "static" (compress_order/act.py)
+    fmt: str | None = None  # None: integer; "fp8"
+
+    @property
+    def static(self) -> bool:
+        return self.granularity == "static"
 
     def args(self) -> QuantizationArgs:
         strategy = QuantizationStrategy.TOKEN if self.granularity == "token" else QuantizationStrategy.TENSOR
-        return QuantizationArgs(num_bits=self.bits, type="int", symmetric=True, dynamic=True, strategy=strategy)
+        kind = "int" if self.fmt is None else "float"
+        return QuantizationArgs(num_bits=self.bits, type=kind, symmetric=True, dynamic=not self.static,
+                                strategy=strategy)  # fmt: skip
 
     def describe(self) -> str:
-        return f"A{self.bits} {self.granularity}-wise dynamic symmetric"
+        kind = "" if self.fmt is None else " FP8 E4M3"
+        how = "static per-tensor" if self.static else f"{self.granularity}-wise dynamic"
+        return f"A{self.bits}{kind} {how} symmetric"
+
+    def input_tensors(self, name: str, scale: Tensor | None) -> dict[str, Tensor]:
+        """A static scheme's per-layer tensors (its scale in float32, as the run applied it, and an integer
+        scheme's zero-point, 0): none if dynamic."""
+        if not self.static:
+            return {}
+        if scale is None:
+            raise InvariantError(f"layer {name}: static activations without an observed input scale")
+        out = {"input_scale": scale.reshape(1).float().cpu()}
+        if self.fmt is None:
+            out["input_zero_point"] = torch.zeros(1, dtype=torch.int8)
+        return out
 
 
 @dataclass(frozen=True)
@@ -186,9 +209,17 @@ class PackedLayer:
 
 
 @torch.no_grad()
-def pack_layer(target: Target, act: ActScheme | None = None) -> PackedLayer:
+def pack_layer(target: Target, act: ActScheme | None = None, input_scale: Tensor | None = None) -> PackedLayer:
     """Codes of the evaluated weight on its own grid, packed by compressed-tensors' pack-quantized compressor (or,
-    with quantized activations, stored one int8 per code by its int-quantized compressor)."""
+    with quantized activations, stored one int8 per code by its int-quantized compressor), with the layer's static
+    input scale where the activations have one."""
+    layer = _pack_weight(target, act)
+    if act is not None:
+        layer.tensors.update(act.input_tensors(target.name, input_scale))
+    return layer
+
+
+def _pack_weight(target: Target, act: ActScheme | None) -> PackedLayer:
     grid, module = target.constraint.grid, target.module
     if grid is None:
         raise ValueError(f"{target.name} has no quantization grid")
@@ -315,6 +346,10 @@ def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme | FloatSc
         path, reasons = _float_reasons(schemes)
     elif acts == {None}:
         path, reasons = "WNA16", _wna16_reasons(model, schemes)
+    elif any(a is not None and a.fmt is not None for a in acts):
+        widths = "/".join(map(str, sorted({s.bits for s in schemes.values()})))
+        path, reasons = f"W{widths}A8 FP8", [f"integer {widths}-bit weights with FP8 activations (no vLLM "
+                                             "compressed-tensors scheme takes that pairing here)"]  # fmt: skip
     else:
         path, reasons = _int_act_reasons(schemes)
     for fused, parts in VLLM_FUSED.items():
@@ -355,9 +390,11 @@ def _int_act_reasons(schemes: dict[str, WeightScheme]) -> tuple[str, list[str]]:
     reasons: list[str] = []
     if act.bits != 8:
         reasons.append(f"{act.bits}-bit activations (vLLM's integer-activation kernels take int8)")
-    if act.granularity != "token":
+    if act.granularity == "tensor":
         reasons.append("dynamic per-tensor activations (vLLM's int8 kernels take dynamic per-token or static "
                        "per-tensor scales)")  # fmt: skip
+    if act.static and 4 in widths:
+        reasons.append("static activations with 4-bit weights (vLLM's W4A8 int takes dynamic per-token ones)")
     other = [b for b in widths if b not in VLLM_BITS]
     if other:
         reasons.append(f"{'/'.join(map(str, other))}-bit weights with quantized activations (vLLM takes 8-bit: W8A8, "
@@ -390,9 +427,18 @@ def _float_reasons(schemes: dict[str, WeightScheme | FloatScheme]) -> tuple[str,
         reasons.append(f"FP8 weights in groups of {'/'.join(map(str, grouped))} along a row (vLLM's FP8 schemes take "
                        f"per-tensor, per-channel or 128x128-block scales: group_size=-1)")  # fmt: skip
     act = next((s.act for s in floats if s.act is not None), None)
-    if act is not None:
+    if act is not None and act.fmt is None:
         reasons.append(f"integer A{act.bits} input activations with float weights (vLLM's float schemes take 16-bit "
                        f"or float activations)")  # fmt: skip
+    elif act is not None:  # FP8 activations: vLLM's W8A8 FP8 scheme, for FP8 weights
+        path = "W8A8 FP8" if {s.fmt for s in floats} == {"fp8"} else path
+        fp4 = sorted({s.fmt.upper() for s in floats if s.fmt != "fp8"})
+        if fp4:
+            reasons.append(f"{'/'.join(fp4)} weights with FP8 activations (vLLM's FP4 schemes take 16-bit or FP4 "
+                           f"activations)")  # fmt: skip
+        if act.granularity == "tensor":
+            reasons.append("dynamic per-tensor FP8 activations (vLLM's W8A8 FP8 takes dynamic per-token or static "
+                           "per-tensor scales)")  # fmt: skip
     return path, reasons
 
 

@@ -81,11 +81,13 @@ def model_dir(run_dir: Path, order: tuple[str, ...], seed: int | None = None) ->
 
 
 def act_scheme(cfg: Any) -> ActScheme | None:
-    """The run's activation scheme (`act_bits`, `act_granularity`) as compressed-tensors writes it, or None."""
+    """The run's activation scheme (`act_bits`, `act_granularity`, `act_format`) as compressed-tensors writes it,
+    or None."""
     from compress_order.ct_export import ActScheme
 
     bits = cfg.get("act_bits")
-    return None if bits is None else ActScheme(int(bits), str(cfg.get("act_granularity") or "token"))
+    gran = str(cfg.get("act_granularity") or "token")
+    return None if bits is None else ActScheme(int(bits), gran, cfg.get("act_format"))
 
 
 def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
@@ -101,7 +103,8 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
 
 
 def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path,
-              cfg: Any, several_seeds: bool = False) -> Path | None:  # fmt: skip
+              cfg: Any, several_seeds: bool = False, input_scales: dict[str, torch.Tensor] | None = None
+              ) -> Path | None:  # fmt: skip
     """Called for every visited node when `save=true`, with the node's weights in the model and `cfg` the
     calibration seed's config: checks at the dense node that the model can be saved (before any compression work)
     and writes every full order (into a folder per seed when the run has several)."""
@@ -114,7 +117,7 @@ def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_dept
     if node.depth != full_depth or node.depth == 0:
         return None
     dest = model_dir(out_dir, node.order, int(cfg.seed) if several_seeds else None)
-    return save_model(lm, targets, node.order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg))
+    return save_model(lm, targets, node.order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg), input_scales)
 
 
 TMP_MARK = ".tmp-"  # .<folder>.tmp-<host>-<pid>: a checkpoint being written, renamed into place when complete
@@ -137,11 +140,13 @@ def remove_stale_writes(folder: Path) -> list[Path]:
 
 
 def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path,
-               fmt: str = "auto", dense_bits: int = 16, act: ActScheme | None = None) -> Path:  # fmt: skip
+               fmt: str = "auto", dense_bits: int = 16, act: ActScheme | None = None,
+               input_scales: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
     """Write the model, tokenizer and sidecar into `dest`, replacing it whole (written beside, renamed). The
     sidecar's checkpoint entry records the weight files' bytes on disk beside the computed `size_bytes` (at
     `dense_bits` per uncompressed weight, as the run's metric). `act`: the input
-    activations the node was evaluated with, written into a compressed-tensors config and recorded otherwise."""
+    activations the node was evaluated with, written into a compressed-tensors config and recorded otherwise;
+    `input_scales`: their static scales by layer name (ActQuant.input_scales), stored beside each layer's weight."""
     from compress_order.measure import compression_metrics
     from compress_order.results import file_mode
 
@@ -153,7 +158,7 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
         record, tensors = constraint_record(renamed_after_removal(targets))
         with _as_plain_model(lm.model), without_removed_experts(lm.model, targets):
             if fmt == "compressed-tensors":
-                checkpoint = save_compressed_tensors(lm.model, targets, tmp, act)
+                checkpoint = save_compressed_tensors(lm.model, targets, tmp, act, input_scales)
             else:
                 lm.model.save_pretrained(tmp)
                 checkpoint = {"format": "dense"}
@@ -192,14 +197,16 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
 
 
 def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], save_dir: Path,
-                            act: ActScheme | None = None) -> dict[str, Any]:  # fmt: skip
+                            act: ActScheme | None = None, input_scales: dict[str, torch.Tensor] | None = None
+                            ) -> dict[str, Any]:  # fmt: skip
     """A compressed-tensors checkpoint of the model as it is (pack-quantized; int-quantized with the input
     activations' scheme `act`); returns what the sidecar records."""
     from compress_order import ct_export
 
     # compressed-tensors 0.20 describes quantized nn.Linear modules; transformers keeps fused experts as 3-D
     # parameters no scheme names, so they are stored dense (their values exactly on their grids) and said so.
-    packed = {n: ct_export.pack_layer(t, act) for n, t in targets.items()
+    scales = input_scales or {}
+    packed = {n: ct_export.pack_layer(t, act, scales.get(n)) for n, t in targets.items()
               if t.constraint.grid is not None and t.index is None}  # fmt: skip
     dense_experts = sum(1 for t in targets.values() if t.constraint.grid is not None and t.index is not None)
     schemes = {n: p.scheme for n, p in packed.items()}

@@ -90,4 +90,5 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
         if why is not None:
             raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
     dest = model_dir(run_dir, order, int(cfg.seed) if several else None)
-    return save_model(ctx.lm, ctx.targets, order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg))
+    return save_model(ctx.lm, ctx.targets, order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg),
+                      ctx.input_scales(task))  # fmt: skip

@@ -104,6 +104,14 @@ class RunContext:
                 check_scaling(self.lm.model, self.targets, task.calibration_batches(), stage, cfg.calibration)
                 self.probed.add(label)
 
+    def input_scales(self, task: Task) -> dict[str, torch.Tensor] | None:
+        """Static activations: each layer's input scale observed on the weights the model holds now (what a
+        checkpoint of this node stores); None for dynamic or full-precision activations."""
+        if self.static_act is None:
+            return None
+        self.static_act.observe(self.lm.model, task.calibration_batches())
+        return self.static_act.input_scales(self.targets)
+
     def task(self, cfg: DictConfig) -> Task:
         return build_task(self.lm, self.data, cfg)
 

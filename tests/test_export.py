@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from compress_order.config import compose_config
 from compress_order.instantiate import build
 from compress_order.errors import UserError
-from compress_order.ct_export import ActScheme
+from compress_order.ct_export import FLOAT_FORMAT, ActScheme
 from compress_order.export import checkpoint_format, save_model, summary_line
 from compress_order.measure import compression_metrics
 from compress_order.models import causal_lm
@@ -202,12 +202,16 @@ def test_w8a8_export_carries_the_input_activation_scheme(tiny_lm, tmp_path):
     (3, 32, True, ActScheme(8, "token"), "W3A8",
      ["3-bit weights with quantized activations (vLLM takes 8-bit: W8A8, or 4-bit: W4A8)"]),
     (4, 32, True, ActScheme(8, "token"), "W4A8 int", []),
+    (8, -1, True, ActScheme(8, "static"), "W8A8 int8", []),
+    (4, 32, True, ActScheme(8, "static"), "W4A8 int",
+     ["static activations with 4-bit weights (vLLM's W4A8 int takes dynamic per-token ones)"]),
 ])  # fmt: skip
 def test_servability_with_quantized_activations(tiny_lm, tmp_path, bits, group_size, sym, act, path, reasons):
     lm, targets, state, dense = tiny_lm
     state.restore(dense)
     rtn(targets, bits, group_size, sym)
-    d = save_model(lm, targets, ("rtn",), tmp_path / "m", "compressed-tensors", act=act)
+    scales = {n: torch.full((1,), 0.01) for n in targets} if act.static else None
+    d = save_model(lm, targets, ("rtn",), tmp_path / "m", "compressed-tensors", act=act, input_scales=scales)
     vllm = json.loads((d / "compression.json").read_text())["checkpoint"]["vllm"]
     assert vllm == {"path": path, "servable": not reasons, "reasons": reasons}
     back = dequantized(d, torch.float32)  # every width is one int8 per code, read back bit for bit
@@ -476,6 +480,20 @@ def test_export_of_a_run_with_static_activation_ranges_rebuilds_its_model(tiny_o
     assert f"{d}: " in capsys.readouterr().out
     again = load_file(str(d / "model.safetensors"))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    # the checkpoint says static and stores each layer's observed scale (max |x| / 127), not a dynamic scheme
+    (group,) = qconfig(d)["config_groups"].values()
+    acts = group["input_activations"]
+    assert (acts["type"], acts["strategy"], acts["dynamic"]) == ("int", "tensor", False)
+    scales = {k: v for k, v in saved.items() if k.endswith(".input_scale")}
+    assert len(scales) == len(group["targets"]) and all(v.numel() == 1 and float(v) > 0 for v in scales.values())
+    assert all(torch.equal(saved[k.replace("input_scale", "input_zero_point")], torch.zeros(1, dtype=torch.int8))
+               for k in scales)  # fmt: skip
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert ck["activations"] == "A8 static per-tensor symmetric"
+    assert ck["vllm"]["reasons"] == ["static activations with 4-bit weights (vLLM's W4A8 int takes dynamic per-token "
+                                     "ones)"]  # fmt: skip
+    back = dequantized(d, torch.float32)  # compressed-tensors' own reader takes the layers with their input scales
+    assert all(f"{k.removesuffix('.input_scale')}.weight" in back for k in scales)
 
 
 # ------------------------------------------------------------------------------------------- float formats
@@ -629,6 +647,11 @@ def test_transformers_reloads_float_exports_where_the_sidecar_says(tiny_llama, t
     ("mxfp4", 32, None, "W4A16 MXFP4", []),
     ("fp8", -1, ActScheme(8, "token"), "W8A16 FP8",
      ["integer A8 input activations with float weights (vLLM's float schemes take 16-bit or float activations)"]),
+    ("fp8", -1, ActScheme(8, "token", "fp8"), "W8A8 FP8", []),
+    ("fp8", -1, ActScheme(8, "tensor", "fp8"), "W8A8 FP8",
+     ["dynamic per-tensor FP8 activations (vLLM's W8A8 FP8 takes dynamic per-token or static per-tensor scales)"]),
+    ("nvfp4", 16, ActScheme(8, "token", "fp8"), "W4A16 NVFP4",
+     ["NVFP4 weights with FP8 activations (vLLM's FP4 schemes take 16-bit or FP4 activations)"]),
 ])  # fmt: skip
 def test_float_servability_is_per_format(tiny_lm, tmp_path, fmt, group_size, act, path, reasons):
     lm, targets, state, dense = tiny_lm
@@ -639,7 +662,8 @@ def test_float_servability_is_per_format(tiny_lm, tmp_path, fmt, group_size, act
     assert ck["vllm"] == {"path": path, "servable": not reasons, "reasons": reasons}
     if act is not None:  # the activations' scheme travels in the config group
         (group,) = qconfig(d)["config_groups"].values()
-        assert group["input_activations"]["type"] == "int" and group["format"] == "float-quantized"
+        assert group["input_activations"]["type"] == ("int" if act.fmt is None else "float")
+        assert group["input_activations"]["dynamic"] is True and group["format"] == FLOAT_FORMAT[fmt]
     line = {("fp8", -1): "compressed-tensors float-quantized, FP8 E4M3 per channel; exact; vLLM W8A16 FP8 serves it; "
                          "transformers reloads it; ",
             ("mxfp4", 32): "compressed-tensors mxfp4-pack-quantized, MXFP4 E2M1 group 32, E8M0 scales; exact; vLLM "
@@ -665,6 +689,21 @@ def test_a_float_format_run_saves_compressed_tensors_that_reload_to_its_perplexi
         ck = json.loads((d / "compression.json").read_text())["checkpoint"]
         assert ck["exact"] and ck["vllm"]["servable"] and ck["transformers_reload"]
         assert _ppl_of_reload(cfg, d) == ppl[order]
+
+
+def test_a_w8a8_fp8_run_saves_its_fp8_activation_scheme_for_vllms_w8a8_fp8(tiny_overrides, tmp_path):
+    """format=fp8 act_format=fp8 save=true: the checkpoint's config group carries dynamic per-token FP8 input
+    activations (what the run simulated), and its line names vLLM's W8A8 FP8 scheme."""
+    over = tiny_overrides + ["format=fp8", "act_format=fp8", "save=true", "eval.backends=none", "stages=[rtn]",
+                             "joint=[]"]  # fmt: skip
+    run(compose_config(over), tmp_path / "out")
+    d = tmp_path / "out" / "models" / "rtn"
+    (group,) = qconfig(d)["config_groups"].values()
+    acts = group["input_activations"]
+    assert (acts["type"], acts["num_bits"], acts["strategy"], acts["dynamic"]) == ("float", 8, "token", True)
+    ck = json.loads((d / "compression.json").read_text())["checkpoint"]
+    assert ck["vllm"] == {"path": "W8A8 FP8", "servable": True, "reasons": []}
+    assert "A8 FP8 E4M3 token-wise dynamic symmetric activations" in summary_line(ck)
 
 
 def test_float_quantized_experts_are_stored_dense_on_their_grids_and_said_so(tmp_path):
