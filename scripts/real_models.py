@@ -177,8 +177,8 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
     if missing:
         lines += ["", f"Not run yet ({len(missing)} cells of the protocol; "
                   "`python scripts/real_models.py` resumes): " + ", ".join(missing) + "."]
-    lines += ["", "A cell stopped part-way contributes the nodes it finished (its store entries are kept; re-running "
-              "resumes it); a setting appears below once both of its orders finished for at least one seed."]
+    lines += ["", "A cell stopped part-way contributes the nodes it finished (kept in docs/real-models/ marked partial; "
+              "the next invocation computes it whole); a setting appears below once both of its orders finished for at least one seed."]
     empty = pd.DataFrame(columns=["model", "stages", "bits", "agree", "significant", "seeds_agreeing", "seeds"])
     tables = {metric: settings_table(df, metric, args.n_boot) if not df.empty else empty for metric in METRICS}
     ppl, kld = tables["perplexity"], tables["kld"]
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         if cell.folder in earlier:
             print(f"= {cell.folder} measured by an earlier version (earlier.md; --rerun recomputes it)")
             continue
-        done = ran.get(cell.folder, {}).get("seeds", 0) >= len(args.seeds)
+        entry = ran.get(cell.folder, {})
+        done = entry.get("seeds", 0) >= len(args.seeds) and not entry.get("partial")
         if done and not args.rerun and (args.kept / cell.folder / "results.parquet").is_file():
             print(f"= {cell.folder} kept already ({ran[cell.folder]['seeds']} seeds; --rerun recomputes it)")
             continue
@@ -289,16 +290,22 @@ def main(argv: list[str] | None = None) -> int:
         ran[cell.folder] = {"cell": cell.folder, "seeds": len(args.seeds), "wall_min": (time.perf_counter() - t0) / 60}
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(json.dumps(ran, indent=1) + "\n")
-    # kept cells, then any cell stopped part-way in the store: it contributes its finished nodes, marked partial
+    # A cell stopped part-way (killed, or a run in flight elsewhere) that the store holds rows of is kept too,
+    # marked partial: its finished nodes count, and a later invocation computes the cell whole.
+    for c in grid:
+        store, entry = args.out / c.folder, ran.get(c.folder, {})
+        if (store / "results.parquet").is_file() and (c.folder not in ran or entry.get("partial")):
+            keep(store, args.kept / c.folder, compose_config(overrides(c, args)))
+            partial = not (store / "summary.md").is_file()  # the runner writes it last
+            ran[c.folder] = {"cell": c.folder, "seeds": len(args.seeds), "wall_min": math.nan, "partial": partial}
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(json.dumps(ran, indent=1) + "\n")
     folders, shown = [], []
     for c in grid:
-        kept, store = args.kept / c.folder, args.out / c.folder
-        if (kept / "results.parquet").is_file() and c.folder in ran:
-            folders.append(kept)
-            shown.append(ran[c.folder])
-        elif (store / "results.parquet").is_file():
-            folders.append(store)
-            shown.append({"cell": c.folder + " (stopped part-way)", "seeds": len(args.seeds), "wall_min": math.nan})
+        if (args.kept / c.folder / "results.parquet").is_file() and c.folder in ran:
+            folders.append(args.kept / c.folder)
+            r = ran[c.folder]
+            shown.append({**r, "cell": r["cell"] + (" (stopped part-way)" if r.get("partial") else "")})
     df = collect.collect(folders) if folders else pd.DataFrame()
     listed = {r["cell"].split(" ")[0] for r in shown} | set(earlier)
     missing = [c.folder for c in grid if c.folder not in listed]

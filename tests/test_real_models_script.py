@@ -64,3 +64,23 @@ def test_cells_of_earlier_md_are_skipped_and_quoted_with_their_readme_rows(study
     assert "## Earlier measurements" in doc and "Not run yet" not in doc
     readme = (tmp / "README.md").read_text()
     assert "| m † | [sparsegpt-2:4, gptq] W4 g32 | 3 |" in readme and "after" not in readme
+
+
+def test_a_cell_stopped_part_way_is_kept_as_partial_and_computed_whole_later(study, monkeypatch):
+    mod, paths, tmp = study
+    assert mod.main([*ARGS, "--patterns", "50%", *paths]) == 0
+    # a killed run of the 2:4 cell: rows in the store, no summary.md (the runner writes it last)
+    stopped = tmp / "out" / "smollm2" / "sparsegpt-gptq-w4-2of4"
+    shutil.copytree(tmp / "out" / "smollm2" / "sparsegpt-gptq-w4-50pct", stopped)
+    (stopped / "summary.md").unlink()
+    both = [*ARGS, "--patterns", "50%", "2:4", *paths]
+    assert mod.main([*both, "--render-only"]) == 0
+    log = json.loads((tmp / "kept" / "cells.json").read_text())
+    assert log["smollm2/sparsegpt-gptq-w4-2of4"]["partial"] is True
+    assert (tmp / "kept" / "smollm2" / "sparsegpt-gptq-w4-2of4" / "results.parquet").is_file()
+    assert "| smollm2/sparsegpt-gptq-w4-2of4 (stopped part-way) | 1 |" in (tmp / "doc.md").read_text()
+    calls = []
+    monkeypatch.setattr(mod, "run", lambda cfg, out: calls.append(out.name))
+    monkeypatch.setattr(mod, "keep", lambda *a: None)
+    assert mod.main(both) == 0
+    assert calls == ["sparsegpt-gptq-w4-2of4"]  # the finished cell is not recomputed, the partial one is
