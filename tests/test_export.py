@@ -691,19 +691,28 @@ def test_a_float_format_run_saves_compressed_tensors_that_reload_to_its_perplexi
         assert _ppl_of_reload(cfg, d) == ppl[order]
 
 
-def test_a_w8a8_fp8_run_saves_its_fp8_activation_scheme_for_vllms_w8a8_fp8(tiny_overrides, tmp_path):
-    """format=fp8 act_format=fp8 save=true: the checkpoint's config group carries dynamic per-token FP8 input
-    activations (what the run simulated), and its line names vLLM's W8A8 FP8 scheme."""
-    over = tiny_overrides + ["format=fp8", "act_format=fp8", "save=true", "eval.backends=none", "stages=[rtn]",
-                             "joint=[]"]  # fmt: skip
+@pytest.mark.parametrize("granularity", ["token", "static"])
+def test_a_w8a8_fp8_run_saves_its_fp8_activation_scheme_for_vllms_w8a8_fp8(tiny_overrides, tmp_path, granularity):
+    """format=fp8 act_format=fp8 save=true: the checkpoint's config group carries the FP8 input activations the run
+    simulated (dynamic per token, or static per tensor with each layer's input_scale), and its line names vLLM's
+    W8A8 FP8 scheme."""
+    over = tiny_overrides + ["format=fp8", "act_format=fp8", f"act_granularity={granularity}", "save=true",
+                             "eval.backends=none", "stages=[rtn]", "joint=[]"]  # fmt: skip
     run(compose_config(over), tmp_path / "out")
     d = tmp_path / "out" / "models" / "rtn"
     (group,) = qconfig(d)["config_groups"].values()
     acts = group["input_activations"]
-    assert (acts["type"], acts["num_bits"], acts["strategy"], acts["dynamic"]) == ("float", 8, "token", True)
+    static = granularity == "static"
+    assert (acts["type"], acts["num_bits"], acts["strategy"], acts["dynamic"]) == \
+        ("float", 8, "tensor" if static else "token", not static)  # fmt: skip
+    tensors = load_file(str(d / "model.safetensors"))
+    scales = [k for k in tensors if k.endswith(".input_scale")]
+    assert len(scales) == (len(group["targets"]) if static else 0)
+    assert not any(k.endswith(".input_zero_point") for k in tensors)  # float schemes have no zero-points
     ck = json.loads((d / "compression.json").read_text())["checkpoint"]
     assert ck["vllm"] == {"path": "W8A8 FP8", "servable": True, "reasons": []}
-    assert "A8 FP8 E4M3 token-wise dynamic symmetric activations" in summary_line(ck)
+    how = "static per-tensor" if static else "token-wise dynamic"
+    assert f"A8 FP8 E4M3 {how} symmetric activations" in summary_line(ck)
 
 
 def test_float_quantized_experts_are_stored_dense_on_their_grids_and_said_so(tmp_path):
