@@ -232,7 +232,7 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
                     f"{_fmt(r[win + '_value'])} | {_fmt(r[lose + '_value'])} | {a_kld} |")  # fmt: skip
     if "<!-- headline -->" in earlier:  # the earlier cells' rows, up to the first blank line
         block = earlier.split("<!-- headline -->", 1)[1].strip().split("\n\n")[0]
-        head += [ln for ln in block.splitlines() if ln.startswith("|")]
+        head += [ln for ln in block.splitlines()[2:] if ln.startswith("|")]  # below its own header
     return "\n".join(lines), "\n".join(head)
 
 

@@ -56,7 +56,7 @@ def test_cells_of_earlier_md_are_skipped_and_quoted_with_their_readme_rows(study
     mod, paths, tmp = study
     (tmp / "kept").mkdir()
     (tmp / "kept" / "earlier.md").write_text(
-        "## Earlier measurements\n\n- cell: smollm2/sparsegpt-gptq-w4-2of4\n\n<!-- headline -->\n"
+        "## Earlier measurements\n\n- cell: smollm2/sparsegpt-gptq-w4-2of4\n\n<!-- headline -->\n| model | x |\n|---|---|\n"
         "| m † | [sparsegpt-2:4, gptq] W4 g32 | 3 | 1 | a | 2 | 3 | 0.1 [0, 0.2] |\n\nafter\n")  # fmt: skip
     monkeypatch.setattr(mod, "run", lambda *a, **kw: pytest.fail("an earlier cell was recomputed"))
     assert mod.main([*ARGS, "--patterns", "2:4", *paths]) == 0
@@ -64,6 +64,7 @@ def test_cells_of_earlier_md_are_skipped_and_quoted_with_their_readme_rows(study
     assert "## Earlier measurements" in doc and "Not run yet" not in doc
     readme = (tmp / "README.md").read_text()
     assert "| m † | [sparsegpt-2:4, gptq] W4 g32 | 3 |" in readme and "after" not in readme
+    assert "| model | x |" not in readme  # the quoted block's own header stays in the document
 
 
 def test_a_cell_stopped_part_way_is_kept_as_partial_and_computed_whole_later(study, monkeypatch):
