@@ -102,10 +102,14 @@ def keep(run_dir: Path, kept: Path, cfg: DictConfig) -> None:
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     for name in KEEP:
         if (run_dir / name).is_file():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(run_dir / name, tmp / name)
     shutil.rmtree(kept, ignore_errors=True)
     tmp.rename(kept)
+
+
+def write_log(log: Path, ran: dict[str, dict]) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(json.dumps(ran, indent=1) + "\n")
 
 
 def earlier_cells(kept: Path) -> list[str]:
@@ -288,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, args.out / cell.folder)
         keep(args.out / cell.folder, args.kept / cell.folder, cfg)
         ran[cell.folder] = {"cell": cell.folder, "seeds": len(args.seeds), "wall_min": (time.perf_counter() - t0) / 60}
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(json.dumps(ran, indent=1) + "\n")
+        write_log(log, ran)
     # A cell stopped part-way (killed, or a run in flight elsewhere) that the store holds rows of is kept too,
     # marked partial: its finished nodes count, and a later invocation computes the cell whole.
     for c in grid:
@@ -298,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             keep(store, args.kept / c.folder, compose_config(overrides(c, args)))
             partial = not (store / "summary.md").is_file()  # the runner writes it last
             ran[c.folder] = {"cell": c.folder, "seeds": len(args.seeds), "wall_min": math.nan, "partial": partial}
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(json.dumps(ran, indent=1) + "\n")
+            write_log(log, ran)
     folders, shown = [], []
     for c in grid:
         if (args.kept / c.folder / "results.parquet").is_file() and c.folder in ran:
