@@ -34,7 +34,7 @@ import pandas as pd
 from scipy import stats
 
 from compress_order.analysis.collect import read_parquet
-from compress_order.analysis.tables import TABLE_INDEX, direction, node_values, seed_dependent
+from compress_order.analysis.tables import TABLE_INDEX, direction, keyed_like, node_values, seed_dependent
 from compress_order.metrics import METRICS, Metric
 from compress_order.schema import SAMPLES
 
@@ -222,7 +222,7 @@ def order_differences(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: i
                          "low": lo, "high": hi, "significant": not lo <= 0 <= hi, "noise": noise_of(len(data), (a, b)),
                          "n_seeds": len(data), "seed_sd": per.std(ddof=1) if len(per) > 1 else math.nan,
                          "n_units": min(len(x[0]) for x in data), "method": method})  # fmt: skip
-    return pd.DataFrame(rows, columns=DIFF_COLUMNS)
+    return keyed_like(pd.DataFrame(rows, columns=DIFF_COLUMNS), df)
 
 
 def node_intervals(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int = 0,
@@ -247,7 +247,7 @@ def node_intervals(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int 
             else:
                 row["low"], row["high"], _ = seed_interval(x, _value(m), n_boot, rng)
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*GROUP, "order", "value", "n_seeds", "low", "high"])
+    return keyed_like(pd.DataFrame(rows, columns=[*GROUP, "order", "value", "n_seeds", "low", "high"]), df)
 
 
 def attach_a_interval(settings: pd.DataFrame, diffs: pd.DataFrame) -> pd.DataFrame:

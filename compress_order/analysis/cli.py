@@ -202,20 +202,9 @@ def _distinguish(df: pd.DataFrame, best: pd.Series, runner: pd.Series, metric: s
 def _with_intervals(df: pd.DataFrame, pts: pd.DataFrame, metric: str, n_boot: int) -> pd.DataFrame:
     """`pts` with each node's interval over windows and seeds (`low`, `high`; NaN without samples)."""
     keys = pts[frontier.NODE]
-    rows = _as_keys(df).merge(_as_keys(keys), on=frontier.NODE, how="inner")
+    rows = df.merge(keys, on=frontier.NODE, how="inner")
     ci = bootstrap.node_intervals(rows, metric, n_boot, roles=("dense", "single", "partial", "full"))
-    return _as_keys(pts).merge(_as_keys(ci[[*frontier.NODE, "low", "high"]]), on=frontier.NODE, how="left")
-
-
-def _as_keys(frame: pd.DataFrame) -> pd.DataFrame:
-    """Text settings as text, nulls as None: a grouping turns an all-null text column (act_format without
-    activation quantization) into float NaN, which pandas will not merge with the text column it came from."""
-    out = frame.copy()
-    for c in ("act_format",):
-        if c in out.columns:
-            col = out[c].astype(object)
-            out[c] = col.where(col.notna(), None)
-    return out
+    return pts.merge(ci[[*frontier.NODE, "low", "high"]], on=frontier.NODE, how="left")
 
 
 # The five commands, by the names compress_order.cli dispatches (its ANALYSIS_COMMANDS, which must not import

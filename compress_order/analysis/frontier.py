@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from compress_order.analysis import bootstrap
-from compress_order.analysis.tables import TABLE_INDEX, direction, node_values, order_pattern, stage_kind
+from compress_order.analysis.tables import (TABLE_INDEX, direction, keyed_like, node_values, order_pattern,
+                                            stage_kind)
 from compress_order.errors import UserError, choices
 from compress_order.metrics import METRICS
 from compress_order.schema import SIMULATED
@@ -119,7 +120,8 @@ def nodes(df: pd.DataFrame, metric: str, backend: str = SIMULATED) -> pd.DataFra
                 rank=("rank", "min"), keys=("node_key", _keys))  # fmt: skip
     for cost in COSTS:
         out = out.join(_pooled(df, cost, backend))
-    out = out.reset_index().reindex(columns=[*NODE, "value", "depth", "n_seeds", "rank", "keys", *COSTS])
+    out = keyed_like(out.reset_index(), rows)
+    out = out.reindex(columns=[*NODE, "value", "depth", "n_seeds", "rank", "keys", *COSTS])
     out["keys"] = [k if k is not None else tuple(map(str, r)) for k, r in zip(out["keys"], out[NODE].to_numpy())]
     out = out.sort_values("rank").drop_duplicates([*PANEL, "keys"]).drop(columns="rank")
     out["pattern"] = [pattern(o, s, d) for o, s, d in zip(out["order"], out["stages"], out["depth"])]

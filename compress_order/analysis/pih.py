@@ -29,7 +29,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from compress_order.analysis.tables import (
-    SETTING, TABLE_INDEX, direction, is_sequential, node_values, stage_kind,
+    SETTING, TABLE_INDEX, direction, is_sequential, keyed_like, node_values, stage_kind,
 )
 
 CURVE_KEY = ["model", "dataset", "group_size", "act_bits"]  # the quantization curve of one setting
@@ -123,7 +123,7 @@ def analyze(df: pd.DataFrame, metric: str, by_seed: bool = False) -> tuple[pd.Da
         setting_rows.append(row)
     columns = [*key_cols, "n_seeds", "n_stages", "f1", "f2", "dense", "I_f1", "I_f2", "G", "A", "cer_f1", "cer_f2",
                "dCER", "predicted", "observed", "agree"]  # fmt: skip
-    return pd.DataFrame(stage_rows), pd.DataFrame(setting_rows).reindex(columns=columns)
+    return keyed_like(pd.DataFrame(stage_rows), df), keyed_like(pd.DataFrame(setting_rows).reindex(columns=columns), df)
 
 
 PREDICTION_COLUMNS = [*TABLE_INDEX, "n_seeds", "dense", "intensity", "predicted", "why"]
@@ -141,7 +141,7 @@ def predictions(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         pairs = sorted(zip(g["stage"], g["intensity"]), key=lambda p: (math.isnan(p[1]), p[1]))
         ranked.append({**dict(zip(TABLE_INDEX, key)), "intensity": " < ".join(f"{s} {i:.4g}" for s, i in pairs),
                        "missing": any(math.isnan(i) for _, i in pairs)})  # fmt: skip
-    out = settings.merge(pd.DataFrame(ranked), on=TABLE_INDEX, how="left")
+    out = settings.merge(keyed_like(pd.DataFrame(ranked), stages), on=TABLE_INDEX, how="left")
     out["why"] = np.where(out["predicted"].notna(), "", np.where(out["missing"].eq(False), "tied intensities",
                                                                   "a stage alone was not evaluated"))  # fmt: skip
     return out.reindex(columns=PREDICTION_COLUMNS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-
 from functools import lru_cache
 
 import numpy as np
@@ -26,6 +25,18 @@ IMPLIED = {"format": "int", "act_format": "int"}  # (empty values aside: act_for
 FORMATS = ("markdown", "csv", "latex")
 LATEX_SYMBOLS = {" > ": r" $\rightarrow$ ", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "−": "--", "≤": r"$\leq$"}
 LATEX_SPECIALS = {"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"}  # the caption is not escaped by pandas
+
+
+def keyed_like(out: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
+    """`out`, grouped from `source` with dropna=False, with text keys that are text again (nulls as None): pandas
+    turns the null key of a text column (act_format without activation quantization) into float NaN, which will
+    not merge with the column it came from."""
+    out = out.copy()
+    for c in out.columns.intersection(source.columns):
+        if source[c].dtype == object:
+            col = out[c].astype(object)
+            out[c] = col.where(col.notna(), None)
+    return out
 
 
 # --- selecting rows -------------------------------------------------------------------------------------------
