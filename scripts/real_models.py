@@ -113,10 +113,14 @@ def write_log(log: Path, ran: dict[str, dict]) -> None:
 
 
 def earlier_cells(kept: Path) -> list[str]:
-    """Cells listed in earlier.md (lines `- cell: <folder>`)."""
+    """Cells listed in earlier.md."""
     f = kept / "earlier.md"
-    return [ln.split(":", 1)[1].strip() for ln in f.read_text().splitlines() if ln.startswith("- cell:")] \
-        if f.is_file() else []  # fmt: skip
+    return earlier_cells_in(f.read_text()) if f.is_file() else []
+
+
+def earlier_cells_in(text: str) -> list[str]:
+    """The cells a text lists in lines `- cell: <folder>`."""
+    return [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("- cell:")]
 
 
 # ------------------------------------------------------------------------------------------------ the document
@@ -237,7 +241,29 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
     if "<!-- headline -->" in earlier:  # the earlier cells' rows, up to the first blank line
         block = earlier.split("<!-- headline -->", 1)[1].strip().split("\n\n")[0]
         head += [ln for ln in block.splitlines()[2:] if ln.startswith("|")]  # below its own header
+    head += ["", headline_summary(ppl, kld, ran, len(missing), len(earlier_cells_in(earlier)))]
     return "\n".join(lines), "\n".join(head)
+
+
+def headline_summary(ppl: pd.DataFrame, kld: pd.DataFrame, ran: list[dict], n_missing: int, n_earlier: int) -> str:
+    """The README's sentence under its table: how much of the protocol ran and what it says so far."""
+    stopped = sum(bool(r.get("partial")) for r in ran)
+    text = (f"{len(ran)} of the protocol's {len(ran) + n_missing + n_earlier} cells ran with their rows kept in "
+            "docs/real-models/"
+            + (f" ({stopped} stopped part-way)" if stopped else "")
+            + (f", {n_earlier} more by an earlier version (†)" if n_earlier else "") + ".")  # fmt: skip
+    if ppl.empty:
+        return text
+    both = ppl.merge(kld, on=["model", "stages", "bits"], suffixes=("_ppl", "_kld"))
+    first = {m: int((both[f"observed_{m}"] == both[f"first_{m}"]).sum()) for m in ("ppl", "kld")}
+    decided = both[both["agree_ppl"].notna()]
+    ratio = (both["rel_width_ppl"] / both["rel_width_kld"]).dropna()
+    return (f"{text} Of its {len(both)} settings with both orders (not counting †): the pruner first wins in "
+            f"{first['ppl']} by perplexity and {first['kld']} by KLD; the PIH prediction from the singles is right "
+            f"in {int(decided['agree_ppl'].sum())} of {len(decided)} by perplexity; A's interval excludes 0 in "
+            f"{int(both['significant_ppl'].fillna(False).sum())} by perplexity and "
+            f"{int(both['significant_kld'].fillna(False).sum())} by KLD; KLD's relative interval is a median "
+            f"{_fmt(float(ratio.median()), 2)}× tighter.")  # fmt: skip
 
 
 def write_readme(table: str) -> None:

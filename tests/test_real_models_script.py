@@ -4,6 +4,7 @@ document and README table are regenerated from the kept copy alone; cells of ear
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -42,6 +43,10 @@ def test_a_finished_cell_is_kept_and_the_document_regenerates_from_it_alone(stud
     readme = (tmp / "README.md").read_text()
     assert "old table" not in readme and readme.startswith("intro\n") and readme.endswith("rest\n")
     assert "| tiny | [sparsegpt, gptq] W4 g32 | 1 |" in readme
+    # the sentence under the table is generated with it: how much ran, and what it says
+    assert re.search(r"\n1 of the protocol's 1 cells ran with their rows kept in docs/real-models/\. Of its 1 "
+                     r"settings with both orders \(not counting †\): the pruner first wins in [01] by perplexity and "
+                     r"[01] by KLD; the PIH prediction from the singles is right in [01] of 1 by perplexity;", readme)
 
     # the store is gone (a fresh clone): nothing is recomputed, the same table comes from the kept copy
     shutil.rmtree(tmp / "out")
@@ -65,6 +70,8 @@ def test_cells_of_earlier_md_are_skipped_and_quoted_with_their_readme_rows(study
     readme = (tmp / "README.md").read_text()
     assert "| m † | [sparsegpt-2:4, gptq] W4 g32 | 3 |" in readme and "after" not in readme
     assert "| model | x |" not in readme  # the quoted block's own header stays in the document
+    assert "0 of the protocol's 1 cells ran with their rows kept in docs/real-models/, 1 more by an earlier version " \
+           "(†).\n" in readme
 
 
 def test_a_cell_stopped_part_way_is_kept_as_partial_and_computed_whole_later(study, monkeypatch):
@@ -80,6 +87,8 @@ def test_a_cell_stopped_part_way_is_kept_as_partial_and_computed_whole_later(stu
     assert log["smollm2/sparsegpt-gptq-w4-2of4"]["partial"] is True
     assert (tmp / "kept" / "smollm2" / "sparsegpt-gptq-w4-2of4" / "results.parquet").is_file()
     assert "| smollm2/sparsegpt-gptq-w4-2of4 (stopped part-way) | 1 |" in (tmp / "doc.md").read_text()
+    readme = (tmp / "README.md").read_text()
+    assert "2 of the protocol's 2 cells ran with their rows kept in docs/real-models/ (1 stopped part-way)." in readme
     calls = []
     monkeypatch.setattr(mod, "run", lambda cfg, out: calls.append(out.name))
     monkeypatch.setattr(mod, "keep", lambda *a: None)
