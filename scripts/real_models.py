@@ -217,8 +217,9 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
                      f"of {len(decided)} settings; A's interval excludes 0 in {int(t['significant'].fillna(False).sum())} "
                      f"of {len(t)}; every seed observes the pooled winner in "
                      f"{int((t['seeds_agreeing'] == t['seeds']).sum())} of {len(t)}.")  # fmt: skip
-    if not ppl.empty and not kld.empty:
-        both = ppl.merge(kld, on=["model", "stages", "bits"], suffixes=("_ppl", "_kld"))
+    both = ppl.merge(kld, on=["model", "stages", "bits"], suffixes=("_ppl", "_kld")) \
+        if not ppl.empty and not kld.empty else pd.DataFrame()  # fmt: skip
+    if not both.empty:
         same = int((both["observed_ppl"] == both["observed_kld"]).sum())
         ratio = (both["rel_width_ppl"] / both["rel_width_kld"]).dropna()
         lines += [f"- perplexity and KLD observe the same winner in {same} of {len(both)} settings.",
@@ -241,20 +242,20 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
     if "<!-- headline -->" in earlier:  # the earlier cells' rows, up to the first blank line
         block = earlier.split("<!-- headline -->", 1)[1].strip().split("\n\n")[0]
         head += [ln for ln in block.splitlines()[2:] if ln.startswith("|")]  # below its own header
-    head += ["", headline_summary(ppl, kld, ran, len(missing), len(earlier_cells_in(earlier)))]
+    head += ["", headline_summary(both, ran, len(missing), len(earlier_cells_in(earlier)))]
     return "\n".join(lines), "\n".join(head)
 
 
-def headline_summary(ppl: pd.DataFrame, kld: pd.DataFrame, ran: list[dict], n_missing: int, n_earlier: int) -> str:
-    """The README's sentence under its table: how much of the protocol ran and what it says so far."""
+def headline_summary(both: pd.DataFrame, ran: list[dict], n_missing: int, n_earlier: int) -> str:
+    """The README's sentence under its table: how much of the protocol ran and what it says so far (`both`: the
+    perplexity and KLD settings tables side by side)."""
     stopped = sum(bool(r.get("partial")) for r in ran)
     text = (f"{len(ran)} of the protocol's {len(ran) + n_missing + n_earlier} cells ran with their rows kept in "
             "docs/real-models/"
             + (f" ({stopped} stopped part-way)" if stopped else "")
             + (f", {n_earlier} more by an earlier version (†)" if n_earlier else "") + ".")  # fmt: skip
-    if ppl.empty:
+    if both.empty:
         return text
-    both = ppl.merge(kld, on=["model", "stages", "bits"], suffixes=("_ppl", "_kld"))
     first = {m: int((both[f"observed_{m}"] == both[f"first_{m}"]).sum()) for m in ("ppl", "kld")}
     decided = both[both["agree_ppl"].notna()]
     ratio = (both["rel_width_ppl"] / both["rel_width_kld"]).dropna()
