@@ -47,7 +47,7 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -103,11 +103,12 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
 
 
 def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_depth: int, out_dir: Path,
-              cfg: Any, several_seeds: bool = False, input_scales: dict[str, torch.Tensor] | None = None
-              ) -> Path | None:  # fmt: skip
+              cfg: Any, several_seeds: bool = False,
+              input_scales: Callable[[], dict[str, torch.Tensor] | None] | None = None) -> Path | None:  # fmt: skip
     """Called for every visited node when `save=true`, with the node's weights in the model and `cfg` the
     calibration seed's config: checks at the dense node that the model can be saved (before any compression work)
-    and writes every full order (into a folder per seed when the run has several)."""
+    and writes every full order (into a folder per seed when the run has several). `input_scales` observes the
+    static activation scales of the weights held now; it is called for full orders only (it runs calibration)."""
     fmt = str(cfg.save_format)
     if node.depth == 0:
         if not hasattr(lm.model, "save_pretrained"):
@@ -117,7 +118,8 @@ def save_node(lm: LoadedModel, targets: dict[str, Target], node: Node, full_dept
     if node.depth != full_depth or node.depth == 0:
         return None
     dest = model_dir(out_dir, node.order, int(cfg.seed) if several_seeds else None)
-    return save_model(lm, targets, node.order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg), input_scales)
+    scales = input_scales() if input_scales is not None else None
+    return save_model(lm, targets, node.order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg), scales)
 
 
 TMP_MARK = ".tmp-"  # .<folder>.tmp-<host>-<pid>: a checkpoint being written, renamed into place when complete

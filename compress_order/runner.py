@@ -297,9 +297,8 @@ class TrieWalk:
                 self.store.release(key)
         self.stats.from_store += status == "stored"
         if self.cfg.save and node.order not in self.infeasible:
-            full = node.depth == self.plan.full_depth and node.depth > 0
             dest = save_node(self.ctx.lm, self.ctx.targets, node, self.plan.full_depth, self.ex.out_dir, self.cfg,
-                             len(run_seeds(self.ex.cfg)) > 1, self.ctx.input_scales(self.task) if full else None)  # fmt: skip
+                             len(run_seeds(self.ex.cfg)) > 1, lambda: self.ctx.input_scales(self.task))  # fmt: skip
             self.stats.saved += dest is not None
         if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
             self.deferred.append(node)
