@@ -94,3 +94,32 @@ def test_a_cell_stopped_part_way_is_kept_as_partial_and_computed_whole_later(stu
     monkeypatch.setattr(mod, "keep", lambda *a: None)
     assert mod.main(both) == 0
     assert calls == ["sparsegpt-gptq-w4-2of4"]  # the finished cell is not recomputed, the partial one is
+
+
+def test_the_budget_starts_only_cells_expected_to_end_in_time(study, monkeypatch):
+    mod, paths, tmp = study
+    (tmp / "kept").mkdir()
+    # per seed: 20 min for [sparsegpt, gptq] on smollm2 (the median of 10, 20, 30), so one seed expects 20 min
+    log = {f"smollm2/sparsegpt-gptq-w3-{p}": {"cell": f"smollm2/sparsegpt-gptq-w3-{p}", "seeds": 3, "wall_min": w}
+           for p, w in (("50pct", 30), ("2of4", 60), ("25pct", 90))}  # fmt: skip
+    (tmp / "kept" / "cells.json").write_text(json.dumps(log))
+    now, calls = [0.0], []
+
+    def clock():  # each reading is a minute later, and a cell takes 25 min
+        now[0] += 60
+        return now[0]
+
+    def run(cfg, out):
+        calls.append(out.name)
+        now[0] += 25 * 60
+
+    monkeypatch.setattr(mod, "clock", clock)
+    monkeypatch.setattr(mod, "run", run)
+    monkeypatch.setattr(mod, "keep", lambda *a: None)
+    both = [*ARGS, "--patterns", "50%", "2:4", *paths]
+    assert mod.main([*both, "--budget-min", "15"]) == 0
+    assert calls == []  # 20 min expected, under 15 left
+    assert mod.main([*both, "--budget-min", "23"]) == 0
+    assert calls == ["sparsegpt-gptq-w4-50pct"]  # its 25 min spend the budget before the second
+    assert mod.expected_min(log, mod.Cell("smollm2", "wanda-awq", 4, "50%"), 3) == 60  # of the model, any pair
+    assert mod.expected_min(log, mod.Cell("gemma3_270m", "wanda-awq", 4, "50%"), 3) is None
