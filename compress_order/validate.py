@@ -114,6 +114,9 @@ def check_config(cfg: DictConfig) -> None:
     from compress_order.lmeval import include_paths
 
     include_paths(c["eval"]["lm_eval"]["include_path"])  # checked when no task is asked for too
+    from compress_order.divergence import requested, topk_setting
+
+    requested(cfg), topk_setting(cfg)  # metric names and the KLD scheme's settings, before any model loads
     if c["predict_only"] and c["save"]:
         raise UserError("save=true writes full orders, which predict_only=true does not compute; drop one of them")
     _check_devices(c)

@@ -147,6 +147,16 @@ def test_bad_metric_names_and_topk_are_one_line_errors():
 
 
 @pytest.mark.parametrize("args,message", [
+    (["eval.metrics=[kld,bogus]"], "eval.metrics: unknown metric(s) bogus; valid: perplexity, kld, top1_agree"),
+    (["eval.metrics=[kld]", "eval.kld_tail_samples=-1"], "eval.kld_tail_samples=-1 must be an integer ≥ 0"),
+])
+def test_validate_checks_metric_names_and_the_kld_scheme_without_a_model(args, message, capsys):
+    rc = exit_code(["validate", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("args,message", [
     (["model=mnist_resnet", "data=mnist", "eval.metrics=[kld]"],
      "eval.metrics: kld compare next-token distributions of a language model; model 'mnist-resnet' is an image "
      "classifier; drop them (eval.metrics=[perplexity])"),
