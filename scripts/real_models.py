@@ -245,7 +245,8 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
     if earlier:
         lines += ["", earlier.strip()]
     lines.append("")
-    head = ["| model (not full precision: GGUF-derived; † earlier version, see docs/real-models.md) | setting | seeds "
+    dagger = "; † earlier version, see docs/real-models.md" if earlier else ""
+    head = [f"| model (not full precision: GGUF-derived{dagger}) | setting | seeds "
             "| dense ppl | better order (ppl) | ppl | other | A kld [95%] |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for model, r, k in headline:
         win, lose = (("first", "second") if (r["A"] or 0) >= 0 else ("second", "first"))
@@ -272,7 +273,8 @@ def headline_summary(both: pd.DataFrame, ran: list[dict], n_missing: int, n_earl
     first = {m: int((both[f"observed_{m}"] == both[f"first_{m}"]).sum()) for m in ("ppl", "kld")}
     decided = both[both["agree_ppl"].notna()]
     ratio = (both["rel_width_ppl"] / both["rel_width_kld"]).dropna()
-    return (f"{text} Of its {len(both)} settings with both orders (not counting †): the pruner first wins in "
+    return (f"{text} Of its {len(both)} settings with both orders{' (not counting †)' if n_earlier else ''}: "
+            f"the pruner first wins in "
             f"{first['ppl']} by perplexity and {first['kld']} by KLD; the PIH prediction from the singles is right "
             f"in {int(decided['agree_ppl'].sum())} of {len(decided)} by perplexity; A's interval excludes 0 in "
             f"{int(both['significant_ppl'].fillna(False).sum())} by perplexity and "

@@ -45,8 +45,9 @@ def test_a_finished_cell_is_kept_and_the_document_regenerates_from_it_alone(stud
     assert "| tiny | [sparsegpt, gptq] W4 g32 | 1 |" in readme
     # the sentence under the table is generated with it: how much ran, and what it says
     assert re.search(r"\n1 of the protocol's 1 cells ran with their rows kept in docs/real-models/\. Of its 1 "
-                     r"settings with both orders \(not counting †\): the pruner first wins in [01] by perplexity and "
+                     r"settings with both orders: the pruner first wins in [01] by perplexity and "
                      r"[01] by KLD; the PIH prediction from the singles is right in [01] of 1 by perplexity;", readme)
+    assert "†" not in readme  # no earlier cells: nothing to mark
 
     # the store is gone (a fresh clone): nothing is recomputed, the same table comes from the kept copy
     shutil.rmtree(tmp / "out")
