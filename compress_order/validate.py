@@ -116,7 +116,9 @@ def check_config(cfg: DictConfig) -> None:
     include_paths(c["eval"]["lm_eval"]["include_path"])  # checked when no task is asked for too
     from compress_order.divergence import requested, topk_setting
 
-    requested(cfg), topk_setting(cfg)  # metric names and the KLD scheme's settings, before any model loads
+    # metric names and the KLD scheme's settings, before any model loads
+    requested(cfg)
+    topk_setting(cfg)
     if c["predict_only"] and c["save"]:
         raise UserError("save=true writes full orders, which predict_only=true does not compute; drop one of them")
     _check_devices(c)

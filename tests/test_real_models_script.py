@@ -1,5 +1,5 @@
 """scripts/real_models.py on the tiny LLaMA: a finished cell is kept (committed folder), not recomputed, and the
-document and README table are regenerated from the kept copy alone; cells of earlier.md are skipped and quoted."""
+document and README table are regenerated from the kept copy alone; a bad --budget-min is refused."""
 
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ def test_a_finished_cell_is_kept_and_the_document_regenerates_from_it_alone(stud
     assert re.search(r"\n1 of the protocol's 1 cells ran with their rows kept in docs/real-models/\. Of its 1 "
                      r"settings with both orders: the pruner first wins in [01] by perplexity and "
                      r"[01] by KLD; the PIH prediction from the singles is right in [01] of 1 by perplexity;", readme)
-    assert "†" not in readme  # no earlier cells: nothing to mark
 
     # the store is gone (a fresh clone): nothing is recomputed, the same table comes from the kept copy
     shutil.rmtree(tmp / "out")
@@ -56,23 +55,6 @@ def test_a_finished_cell_is_kept_and_the_document_regenerates_from_it_alone(stud
     assert row in (tmp / "doc.md").read_text().splitlines()
     assert mod.main([*ARGS, "--patterns", "50%", "--render-only", *paths]) == 0
     assert row in (tmp / "doc.md").read_text().splitlines()
-
-
-def test_cells_of_earlier_md_are_skipped_and_quoted_with_their_readme_rows(study, monkeypatch):
-    mod, paths, tmp = study
-    (tmp / "kept").mkdir()
-    (tmp / "kept" / "earlier.md").write_text(
-        "## Earlier measurements\n\n- cell: smollm2/sparsegpt-gptq-w4-2of4\n\n<!-- headline -->\n| model | x |\n|---|---|\n"
-        "| m † | [sparsegpt-2:4, gptq] W4 g32 | 3 | 1 | a | 2 | 3 | 0.1 [0, 0.2] |\n\nafter\n")  # fmt: skip
-    monkeypatch.setattr(mod, "run", lambda *a, **kw: pytest.fail("an earlier cell was recomputed"))
-    assert mod.main([*ARGS, "--patterns", "2:4", *paths]) == 0
-    doc = (tmp / "doc.md").read_text()
-    assert "## Earlier measurements" in doc and "Not run yet" not in doc
-    readme = (tmp / "README.md").read_text()
-    assert "| m † | [sparsegpt-2:4, gptq] W4 g32 | 3 |" in readme and "after" not in readme
-    assert "| model | x |" not in readme  # the quoted block's own header stays in the document
-    assert "0 of the protocol's 1 cells ran with their rows kept in docs/real-models/, 1 more by an earlier version " \
-           "(†).\n" in readme
 
 
 def test_a_cell_stopped_part_way_is_kept_as_partial_and_computed_whole_later(study, monkeypatch):
@@ -124,3 +106,14 @@ def test_the_budget_starts_only_cells_expected_to_end_in_time(study, monkeypatch
     assert calls == ["sparsegpt-gptq-w4-50pct"]  # its 25 min spend the budget before the second
     assert mod.expected_min(log, mod.Cell("smollm2", "wanda-awq", 4, "50%"), 3) == 60  # of the model, any pair
     assert mod.expected_min(log, mod.Cell("gemma3_270m", "wanda-awq", 4, "50%"), 3) is None
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "nan"])
+def test_a_budget_that_is_not_minutes_above_zero_is_refused_before_anything_runs(study, value, capsys, monkeypatch):
+    mod, paths, tmp = study
+    monkeypatch.setattr(mod, "run", lambda *a, **kw: pytest.fail("a cell ran on a bad budget"))
+    with pytest.raises(SystemExit) as stop:
+        mod.main([*ARGS, "--budget-min", value, *paths])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"--budget-min: {value!r} is not a number of minutes above 0" in err
+    assert not (tmp / "doc.md").exists()  # nothing rendered either
