@@ -8,7 +8,7 @@ ARGS   ?=
 
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: help install run test test-slow bench clean
+.PHONY: help install data run test test-slow bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -24,7 +24,14 @@ install: $(STAMP)  ## create .venv and install the package with test tools
 run: $(STAMP)  ## run the default experiment offline and print the result table (ARGS="bits=4 ...")
 	$(BIN)/compress-order run $(ARGS)
 
-test: $(STAMP)  ## fast test suite
+# data=wikipedia / data=news, prepared once from the gensim wheel's test data (scripts/get_wikipedia.py)
+WIKI := $(or $(COMPRESS_ORDER_CACHE),$(HOME)/.cache/compress-order)/wikipedia/ATTRIBUTION.md
+$(WIKI): | $(STAMP)
+	$(BIN)/python scripts/get_wikipedia.py
+
+data: $(WIKI)  ## prepare the offline text data sets (wikipedia, news)
+
+test: $(STAMP) $(WIKI)  ## fast test suite
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)  ## slow tests (shipped models, quality checks)

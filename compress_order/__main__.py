@@ -1,3 +1,3 @@
-from compress_order.cli import entry
+from compress_order.cli.main import entry
 
 entry()

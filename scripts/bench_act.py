@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of simulating quantized activations, per call, printed as a table.
 
-Every evaluation and every later calibration pass rounds each compressed layer's input (compress_order/act.py),
+Every evaluation and every later calibration pass rounds each compressed layer's input (compress_order/modeling/act.py),
 so this runs once per layer per batch. The table gives the median milliseconds of `act.fake_quant` on one input
 of tokens × channels for integer A8 per token, FP8 per token and NVFP4 groups of 16, beside the indexed codebook
 search (formats.nearest_codes, what weights use) on the same values, and the ratio of each to the integer path,
@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress_order.act import fake_quant  # noqa: E402
-from compress_order.formats import codebook, nearest_codes  # noqa: E402
+from compress_order.modeling.act import fake_quant  # noqa: E402
+from compress_order.numerics.formats import codebook, nearest_codes  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

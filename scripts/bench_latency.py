@@ -17,11 +17,11 @@ import copy
 import pandas as pd
 import torch
 
-from compress_order.backends import BACKENDS, dtype_name, model_dtype, select_backends
-from compress_order.measure import decode_ms_per_token, time_call
-from compress_order.paths import ASSETS_DIR
+from compress_order.evaluation.backends import BACKENDS, dtype_name, model_dtype, select_backends
+from compress_order.evaluation.measure import decode_ms_per_token, time_call
+from compress_order.core.paths import ASSETS_DIR
 from compress_order.stages.rtn import RTN
-from compress_order.targets import find_targets
+from compress_order.modeling.targets import find_targets
 
 
 def models(include_large: bool) -> dict[str, torch.nn.Module]:

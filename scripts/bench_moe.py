@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress_order.calibration import calibrate_and_compress  # noqa: E402
+from compress_order.stages.calibration import calibrate_and_compress  # noqa: E402
 from compress_order.stages.gptq import GPTQ  # noqa: E402
 from compress_order.stages.sparsegpt import SparseGPT  # noqa: E402
 from compress_order.stages.wanda import Wanda  # noqa: E402
-from compress_order.targets import ModelState, find_targets  # noqa: E402
+from compress_order.modeling.targets import ModelState, find_targets  # noqa: E402
 
 SKIP = ["lm_head", r"\.(gate|router)$"]
 

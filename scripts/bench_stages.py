@@ -25,14 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress_order.calibration import calibrate_and_compress  # noqa: E402
-from compress_order.config import compose_config  # noqa: E402
-from compress_order.measure import compression_metrics  # noqa: E402
-from compress_order.paths import ASSETS_DIR  # noqa: E402
-from compress_order.stages import build_stage, stage_configs  # noqa: E402
+from compress_order.stages.calibration import calibrate_and_compress  # noqa: E402
+from compress_order.config.compose import compose_config  # noqa: E402
+from compress_order.evaluation.measure import compression_metrics  # noqa: E402
+from compress_order.core.paths import ASSETS_DIR  # noqa: E402
+from compress_order.config.stages import build_stage, stage_configs  # noqa: E402
 from compress_order.stages.base import Stage  # noqa: E402
-from compress_order.targets import ModelState, find_targets  # noqa: E402
-from compress_order.validate import resolve_device  # noqa: E402
+from compress_order.modeling.targets import ModelState, find_targets  # noqa: E402
+from compress_order.core.devices import resolve_device  # noqa: E402
 
 STAGES = ["magnitude", "rtn", "wanda", "sparsegpt", "gptq", "sparsegpt_gptq"]
 
@@ -91,14 +91,14 @@ def random_llama(device: torch.device):
 
 
 def charllama(device: torch.device):
-    from compress_order.models import causal_lm
+    from compress_order.loaders.models import causal_lm
 
     lm = causal_lm("charllama", str(ASSETS_DIR / "charllama"), dtype="float32")
     return lm.model.to(device), lm.tokenizer
 
 
 def text_batches(tokenizer, nsamples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
-    from compress_order.tasks.lm import encode
+    from compress_order.evaluation.tasks.lm import encode
 
     ids = encode(tokenizer, (ASSETS_DIR / "shakespeare" / "train.txt").read_text())
     g = torch.Generator().manual_seed(seed)

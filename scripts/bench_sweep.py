@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress_order.results import STATS_FILE  # noqa: E402
+from compress_order.run.rows import STATS_FILE  # noqa: E402
 
 
 def sweep(folder: Path, store: str, windows: int, threads: int, extra: list[str]) -> dict:

@@ -5,7 +5,7 @@
 pip downloads the gensim wheel (no dependencies) into a scratch folder in DEST and extracts two files of its test
 data (the wheel is then removed): 206 pages of the English Wikipedia dump in wiki markup (CC BY-SA) and
 lee_background.cor, 300 ABC news documents of plain prose. Their sha256 is checked; the Wikipedia markup is
-stripped by mwparserfromhell (compress_order/wikipedia.py) and both are split by document into
+stripped by mwparserfromhell (compress_order/loaders/wikipedia.py) and both are split by document into
 DEST/wikipedia/{train,valid}.txt and DEST/news/{train,valid}.txt, with DEST/ATTRIBUTION.md. DEST defaults to
 $COMPRESS_ORDER_CACHE/wikipedia or ~/.cache/compress-order/wikipedia, where compress_order/conf/data/wikipedia.yaml
 and news.yaml look. Runs are offline afterwards.
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if digest != KNOWN_SHA256[n]:
             print(f"warning: {n}: sha256 {digest} differs from the pinned wheel's {KNOWN_SHA256[n]}", file=sys.stderr)
 
-    from compress_order.wikipedia import read_dump, read_news, write_splits
+    from compress_order.loaders.wikipedia import read_dump, read_news, write_splits
 
     for name, docs in (("wikipedia", read_dump(raw / DUMP)), ("news", read_news(raw / NEWS))):
         info = write_splits(docs, dest / name, *SPLITS[name])

@@ -284,7 +284,7 @@ def _compressed(model, backend: str):
     """Compress every Linear of the blocks onto the format the backend's kernel stores."""
     from compress_order.stages.magnitude import Magnitude
     from compress_order.stages.rtn import RTN
-    from compress_order.targets import find_targets
+    from compress_order.modeling.targets import find_targets
 
     targets = find_targets(model, ["lm_head"])
     stage = {
@@ -301,7 +301,7 @@ def _measure_backend(b, shape: dict, batch: int, seq: int, new: int, dev) -> tup
     """Logits error and dense vs packed timings of one backend on a freshly built and compressed model."""
     import torch
 
-    from compress_order.measure import decode_ms_per_token, time_call
+    from compress_order.evaluation.measure import decode_ms_per_token, time_call
 
     model = _random_llama(**shape, vocab=512, ctx=1024, dtype=torch.float32, device=dev)
     targets = _compressed(model, b.name)
@@ -332,7 +332,7 @@ def packed_backends() -> dict:
     same activation dtype, prefill and decode."""
     import torch
 
-    from compress_order.backends import select_backends
+    from compress_order.evaluation.backends import select_backends
 
     dev = torch.device(DEVICE)
     backends = select_backends("auto", dev)
@@ -377,13 +377,13 @@ def large_model() -> dict:
     SparseGPT node and a 32-window evaluation, each timed, with tokens/s and peak device memory."""
     import torch
 
-    from compress_order.calibration import calibrate_and_compress
-    from compress_order.config import compose_config
-    from compress_order.instantiate import build
-    from compress_order.models import LoadedModel
-    from compress_order.stages import build_stage, stage_configs
-    from compress_order.targets import ModelState, find_targets
-    from compress_order.tasks import build_task
+    from compress_order.stages.calibration import calibrate_and_compress
+    from compress_order.config.compose import compose_config
+    from compress_order.core.instantiate import build
+    from compress_order.loaders.models import LoadedModel
+    from compress_order.config.stages import build_stage, stage_configs
+    from compress_order.modeling.targets import ModelState, find_targets
+    from compress_order.evaluation.tasks import build_task
 
     dev = torch.device(DEVICE)
     seqlen, windows, nsamples = (128, 4, 4) if SMALL else (2048, 32, 32)
@@ -471,8 +471,8 @@ def _fp8_scaled_mm(w, x, dev) -> tuple[list, list]:
     quantized per row to E4M3 (amax / 448), against the same product computed densely in float32."""
     import torch
 
-    from compress_order.formats import codebook, fit_float_grid
-    from compress_order.measure import time_call
+    from compress_order.numerics.formats import codebook, fit_float_grid
+    from compress_order.evaluation.measure import time_call
 
     grid = fit_float_grid(w, "fp8", -1)
     wq = grid.project(w)  # the weights as a stage leaves them (float32)
@@ -504,8 +504,8 @@ def _torchao_path(name: str, w, x, dev) -> tuple[list, list]:
     hold as ours, its output against the evaluated weights' bf16 product, and its time against that product."""
     import torch
 
-    from compress_order.formats import fit_float_grid
-    from compress_order.measure import time_call
+    from compress_order.numerics.formats import fit_float_grid
+    from compress_order.evaluation.measure import time_call
     from torchao.quantization import quantize_
 
     fmt = name.split()[-1]
@@ -543,7 +543,7 @@ def _torchao_path(name: str, w, x, dev) -> tuple[list, list]:
 
 
 def float_kernels() -> dict:
-    """The float formats' matmuls on weights rounded onto our own grids (compress_order/formats.py): torch._scaled_mm
+    """The float formats' matmuls on weights rounded onto our own grids (compress_order/numerics/formats.py): torch._scaled_mm
     with FP8 rowwise scales (CUDA SM 8.9+; torch 2.14 also has it on CPU), torchao's Float8Tensor with dynamic FP8
     activations (SM 8.9+), and torchao's MXFP4 and NVFP4 tensors (SM 10.0+). For each: the weights its tensor does
     not hold as ours, its output error, its time against the dense bf16 matmul. A path this GPU cannot take is a

@@ -46,11 +46,11 @@ FLOOR = 1e-4  # evaluation alone (per-token float32 logits summed in another ord
 # Child-process patches, applied before the CLI runs (the package itself is not changed).
 PATCHES = {
     "reversed calibration": (  # the same segments, summed into every Hessian in the opposite order
-        "from compress_order.tasks.lm import LMTask\n_orig = LMTask.calibration_batches\n"
+        "from compress_order.evaluation.tasks.lm import LMTask\n_orig = LMTask.calibration_batches\n"
         "LMTask.calibration_batches = lambda self: list(reversed(_orig(self)))\n"
     ),
     "1-ulp weights": (  # each float weight one ulp up or down, seeded
-        "import torch, compress_order.models as M\n_load = M.causal_lm\n"
+        "import torch, compress_order.loaders.models as M\n_load = M.causal_lm\n"
         "def causal_lm(*a, **k):\n"
         "    lm = _load(*a, **k); g = torch.Generator().manual_seed(1)\n"
         "    with torch.no_grad():\n"
@@ -65,7 +65,7 @@ PATCHES = {
 
 def run_cli(overrides: list[str], run_dir: Path, patch: str = "") -> dict[str, float]:
     """Per-node perplexity of `compress-order run OVERRIDES` in a fresh folder and store."""
-    prog = "import sys; from compress_order.cli import main\n" + patch + "sys.exit(main(sys.argv[1:]))"
+    prog = "import sys; from compress_order.cli.main import main\n" + patch + "sys.exit(main(sys.argv[1:]))"
     args = ["run", *overrides, f"hydra.run.dir={run_dir}", f"store_dir={run_dir / 'store'}"]
     proc = subprocess.run([sys.executable, "-c", prog, *args], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -38,8 +38,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.analysis import bootstrap, collect, pih
-from compress_order.config import compose_config
-from compress_order.runner import run
+from compress_order.config.compose import compose_config
+from compress_order.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("perplexity", "kld", "top1_agree")

@@ -2,7 +2,7 @@
 
     python scripts/train_mnist_model.py     # ~2 minutes on one CPU core; writes compress_order/assets/mnist_model/
 
-The data split is the one `data=mnist` evaluates (compress_order.image_data.mnist: 4,000 train / 1,000 held-out test
+The data split is the one `data=mnist` evaluates (compress_order.loaders.image_data.mnist: 4,000 train / 1,000 held-out test
 images, stratified, split_seed=0) and the preprocessing is timm's eval transform for the data config below, so
 `model=mnist_resnet data=mnist` reproduces the recorded test accuracy. Training is deterministic on CPU: one
 thread, seeded shuffling and augmentation, deterministic kernels.
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
-from compress_order.paths import ASSETS_DIR
-from compress_order.image_data import mnist
+from compress_order.core.paths import ASSETS_DIR
+from compress_order.loaders.image_data import mnist
 
 ARCH = "resnet18"
 # One BasicBlock per stage (timm's 64-channel 7×7 stem, then 32-192 channels): every compressed conv fan-in

@@ -51,7 +51,7 @@ def write_fake_run(run_dir: Path, results: list[dict], samples: list, finished: 
     """A run folder as the runner leaves it: tidy rows, per-unit samples and (when finished) a summary."""
     import pandas as pd
 
-    from compress_order.results import COLUMNS
+    from compress_order.core.schema import COLUMNS
 
     run_dir.mkdir(parents=True)
     pd.DataFrame(results, columns=COLUMNS).to_parquet(run_dir / "results.parquet")
@@ -78,7 +78,7 @@ def token_batches(n: int = 4, seqlen: int = 32, vocab: int = 40, seed: int = 0) 
 
 # Tiny decoder checkpoints of each family (test_families.py runs them end to end).
 HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 64
-# The families the calibration driver is tested on; README.md lists exactly these.
+# The families the calibration driver is tested on; docs/how-it-works.md (linked from README.md) lists exactly these.
 FAMILIES = ("LLaMA", "Mistral", "Qwen2", "OPT", "GPT-2", "GPT-NeoX", "Phi-3", "Gemma2", "Falcon")
 
 
@@ -124,7 +124,7 @@ class FakeClock:
 
 def exit_code(argv: list[str]) -> int:
     """Exit code of the CLI: errors found inside the Hydra job exit through SystemExit."""
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     try:
         return main(argv)
@@ -132,9 +132,10 @@ def exit_code(argv: list[str]) -> int:
         return int(e.code)
 
 
-def readme_list(marker: str) -> tuple[str, ...]:
-    """The names README.md lists after `marker`, up to the next colon ("A, B and C:")."""
-    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+def readme_list(marker: str, page: str = "docs/how-it-works.md") -> tuple[str, ...]:
+    """The names the documentation `page` (README.md's "What a run does" in full) lists after `marker`, up to the
+    next colon ("A, B and C:")."""
+    text = " ".join((Path(__file__).resolve().parents[1] / page).read_text().split())
     assert marker in text, marker
     listed = text.split(marker, 1)[1].split(":", 1)[0]
     return tuple(n for n in (n.strip(" .,") for n in listed.replace(" and ", ", ").split(",")) if n)

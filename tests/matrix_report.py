@@ -1,8 +1,8 @@
-"""What the family matrix tests covered, for README.md's coverage table (`python scripts/family_table.py`).
+"""What the family matrix tests covered, for docs/families.md's coverage table (`python scripts/family_table.py`).
 
 A matrix test calls `record(...)` once its checks have passed. With the environment variable `MATRIX_ENV` naming a
 file, each record is appended to it as one JSON line; without it nothing is written, so the normal suite is
-unaffected. The layer kinds are read from the modules themselves, not from compress_order.targets.
+unaffected. The layer kinds are read from the modules themselves, not from compress_order.modeling.targets.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Floating-point activations (`act_format`, compress_order/act.py): FP8 E4M3 per token / tensor / static and NVFP4
+"""Floating-point activations (`act_format`, compress_order/modeling/act.py): FP8 E4M3 per token / tensor / static and NVFP4
 in groups of 16, checked against hand computations from the formats' definitions, codebook membership on a model,
 whole runs, the rules pairing them with weight formats, and the refusals."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress_order.act import ActQuant, fake_quant
-from compress_order.errors import UserError
-from compress_order.formats import codebook, e4m3
-from compress_order.targets import find_targets
+from compress_order.modeling.act import ActQuant, fake_quant
+from compress_order.core.errors import UserError
+from compress_order.numerics.formats import codebook, e4m3
+from compress_order.modeling.targets import find_targets
 from helpers import exit_code, tiny_llama_model, token_batches
 
 
@@ -126,8 +126,8 @@ def test_fp8_static_ranges_are_observed_and_used():
 @pytest.mark.parametrize("wfmt,afmt,bits", [("fp8", "fp8", 8), ("nvfp4", "nvfp4", 4), ("int", "fp8", 8)],
                          ids=["W8A8-FP8", "W4A4-NVFP4", "W4A8-INT4-FP8"])  # fmt: skip
 def test_a_float_activation_run_records_its_format_end_to_end(wfmt, afmt, bits, tiny_overrides, tmp_path):
-    from compress_order.config import compose_config
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.run.runner import run
 
     over = [*tiny_overrides, f"format={wfmt}", f"act_format={afmt}", "stages=[magnitude,rtn]", "sparsity=0.5",
             "eval.backends=none"] + (["bits=4", "group_size=32"] if wfmt == "int" else [])  # fmt: skip
@@ -144,8 +144,8 @@ def test_a_float_activation_run_records_its_format_end_to_end(wfmt, afmt, bits, 
 
 
 def test_act_format_keys_nodes_and_leaves_integer_identities_as_they_were():
-    from compress_order.config import compose_config
-    from compress_order.identity import base_identity
+    from compress_order.config.compose import compose_config
+    from compress_order.run.identity import base_identity
 
     def ident(*over):
         cfg = compose_config(["device=cpu", *over])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress_order.act import ActQuant, fake_quant, paused
-from compress_order.formats import codebook
-from compress_order.moe import routed_forward
-from compress_order.targets import find_targets
+from compress_order.modeling.act import ActQuant, fake_quant, paused
+from compress_order.numerics.formats import codebook
+from compress_order.modeling.moe import routed_forward
+from compress_order.modeling.targets import find_targets
 from helpers import MOE_FAMILIES, exit_code, moe_config
 
 
@@ -73,7 +73,7 @@ def test_down_proj_inputs_are_rounded_per_token_and_the_output_follows(fmt, bits
 
 
 def test_expert_statistics_read_the_rounded_down_proj_inputs():
-    from compress_order.moe import expert_units
+    from compress_order.modeling.moe import expert_units
 
     model = _model("Mixtral")
     targets = find_targets(model, ["lm_head"])
@@ -106,8 +106,8 @@ def test_an_moe_run_with_activation_quantization_runs_and_static_is_refused(tiny
     over = [o for o in tiny_overrides if not o.startswith(("model.path", "model.name"))]
     over += [f"model.path={ckpt}", "model.name=tiny-mixtral", "model.dtype=float32", "eval.backends=none",
              "stages=[gptq]", "bits=8", "group_size=32", "eval.max_windows=2", "calibration.seqlen=32"]  # fmt: skip
-    from compress_order.config import compose_config
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.run.runner import run
 
     df = run(compose_config([*over, "act_format=fp8"]), tmp_path / "out")
     ok = df[(df.status == "ok") & (df.metric == "perplexity")]

@@ -15,14 +15,14 @@ from torch import nn
 
 from helpers import write_fake_run
 
-from compress_order import cli
+from compress_order.cli import main as cli
 from compress_order.analysis import bootstrap, collect, pih, plots, tables
 from compress_order.analysis.report import write_report
-from compress_order.config import compose_config, expand_overrides
-from compress_order.errors import UserError
-from compress_order.paths import CONF_DIR, group_options
-from compress_order.metrics import METRICS
-from compress_order.results import COLUMNS
+from compress_order.config.compose import compose_config, expand_overrides
+from compress_order.core.errors import UserError
+from compress_order.core.paths import CONF_DIR, group_options
+from compress_order.evaluation.metrics import METRICS
+from compress_order.core.schema import COLUMNS
 
 PAIR = ("magnitude", "rtn")
 
@@ -296,8 +296,8 @@ def sweep_points(name: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("name", group_options("experiment"))
 def test_experiment_config_composes(name):
-    from compress_order.stages import build_stage, stage_configs
-    from compress_order.validate import check_config
+    from compress_order.config.stages import build_stage, stage_configs
+    from compress_order.config.validate import check_config
 
     text = (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_")
@@ -312,8 +312,8 @@ def test_experiment_config_composes(name):
 
 
 def test_split_budget_experiment_has_six_orders():
-    from compress_order.stages import stage_configs
-    from compress_order.trie import build_trie, full_orders
+    from compress_order.config.stages import stage_configs
+    from compress_order.run.trie import build_trie, full_orders
 
     cfg = compose_config(["experiment=mini_split_budget", "sparsity=0.7"])
     scs = stage_configs(cfg)
@@ -322,7 +322,7 @@ def test_split_budget_experiment_has_six_orders():
 
 
 def test_mixed_precision_experiment_budget_follows_bits():
-    from compress_order.stages import build_stage, stage_configs
+    from compress_order.config.stages import build_stage, stage_configs
 
     cfg = compose_config(["experiment=mini_mixed_precision", "bits=4"])
     stage = build_stage(stage_configs(cfg)[1])
@@ -333,7 +333,7 @@ def test_mixed_precision_experiment_budget_follows_bits():
 
 
 def mlp_targets():
-    from compress_order.targets import find_targets
+    from compress_order.modeling.targets import find_targets
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 128))
@@ -356,7 +356,7 @@ def test_mixed_bits_map_and_default():
 
 
 def test_mixed_budget_allocates_by_sensitivity_within_budget():
-    from compress_order.measure import layer_bits
+    from compress_order.evaluation.measure import layer_bits
     from compress_order.stages.magnitude import Magnitude
     from compress_order.stages.mixed import MixedRTN
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from compress_order.backends import BACKENDS, dtype_name, select_backends
-from compress_order.constraints import LayerConstraint
-from compress_order.errors import UserError
-from compress_order.measure import compression_metrics, layer_bits
-from compress_order.prune import select_mask
-from compress_order.quant import fit_grid
+from compress_order.evaluation.backends import BACKENDS, dtype_name, select_backends
+from compress_order.numerics.constraints import LayerConstraint
+from compress_order.core.errors import UserError
+from compress_order.evaluation.measure import compression_metrics, layer_bits
+from compress_order.numerics.prune import select_mask
+from compress_order.numerics.quant import fit_grid
 from compress_order.stages.magnitude import Magnitude
 from compress_order.stages.rtn import RTN
-from compress_order.targets import Target, find_targets
+from compress_order.modeling.targets import Target, find_targets
 
 
 def _target(rows=64, cols=128, **constraint) -> Target:
@@ -118,10 +118,10 @@ def test_backends_that_cannot_serve_a_node_say_why():
 @pytest.fixture(scope="module")
 def charllama():
     """The embedded char-LLaMA with its evaluation task (8 windows of 256 tokens), and its dense weights."""
-    from compress_order.config import compose_config
-    from compress_order.instantiate import build
-    from compress_order.targets import ModelState
-    from compress_order.tasks.lm import LMTask
+    from compress_order.config.compose import compose_config
+    from compress_order.core.instantiate import build
+    from compress_order.modeling.targets import ModelState
+    from compress_order.evaluation.tasks.lm import LMTask
 
     cfg = compose_config(["device=cpu", "eval.max_windows=8"])
     lm = build(cfg.model)
@@ -145,7 +145,7 @@ FAITHFUL = [
 
 @pytest.mark.parametrize("name,bits,group_size,sym,tol", FAITHFUL)
 def test_packed_model_computes_the_evaluated_model(charllama, name, bits, group_size, sym, tol):
-    from compress_order.backends import own_codes
+    from compress_order.evaluation.backends import own_codes
 
     model, targets, task, state, dense = charllama
     state.restore(dense)
@@ -182,8 +182,8 @@ class _Timer:
 
 
 def test_each_backend_is_labelled_and_compared_in_its_activation_dtype():
-    from compress_order.backends import latency_entries
-    from compress_order.results import summary_markdown
+    from compress_order.evaluation.backends import latency_entries
+    from compress_order.run.rows import summary_markdown
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
@@ -213,7 +213,7 @@ def test_each_backend_is_labelled_and_compared_in_its_activation_dtype():
 def test_float_grids_get_na_rows_that_say_why_no_kernel_times_them(fmt, group):
     """No backend times a float grid: each gives an n/a row naming the float kernels that exist and why none of
     them computes what was evaluated; nothing is timed."""
-    from compress_order.backends import FLOAT_KERNELS, latency_entries
+    from compress_order.evaluation.backends import FLOAT_KERNELS, latency_entries
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
@@ -239,7 +239,7 @@ def test_backend_selection_on_cpu():
 
 
 def test_requesting_a_gpu_backend_on_cpu_exits_2(tiny_overrides, capsys):
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     assert main(["run", *tiny_overrides, "eval.backends=[sparse_2_4]", "device=cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import exit_code
 
-from compress_order.cli import main
+from compress_order.cli.main import main
 
 BAD = [
     (["stages=[foo]"], "unknown stage 'foo'; valid stages: "),

@@ -11,10 +11,10 @@ from torch import Tensor, nn
 
 from helpers import tiny_llama_model, token_batches
 
-from compress_order.calibration import calibrate_and_compress, capture_block_calls, find_blocks
-from compress_order.constraints import nm_holds, required_zeros
-from compress_order.errors import UserError
-from compress_order.hessian import HessianStats
+from compress_order.stages.calibration import calibrate_and_compress, capture_block_calls, find_blocks
+from compress_order.numerics.constraints import nm_holds, required_zeros
+from compress_order.core.errors import UserError
+from compress_order.modeling.hessian import HessianStats
 from compress_order.stages.base import Stage
 from compress_order.stages.gptq import GPTQ
 from compress_order.stages.magnitude import Magnitude
@@ -22,7 +22,7 @@ from compress_order.stages.rtn import RTN
 from compress_order.stages.sparsegpt import SparseGPT
 from compress_order.stages.sparsegpt_gptq import SparseGPTGPTQ
 from compress_order.stages.wanda import Wanda
-from compress_order.targets import ModelState, Target, find_targets
+from compress_order.modeling.targets import ModelState, Target, find_targets
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -244,11 +244,11 @@ def vit_targets(model: nn.Module) -> dict[str, Target]:
 def test_vit_blocks_in_a_sequential_are_calibrated_one_block_at_a_time(monkeypatch, caplog):
     """The Sequential `blocks` is found and fed block by block: statistics equal a plain full forward; a block's
     statistics exist only once the blocks before it are compressed; the next block sees compressed outputs."""
-    import compress_order.calibration as calibration
+    import compress_order.stages.calibration as calibration
 
     model = tiny_vit()
     targets = vit_targets(model)
-    with caplog.at_level("INFO", logger="compress_order.calibration"):
+    with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
         assert find_blocks(model, targets)[0] == "blocks"
     assert any(r.getMessage().startswith("decoder blocks: Block × 3 at blocks (by structure") for r in caplog.records)
     batches = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(k)) for k in range(3)]

@@ -11,12 +11,12 @@ from torch import Tensor, nn
 
 from helpers import tiny_llama_model
 
-from compress_order.calibration import calibrate_and_compress
-from compress_order.constraints import nm_holds, required_zeros
-from compress_order.errors import UserError
-from compress_order.hessian import HessianStats, damped_inverse_cholesky, layer_columns
-from compress_order.obs import obs_solve
-from compress_order.prune import row_quota_mask, spread_quota
+from compress_order.stages.calibration import calibrate_and_compress
+from compress_order.numerics.constraints import nm_holds, required_zeros
+from compress_order.core.errors import UserError
+from compress_order.modeling.hessian import HessianStats, damped_inverse_cholesky, layer_columns
+from compress_order.numerics.obs import obs_solve
+from compress_order.numerics.prune import row_quota_mask, spread_quota
 from compress_order.stages.base import Stage
 from compress_order.stages.gptq import GPTQ
 from compress_order.stages.magnitude import Magnitude
@@ -24,7 +24,7 @@ from compress_order.stages.rtn import RTN
 from compress_order.stages.sparsegpt import SparseGPT
 from compress_order.stages.sparsegpt_gptq import SparseGPTGPTQ
 from compress_order.stages.wanda import Wanda
-from compress_order.targets import Target, find_targets
+from compress_order.modeling.targets import Target, find_targets
 
 # ----------------------------------------------------------------------------------------------- helpers
 

@@ -7,14 +7,14 @@ import math
 
 import pytest
 
-from compress_order.errors import UserError
+from compress_order.core.errors import UserError
 
 # ----------------------------------------------------------------------------------------------- configs and runner
 
 
 def test_stage_configs_build(tiny_overrides):
-    from compress_order.config import compose_config
-    from compress_order.stages import build_stage, stage_configs
+    from compress_order.config.compose import compose_config
+    from compress_order.config.stages import build_stage, stage_configs
 
     cfg = compose_config(tiny_overrides + ["stages=[wanda,sparsegpt,gptq]", "joint=[sparsegpt_gptq]"])
     built = [build_stage(sc) for sc in stage_configs(cfg) + stage_configs(cfg, "joint")]
@@ -27,8 +27,8 @@ def test_stage_configs_build(tiny_overrides):
 
 
 def test_run_end_to_end_with_joint(tiny_overrides, tmp_path):
-    from compress_order.config import compose_config
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.run.runner import run
 
     cfg = compose_config(
         tiny_overrides + ["stages=[wanda,gptq]", "joint=[sparsegpt_gptq]", "sparsity=0.5", "bits=4",
@@ -48,8 +48,8 @@ def test_run_end_to_end_with_joint(tiny_overrides, tmp_path):
 
 @pytest.mark.slow
 def test_quality_on_the_embedded_model(tmp_path):
-    from compress_order.config import compose_config
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.run.runner import run
 
     ppl = {}
     for stages in ("[magnitude]", "[wanda]", "[sparsegpt]", "[rtn]", "[gptq]"):
@@ -64,7 +64,7 @@ def test_quality_on_the_embedded_model(tmp_path):
 
 
 def test_calibration_larger_than_the_text_is_a_one_line_error(tiny_overrides, capsys):
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     args = [o for o in tiny_overrides if not o.startswith("calibration.nsamples")]
     with pytest.raises(SystemExit) as exc:

@@ -46,7 +46,7 @@ def test_a_run_leaves_no_log_handler_behind(tiny_overrides):
     which closes its captured streams) must not find them attached afterwards ('I/O operation on closed file')."""
     import logging
 
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     root = logging.getLogger()
     before = list(root.handlers), root.level

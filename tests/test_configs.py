@@ -18,15 +18,15 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig
 from PIL import Image
 
-from compress_order.config import compose_config
-from compress_order.instantiate import build
-from compress_order.errors import UserError
-from compress_order.paths import CONF_DIR, group_options
-from compress_order.pipeline import apply_stage
-from compress_order.stages import build_stage, stage_configs
-from compress_order.targets import ModelState, find_targets
-from compress_order.tasks import build_task
-from compress_order.validate import check_config
+from compress_order.config.compose import compose_config
+from compress_order.core.instantiate import build
+from compress_order.core.errors import UserError
+from compress_order.core.paths import CONF_DIR, group_options
+from compress_order.run.pipeline import apply_stage
+from compress_order.config.stages import build_stage, stage_configs
+from compress_order.modeling.targets import ModelState, find_targets
+from compress_order.evaluation.tasks import build_task
+from compress_order.config.validate import check_config
 
 GROUPS = ["model", "data", "stage", "eval", "experiment", "hydra/launcher"]
 LOCAL_PREFIXES = ("/", "./", "../", "~")

@@ -14,17 +14,17 @@ import pandas as pd
 import pytest
 import torch
 
-from compress_order.cli import main
-from compress_order.config import compose_config
-from compress_order.instantiate import build
-from compress_order.constraints import required_zeros
-from compress_order.data import TextSplits, hf_text
-from compress_order.errors import UserError
-from compress_order.export import load_constraints
-from compress_order.metrics import METRICS
-from compress_order.quant import QuantGrid
-from compress_order.runner import run
-from compress_order.tasks.lm import LMTask, rolling_windows
+from compress_order.cli.main import main
+from compress_order.config.compose import compose_config
+from compress_order.core.instantiate import build
+from compress_order.numerics.constraints import required_zeros
+from compress_order.loaders.text import TextSplits, hf_text
+from compress_order.core.errors import UserError
+from compress_order.export.checkpoint import load_constraints
+from compress_order.evaluation.metrics import METRICS
+from compress_order.numerics.quant import QuantGrid
+from compress_order.run.runner import run
+from compress_order.evaluation.tasks.lm import LMTask, rolling_windows
 
 WIKI_ROWS = ["", " = Robert Boulter = \n", "", " Robert Boulter is an English actor . \n", "", " He had a role . \n"]
 
@@ -105,7 +105,7 @@ def test_model_bos_leads_every_window_and_calibration_segment_with_it(tiny_llama
 
     from transformers import AutoTokenizer
 
-    from compress_order.tasks.lm import encode
+    from compress_order.evaluation.tasks.lm import encode
 
     with pytest.raises(UserError, match="model.bos=true but its tokenizer has no BOS token"):
         build(compose_config([f"model.path={tiny_llama}", "+model.bos=true"]).model)
@@ -231,7 +231,7 @@ def test_lm_eval_tasks_and_word_perplexity_rows(tiny_llama_eos, tiny_overrides, 
 def test_missing_lm_eval_gives_the_install_hint(monkeypatch):
     import sys
 
-    from compress_order.lmeval import require_lm_eval
+    from compress_order.evaluation.lmeval import require_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval → ModuleNotFoundError(name="lm_eval")
     with pytest.raises(UserError, match=r"pip install \.\[lmeval\]"):

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from compress_order import divergence
+from compress_order.evaluation import divergence
 from compress_order.analysis import bootstrap
-from compress_order.analysis.cli import main as analysis_main
-from compress_order.config import compose_config
-from compress_order.divergence import DenseReference, compare, reference_piece
-from compress_order.errors import UserError
-from compress_order.runner import run
+from compress_order.cli.analysis import main as analysis_main
+from compress_order.config.compose import compose_config
+from compress_order.evaluation.divergence import DenseReference, compare, reference_piece
+from compress_order.core.errors import UserError
+from compress_order.run.runner import run
 from helpers import exit_code
 
 METRICS = "eval.metrics=[perplexity,kld,top1_agree]"
@@ -78,7 +78,7 @@ def _values(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_run_measures_kld_zero_on_dense_and_positive_after_rtn(metric_overrides, tmp_path, monkeypatch):
-    from compress_order.tasks import lm as lm_task
+    from compress_order.evaluation.tasks import lm as lm_task
 
     calls = []
     real = lm_task.dense_reference
@@ -105,7 +105,7 @@ def test_run_measures_kld_zero_on_dense_and_positive_after_rtn(metric_overrides,
 
 
 def test_seeds_share_one_reference_and_a_later_run_recomputes_the_same_one(metric_overrides, tmp_path, monkeypatch):
-    from compress_order.tasks import lm as lm_task
+    from compress_order.evaluation.tasks import lm as lm_task
 
     calls = []
     real = lm_task.dense_reference
@@ -169,7 +169,7 @@ def test_bad_metric_requests_exit_2_with_one_line(args, message, tmp_path, capsy
 
 
 def _smollm2() -> bool:
-    from compress_order.instantiate import build  # noqa: F401  (the config resolvers)
+    from compress_order.core.instantiate import build  # noqa: F401  (the config resolvers)
 
     cfg = compose_config(["model=smollm2"])
     from pathlib import Path
@@ -181,11 +181,11 @@ def _smollm2() -> bool:
 @pytest.mark.skipif(not _smollm2(), reason="no SmolLM2 GGUF: python scripts/get_smollm2.py")
 def test_kld_topk_on_smollm2_against_every_token():
     """A 49k-token vocabulary: the default top-128 scheme against the exact KL after RTN W3 g64 and W4 g64."""
-    from compress_order.instantiate import build
-    from compress_order.pipeline import apply_stage
-    from compress_order.stages import build_stage, stage_configs
-    from compress_order.targets import ModelState, find_targets
-    from compress_order.tasks import build_task
+    from compress_order.core.instantiate import build
+    from compress_order.run.pipeline import apply_stage
+    from compress_order.config.stages import build_stage, stage_configs
+    from compress_order.modeling.targets import ModelState, find_targets
+    from compress_order.evaluation.tasks import build_task
 
     def cfg_args() -> list[str]:
         return ["model=smollm2", "data=shakespeare", METRICS, "eval.max_windows=4", "eval.batch_size=2",

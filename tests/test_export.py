@@ -13,19 +13,19 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
 from safetensors.torch import load_file
 
-from compress_order.config import compose_config
-from compress_order.instantiate import build
-from compress_order.errors import UserError
-from compress_order.ct_export import FLOAT_FORMAT, ActScheme
-from compress_order.export import checkpoint_format, save_model, summary_line
-from compress_order.measure import compression_metrics
-from compress_order.models import causal_lm
-from compress_order.quant import fit_grid
-from compress_order.runner import run
+from compress_order.config.compose import compose_config
+from compress_order.core.instantiate import build
+from compress_order.core.errors import UserError
+from compress_order.export.compressed_tensors import FLOAT_FORMAT, ActScheme
+from compress_order.export.checkpoint import checkpoint_format, save_model, summary_line
+from compress_order.evaluation.measure import compression_metrics
+from compress_order.loaders.models import causal_lm
+from compress_order.numerics.quant import fit_grid
+from compress_order.run.runner import run
 from compress_order.stages.base import set_quantized
 from compress_order.stages.magnitude import Magnitude
-from compress_order.targets import ModelState, find_targets
-from compress_order.tasks.lm import LMTask
+from compress_order.modeling.targets import ModelState, find_targets
+from compress_order.evaluation.tasks.lm import LMTask
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def test_saved_orders_reload_to_the_evaluated_perplexity(tiny_overrides, tmp_pat
         "joint=[]",
     ]  # fmt: skip
     cfg = compose_config(over)
-    with caplog.at_level(logging.INFO, logger="compress_order.export"):
+    with caplog.at_level(logging.INFO, logger="compress_order.export.checkpoint"):
         df = run(cfg, tmp_path / "out")
     ppl = df[df["metric"] == "perplexity"].set_index("order")["value"]
     size = df[df["metric"] == "size_bytes"].set_index("order")["value"]
@@ -350,7 +350,7 @@ def test_saved_orders_reload_to_the_evaluated_perplexity(tiny_overrides, tmp_pat
 
 
 def test_export_command_rebuilds_an_order_of_a_run_exactly(tiny_overrides, tmp_path, capsys):
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     over = tiny_overrides + ["bits=4", "group_size=32", "sparsity=0.5", "save=true", "eval.backends=none",
                              "stages=[magnitude,{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
@@ -390,7 +390,7 @@ def test_each_calibration_seed_saves_and_exports_its_own_model(tiny_overrides, t
     """A run with several calibration seeds saves each seed's model in models/<order>/seed-<N>/ (none overwrites
     another); `export --seed` (default the first) rebuilds that seed's model into the same folder byte for byte, and
     it reloads to that seed's perplexity; a seed the run did not use is one line naming the valid ones."""
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     over = tiny_overrides + ["bits=4", "group_size=32", "eval.backends=none", "replicates=2", "save=true",
                              "stages=[{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
@@ -425,7 +425,7 @@ def test_each_calibration_seed_saves_and_exports_its_own_model(tiny_overrides, t
 def test_a_w8a8_run_saves_and_exports_its_activation_scheme(tiny_overrides, tmp_path, capsys):
     """act_bits=8 with 8-bit symmetric per-channel GPTQ: the saved checkpoint carries the per-token int8 input
     scheme and is servable as W8A8; `export` calibrates on quantized inputs as the run did (byte for byte)."""
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     over = tiny_overrides + ["bits=8", "group_size=-1", "act_bits=8", "eval.backends=none", "save=true",
                              "stages=[{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
@@ -449,7 +449,7 @@ def test_export_of_a_run_on_the_embedded_assets_in_a_fresh_process(tiny_override
     import subprocess
     import sys
 
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     over = [o for o in tiny_overrides if not o.startswith(("data.train=", "data.valid=", "data.name="))]
     assert main(["run", *over, "eval.max_windows=2", "eval.backends=none", "bits=4", "group_size=32"]) == 0
@@ -468,7 +468,7 @@ def test_export_of_a_run_with_static_activation_ranges_rebuilds_its_model(tiny_o
     """Export goes through the run's pipeline: with `act_granularity=static` the ranges are observed on the current
     weights before each calibrated stage, as the run did (export used to install the quantizer without observing,
     and died with 'static activation ranges were not observed'), and the rebuilt weights are the run's."""
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     over = tiny_overrides + ["bits=4", "group_size=32", "act_bits=8", "act_granularity=static", "save=true",
                              "eval.backends=none", "stages=[{name:gptq,sym:true,label:gptq}]"]  # fmt: skip
@@ -500,7 +500,7 @@ def test_export_of_a_run_with_static_activation_ranges_rebuilds_its_model(tiny_o
 
 
 def float_rtn(targets, fmt: str, group_size: int) -> None:
-    from compress_order.formats import fit_weight_grid
+    from compress_order.numerics.formats import fit_weight_grid
 
     for t in targets.values():
         grid = fit_weight_grid(t.weight, fmt, 8 if fmt == "fp8" else 4, group_size, True)
@@ -528,7 +528,7 @@ def test_float_grids_export_their_own_codes_bit_for_bit(tiny_llama, tmp_path, fm
     library's own dequantizer gives back the evaluated weights bit for bit, pruned weights as zero codes."""
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 
-    from compress_order.formats import codebook
+    from compress_order.numerics.formats import codebook
 
     lm, targets = pruned_float_lm(tiny_llama, fmt, group_size, dtype)
     d = save_model(lm, targets, ("magnitude", "rtn"), tmp_path / "m")
@@ -751,7 +751,7 @@ def test_float_quantized_experts_are_stored_dense_on_their_grids_and_said_so(tmp
 def test_save_format_compressed_tensors_with_a_float_format_is_no_longer_refused(tiny_overrides, tmp_path):
     """format=mxfp4 save_format=compressed-tensors (refused with one line before float grids had a writer) runs and
     writes an mxfp4-pack-quantized checkpoint that reads back exactly."""
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     over = tiny_overrides + ["format=mxfp4", "save=true", "save_format=compressed-tensors", "eval.backends=none",
                              "eval.max_windows=2", "stages=[rtn]"]  # fmt: skip

@@ -2,7 +2,7 @@
 of a calibrated prune+quantize pair and a joint schedule end to end; every compressible layer outside lm_head is
 compressed, whatever the family stores it as (Linear, FalconLinear, GPT-2's transposed Conv1D).
 
-README.md names exactly the families of `FAMILIES` (checked below), so the claim and the matrix cannot drift.
+docs/how-it-works.md names exactly the families of `FAMILIES` (checked below), so the claim and the matrix cannot drift.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from matrix_report import kinds, record
 SPARSITY, BITS, GROUP = 0.5, 4, 32
 
 def _projections(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every Linear/Conv1D outside lm_head as (out, in), read independently of compress_order.targets."""
+    """Every Linear/Conv1D outside lm_head as (out, in), read independently of compress_order.modeling.targets."""
     from transformers.pytorch_utils import Conv1D
 
     out = {}
@@ -68,9 +68,9 @@ def _distinct_per_group(w: torch.Tensor, group: int) -> int:
 def test_family_runs_every_order_and_compresses_every_projection(family, tiny_text, tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 
-    from compress_order.config import compose_config
-    from compress_order.export import load_constraints
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.export.checkpoint import load_constraints
+    from compress_order.run.runner import run
 
     ckpt = save_tiny(family, tmp_path / "ckpt")
     base = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -84,7 +84,7 @@ def test_family_runs_every_order_and_compresses_every_projection(family, tiny_te
     ]:
         extra = ["save=true", f"calibration.true_sequential={sequential}"]
         cfg = compose_config(overrides(ckpt, tiny_text, tmp_path, stages) + extra)
-        with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+        with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
             df = run(cfg, tmp_path / f"out-{stages}")
         full = orders | {"sparsegpt+gptq"}
         done |= full
@@ -166,9 +166,9 @@ def _stage_runs() -> dict[str, list]:
 def test_conv1d_is_compressed_exactly_like_the_same_linear(order):
     """GPT-2's Conv1D stores (in, out): through its adapter every stage and statistic sees the Linear's (out, in)
     matrix, so both layers end bit-identical, with their invariants holding and the same outputs."""
-    from compress_order.calibration import calibrate_and_compress
-    from compress_order.hessian import HessianStats
-    from compress_order.targets import ModelState, find_targets
+    from compress_order.stages.calibration import calibrate_and_compress
+    from compress_order.modeling.hessian import HessianStats
+    from compress_order.modeling.targets import ModelState, find_targets
 
     model = _Twins().eval()
     targets = find_targets(model)
@@ -191,7 +191,7 @@ def test_conv1d_is_compressed_exactly_like_the_same_linear(order):
 
 
 def test_conv1d_set_weight_writes_the_stored_layout_and_snapshots_restore():
-    from compress_order.targets import ModelState, find_targets
+    from compress_order.modeling.targets import ModelState, find_targets
 
     model = _Twins().eval()
     targets = find_targets(model)
@@ -209,11 +209,11 @@ def test_conv1d_set_weight_writes_the_stored_layout_and_snapshots_restore():
 def test_grouped_and_depthwise_conv2d_are_compressed_as_their_own_2d_view():
     """A grouped conv's weight (out, in/groups, kh, kw) is one (out, in/groups·kh·kw) matrix; every group's
     patches are samples of its columns. Calibrated stages run on it and every invariant holds."""
-    from compress_order.calibration import calibrate_and_compress
+    from compress_order.stages.calibration import calibrate_and_compress
     from compress_order.stages.gptq import GPTQ
     from compress_order.stages.sparsegpt import SparseGPT
     from compress_order.stages.wanda import Wanda
-    from compress_order.targets import ModelState, find_targets
+    from compress_order.modeling.targets import ModelState, find_targets
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -264,12 +264,12 @@ class _Declared(nn.Module):
 
 
 def test_blocks_come_from_no_split_modules_else_structure(caplog):
-    from compress_order.calibration import find_blocks
-    from compress_order.targets import find_targets
+    from compress_order.stages.calibration import find_blocks
+    from compress_order.modeling.targets import find_targets
 
     model = _Declared()
     targets = find_targets(model)
-    with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+    with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
         assert find_blocks(model, targets)[0] == "layers"
         model2 = _Declared()
         model2._no_split_modules = ["NoSuchBlock"]  # stale metadata: fall back to structure
@@ -290,11 +290,11 @@ def test_sidecar_states_the_stored_layout_and_its_masks_and_codes_map_onto_it(fa
 
     from transformers import AutoModelForCausalLM
 
-    from compress_order.export import load_constraints, save_model
-    from compress_order.models import LoadedModel
+    from compress_order.export.checkpoint import load_constraints, save_model
+    from compress_order.loaders.models import LoadedModel
     from compress_order.stages.magnitude import Magnitude
     from compress_order.stages.rtn import RTN
-    from compress_order.targets import find_targets
+    from compress_order.modeling.targets import find_targets
 
     ckpt = save_tiny(family, tmp_path / "ckpt")
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
@@ -329,9 +329,9 @@ def test_conv1d_model_is_packed_as_linear_and_matches_fake_quant(name):
     """torchao kernels take nn.Linear: a GPT-2 Conv1D is served as the Linear it computes, with the same output."""
     from transformers import GPT2LMHeadModel
 
-    from compress_order.backends import BACKENDS
+    from compress_order.evaluation.backends import BACKENDS
     from compress_order.stages.rtn import RTN
-    from compress_order.targets import find_targets
+    from compress_order.modeling.targets import find_targets
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(family_config("GPT-2", 30)).eval()
@@ -352,9 +352,9 @@ def test_conv1d_model_is_packed_as_linear_and_matches_fake_quant(name):
 
 
 def test_conv2d_gets_a_reason_from_linear_kernels():
-    from compress_order.backends import BACKENDS
+    from compress_order.evaluation.backends import BACKENDS
     from compress_order.stages.rtn import RTN
-    from compress_order.targets import find_targets
+    from compress_order.modeling.targets import find_targets
 
     targets = find_targets(nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 4)))
     for t in targets.values():

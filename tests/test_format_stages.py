@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from compress_order.calibration import calibrate_and_compress
-from compress_order.formats import FloatGrid, codebook
+from compress_order.stages.calibration import calibrate_and_compress
+from compress_order.numerics.formats import FloatGrid, codebook
 from compress_order.stages.awq import AWQ
 from compress_order.stages.gptq import GPTQ
 from compress_order.stages.magnitude import Magnitude
@@ -18,7 +18,7 @@ from compress_order.stages.rtn import RTN
 from compress_order.stages.sparsegpt import SparseGPT
 from compress_order.stages.sparsegpt_gptq import SparseGPTGPTQ
 from compress_order.stages.wanda import Wanda
-from compress_order.targets import ModelState, find_targets
+from compress_order.modeling.targets import ModelState, find_targets
 from helpers import exit_code, tiny_llama_model, token_batches
 
 FORMATS = {"fp8": (8, -1), "nvfp4": (4, 16), "mxfp4": (4, 32)}
@@ -79,7 +79,7 @@ def test_the_joint_schedule_prunes_and_rounds_onto_a_float_grid(fmt):
 
 def test_gptq_beats_rtn_on_the_layer_output_error_on_each_format():
     """GPTQ's error feedback onto the codebook lowers the calibration-weighted error ‖(W - Q) X‖ against RTN."""
-    from compress_order.hessian import HessianStats
+    from compress_order.modeling.hessian import HessianStats
 
     torch.manual_seed(0)
     w = torch.randn(64, 128)
@@ -99,7 +99,7 @@ def test_gptq_beats_rtn_on_the_layer_output_error_on_each_format():
 
 def test_awq_on_a_float_format_lowers_the_output_error_against_rtn_on_the_same_grid():
     """AWQ's clip search on the format's grid (α = 0 and no shrink is RTN) lowers tr(ΔW H ΔWᵀ) on each format."""
-    from compress_order.hessian import HessianStats
+    from compress_order.modeling.hessian import HessianStats
     from compress_order.stages.awq import output_error
 
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_awq_on_a_float_format_lowers_the_output_error_against_rtn_on_the_same_g
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_a_producer_with_stored_scales_absorbs_powers_of_two_only(fmt):
-    from compress_order.scaling import Partner
+    from compress_order.modeling.scaling import Partner
     from compress_order.stages.awq import _absorbs
 
     lin = torch.nn.Linear(64, 32, bias=False)
@@ -150,8 +150,8 @@ def test_rtn_mixed_rounds_each_layer_onto_the_format_its_map_names():
 
 
 def test_a_quantizer_without_a_format_is_refused_on_a_float_format():
-    from compress_order.errors import UserError
-    from compress_order.stages import _check_format
+    from compress_order.core.errors import UserError
+    from compress_order.config.stages import _check_format
 
     sc = {"_target_": "compress_order.stages.rtn.RTN", "label": "legacy"}  # a stage config with no `format`
     with pytest.raises(UserError, match="stage 'legacy' rounds onto integer grids only; format=mxfp4"):
@@ -181,8 +181,8 @@ def test_bad_format_settings_exit_2_with_one_line(args, message, tiny_overrides,
 
 
 def test_a_float_format_run_follows_the_format_and_counts_its_scales(tiny_overrides, tmp_path):
-    from compress_order.config import compose_config
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.run.runner import run
 
     df = run(compose_config([*tiny_overrides, "format=nvfp4", "stages=[sparsegpt,gptq]", "sparsity=0.5",
                              "eval.backends=[int4_weight_only]", "calibration.nsamples=2"]), tmp_path / "out")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Floating-point element formats and their grids (compress_order/formats.py), checked against torch's own float8
+"""Floating-point element formats and their grids (compress_order/numerics/formats.py), checked against torch's own float8
 cast and the formats' published definitions."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress_order.formats import (
+from compress_order.numerics.formats import (
     E2M1_MAX, E4M3_MAX, FloatGrid, codebook, e4m3, fit_float_grid, nearest_codes, round_to_codebook,
 )  # fmt: skip
 

@@ -8,12 +8,12 @@ import pytest
 
 from helpers import write_fake_run
 
-from compress_order import cli
+from compress_order.cli import main as cli
 from compress_order.analysis import collect, frontier
 from compress_order.analysis.report import write_report
-from compress_order.errors import UserError
-from compress_order.metrics import METRICS
-from compress_order.results import COLUMNS
+from compress_order.core.errors import UserError
+from compress_order.evaluation.metrics import METRICS
+from compress_order.core.schema import COLUMNS
 
 STAGES = "magnitude,rtn"
 

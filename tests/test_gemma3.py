@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from compress_order.config import compose_config
+from compress_order.config.compose import compose_config
 from helpers import load_script
 
 FAKE_ASSEMBLE = '''
@@ -66,7 +66,7 @@ def test_config_says_it_is_not_full_precision_and_points_at_the_script():
 
 
 def test_missing_gguf_is_one_line_naming_the_script(tmp_path, monkeypatch, capsys):
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     monkeypatch.setenv("COMPRESS_ORDER_CACHE", str(tmp_path / "empty"))
     try:
@@ -86,7 +86,7 @@ def _gguf() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _gguf(), reason="no Gemma 3 GGUF: python scripts/get_gemma3.py")
 def test_gemma3_loads_and_scores_the_news(tmp_path):
-    from compress_order.runner import run
+    from compress_order.run.runner import run
 
     over = ["model=gemma3_270m", "data=news", "stages=[rtn]", "bits=4", "eval.max_windows=2", "eval.batch_size=1", "calibration.nsamples=16",
             "eval.metrics=[perplexity,kld,top1_agree]", "eval.backends=none", "eval.latency.repeats=1",

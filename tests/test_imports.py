@@ -1,4 +1,6 @@
-"""Layers you can see: the package's import graph, imports inside functions included, has no cycle.
+"""Layers you can see: the package's import graph, imports inside functions included, has no cycle, and its
+sub-packages import only the layers below them (data flows one way: config → model + data → stages →
+evaluation → rows → tables).
 
 `python tests/test_imports.py` prints the graph's size, its cycles and its longest import chain.
 """
@@ -91,6 +93,65 @@ def longest_chain(graph: dict[str, set[str]]) -> list[str]:
     return list(max((chain(v) for v in sorted(graph)), key=len))
 
 
+# Sub-packages from the bottom up; a module may import its own sub-package and those listed before it.
+# Layers that share a number know nothing of each other.
+LAYERS = {
+    "core": 0,
+    "numerics": 1,
+    "loaders": 1,
+    "modeling": 2,
+    "stages": 3,
+    "evaluation": 4,
+    "analysis": 5,
+    "export": 5,
+    "config": 6,
+    "run": 7,
+    "cli": 8,
+}
+
+
+def layer_of(module: str) -> str | None:
+    """The sub-package a module of the package lives in (None: the package's own __init__ / __main__)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a module into a sub-package that is not below its own, as 'a → b'."""
+    out = []
+    for mod, deps in sorted(graph.items()):
+        here = layer_of(mod)
+        if here is None:
+            continue
+        for dep in sorted(deps):
+            there = layer_of(dep)
+            if there is not None and there != here and LAYERS[there] >= LAYERS[here]:
+                out.append(f"{mod} ({here}) → {dep} ({there})")
+    return out
+
+
+def test_every_module_lives_in_a_layer():
+    loose = [m for m in import_graph() if layer_of(m) is None and m.count(".") and not m.endswith("__main__")]
+    assert not loose, f"modules outside the layers {sorted(LAYERS)}: {loose}"
+    assert set(LAYERS) == {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+
+
+def test_a_lower_layer_never_imports_a_higher_one():
+    found = upward_imports(import_graph())
+    assert not found, "imports from a lower layer up (move the code down, or pass what it needs):\n" + "\n".join(found)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    pkg = tmp_path / "compress_order"
+    for sub in ("core", "run"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core" / "a.py").write_text("def f():\n    from compress_order.run.b import g\n")
+    (pkg / "run" / "b.py").write_text("from compress_order.core import a\n")
+    assert upward_imports(import_graph(pkg)) == ["compress_order.core.a (core) → compress_order.run.b (run)"]
+
+
 def test_the_package_has_no_import_cycle():
     found = cycles(import_graph())
     assert not found, "import cycles (imports inside functions count too):\n" + "\n".join(
@@ -112,7 +173,10 @@ def test_the_graph_sees_imports_inside_functions(tmp_path):
 if __name__ == "__main__":
     g = import_graph()
     found = cycles(g)
-    print(f"{len(g)} modules, {sum(map(len, g.values()))} imports, {len(found)} cycle(s)")
+    up = upward_imports(g)
+    print(f"{len(g)} modules, {sum(map(len, g.values()))} imports, {len(found)} cycle(s), {len(up)} upward import(s)")
+    for u in up:
+        print("  upward:", u)
     for c in found:
         print("  cycle:", ", ".join(c))
     if not found:

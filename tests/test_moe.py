@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_order.coverage import check_coverage, load_targets, weight_matrices
-from compress_order.errors import UserError
-from compress_order.targets import ModelState, find_targets
+from compress_order.modeling.coverage import check_coverage, load_targets, weight_matrices
+from compress_order.core.errors import UserError
+from compress_order.modeling.targets import ModelState, find_targets
 from helpers import exit_code as _rc
 from helpers import save_tiny_moe
 
@@ -43,8 +43,8 @@ def _load(path: Path) -> nn.Module:
 
 
 def _run(overrides: list[str], out: Path):
-    from compress_order.config import compose_config
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.run.runner import run
 
     return run(compose_config(overrides), out)
 
@@ -136,7 +136,7 @@ def test_an_expert_target_is_a_view_of_its_slice_and_snapshots_restore_it(family
 def _layer0(path: Path):
     """The model, its targets, layer 0's MoE block and its ExpertUnit, a batch, and the block's input rows for it
     (after post_attention_layernorm, captured by a hook)."""
-    from compress_order.moe import expert_units
+    from compress_order.modeling.moe import expert_units
 
     model = _load(path)
     targets = find_targets(model, ["lm_head", ROUTERS])
@@ -152,7 +152,7 @@ def _layer0(path: Path):
 
 
 def test_each_expert_hessian_comes_from_the_tokens_routed_to_it(mixtral):
-    from compress_order.hessian import HessianStats
+    from compress_order.modeling.hessian import HessianStats
 
     model, targets, layer, unit, ids, x = _layer0(mixtral)
     top = torch.topk(F.softmax(x @ layer.gate.weight.t(), dim=-1), 2, dim=-1).indices  # the router, by hand
@@ -177,8 +177,8 @@ def test_each_expert_hessian_comes_from_the_tokens_routed_to_it(mixtral):
 def test_an_expert_without_tokens_is_compressed_data_free_and_said(mixtral, caplog):
     import logging
 
-    from compress_order.calibration import calibrate_and_compress
-    from compress_order.moe import mask_router
+    from compress_order.stages.calibration import calibrate_and_compress
+    from compress_order.modeling.moe import mask_router
     from compress_order.stages.gptq import GPTQ
 
     model = _load(mixtral)
@@ -187,7 +187,7 @@ def test_an_expert_without_tokens_is_compressed_data_free_and_said(mixtral, capl
         mask_router(layer.mlp.gate, lambda: torch.tensor([False, False, False, True]))
     batches = [torch.randint(0, model.config.vocab_size, (1, 32)) for _ in range(3)]
     report: dict = {}
-    with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+    with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
         calibrate_and_compress(model, targets, batches, GPTQ(4, group_size=32, name="gptq"), {}, report=report)
     ModelState(model, targets).check()
     assert report["model.layers.0.mlp.experts"]["without_tokens"] == 1
@@ -251,7 +251,7 @@ def _routed_counts(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def test_expert_prune_removes_the_least_routed_and_the_router_never_picks_them(mixtral):
-    from compress_order.calibration import calibrate_and_compress
+    from compress_order.stages.calibration import calibrate_and_compress
     from compress_order.stages.expert_prune import ExpertPrune
 
     model = _load(mixtral)
@@ -272,8 +272,8 @@ def test_expert_prune_removes_the_least_routed_and_the_router_never_picks_them(m
 def test_grouped_sigmoid_routing_loses_as_many_experts_per_group_and_matches_the_sliced_checkpoint(tmp_path):
     """DeepSeek-V3 picks experts by sigmoid score + correction bias inside the best groups (by their top two):
     removing experts by masking must give what the checkpoint without them computes, bias and groups included."""
-    from compress_order.calibration import calibrate_and_compress
-    from compress_order.moe import without_removed_experts
+    from compress_order.stages.calibration import calibrate_and_compress
+    from compress_order.modeling.moe import without_removed_experts
     from compress_order.stages.expert_prune import ExpertPrune
 
     model = _load(save_tiny_moe("DeepSeek-V3", tmp_path / "ds"))  # 8 experts in 2 groups, top-1 group, top-2
@@ -302,7 +302,7 @@ def test_grouped_sigmoid_routing_loses_as_many_experts_per_group_and_matches_the
 
 
 def test_reap_scores_are_router_weighted_mean_output_norms(mixtral):
-    from compress_order.moe import collect_routing
+    from compress_order.modeling.moe import collect_routing
 
     model, targets, layer, unit, ids, x = _layer0(mixtral)
     probs = F.softmax(x @ layer.gate.weight.t(), dim=-1)
@@ -394,9 +394,9 @@ def test_expert_prune_on_a_dense_model_exits_2_before_any_node(tiny_overrides, t
 
 
 def test_a_dense_checkpoint_reloads_every_expert_bit_for_bit(mixtral, tmp_path):
-    from compress_order.calibration import calibrate_and_compress
-    from compress_order.export import save_model
-    from compress_order.models import LoadedModel
+    from compress_order.stages.calibration import calibrate_and_compress
+    from compress_order.export.checkpoint import save_model
+    from compress_order.loaders.models import LoadedModel
     from compress_order.stages.gptq import GPTQ
 
     model = _load(mixtral)

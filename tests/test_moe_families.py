@@ -2,7 +2,7 @@
 of calibrated prune+quantize pairs, the joint schedule and expert pruning end to end with save; the saved weights of
 every expert keep their constraints and the targets cover every weight matrix outside lm_head and the routers.
 
-README.md names exactly the families of `MOE_FAMILIES` (checked below).
+docs/how-it-works.md names exactly the families of `MOE_FAMILIES` (checked below).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _levels(w: torch.Tensor) -> int:
 def _check_saved(folder: Path, prune: bool, quant: bool, experts_left: int | None, family: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from compress_order.export import load_constraints
+    from compress_order.export.checkpoint import load_constraints
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     got = _experts(model)
@@ -97,12 +97,12 @@ def _params():
 @pytest.mark.parametrize("family,stages,joint,prune,quant,removes", _params())
 def test_moe_family_runs_every_order_and_compresses_every_expert(family, stages, joint, prune, quant, removes,
                                                                  tiny_text, tmp_path, caplog):  # fmt: skip
-    from compress_order.config import compose_config
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.run.runner import run
 
     ckpt = save_tiny_moe(family, tmp_path / "ckpt")
     args = _overrides(ckpt, tiny_text, tmp_path, stages, "run") + (["joint=[sparsegpt_gptq]"] if joint else [])
-    with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+    with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
         df = run(compose_config(args), tmp_path / "out")
     a, b = stages.strip("[]").split(",")
     full = {f"{a} > {b}", f"{b} > {a}"} | ({"sparsegpt+gptq"} if joint else set())

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from compress_order.config import compose_config
-from compress_order.errors import UserError
-from compress_order.instantiate import build
-from compress_order.metrics import METRICS
-from compress_order.offload import streamed
-from compress_order.runner import run
-from compress_order.tasks import build_task
+from compress_order.config.compose import compose_config
+from compress_order.core.errors import UserError
+from compress_order.core.instantiate import build
+from compress_order.evaluation.metrics import METRICS
+from compress_order.modeling.offload import streamed
+from compress_order.run.runner import run
+from compress_order.evaluation.tasks import build_task
 
 EMBEDDED = ["eval.max_windows=2", "eval.batch_size=1", "calibration.nsamples=2", "calibration.seqlen=32",
             "device=cpu", "threads=1", "eval.backends=none", "eval.latency.repeats=1", "eval.latency.warmup=0",
@@ -65,7 +65,7 @@ def test_offloaded_run_equals_the_in_memory_run():
 
 def test_offload_needs_a_block_list_and_a_device():
     with pytest.raises(UserError, match="eval.offload=warp is unknown"):
-        from compress_order.validate import check_config
+        from compress_order.config.validate import check_config
 
         check_config(compose_config(["eval.offload=warp"]))
     cfg = compose_config(["model=mnist_resnet", "data=mnist", "eval.offload=cpu", "device=cpu"])

@@ -5,14 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from compress_order.config import compose_config
-from compress_order.metrics import METRICS
-from compress_order.runner import run
+from compress_order.config.compose import compose_config
+from compress_order.evaluation.metrics import METRICS
+from compress_order.run.runner import run
 
 
 PROBE = """
 import os, torch
-from compress_order.measure import peak_memory_mb, reset_peak
+from compress_order.evaluation.measure import peak_memory_mb, reset_peak
 cpu = torch.device("cpu")
 reset_peak(cpu)
 before = peak_memory_mb(cpu)

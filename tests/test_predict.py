@@ -13,11 +13,11 @@ from helpers import exit_code, write_fake_run
 
 from compress_order.analysis import collect, pih
 from compress_order.analysis.report import write_report
-from compress_order.config import compose_config
-from compress_order.metrics import METRICS
-from compress_order.results import COLUMNS
-from compress_order.schema import STATS_FILE
-from compress_order.runner import run
+from compress_order.config.compose import compose_config
+from compress_order.evaluation.metrics import METRICS
+from compress_order.core.schema import COLUMNS
+from compress_order.core.schema import STATS_FILE
+from compress_order.run.runner import run
 
 THREE = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # full trie: 1 + 3 + 6 + 6 = 16 nodes
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from hydra.utils import get_class
 
-from compress_order import cli
-from compress_order.analysis.cli import HANDLERS
-from compress_order.paths import group_options
-from compress_order.registry import config_group, stage_files
+from compress_order.cli import main as cli
+from compress_order.cli.analysis import HANDLERS
+from compress_order.core.paths import group_options
+from compress_order.core.registry import config_group, stage_files
 from compress_order.stages.base import Stage
 
 

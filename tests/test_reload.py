@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from compress_order.cli import main
+from compress_order.cli.main import main
 
 
 def test_an_exported_compressed_tensors_checkpoint_runs_again_at_the_nodes_perplexity(tiny_overrides, tmp_path):

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compress_order.cli import main
-from compress_order.export import remove_stale_writes
+from compress_order.cli.main import main
+from compress_order.export.checkpoint import remove_stale_writes
 
 
 def _dead_pid() -> int:
@@ -32,7 +32,7 @@ def test_only_a_dead_local_writers_folder_is_removed(tmp_path, caplog):
     nested = _tmp(tmp_path / "models" / "gptq", "seed-1", host, _dead_pid())
     live = _tmp(tmp_path / "models", "rtn", host, __import__("os").getpid())
     remote = _tmp(tmp_path / "models", "awq", "another-host", _dead_pid())
-    with caplog.at_level(logging.WARNING, logger="compress_order.export"):
+    with caplog.at_level(logging.WARNING, logger="compress_order.export.checkpoint"):
         removed = remove_stale_writes(tmp_path / "models")
     assert set(removed) == {dead, nested} and not dead.exists() and not nested.exists()
     assert live.exists() and remote.exists()
@@ -50,7 +50,7 @@ def test_a_rerun_into_the_same_folder_and_export_remove_a_killed_save(tiny_overr
 
 
 def test_ctrl_c_during_export_says_what_it_left(tiny_overrides, tmp_path, capsys, monkeypatch):
-    from compress_order import export_command
+    from compress_order.cli import export as export_command
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -11,19 +11,19 @@ import pytest
 import torch
 from helpers import FAMILIES, family_config, terminal_lines, tiny_llama_model, token_batches
 
-from compress_order.act import ActQuant, fake_quant
-from compress_order.calibration import calibrate_and_compress
-from compress_order.config import compose_config
-from compress_order.errors import UserError
-from compress_order.instantiate import build
-from compress_order.pipeline import apply_stage
-from compress_order.runner import run
-from compress_order.stages import build_stage, stage_configs
+from compress_order.modeling.act import ActQuant, fake_quant
+from compress_order.stages.calibration import calibrate_and_compress
+from compress_order.config.compose import compose_config
+from compress_order.core.errors import UserError
+from compress_order.core.instantiate import build
+from compress_order.run.pipeline import apply_stage
+from compress_order.run.runner import run
+from compress_order.config.stages import build_stage, stage_configs
 from compress_order.stages.awq import AWQ
 from compress_order.stages.rtn import RTN
 from compress_order.stages.smoothquant import SmoothQuant
-from compress_order.targets import ModelState, find_targets
-from compress_order.tasks import build_task
+from compress_order.modeling.targets import ModelState, find_targets
+from compress_order.evaluation.tasks import build_task
 
 
 def mha_llama(layers: int = 2):
@@ -49,7 +49,7 @@ class Batches:
 def test_scaling_pairs_are_found_from_structure(caplog):
     model = mha_llama()
     targets = find_targets(model, ["lm_head"])
-    with caplog.at_level("INFO", logger="compress_order.calibration"):
+    with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
         calibrate_and_compress(model, targets, token_batches(4), SmoothQuant(alpha=0.5, name="sq"), {})
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert line == ("scaling pairs in LlamaDecoderLayer: input_layernorm → q_proj/k_proj/v_proj; self_attn.v_proj → "
@@ -58,7 +58,7 @@ def test_scaling_pairs_are_found_from_structure(caplog):
 
 def test_scaling_pairs_are_found_in_half_precision(caplog):
     model = mha_llama().to(torch.bfloat16)
-    with caplog.at_level("INFO", logger="compress_order.calibration"):
+    with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
         calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"), {})
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert "none" not in line, line
@@ -66,7 +66,7 @@ def test_scaling_pairs_are_found_in_half_precision(caplog):
 
 def test_grouped_query_attention_has_no_v_to_o_pair(caplog):
     model = tiny_llama_model()  # 4 query heads, 2 K/V heads: V's 32 outputs cannot absorb O's 64 input factors
-    with caplog.at_level("INFO", logger="compress_order.calibration"):
+    with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
         calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"), {})
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert "none → o_proj" in line and "input_layernorm → q_proj/k_proj/v_proj" in line
@@ -256,7 +256,7 @@ def test_static_activation_ranges_are_observed_per_node(tiny_overrides, tmp_path
 
 
 def test_activation_bits_change_the_node_keys(tiny_overrides, tmp_path):
-    from compress_order.identity import base_identity, digest
+    from compress_order.run.identity import base_identity, digest
 
     keys = {digest(base_identity(compose_config(tiny_overrides + over))) for over in
             ([], ["act_bits=8"], ["act_bits=4"], ["act_bits=8", "act_granularity=tensor"],
@@ -275,7 +275,7 @@ def test_awq_on_a_model_without_scaling_pairs_is_one_line():
 
 
 def test_cli_awq_on_a_cnn_is_one_line_and_exit_2(tmp_path, capsys):
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     with pytest.raises(SystemExit) as e:  # errors inside the Hydra job leave through SystemExit
         main(["run", "model=mnist_resnet", "data=mnist", "stages=[awq]", "group_size=-1", "eval.max_examples=64",
@@ -317,7 +317,7 @@ def test_scaling_stages_on_every_decoder_family(family, caplog):
     ids = torch.randint(0, 40, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
-        with caplog.at_level("INFO", logger="compress_order.calibration"):
+        with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
             assert apply_stage(SmoothQuant(alpha=0.5, name="sq"), state, task, cfg) is None
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)  # the function is kept
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())

@@ -1,4 +1,4 @@
-"""Each setting's type and range is declared once (compress_order/settings.py): the declaration names only keys
+"""Each setting's type and range is declared once (compress_order/core/specs.py): the declaration names only keys
 the yaml files have, and the root config and the stages that read a setting refuse a value with the same line."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from compress_order.errors import UserError
-from compress_order.paths import CONF_DIR
-from compress_order.settings import ABSENT, SETTINGS, setting
+from compress_order.core.errors import UserError
+from compress_order.core.paths import CONF_DIR
+from compress_order.core.specs import ABSENT, SETTINGS, setting
 from compress_order.stages.expert_prune import ExpertPrune
 from compress_order.stages.magnitude import Magnitude
 from compress_order.stages.mixed import MixedRTN

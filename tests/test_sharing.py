@@ -15,13 +15,13 @@ import pandas as pd
 
 from helpers import FakeClock, exit_code
 
-from compress_order import identity
-from compress_order.config import compose_config
-from compress_order.paths import PACKAGE_DIR
-from compress_order.schema import STATS_FILE
-from compress_order.runner import run
-from compress_order.store import NodeStore
-from compress_order.metrics import METRICS
+from compress_order.run import identity
+from compress_order.config.compose import compose_config
+from compress_order.core.paths import PACKAGE_DIR
+from compress_order.core.schema import STATS_FILE
+from compress_order.run.runner import run
+from compress_order.run.store import NodeStore
+from compress_order.evaluation.metrics import METRICS
 
 THREE = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # 1 + 3 + 6 + 6 = 16 nodes
 

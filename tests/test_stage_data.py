@@ -6,10 +6,10 @@ import json
 
 from compress_order.analysis.collect import collect
 from compress_order.analysis.tables import order_pattern, order_table, seed_dependent, stage_kind
-from compress_order.cli import main
-from compress_order.config import compose_config
-from compress_order.runner import run
-from compress_order.stages import entry_label
+from compress_order.cli.main import main
+from compress_order.config.compose import compose_config
+from compress_order.run.runner import run
+from compress_order.config.stages import entry_label
 
 
 def test_labels_follow_one_rule():

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from compress_order.constraints import LayerConstraint, check_invariants, levels_per_group
-from compress_order.errors import InvariantError, UserError
-from compress_order.quant import fit_grid
+from compress_order.numerics.constraints import LayerConstraint, check_invariants, levels_per_group
+from compress_order.core.errors import InvariantError, UserError
+from compress_order.numerics.quant import fit_grid
 from compress_order.stages.magnitude import Magnitude
 from compress_order.stages.rtn import RTN
-from compress_order.targets import ModelState, find_targets
+from compress_order.modeling.targets import ModelState, find_targets
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -121,7 +121,7 @@ def test_stage_settings_are_checked():
 def test_row_scope_prunes_the_exact_layer_total():
     torch.manual_seed(0)
     w = torch.randn(19, 128)
-    from compress_order.prune import select_mask
+    from compress_order.numerics.prune import select_mask
 
     mask = select_mask(w.abs(), 0.3, scope="row")
     assert int((~mask).sum()) == round(0.3 * w.numel())

@@ -7,8 +7,8 @@ import os
 
 from helpers import FakeClock
 
-from compress_order.schema import NodeRecord
-from compress_order.store import NodeStore
+from compress_order.core.schema import NodeRecord
+from compress_order.run.store import NodeStore
 
 KEY = "ab" + "0" * 62
 RECORD = NodeRecord([{"metric": "perplexity", "value": 3.0, "backend": "dense-simulated"}], timestamp="t")

@@ -16,13 +16,13 @@ import pytest
 
 from helpers import exit_code
 
-from compress_order.config import compose_config
-from compress_order.errors import UserError
-from compress_order.store import QUARANTINE, NodeStore
-from compress_order.runner import run
-from compress_order.tasks.lm import LMTask
-from compress_order.validate import check_writable
-from compress_order.metrics import METRICS
+from compress_order.config.compose import compose_config
+from compress_order.core.errors import UserError
+from compress_order.run.store import QUARANTINE, NodeStore
+from compress_order.run.runner import run
+from compress_order.evaluation.tasks.lm import LMTask
+from compress_order.core.files import check_writable
+from compress_order.evaluation.metrics import METRICS
 
 
 

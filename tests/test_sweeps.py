@@ -14,10 +14,10 @@ import pytest
 
 from helpers import exit_code, terminal_lines
 
-from compress_order.cli import main
-from compress_order.config import compose_config
-from compress_order.runner import run
-from compress_order.tasks.lm import LMTask
+from compress_order.cli.main import main
+from compress_order.config.compose import compose_config
+from compress_order.run.runner import run
+from compress_order.evaluation.tasks.lm import LMTask
 
 
 
@@ -139,7 +139,7 @@ def test_list_names_every_group(capsys):
 
 
 def test_state_cache_skips_finished_prefixes_and_stays_bounded(tiny_overrides, tmp_path, monkeypatch):
-    from compress_order import pipeline
+    from compress_order.run import pipeline
 
     cache_dir = tmp_path / "states"
     overrides = tiny_overrides + [f"state_cache.dir={cache_dir}", "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"]

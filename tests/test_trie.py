@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from compress_order.targets import ModelState, find_targets
-from compress_order.trie import build_trie, count_applications, full_orders, run_trie
+from compress_order.modeling.targets import ModelState, find_targets
+from compress_order.run.trie import build_trie, count_applications, full_orders, run_trie
 
 
 def test_counts_for_two_and_three_stages():

@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from compress_order import cli
+from compress_order.cli import main as cli
 from compress_order.analysis import bootstrap, collect, pih, tables
 from compress_order.analysis.report import write_report
-from compress_order.metrics import METRICS, Metric, primary_metrics, register, summary_metrics
-from compress_order.results import COLUMNS, SUMMARY_METRICS
+from compress_order.evaluation.metrics import METRICS, Metric, primary_metrics, register, summary_metrics
+from compress_order.run.rows import SUMMARY_METRICS
 
+from compress_order.core.schema import COLUMNS
 CALIBRATED = ("wanda", "gptq")
 DATA_FREE = ("magnitude", "rtn")
 
@@ -90,7 +91,7 @@ def test_register_is_idempotent_and_refuses_redefinition():
 
 
 def test_lmeval_scores_get_intervals_from_their_documents():
-    from compress_order.lmeval import results_to_metrics
+    from compress_order.evaluation.lmeval import results_to_metrics
 
     correct = np.random.default_rng(0).random(200) < 0.6
     out = {"results": {"toy": {"acc,none": float(correct.mean()), "acc_stderr,none": 0.03}},
@@ -217,8 +218,8 @@ def test_vision_run_gives_intervals_for_top1_top5_and_nll(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from compress_order.config import compose_config
-    from compress_order.runner import run
+    from compress_order.config.compose import compose_config
+    from compress_order.run.runner import run
 
     channels = [32, 32, 32, 32]
     torch.manual_seed(0)

@@ -18,20 +18,20 @@ from torch import nn
 
 from helpers import exit_code
 
-from compress_order.config import compose_config
-from compress_order.instantiate import build
-from compress_order.errors import UserError
-from compress_order.paths import ASSETS_DIR, CONF_DIR
-from compress_order.calibration import calibrate_and_compress
-from compress_order.hessian import HessianStats
-from compress_order.pipeline import apply_stage
-from compress_order.runner import run
-from compress_order.stages import build_stage, stage_configs
+from compress_order.config.compose import compose_config
+from compress_order.core.instantiate import build
+from compress_order.core.errors import UserError
+from compress_order.core.paths import ASSETS_DIR, CONF_DIR
+from compress_order.stages.calibration import calibrate_and_compress
+from compress_order.modeling.hessian import HessianStats
+from compress_order.run.pipeline import apply_stage
+from compress_order.run.runner import run
+from compress_order.config.stages import build_stage, stage_configs
 from compress_order.stages.base import Stage
-from compress_order.targets import ModelState, find_targets
-from compress_order.tasks import build_task
-from compress_order.validate import check_config
-from compress_order.image_data import ImageSplits, fashion_mnist, hf_images, read_idx
+from compress_order.modeling.targets import ModelState, find_targets
+from compress_order.evaluation.tasks import build_task
+from compress_order.config.validate import check_config
+from compress_order.loaders.image_data import ImageSplits, fashion_mnist, hf_images, read_idx
 
 MODELS = ["resnet18", "deit_base", "vit_small", "mnist_resnet"]
 DATA = ["imagenet", "mnist", "fashion_mnist", "image_folder"]
@@ -45,7 +45,7 @@ STAGE_DIR = CONF_DIR / "stage"
 def test_vision_configs_compose(group, name):
     cfg = compose_config([f"{group}={name}"])
     check_config(cfg)
-    assert cfg[group]["_target_"].startswith(("compress_order.image_models.", "compress_order.image_data."))
+    assert cfg[group]["_target_"].startswith(("compress_order.loaders.image_models.", "compress_order.loaders.image_data."))
 
 
 def test_vision_experiment_is_the_embedded_model_on_mnist():

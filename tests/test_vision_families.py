@@ -5,7 +5,7 @@ runner after every stage application: every Conv2d/Linear but timm's stem conv a
 keeps its sparsity and grid; those two stay untouched. Settings a layer cannot take (a group size or N:M group
 that does not divide its fan-in, e.g. a depthwise conv's 9 columns) are one-line errors before any work.
 
-README.md's coverage table is generated from these records and test_families.py's (scripts/family_table.py).
+docs/families.md's coverage table is generated from these records and test_families.py's (scripts/family_table.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from torch import nn
 
 from helpers import FAMILIES, MOE_FAMILIES
 
-from compress_order.cli import main
-from compress_order.config import compose_config
-from compress_order.errors import UserError
+from compress_order.cli.main import main
+from compress_order.config.compose import compose_config
+from compress_order.core.errors import UserError
 from matrix_report import kinds, record
 
 SIZE, BITS, SPARSITY = 32, 4, 0.5
@@ -41,7 +41,7 @@ PRUNERS, QUANTIZERS = {"magnitude", "wanda"}, {"rtn", "gptq"}
 # GPTQ on resnet18's 4608-column 3×3 convs: ~25 s on one core; efficientnet and deit (10-14 s each) have their
 # kind in the fast suite (mobilenetv3's depthwise convs, vit_tiny's blocks)
 SLOW = {("resnet18", "wanda,gptq"), ("efficientnet_b0", "wanda,gptq"), ("deit_tiny_patch16_224", "wanda,gptq")}
-README = Path(__file__).resolve().parents[1] / "README.md"
+FAMILIES_DOC = Path(__file__).resolve().parents[1] / "docs" / "families.md"  # the coverage table, linked from README.md
 
 
 def overrides(arch: str, tmp: Path) -> list[str]:
@@ -89,8 +89,8 @@ def _case(arch: str, pair: str):
 
 @pytest.mark.parametrize("arch,pair", [_case(a, p) for a in ARCHS for p in PAIRS])
 def test_vision_family_runs_every_order_and_keeps_every_constraint(arch, pair, tmp_path, monkeypatch, caplog):
-    import compress_order.pipeline as pipeline
-    import compress_order.runner as runner
+    import compress_order.run.pipeline as pipeline
+    import compress_order.run.runner as runner
 
     first, second = PAIRS[pair]
     real_apply = pipeline.apply_stage
@@ -113,7 +113,7 @@ def test_vision_family_runs_every_order_and_keeps_every_constraint(arch, pair, t
 
     monkeypatch.setattr(pipeline, "apply_stage", checked)
     cfg = compose_config(overrides(arch, tmp_path) + [f"stages=[{pair}]"])
-    with caplog.at_level(logging.INFO, logger="compress_order.calibration"):
+    with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
         df = runner.run(cfg, tmp_path / "out")
 
     assert sorted(seen["applied"]) == sorted([first, second] * 2)  # a, a>b, b, b>a: 4 applications
@@ -150,8 +150,8 @@ class _Reached(Exception):
 def test_settings_a_layer_cannot_take_are_one_line_before_any_work(arch, tmp_path, monkeypatch):
     """A depthwise 3×3 conv has 9 columns per row: no group of 32 or 4 fits. The run names the layer and why in
     one line before evaluating or compressing anything; an architecture whose layers all fit gets past the check."""
-    import compress_order.pipeline as pipeline
-    import compress_order.runner as runner
+    import compress_order.run.pipeline as pipeline
+    import compress_order.run.runner as runner
 
     def reached(*a, **k):
         raise _Reached
@@ -190,8 +190,8 @@ def test_an_unknown_timm_architecture_is_one_line_with_close_names(capsys):
 
 
 def test_the_generic_timm_config_leaves_timm_io_layers_dense():
-    from compress_order.instantiate import build
-    from compress_order.targets import find_targets
+    from compress_order.core.instantiate import build
+    from compress_order.modeling.targets import find_targets
 
     for arch in ("convnext_atto", "deit_tiny_distilled_patch16_224"):  # a distilled model has two classifiers
         lm = build(compose_config(["model=timm", f"model.arch={arch}", "model.pretrained=false"]).model)
@@ -204,7 +204,7 @@ def test_the_generic_timm_config_leaves_timm_io_layers_dense():
 
 
 def test_readme_coverage_table_lists_every_family_of_the_matrices():
-    text = README.read_text()
+    text = FAMILIES_DOC.read_text()
     start, end = "<!-- family-matrix:start", "<!-- family-matrix:end -->"
     assert start in text and end in text
     intro, rest = text.split(start, 1)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from compress_order.config import compose_config
-from compress_order.instantiate import build
-from compress_order.wikipedia import Article, read_dump, read_news, split, strip_markup, write_splits
+from compress_order.config.compose import compose_config
+from compress_order.core.instantiate import build
+from compress_order.loaders.wikipedia import Article, read_dump, read_news, split, strip_markup, write_splits
 from helpers import load_script
 
 NS = "http://www.mediawiki.org/xml/export-0.10/"
@@ -109,7 +109,7 @@ def test_script_prepares_both_datasets_offline_and_configs_read_them(tmp_path, m
 
 @pytest.mark.parametrize("data", ["wikipedia", "news"])
 def test_unprepared_data_is_one_line_naming_the_script(data, tmp_path, monkeypatch, capsys):
-    from compress_order.cli import main
+    from compress_order.cli.main import main
 
     monkeypatch.setenv("COMPRESS_ORDER_CACHE", str(tmp_path / "empty"))
     try:
@@ -124,7 +124,7 @@ def test_unprepared_data_is_one_line_naming_the_script(data, tmp_path, monkeypat
 
 def test_a_calibrated_run_on_news(tmp_path, monkeypatch, tiny_overrides):
     """Both splits in use: calibration segments from train, perplexity windows of the held-out documents."""
-    from compress_order.runner import run
+    from compress_order.run.runner import run
 
     d = tmp_path / "cache" / "wikipedia" / "news"
     write_splits(read_news(_news_file(tmp_path)), d, 0.2, 0)

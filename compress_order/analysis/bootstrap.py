@@ -35,8 +35,8 @@ from scipy import stats
 
 from compress_order.analysis.collect import read_parquet
 from compress_order.analysis.tables import TABLE_INDEX, direction, keyed_like, node_values, seed_dependent
-from compress_order.metrics import METRICS, Metric
-from compress_order.schema import SAMPLES
+from compress_order.evaluation.metrics import METRICS, Metric
+from compress_order.core.schema import SAMPLES
 
 CHUNK = 4_000_000  # resampled values held in memory at once (ImageNet has 50k units per node)
 # BCa's jackknife costs units² operations (77 s for 50k units); beyond this many units the percentile interval is

@@ -23,10 +23,10 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from compress_order.errors import UserError
-from compress_order.results import COLUMNS
-from compress_order.schema import FAILURE_FILE as FAILURE
-from compress_order.schema import RESULTS, SAVED_CONFIG, SUMMARY, entry_label
+from compress_order.core.errors import UserError
+from compress_order.core.schema import COLUMNS
+from compress_order.core.schema import FAILURE_FILE as FAILURE
+from compress_order.core.schema import RESULTS, SAVED_CONFIG, SUMMARY, entry_label
 from compress_order.analysis.tables import learn_stages
 
 COLLECTED = [*COLUMNS, "path", "partial"]

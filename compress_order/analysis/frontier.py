@@ -21,9 +21,9 @@ import pandas as pd
 from compress_order.analysis import bootstrap
 from compress_order.analysis.tables import (TABLE_INDEX, direction, keyed_like, node_values, order_pattern,
                                             stage_kind)
-from compress_order.errors import UserError, choices
-from compress_order.metrics import METRICS
-from compress_order.schema import SIMULATED
+from compress_order.core.errors import UserError, choices
+from compress_order.evaluation.metrics import METRICS
+from compress_order.core.schema import SIMULATED
 
 COSTS = ("size_bytes", "avg_bits", "latency_ms")
 PANEL = ["model", "dataset"]  # metrics compare only within one model on one dataset

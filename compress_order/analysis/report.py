@@ -11,7 +11,7 @@ from compress_order.analysis import bootstrap, collect, frontier, pih
 from compress_order.analysis.tables import (
     SETTING, TABLE_INDEX, direction, node_values, order_table, primary_metric, render, seed_dependent,
 )
-from compress_order.schema import PREDICTED_CSV, PREDICTED_MD
+from compress_order.core.schema import PREDICTED_CSV, PREDICTED_MD
 
 
 def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_boot: int = 1000,

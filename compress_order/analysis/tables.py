@@ -13,9 +13,9 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from compress_order.errors import UserError
-from compress_order.metrics import METRICS, primary_metrics
-from compress_order.registry import stage_files
+from compress_order.core.errors import UserError
+from compress_order.evaluation.metrics import METRICS, primary_metrics
+from compress_order.core.registry import stage_files
 
 SETTING = ["model", "dataset", "stages", "format", "bits", "sparsity", "expert_sparsity", "group_size", "act_bits",
            "act_format", "seed"]  # fmt: skip

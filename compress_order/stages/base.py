@@ -11,12 +11,12 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from compress_order.errors import UserError
-from compress_order.prune import nm_sparsity, parse_nm
-from compress_order.formats import check_format, fit_weight_grid
-from compress_order.quant import QuantGrid
-from compress_order.settings import BITS, GROUP_SIZE, SPARSITY
-from compress_order.targets import Target
+from compress_order.core.errors import UserError
+from compress_order.numerics.prune import nm_sparsity, parse_nm
+from compress_order.numerics.formats import check_format, fit_weight_grid
+from compress_order.numerics.quant import QuantGrid
+from compress_order.core.specs import BITS, GROUP_SIZE, SPARSITY
+from compress_order.modeling.targets import Target
 
 
 class Stage:

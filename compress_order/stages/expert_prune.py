@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from compress_order.errors import UserError, choices
-from compress_order.moe import ExpertUnit, Routing, mask_router, router_of
-from compress_order.settings import SPARSITY
+from compress_order.core.errors import UserError, choices
+from compress_order.modeling.moe import ExpertUnit, Routing, mask_router, router_of
+from compress_order.core.specs import SPARSITY
 from compress_order.stages.base import Stage, set_pruned
-from compress_order.targets import Target
+from compress_order.modeling.targets import Target
 
 CRITERIA = ("frequency", "reap")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress_order.prune import select_mask
+from compress_order.numerics.prune import select_mask
 from compress_order.stages.base import PruneMixin, Stage, set_pruned
-from compress_order.targets import Target
+from compress_order.modeling.targets import Target
 
 
 class Magnitude(PruneMixin, Stage):

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from compress_order.errors import UserError
-from compress_order.formats import FLOAT_FORMATS, fit_float_grid, format_group
-from compress_order.quant import fit_grid
-from compress_order.settings import BITS
+from compress_order.core.errors import UserError
+from compress_order.numerics.formats import FLOAT_FORMATS, fit_float_grid, format_group
+from compress_order.numerics.quant import fit_grid
+from compress_order.core.specs import BITS
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
-from compress_order.targets import Target
+from compress_order.modeling.targets import Target
 
 
 def allocate_bits(errors: dict[str, dict[int, float]], sizes: dict[str, int], total_bits: float,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress_order.errors import UserError
+from compress_order.core.errors import UserError
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
-from compress_order.targets import Target
+from compress_order.modeling.targets import Target
 
 
 class RTN(QuantMixin, Stage):

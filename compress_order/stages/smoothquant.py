@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from compress_order.errors import UserError
-from compress_order.hessian import HessianStats
-from compress_order.scaling import Partner, float_grid_obstacle, grid_obstacle, group_constant, multiply_columns
+from compress_order.core.errors import UserError
+from compress_order.modeling.hessian import HessianStats
+from compress_order.modeling.scaling import Partner, float_grid_obstacle, grid_obstacle, group_constant, multiply_columns
 from compress_order.stages.base import Stage
-from compress_order.targets import Target
+from compress_order.modeling.targets import Target
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from compress_order.errors import UserError
-from compress_order.hessian import HessianStats
-from compress_order.prune import select_mask
+from compress_order.core.errors import UserError
+from compress_order.modeling.hessian import HessianStats
+from compress_order.numerics.prune import select_mask
 from compress_order.stages.base import PruneMixin, Stage, set_pruned
-from compress_order.targets import Target
+from compress_order.modeling.targets import Target
 
 SCOPES = ("row", "layer")
 

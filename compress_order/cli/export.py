@@ -1,0 +1,92 @@
+"""`compress-order export RUN_DIR --order "a > b"`: rebuild one full order of a finished run and save it as the run's
+`save=true` would have (the checkpoint itself is written by compress_order/export/checkpoint.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from compress_order.core.errors import Interrupted, UserError
+from compress_order.export.checkpoint import act_scheme, checkpoint_format, model_dir, remove_stale_writes, save_model, summary_line
+from compress_order.core.schema import MODELS_DIR, SAVE_FORMATS, SAVED_CONFIG, SIDECAR
+
+
+def export_command(args: list[str]) -> int:
+    """`compress-order export RUN_DIR --order "a > b" [--format ...] [--seed N]`: rebuild one full order of a finished
+    run from its saved config (the same stages, settings and calibration seed: `--seed`, one of the run's seeds,
+    default its first) and write it where the run saves it: RUN_DIR/models/<order>/ (several seeds: …/seed-<N>/)."""
+    import argparse
+    from typing import NoReturn
+
+    def error(message: str) -> NoReturn:
+        raise UserError(f"export: {message}; usage: export RUN_DIR --order \"a > b\" [--format FORMAT] [--seed N]")
+
+    parser = argparse.ArgumentParser(prog="compress-order export", exit_on_error=False)
+    parser.error = error  # type: ignore[method-assign]  (one line instead of argparse's usage and exit)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--order", required=True, help='a full order of the run, e.g. "magnitude > rtn"')
+    parser.add_argument("--format", default="auto", dest="fmt", help=f"one of: {', '.join(SAVE_FORMATS)}")
+    parser.add_argument("--seed", type=int, help="the calibration seed to rebuild (default: the run's first)")
+    try:
+        ns, unknown = parser.parse_known_args(args)
+    except argparse.ArgumentError as e:
+        error(str(e))
+    if unknown:
+        error(f"unexpected argument(s) {' '.join(unknown)}")
+    checkpoint_format({}, ns.fmt)  # the format's name, before any model is loaded
+    remove_stale_writes(ns.run_dir / MODELS_DIR)
+    try:
+        dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt, ns.seed)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: export left {ns.run_dir / MODELS_DIR} as it was (a checkpoint is written "
+                          f"beside its folder and renamed into place only when complete); run the same export "
+                          f"again to write it") from None  # fmt: skip
+    record = json.loads((dest / SIDECAR).read_text(encoding="utf-8"))
+    print(f"{dest}: {summary_line(record['checkpoint'])}")
+    return 0
+
+
+def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed: int | None = None) -> Path:
+    """Apply the stages of `order` to the run's dense model as the run did for calibration seed `seed` (default:
+    the run's first), check every invariant, and save."""
+    from compress_order.config.compose import load_saved  # also registers ${asset:}, which saved configs use
+    from compress_order.modeling.act import check_savable
+    from compress_order.run.pipeline import RunContext
+    from compress_order.run.plan import run_seeds, with_seed
+    from compress_order.config.stages import stage_configs
+    from compress_order.run.trie import build_trie, full_orders
+    from compress_order.core.devices import resolve_device
+
+    saved = Path(run_dir).joinpath(*SAVED_CONFIG)
+    if not saved.is_file():
+        raise UserError(f"{run_dir} has no .hydra/config.yaml; expected the folder of a `compress-order run`")
+    cfg = load_saved(saved)
+    check_savable(cfg.get("act_format"))  # before any model work
+    staged, joint = stage_configs(cfg), stage_configs(cfg, key="joint")
+    by_label = {sc["label"]: sc for sc in staged + joint}
+    full = {n.order for n in full_orders(build_trie([sc["label"] for sc in staged], [sc["label"] for sc in joint]))}
+    if order not in full:
+        valid = "; ".join(sorted(" > ".join(o) for o in full))
+        raise UserError(f"order '{' > '.join(order)}' is not a full order of this run; valid: {valid}")
+    seeds = run_seeds(cfg)
+    if seed is not None and seed not in seeds:
+        raise UserError(f"seed {seed} is not a calibration seed of this run; valid: {', '.join(map(str, seeds))}")
+    several = len(seeds) > 1
+    cfg = with_seed(cfg, seeds[0] if seed is None else seed)
+    device = resolve_device(str(cfg.device))
+    cfg.device = str(device)
+    ctx = RunContext.load(cfg, device)
+    if not hasattr(ctx.lm.model, "save_pretrained"):
+        raise UserError(f"export needs a Hugging Face model (save_pretrained); model '{ctx.lm.name}' has none")
+    stages = ctx.build_stages({lab: by_label[lab] for lab in order})
+    task = ctx.task(cfg)
+    torch.manual_seed(int(cfg.seed))
+    for lab in order:  # as the run did: static activation ranges observed before each calibrated stage
+        why = ctx.apply(stages[lab], task, cfg)
+        if why is not None:
+            raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
+    dest = model_dir(run_dir, order, int(cfg.seed) if several else None)
+    return save_model(ctx.lm, ctx.targets, order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg),
+                      ctx.input_scales(task))  # fmt: skip

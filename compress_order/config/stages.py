@@ -1,0 +1,106 @@
+"""Stage loading: `stages=[magnitude, rtn]` names files of the `conf/stage/` group.
+
+A stage's parameters, their defaults and types are declared once, by its class's `__init__` (value checks there
+too, with the root config's ranges from compress_order/core/specs.py for the settings it binds); its yaml names the
+class, binds parameters to the root config (`bits: ${bits}`) and sets only what differs from the class's defaults. A resolved stage config holds every parameter, the defaults filled in.
+
+An entry is a name, or a mapping with `name` plus overrides (`{name: magnitude, sparsity: 0.3}`), so one
+method can appear twice with split budgets. Each entry's yaml is resolved against the root config, so
+`${bits}` and `${sparsity}` reach every stage, then instantiated through its `_target_`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from compress_order.core.errors import UserError, choices
+from compress_order.core.registry import stage_files
+from compress_order.core.schema import entry_label, entry_name_overrides
+from compress_order.stages.base import Stage
+
+
+def _check_format(sc: dict, fmt: Any) -> None:
+    """A quantizing stage rounds onto the run's number format, or the run is refused (never silently INT)."""
+    if fmt == "int" or "format" in sc:
+        return
+    from hydra.utils import get_object
+
+    if getattr(get_object(sc["_target_"]), "kind", None) in ("quantize", "joint"):
+        raise UserError(f"stage '{sc['label']}' rounds onto integer grids only; format={fmt} needs a stage that "
+                        f"takes a format (rtn, gptq, awq, rtn_mixed, sparsegpt_gptq) or format=int")  # fmt: skip
+
+
+def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
+    """Resolved config (a plain dict with `name` and `label`) of every entry of `cfg[key]`, in list order."""
+    entries = list(cfg.get(key) or [])
+    if not entries and key == "stages":
+        raise UserError(f"the stage list is empty; choose from: {choices(stage_files())}")
+    root = OmegaConf.to_container(cfg, resolve=False)
+    out = []
+    for entry in entries:
+        name, overrides = entry_name_overrides(entry)
+        node = OmegaConf.load(stage_files().lookup(name).path)
+        _check_params(name, node, overrides)
+        node = OmegaConf.merge(node, overrides)
+        # Resolve the stage's ${...} against the root config (bits, sparsity, group_size, ...).
+        tmp = OmegaConf.create({**{k: v for k, v in root.items() if k != "hydra"}, "_stage_": node})
+        resolved = OmegaConf.to_container(tmp["_stage_"], resolve=True)
+        resolved.pop("label", None)
+        resolved.update({k: v for k, v in stage_defaults(resolved["_target_"]).items() if k not in resolved})
+        resolved.update(name=name, label=entry_label(entry))
+        _check_format(resolved, root.get("format", "int"))
+        out.append(resolved)
+    labels: dict[str, dict] = {}
+    for sc in out:
+        if sc["label"] in labels and labels[sc["label"]] != sc:
+            raise UserError(f"two different stages share the label '{sc['label']}'; give one a distinct label")
+        labels[sc["label"]] = sc
+    return out
+
+
+def stage_defaults(target: str) -> dict[str, Any]:
+    """The parameters a stage class declares with a default (its `__init__` and the base initializers its **kw
+    reaches), naming keys excepted; tuples as lists, as a config holds them."""
+    from compress_order.config.validate import target_object
+
+    out: dict[str, Any] = {}
+    for cls in target_object(target).__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        for p in params:
+            if p.default is not p.empty and p.name not in ("name", "label") and p.kind is p.POSITIONAL_OR_KEYWORD:
+                out.setdefault(p.name, list(p.default) if isinstance(p.default, tuple) else p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return out
+
+
+def _check_params(name: str, node: DictConfig, overrides: dict) -> None:
+    """A stage entry may set only parameters its class takes: a typo must not run with the default value."""
+    from compress_order.config.validate import target_params, unknown_key
+
+    params = target_params(str(node.get("_target_")))
+    if params is None:
+        return
+    valid = (params | {"label"}) - {"name"}
+    for key in [k for k in node if k != "_target_"] + list(overrides):
+        if key not in valid:
+            raise unknown_key(key, valid, "parameter", f" for stage '{name}'")
+
+
+def is_calibrated(sc: dict) -> bool:
+    """Whether a resolved stage config's class reads calibration statistics (its result depends on the seed)."""
+    from hydra.utils import get_object
+
+    return getattr(get_object(sc["_target_"]), "needs", None) is not None
+
+
+def build_stage(sc: dict) -> Stage:
+    """Instantiate one resolved stage config; constructor checks raise UserError."""
+    from compress_order.core.instantiate import build
+
+    return build(OmegaConf.create(sc))

@@ -1,0 +1,45 @@
+"""A task couples a loaded model with its data: evaluation, calibration inputs and a latency probe.
+
+The runner only talks to this interface, so language and vision models go through the same pipeline.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from omegaconf import DictConfig
+from torch import nn
+
+from compress_order.loaders.models import LoadedModel
+from compress_order.core.registry import Registry
+
+
+class Task(Protocol):
+    primary_metric: str
+    protocol: str  # one line saying how the primary metric was measured
+
+    def evaluate(self, model: nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Metric values, and per-unit (window or example) losses for paired bootstrap CIs."""
+
+    def calibration_batches(self) -> list[Any]:
+        """Model inputs for calibrated stages: the same for every node of a run."""
+
+    def latency(self, model: nn.Module) -> dict[str, float]:
+        """Timing metrics of a fixed-shape forward."""
+
+
+TASKS: Registry[Callable[..., Task]] = Registry("model kind")
+
+
+def register(kind: str) -> Callable:
+    """A decorator: the task class for models of `kind` (LoadedModel.kind)."""
+    return TASKS.registers(kind)
+
+
+def build_task(lm: LoadedModel, data: Any, cfg: DictConfig) -> Task:
+    for mod in pkgutil.iter_modules(__path__):  # each module registers its kinds
+        importlib.import_module(f"{__name__}.{mod.name}")
+    return TASKS.lookup(lm.kind)(lm, data, cfg)

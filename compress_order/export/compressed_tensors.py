@@ -1,0 +1,451 @@
+"""A node's quantized weights as a compressed-tensors `pack-quantized` checkpoint, from the node's own grids.
+
+Nothing is refit: each layer's integer codes are computed from its evaluated weight and the grid that put it there,
+checked to reproduce that weight bit for bit, and handed with the grid's scales and zero-points to
+compressed-tensors' own pack-quantized compressor; the config is built from its QuantizationConfig classes.
+
+Conventions. Ours: w = (q - z)·s with unsigned codes q and integer zero-points z in [0, 2^b - 1] (compress_order/numerics/quant.py).
+compressed-tensors: w = (q' - z')·s with signed q', z' in [-2^(b-1), 2^(b-1) - 1] and no zero-point when symmetric.
+So q' = q - 2^(b-1) and z' = z - 2^(b-1): a symmetric grid has z = 2^(b-1), i.e. z' = 0. Loaders hold scales in
+the model's dtype, so a float16/bfloat16 model reloads bit for bit only where its float32 scales survive that cast;
+`exact` in the sidecar says whether they do.
+
+Activations: a run with `act_bits` computed with its layers' inputs fake-quantized (compress_order/modeling/act.py: symmetric,
+dynamic, per token or per tensor); each config group then carries that scheme as its `input_activations`, and the
+checkpoint is `int-quantized` (one int8 per code, the format compressed-tensors gives integer weights with
+quantized activations), because vLLM picks its int8-activation kernels (W8A8, W4A8) only for that format and serves
+pack-quantized only without activation quantization (WNA16).
+
+Float grids (compress_order/numerics/formats.py) are written in compressed-tensors' own float formats, from their codes:
+  fp8    float-quantized: one float8_e4m3fn per weight, `weight_scale` per channel or per group of 128 (in the
+         model's dtype, as loaders hold it, like the integer scales above).
+  nvfp4  nvfp4-pack-quantized: E2M1 nibbles two per byte (even column in the low nibble), group 16, E4M3
+         `weight_scale` and one float32 `weight_global_scale` per tensor; a group's scale is
+         weight_scale / weight_global_scale (the global scale is the reciprocal of our per-tensor scale).
+  mxfp4  mxfp4-pack-quantized: E2M1 nibbles, group 32, uint8 `weight_scale` holding the E8M0 exponent + 127.
+compressed-tensors 0.20 decompresses both FP4 formats into bfloat16: MXFP4 weights (E2M1 value times a power of two)
+fit bfloat16 exactly, NVFP4 weights in general do not (their group scales are E4M3 over a float32), so a float32
+model's NVFP4 checkpoint reads back rounded to bfloat16; `mismatched_weights` counts what that changes.
+
+Act-order: GPTQ here keeps groups in the original column order (act_order needs static groups), so its grids
+need no group index (`weight_g_idx`); compressed-tensors 0.20 has dropped the dynamic (`group`) act-order anyway.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+import torch
+from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+from compressed_tensors.compressors.base import BaseCompressor
+from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    QuantizationStrategy,
+)
+from torch import Tensor, nn
+
+from compress_order.core.errors import InvariantError, UserError
+from compress_order.numerics.formats import FloatGrid, codebook, nvfp4_global_scale
+from compress_order.numerics.quant import QuantGrid
+from compress_order.modeling.targets import Target
+
+FORMAT = CompressionFormat.pack_quantized.value
+ACT_FORMAT = CompressionFormat.int_quantized.value  # weights with quantized input activations
+
+# vLLM's compressed-tensors WNA16 path (pack-quantized weights, 16-bit activations; symmetric or with zero-points):
+# the widths and group sizes its kernels (Marlin, Machete, ...) take, and the layer-shape multiples Marlin needs
+# (output, input features).
+VLLM_BITS = (4, 8)
+VLLM_GROUP_SIZES = (-1, 32, 64, 128)
+VLLM_MIN_SHAPE = (64, 128)
+# vLLM fuses these projections into one layer, which must then carry one scheme.
+VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """The input activations of a run with `act_bits`: symmetric, one dynamic scale per token or per tensor, or one
+    static scale per layer (observed on calibration data, stored as each layer's `input_scale`); integer, or FP8
+    E4M3 (`act_format=fp8`)."""
+
+    bits: int
+    granularity: str  # "token", "tensor" or "static" (compress_order/modeling/act.py)
+    fmt: str | None = None  # None: integer; "fp8"
+
+    @property
+    def static(self) -> bool:
+        return self.granularity == "static"
+
+    def args(self) -> QuantizationArgs:
+        strategy = QuantizationStrategy.TOKEN if self.granularity == "token" else QuantizationStrategy.TENSOR
+        kind = "int" if self.fmt is None else "float"
+        return QuantizationArgs(num_bits=self.bits, type=kind, symmetric=True, dynamic=not self.static,
+                                strategy=strategy)  # fmt: skip
+
+    def describe(self) -> str:
+        kind = "" if self.fmt is None else " FP8 E4M3"
+        how = "static per-tensor" if self.static else f"{self.granularity}-wise dynamic"
+        return f"A{self.bits}{kind} {how} symmetric"
+
+    def input_tensors(self, name: str, scale: Tensor | None) -> dict[str, Tensor]:
+        """A static scheme's per-layer tensors (its scale in float32, as the run applied it, and an integer
+        scheme's zero-point, 0): none if dynamic."""
+        if not self.static:
+            return {}
+        if scale is None:
+            raise InvariantError(f"layer {name}: static activations without an observed input scale")
+        out = {"input_scale": scale.reshape(1).float().cpu()}
+        if self.fmt is None:
+            out["input_zero_point"] = torch.zeros(1, dtype=torch.int8)
+        return out
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """One config group: bits, group size (-1: one group per output channel), symmetry, and the input activations'
+    scheme where the run quantized them."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    act: ActScheme | None = None
+
+    @property
+    def format(self) -> str:
+        return FORMAT if self.act is None else ACT_FORMAT
+
+    def scheme(self, targets: list[str]) -> QuantizationScheme:
+        inputs = None if self.act is None else self.act.args()
+        return QuantizationScheme(targets=targets, weights=self.args(), input_activations=inputs, format=self.format)
+
+    def args(self) -> QuantizationArgs:
+        strategy = QuantizationStrategy.CHANNEL if self.group_size == -1 else QuantizationStrategy.GROUP
+        return QuantizationArgs(
+            num_bits=self.bits, type="int", symmetric=self.sym, strategy=strategy,
+            group_size=None if self.group_size == -1 else self.group_size,
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        groups = "per channel" if self.group_size == -1 else f"group {self.group_size}"
+        acts = "" if self.act is None else f", {self.act.describe()} activations"
+        return f"{self.bits}-bit {groups} {'symmetric' if self.sym else 'with zero-points'}{acts}"
+
+
+# compressed-tensors' format for each float grid's weights, and how its scales are stored
+FLOAT_FORMAT = {"fp8": CompressionFormat.float_quantized.value, "nvfp4": CompressionFormat.nvfp4_pack_quantized.value,
+                "mxfp4": CompressionFormat.mxfp4_pack_quantized.value}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FloatScheme:
+    """One config group of float weights: the format, its group (-1: per channel; FP8 only) and the input
+    activations' scheme where the run quantized them. Float grids are symmetric: no zero-points."""
+
+    fmt: str  # fp8 | nvfp4 | mxfp4
+    group_size: int
+    act: ActScheme | None = None
+    sym = True
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.fmt == "fp8" else 4
+
+    @property
+    def format(self) -> str:
+        return FLOAT_FORMAT[self.fmt]
+
+    def scheme(self, targets: list[str]) -> QuantizationScheme:
+        inputs = None if self.act is None else self.act.args()
+        return QuantizationScheme(targets=targets, weights=self.args(), input_activations=inputs, format=self.format)
+
+    def args(self) -> QuantizationArgs:
+        if self.fmt == "fp8":
+            strategy = QuantizationStrategy.CHANNEL if self.group_size == -1 else QuantizationStrategy.GROUP
+            return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy,
+                                    group_size=None if self.group_size == -1 else self.group_size)  # fmt: skip
+        if self.fmt == "nvfp4":  # groups plus a per-tensor global scale: compressed-tensors' TENSOR_GROUP
+            strategy = QuantizationStrategy.TENSOR_GROUP
+            return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=16, strategy=strategy,
+                                    scale_dtype=torch.float8_e4m3fn)  # fmt: skip
+        return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=32,
+                                strategy=QuantizationStrategy.GROUP, scale_dtype=torch.uint8)  # fmt: skip
+
+    def describe(self) -> str:
+        acts = "" if self.act is None else f", {self.act.describe()} activations"
+        if self.fmt == "fp8":
+            groups = "per channel" if self.group_size == -1 else f"group {self.group_size}"
+            return f"FP8 E4M3 {groups}{acts}"
+        if self.fmt == "nvfp4":
+            return f"NVFP4 E2M1 group 16, E4M3 scales and a float32 global scale{acts}"
+        return f"MXFP4 E2M1 group 32, E8M0 scales{acts}"
+
+
+def weight_scheme(grid: QuantGrid | FloatGrid, act: ActScheme | None = None) -> WeightScheme | FloatScheme:
+    """The scheme a grid is written under. A symmetric grid whose zero-points are not all the midpoint (none is
+    made so, but a grid is only data) is written with its zero-points."""
+    if isinstance(grid, FloatGrid):  # FP4 formats fix their group; FP8's one group per row is per channel
+        fixed = grid.format.group_size
+        return FloatScheme(grid.fmt, fixed or (-1 if grid.n_groups == 1 else grid.group_size), act)
+    mid = 2 ** (grid.bits - 1)
+    sym = grid.sym and bool((grid.zero == mid).all())
+    return WeightScheme(grid.bits, -1 if grid.n_groups == 1 else grid.group_size, sym, act)
+
+
+@dataclass
+class PackedLayer:
+    scheme: WeightScheme | FloatScheme
+    tensors: dict[str, Tensor]  # local names: weight_packed, weight_scale, weight_shape (and weight_zero_point);
+    # int-quantized: weight (int8 codes), weight_scale (and weight_zero_point); float-quantized: weight (float8),
+    # weight_scale; nvfp4 / mxfp4: weight_packed (uint8), weight_scale (and nvfp4's weight_global_scale)
+    mismatched: int  # weights the loader's arithmetic (scales in the model dtype) does not give back exactly
+
+
+@torch.no_grad()
+def pack_layer(target: Target, act: ActScheme | None = None, input_scale: Tensor | None = None) -> PackedLayer:
+    """Codes of the evaluated weight on its own grid, packed by compressed-tensors' pack-quantized compressor (or,
+    with quantized activations, stored one int8 per code by its int-quantized compressor), with the layer's static
+    input scale where the activations have one."""
+    layer = _pack_weight(target, act)
+    if act is not None:
+        layer.tensors.update(act.input_tensors(target.name, input_scale))
+    return layer
+
+
+def _pack_weight(target: Target, act: ActScheme | None) -> PackedLayer:
+    grid, module = target.constraint.grid, target.module
+    if grid is None:
+        raise ValueError(f"{target.name} has no quantization grid")
+    if not isinstance(module, nn.Linear):
+        raise UserError(
+            f"layer {target.name} is a {type(module).__name__}: compressed-tensors export covers Linear layers; "
+            f"use the dense format"
+        )
+    w = target.weight
+    grid = grid.to(w.device)
+    codes = grid.codes(w)  # unsigned, float32 (float grids: indices into the format's codebook)
+    if not torch.equal(grid.dequant(codes, w.dtype), w):  # the invariant check guarantees this after every stage
+        raise InvariantError(f"layer {target.name}: its codes do not reproduce the evaluated weight")
+    if isinstance(grid, FloatGrid):
+        return _pack_float(target.name, w, grid, codes, act)
+    scheme = weight_scheme(grid, act)
+    mid = 2 ** (grid.bits - 1)
+    signed = (codes - mid).to(torch.int8)
+    local = {
+        # The grid values in float32: the compressor's quantize (round(w / s) + z') gives back exactly `signed`.
+        "weight": grid.dequant(codes).cpu(),
+        "weight_scale": grid.scale.float().cpu(),
+        "weight_zero_point": (grid.zero - mid).to(torch.int8).cpu(),
+    }
+    ct = scheme.scheme([target.name])
+    compressor = PackedQuantizationCompressor if act is None else IntQuantizationCompressor
+    packed = compressor.compress(local, ct)
+    stored = packed["weight"] if act is not None else unpack_from_int32(packed["weight_packed"], grid.bits, w.shape)
+    if not torch.equal(stored, signed.cpu()):
+        raise InvariantError(f"layer {target.name}: stored codes differ from the grid's codes")
+    packed["weight_scale"] = packed["weight_scale"].to(w.dtype)  # loaders hold scales in the model dtype
+    back = compressor.decompress(packed, ct)["weight"].to(w.dtype)
+    mismatched = int((back != w.cpu()).sum())
+    return PackedLayer(scheme, packed, mismatched)
+
+
+def e2m1_nibbles(codes: Tensor) -> Tensor:
+    """FP4 E2M1 bit patterns (uint8, 0-15) of codes indexing the sorted E2M1 codebook (-6 … 6, zero at index 7):
+    bit 3 the sign, bits 0-2 the magnitude's index in 0, .5, 1, 1.5, 2, 3, 4, 6."""
+    offset = codes.long() - 7
+    return ((offset < 0).to(torch.uint8) << 3) | offset.abs().to(torch.uint8)
+
+
+def pack_e2m1(codes: Tensor) -> Tensor:
+    """Two E2M1 values per byte along each row, the even column in the low nibble: (rows, cols / 2) uint8."""
+    nib = e2m1_nibbles(codes)
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
+@torch.no_grad()
+def _pack_float(name: str, w: Tensor, grid: FloatGrid, codes: Tensor, act: ActScheme | None) -> PackedLayer:
+    """A float grid's codes and scales in compressed-tensors' layout for its format (nothing re-quantized: the
+    stored scales are the grid's, checked to give back its float32 scales exactly), read back by the format's own
+    decompressor to count what it does not give back."""
+    scheme = weight_scheme(grid, act)
+    values = codebook(grid.bits, codes.device)[codes.long()]  # the element values, exact in their format
+    scale = grid.scale.float()
+    if grid.fmt == "fp8":  # loaders hold these scales in the model's dtype (as the integer path writes them)
+        tensors = {"weight": values.to(torch.float8_e4m3fn).cpu(), "weight_scale": scale.to(w.dtype).cpu()}
+        stored, back_scale = tensors["weight"].float(), scale
+    else:
+        tensors = {"weight_packed": pack_e2m1(codes).cpu()}
+        if grid.fmt == "nvfp4":
+            g = nvfp4_global_scale(grid.tensor_scale).reshape(1)
+            e4m3 = (scale * g).to(torch.float8_e4m3fn)  # the E4M3 group scale the grid divided by g
+            tensors.update(weight_scale=e4m3.cpu(), weight_global_scale=g.cpu())
+            back_scale = e4m3.float() / g
+        else:  # E8M0: the power of two's exponent, biased by 127
+            exponent = torch.round(torch.log2(scale)).to(torch.int32)
+            tensors["weight_scale"] = (exponent + 127).to(torch.uint8).cpu()
+            back_scale = torch.exp2(exponent.float())
+        stored = unpack_fp4_from_uint8(tensors["weight_packed"], *w.shape, dtype=torch.float32).to(w.device)
+    if not torch.equal(back_scale, scale):
+        raise InvariantError(f"layer {name}: its {grid.fmt} scales are not stored exactly in the format's scale type")
+    if not torch.equal(stored, values):
+        raise InvariantError(f"layer {name}: stored codes differ from the grid's codes")
+    ct = scheme.scheme([name])
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    back = compressor.decompress(dict(tensors), ct)["weight"].to(w.dtype)
+    mismatched = int((back != w.cpu()).sum())
+    return PackedLayer(scheme, tensors, mismatched)
+
+
+def quantization_config(schemes: dict[str, WeightScheme | FloatScheme], ignore: list[str]) -> QuantizationConfig:
+    """One config group per distinct scheme (per-layer widths give several), targets named layer by layer."""
+    by_scheme: dict[WeightScheme | FloatScheme, list[str]] = defaultdict(list)
+    for name, s in schemes.items():
+        by_scheme[s].append(name)
+    ordered = sorted(by_scheme.items(), key=lambda kv: (kv[0].bits, kv[0].group_size, kv[0].sym))
+    groups = {f"group_{i}": s.scheme(names) for i, (s, names) in enumerate(ordered)}
+    formats = {s.format for s in by_scheme}
+    fmt = formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value
+    return QuantizationConfig(
+        config_groups=groups, format=fmt, quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore
+    )
+
+
+def compressed_state_dict(model: nn.Module, packed: dict[str, PackedLayer]) -> dict[str, Tensor]:
+    """The model's state dict with each packed layer's `weight` replaced by its compressed tensors."""
+    state = dict(model.state_dict())
+    for name, layer in packed.items():
+        del state[f"{name}.weight"]
+        state.update({f"{name}.{k}": v for k, v in layer.tensors.items()})
+    return state
+
+
+def write_config(save_dir: str, config: QuantizationConfig) -> None:
+    """Add `quantization_config` (quant_method compressed-tensors) to save_dir/config.json, as compressed-tensors
+    writes it."""
+    ModelCompressor(quantization_config=config).update_config(save_dir)
+
+
+def dense_linears(model: nn.Module, quantized: set[str]) -> list[str]:
+    """Linear layers the checkpoint keeps dense (skipped, or pruned only): the config's `ignore` list."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+
+
+def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme | FloatScheme]) -> tuple[str, bool, list[str]]:
+    """Which vLLM compressed-tensors path reads the checkpoint (WNA16 for weight-only, its int8-activation
+    schemes W8A8 / W4A8 otherwise, its FP8 / FP4 weight-only schemes for float grids), whether it would serve it
+    as saved, and if not, why."""
+    acts = {s.act for s in schemes.values()}
+    if any(isinstance(s, FloatScheme) for s in schemes.values()):
+        path, reasons = _float_reasons(schemes)
+    elif acts == {None}:
+        path, reasons = "WNA16", _wna16_reasons(model, schemes)
+    elif any(a is not None and a.fmt is not None for a in acts):
+        widths = "/".join(map(str, sorted({s.bits for s in schemes.values()})))
+        path, reasons = f"W{widths}A8 FP8", [f"integer {widths}-bit weights with FP8 activations (no vLLM "
+                                             "compressed-tensors scheme takes that pairing here)"]  # fmt: skip
+    else:
+        path, reasons = _int_act_reasons(schemes)
+    for fused, parts in VLLM_FUSED.items():
+        for name in schemes:
+            prefix, _, leaf = name.rpartition(".")
+            if leaf != parts[0]:
+                continue
+            found = {schemes.get(f"{prefix}.{p}") for p in parts}
+            if len(found) > 1:
+                reasons.append(f"{prefix}: {', '.join(parts)} differ in scheme but vLLM fuses them into {fused}")
+                break
+    return path, not reasons, reasons
+
+
+def _wna16_reasons(model: nn.Module, schemes: dict[str, WeightScheme]) -> list[str]:
+    reasons: list[str] = []
+    widths = sorted({s.bits for s in schemes.values()} - set(VLLM_BITS))
+    if widths:
+        reasons.append(f"{'/'.join(map(str, widths))}-bit weights (WNA16 takes {' or '.join(map(str, VLLM_BITS))})")
+    sizes = sorted({s.group_size for s in schemes.values()} - set(VLLM_GROUP_SIZES))
+    if sizes:
+        reasons.append(f"group size {'/'.join(map(str, sizes))} (WNA16 takes -1, 32, 64, 128)")
+    mods = dict(model.named_modules())
+    rows, cols = VLLM_MIN_SHAPE
+    odd = [n for n in schemes if mods[n].out_features % rows or mods[n].in_features % cols]
+    if odd:
+        reasons.append(f"{len(odd)} layer(s) not a multiple of {rows}x{cols} features, e.g. {odd[0]}")
+    return reasons
+
+
+def _int_act_reasons(schemes: dict[str, WeightScheme]) -> tuple[str, list[str]]:
+    """vLLM's int8-activation schemes: W8A8 int8 takes symmetric 8-bit weights per channel with dynamic per-token
+    (or static per-tensor) int8 activations; W4A8 int symmetric 4-bit weights per group or channel with dynamic
+    per-token int8 activations. Dynamic per-tensor activations and other widths match none of them."""
+    act = next(s.act for s in schemes.values() if s.act is not None)  # one run, one activation scheme
+    widths = sorted({s.bits for s in schemes.values()})
+    path = " + ".join({8: "W8A8 int8", 4: "W4A8 int"}.get(b, f"W{b}A{act.bits}") for b in reversed(widths))
+    reasons: list[str] = []
+    if act.bits != 8:
+        reasons.append(f"{act.bits}-bit activations (vLLM's integer-activation kernels take int8)")
+    if act.granularity == "tensor":
+        reasons.append("dynamic per-tensor activations (vLLM's int8 kernels take dynamic per-token or static "
+                       "per-tensor scales)")  # fmt: skip
+    if act.static and 4 in widths:
+        reasons.append("static activations with 4-bit weights (vLLM's W4A8 int takes dynamic per-token ones)")
+    other = [b for b in widths if b not in VLLM_BITS]
+    if other:
+        reasons.append(f"{'/'.join(map(str, other))}-bit weights with quantized activations (vLLM takes 8-bit: W8A8, "
+                       f"or 4-bit: W4A8)")  # fmt: skip
+    asym = sorted({s.bits for s in schemes.values() if not s.sym and s.bits in VLLM_BITS})
+    if asym:
+        reasons.append(f"asymmetric {'/'.join(map(str, asym))}-bit weights (vLLM's W8A8/W4A8 take symmetric "
+                       f"weights, sym: true)")  # fmt: skip
+    grouped = sorted({s.group_size for s in schemes.values() if s.bits == 8 and s.group_size != -1})
+    if grouped:
+        reasons.append(f"8-bit weights in groups of {'/'.join(map(str, grouped))} (W8A8 int8 takes per-channel "
+                       f"weights, group_size=-1)")  # fmt: skip
+    return path, reasons
+
+
+# vLLM's compressed-tensors schemes for float weights with 16-bit activations (CompressedTensorsW8A16Fp8,
+# CompressedTensorsW4A16Fp4, CompressedTensorsW4A16Mxfp4): FP8 takes per-tensor, per-channel or block scales, the
+# FP4 ones their formats' fixed groups. Layer-shape multiples their kernels need are not checked here.
+VLLM_FLOAT_PATHS = {"fp8": "W8A16 FP8", "nvfp4": "W4A16 NVFP4", "mxfp4": "W4A16 MXFP4"}
+
+
+def _float_reasons(schemes: dict[str, WeightScheme | FloatScheme]) -> tuple[str, list[str]]:
+    floats = [s for s in schemes.values() if isinstance(s, FloatScheme)]
+    path = " + ".join(sorted({VLLM_FLOAT_PATHS[s.fmt] for s in floats}))
+    reasons: list[str] = []
+    if len(floats) < len(schemes):
+        reasons.append("integer and float weights in one checkpoint (vLLM reads one scheme family per model)")
+    grouped = sorted({s.group_size for s in floats if s.fmt == "fp8" and s.group_size != -1})
+    if grouped:
+        reasons.append(f"FP8 weights in groups of {'/'.join(map(str, grouped))} along a row (vLLM's FP8 schemes take "
+                       f"per-tensor, per-channel or 128x128-block scales: group_size=-1)")  # fmt: skip
+    act = next((s.act for s in floats if s.act is not None), None)
+    if act is not None and act.fmt is None:
+        reasons.append(f"integer A{act.bits} input activations with float weights (vLLM's float schemes take 16-bit "
+                       f"or float activations)")  # fmt: skip
+    elif act is not None:  # FP8 activations: vLLM's W8A8 FP8 scheme, for FP8 weights
+        path = "W8A8 FP8" if {s.fmt for s in floats} == {"fp8"} else path
+        fp4 = sorted({s.fmt.upper() for s in floats if s.fmt != "fp8"})
+        if fp4:
+            reasons.append(f"{'/'.join(fp4)} weights with FP8 activations (vLLM's FP4 schemes take 16-bit or FP4 "
+                           f"activations)")  # fmt: skip
+        if act.granularity == "tensor":
+            reasons.append("dynamic per-tensor FP8 activations (vLLM's W8A8 FP8 takes dynamic per-token or static "
+                           "per-tensor scales)")  # fmt: skip
+    return path, reasons
+
+
+def transformers_reloads(schemes: dict[str, WeightScheme | FloatScheme], dtype: torch.dtype) -> bool:
+    """Whether transformers' `from_pretrained` reloads the checkpoint into a `dtype` model. compressed-tensors 0.20
+    builds the model it loads into with unpacked zero-points, so a checkpoint with (packed) zero-points fails there
+    on a size mismatch; and it decompresses NVFP4 / MXFP4 weights into bfloat16, so other models fail on their
+    first forward (a bfloat16 weight in a float32 matmul). Its own CompressedTensorsDequantizer and vLLM read all."""
+    fp4 = any(isinstance(s, FloatScheme) and s.fmt != "fp8" for s in schemes.values())
+    return all(s.sym for s in schemes.values()) and (not fp4 or dtype == torch.bfloat16)

@@ -1,0 +1,89 @@
+"""What determines a node's result: the one rule behind every store key.
+
+A node (the dense model, or the model after a prefix of stages) is keyed by
+- the model and data configs (the embedded assets' folder written relative, so every checkout shares keys),
+- the evaluation settings, the device and `dense_bits` (they change the node's metrics; `kld` is measured against
+  the dense model of these same settings, its reference scheme being `eval` keys, so it needs nothing more),
+- the resolved parameters of each stage of its prefix, in order (a label is a name, not identity: `bits` and
+  `sparsity` enter only through the stages that interpolate them),
+- the calibration settings and the seed, only when the prefix holds a calibrated stage (one whose class `needs`
+  statistics); data-free prefixes (dense, magnitude, RTN and their orders) are shared by every seed,
+- the code: a hash of the package's Python source plus the versions of the libraries that change numbers.
+
+So a grid computes each distinct node once: the dense model and each single stage at a given setting are shared
+by every job that reaches them, and an edit to the package's code (not to a README or a config) invalidates all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from compress_order.core.paths import ASSETS_DIR, PACKAGE_DIR
+
+NUMERIC_LIBRARIES = ("torch", "transformers", "timm", "torchao")
+# Keys of a resolved stage config that name it rather than determine what it does.
+STAGE_NAMING_KEYS = ("label", "name")
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@lru_cache(maxsize=4)
+def code_identity(package_dir: Path = PACKAGE_DIR) -> dict:
+    """Hash of every .py file of the package (path and bytes) and the versions of the numeric libraries."""
+    h = hashlib.sha256()
+    for path in sorted(package_dir.rglob("*.py")):
+        h.update(str(path.relative_to(package_dir)).encode() + b"\0" + path.read_bytes() + b"\0")
+    libs = {}
+    for pkg in NUMERIC_LIBRARIES:
+        try:
+            libs[pkg] = version(pkg)
+        except PackageNotFoundError:
+            libs[pkg] = None
+    return {"source": h.hexdigest(), "libraries": libs}
+
+
+def _portable(value: Any) -> Any:
+    """Paths inside the embedded assets folder written relative to it (the same key in every checkout)."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and value.startswith(str(ASSETS_DIR)):
+        return "${asset:" + value[len(str(ASSETS_DIR)) :].lstrip("/") + "}"
+    return value
+
+
+def base_identity(cfg: DictConfig) -> dict:
+    """What every node of a run shares. `cfg.device` must already be resolved (cpu, cuda:0 ...)."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    ident = {
+        "model": c["model"], "data": c["data"], "eval": c["eval"], "device": c["device"],
+        "dense_bits": c["dense_bits"], "code": code_identity(),
+    }  # fmt: skip
+    if c.get("act_bits") is not None:  # quantized activations change every node, the dense one included
+        ident["act"] = {"bits": c["act_bits"], "granularity": c["act_granularity"]}
+        if c.get("act_format") is not None:  # only then: integer runs keep their keys
+            ident["act"]["format"] = c["act_format"]
+    return _portable(ident)
+
+
+def stage_identity(sc: dict) -> dict:
+    return _portable({k: v for k, v in sc.items() if k not in STAGE_NAMING_KEYS})
+
+
+def node_key(base: dict, prefix: list[dict], calibrated: bool, calibration: dict, seed: int) -> str:
+    """The store key of the node reached by applying `prefix` (resolved stage configs) to the dense model."""
+    ident: dict[str, Any] = {"base": base, "prefix": [stage_identity(sc) for sc in prefix]}
+    if calibrated:
+        ident["calibration"] = calibration
+        ident["seed"] = seed
+    return digest(ident)

@@ -1,0 +1,143 @@
+"""One way to compress a model: load it as a run does, build its stages, apply them, evaluate a node.
+
+The runner (every node of the trie), `compress-order export` (one full order of a finished run) and the tests go
+through this module, so a rebuilt order is the order the run evaluated: same targets, same activation scheme
+(static ranges observed on the current weights before each calibrated stage), same invariant checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from compress_order.modeling.act import ActQuant
+from compress_order.modeling.act import paused as act_paused
+from compress_order.evaluation.backends import Backend, latency_entries
+from compress_order.modeling.coverage import Coverage, load_targets
+from compress_order.core.instantiate import build
+from compress_order.evaluation.measure import compression_metrics, peak_memory_mb
+from compress_order.evaluation.metrics import METRICS
+from compress_order.loaders.models import LoadedModel
+from compress_order.core.schema import SIMULATED, NodeRecord
+from compress_order.config.stages import build_stage
+from compress_order.stages.base import Stage
+from compress_order.modeling.targets import ModelState, Snapshot, Target, find_targets
+from compress_order.evaluation.tasks import Task, build_task
+
+
+def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, act: ActQuant | None = None,
+                report: dict | None = None) -> str | None:  # fmt: skip
+    """Apply one stage to every target layer, then check every layer's invariants. Returns why the stage cannot
+    follow what the layers hold (then nothing is changed), else None. With static activation ranges (`act`),
+    a calibrated stage reads statistics of activations quantized with ranges observed on the current weights.
+    `report` receives the calibration tokens per expert of each MoE layer."""
+    why = stage.feasible(state.targets)
+    if why is not None:
+        return why
+    if act is not None and stage.needs is not None:
+        act.observe(state.model, task.calibration_batches())
+    live = {n: t for n, t in state.targets.items() if not t.constraint.dropped}  # a removed expert stays removed
+    if stage.needs is None:
+        for t in live.values():
+            stage.compress(t, None)
+    else:
+        from compress_order.stages.calibration import calibrate_and_compress
+
+        calibrate_and_compress(state.model, live, task.calibration_batches(), stage, cfg.calibration, report=report)
+    state.check()
+    return None
+
+
+@dataclass
+class RunContext:
+    """A run's model on its device with its compressible layers, their constraints, and the activation quantizer
+    (`act_bits`: on for the whole run, every evaluation and every later calibration)."""
+
+    lm: LoadedModel
+    data: Any
+    targets: dict[str, Target]
+    state: ModelState
+    act: ActQuant | None
+    device: torch.device
+    coverage: Coverage | None = None  # which weight matrices the targets are, which model.skip leaves dense
+    probed: set[str] = field(default_factory=set)  # labels of stages `check_model` has probed on this model
+
+    @classmethod
+    def load(cls, cfg: DictConfig, device: torch.device) -> RunContext:
+        lm = build(cfg.model)
+        data = build(cfg.data)
+        lm.model.to(device)
+        targets, coverage = load_targets(lm.model, lm.skip)  # every weight matrix a target or skipped on purpose
+        act = None
+        if cfg.get("act_bits") is not None:
+            act = ActQuant(int(cfg.act_bits), str(cfg.act_granularity), cfg.get("act_format")).install(targets)
+        return cls(lm, data, targets, ModelState(lm.model, targets), act, device, coverage)
+
+    @property
+    def static_act(self) -> ActQuant | None:
+        """The quantizer when its ranges are observed (static), which stages and evaluations must refresh."""
+        return self.act if self.act is not None and self.act.static else None
+
+    def fresh_dense(self, cfg: DictConfig) -> Snapshot:
+        """The dense weights from a fresh load (the loaded model may already be compressed)."""
+        fresh = build(cfg.model)
+        return ModelState(fresh.model, find_targets(fresh.model, self.lm.skip)).snapshot()
+
+    def build_stages(self, stage_cfgs: dict[str, dict]) -> dict[str, Stage]:
+        """Each resolved stage config by label as a Stage, checked against the layers before any work."""
+        stages = {lab: build_stage(sc) for lab, sc in stage_cfgs.items()}
+        for s in stages.values():
+            s.validate(self.targets)
+        return stages
+
+    def check_model(self, stages: dict[str, Stage], task: Task, cfg: DictConfig) -> None:
+        """What the model's structure decides beyond the layer shapes `validate` sees: a stage that rescales
+        inputs needs a producer in the model's first unit. Probed once per stage, on one calibration sample and
+        the loaded weights, before any node is evaluated (calibration would find it only when the stage runs)."""
+        from compress_order.stages.calibration import check_scaling
+
+        for label, stage in stages.items():
+            if stage.scales_inputs and label not in self.probed:
+                check_scaling(self.lm.model, self.targets, task.calibration_batches(), stage, cfg.calibration)
+                self.probed.add(label)
+
+    def input_scales(self, task: Task) -> dict[str, torch.Tensor] | None:
+        """Static activations: each layer's input scale observed on the weights the model holds now (what a
+        checkpoint of this node stores); None for dynamic or full-precision activations."""
+        if self.static_act is None:
+            return None
+        self.static_act.observe(self.lm.model, task.calibration_batches())
+        return self.static_act.input_scales(self.targets)
+
+    def task(self, cfg: DictConfig) -> Task:
+        return build_task(self.lm, self.data, cfg)
+
+    def apply(self, stage: Stage, task: Task, cfg: DictConfig, report: dict | None = None) -> str | None:
+        return apply_stage(stage, self.state, task, cfg, self.static_act, report)
+
+    def evaluate(self, task: Task, cfg: DictConfig, backends: list[Backend]) -> NodeRecord:
+        """The node the model holds now: the task's metrics, its compression and peak memory (since the last
+        `reset_peak`), and latency, simulated and on each backend's kernels (a packed copy of the node's codes)."""
+        model = self.lm.model
+        if self.static_act is not None:  # static ranges of this node's activations
+            self.static_act.observe(model, task.calibration_batches())
+        metrics, samples = task.evaluate(model)
+        metrics.update(compression_metrics(model, self.targets, int(cfg.dense_bits)))
+        with act_paused():  # fake activation rounding is no kernel: time what the weights cost
+            metrics.update(task.latency(model))
+            metrics["peak_mem_mb"] = peak_memory_mb(self.device)
+            packed = latency_entries(backends, model, self.targets, task, self.device)
+        entries = [{"metric": m, "value": v, "backend": SIMULATED, "higher_is_better": METRICS[m].higher_is_better}
+                   for m, v in metrics.items()]  # fmt: skip
+        return NodeRecord(entries + packed, {k: v.tolist() for k, v in samples.items()},
+                          task.primary_metric, task.protocol)  # fmt: skip
+
+
+def infeasible_record(why: str, primary: str, protocol: str) -> NodeRecord:
+    """A node that could not be computed (a stage could not follow what the layers held): its primary metric NaN."""
+    return NodeRecord([{"metric": primary, "value": float("nan"), "backend": SIMULATED,
+                        "higher_is_better": METRICS[primary].higher_is_better, "status": "infeasible", "error": why}],
+                      primary=primary, protocol=protocol)  # fmt: skip

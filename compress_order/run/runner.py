@@ -1,0 +1,341 @@
+"""One run: plan (keys, store, cost) → execute (the stage trie) → record (tidy rows, summary, stats).
+
+Every node of the trie (dense baseline, each prefix, each full order) is evaluated once across every run that
+shares the store (identity.py says what makes two nodes the same); its record goes to the store and its rows to
+results.parquet / results.csv immediately, so a crash loses at most the node in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from compress_order.run import pipeline
+from compress_order.evaluation.backends import select_backends
+from compress_order.core.errors import Interrupted
+from compress_order.export.checkpoint import save_node
+from compress_order.evaluation.measure import reset_peak
+from compress_order.core.paths import PACKAGE_DIR
+from compress_order.run.identity import base_identity, digest, stage_identity
+from compress_order.run.pipeline import RunContext
+from compress_order.run.plan import Plan, cost, make_plan, run_seeds, with_seed
+from compress_order.run.rows import RunWriter, make_rows, summary_markdown
+from compress_order.core.files import write_text
+from compress_order.core.schema import STATS_FILE, SUMMARY, NodeRecord
+from compress_order.run.state_cache import StateCache
+from compress_order.run.store import NodeStore
+from compress_order.modeling.targets import Snapshot
+from compress_order.run.trie import Node, run_trie
+from compress_order.config.validate import check_config
+
+from compress_order.core.devices import resolve_device
+log = logging.getLogger("compress_order.run.runner")
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(PACKAGE_DIR), "rev-parse", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> str:
+    """Versions of the libraries that shape a result, as a JSON object for the `library_versions` column."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("transformers", "timm", "datasets", "hydra-core", "numpy", "torchao"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return json.dumps(out, sort_keys=True)
+
+
+@dataclass
+class RunStats:
+    """What a run did, written to run_stats.json: the cost plan's figures, measured."""
+
+    nodes: int = 0
+    evaluations: int = 0  # nodes evaluated by this run
+    applications: int = 0  # stage applications (state-cache reloads not counted)
+    from_store: int = 0  # nodes whose record was already stored when reached
+    from_other_jobs: int = 0  # nodes another job was computing, picked up at the end
+    taken_over: int = 0  # stale claims of dead jobs, computed here
+    saved: int = 0
+    wall_s: float = 0.0
+    # calibration tokens per expert (min / median / max, experts without any) per MoE layer, by node
+    expert_tokens: dict = field(default_factory=dict)
+
+
+def stage_list(scfgs: list[dict]) -> str:
+    """The run's stages as data for the `stage_list` column (JSON): label, name, class, kind, whether calibrated,
+    and resolved parameters, so analysis needs no config files or label parsing to know what a stage was."""
+    from hydra.utils import get_object
+
+    out = []
+    for sc in scfgs:
+        cls = get_object(sc["_target_"])
+        out.append({"label": sc["label"], "name": sc["name"], "target": sc["_target_"], "kind": cls.kind,
+                    "calibrated": cls.needs is not None, "params": stage_identity(sc)})  # fmt: skip
+    return json.dumps(out, sort_keys=True)
+
+
+def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.DataFrame:
+    """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats).
+    `store`: the node store of `store_dir` (a test passes one with its own clock)."""
+    start = time.perf_counter()
+    check_config(cfg)
+    device = resolve_device(str(cfg.device))
+    cfg.device = str(device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    seeds = run_seeds(cfg)
+
+    store = NodeStore(cfg.store_dir, float(cfg.store_claim_timeout)) if store is None else store
+    jobs = [with_seed(cfg, s) for s in seeds]
+    plans = [make_plan(c, store, force=bool(cfg.force)) for c in jobs]
+    total = sum(len(p.nodes) for p in plans)
+    log.info(cost(plans, jobs=1).line())
+    base = digest(base_identity(cfg))
+    context = {
+        "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{base[:8]}",
+        "model": cfg.model.name, "dataset": cfg.data.name, "bits": cfg.bits, "sparsity": cfg.sparsity,
+        "group_size": cfg.group_size, "act_bits": cfg.act_bits,
+        "format": cfg.format,
+        # the activations' format: int for act_bits alone, empty for full-precision activations (as act_bits)
+        "act_format": cfg.get("act_format") or ("int" if cfg.act_bits is not None else None),
+        "config_hash": base[:16], "git_sha": git_sha(),
+        "torch_version": torch.__version__, "device": str(device), "library_versions": library_versions(),
+    }  # fmt: skip
+    writer = RunWriter(out_dir)
+    stats = RunStats()
+    executor = Executor(cfg, store, writer, out_dir, device, stats, keep_dense=len(seeds) > 1)
+    try:
+        for i, job in enumerate(jobs):  # seed-free nodes are stored by the first seed and reused by the others
+            torch.manual_seed(int(job.seed))
+            # a later seed is planned again: the seeds before it have stored the nodes they share
+            plan = plans[0] if i == 0 else make_plan(job, store, force=bool(cfg.force))
+            stats.nodes += len(plan.nodes)
+            labels = ",".join(sc["label"] for sc in plan.stage_cfgs)
+            context.update(stages=labels, stage_list=stage_list(plan.stage_cfgs + plan.joint_cfgs), seed=int(job.seed),
+                           expert_sparsity=next((sc["expert_sparsity"] for sc in plan.stage_cfgs
+                                                 if "expert_sparsity" in sc), None))  # fmt: skip
+            executor.execute(job, plan, dict(context))
+    except KeyboardInterrupt:
+        finished = len({(r["order"], r["seed"]) for r in writer.rows})
+        raise Interrupted(
+            f"interrupted: {finished} of {total} nodes finished and stored in "
+            f"{cfg.store_dir}; re-running the same command resumes from them"
+        ) from None
+    finally:
+        store.close()
+
+    df = writer.frame()
+    summary = summary_markdown(df, executor.primary, executor.protocol)
+    if executor.ctx is not None and executor.ctx.coverage is not None:
+        summary += f"- {executor.ctx.coverage.line(_full_coverage(df))}\n"
+    if plans[0].predict_only:
+        summary += "\n" + _predicted(cfg, df, out_dir, executor.primary, stats)
+    write_text(out_dir / SUMMARY, summary)
+    stats.wall_s = round(time.perf_counter() - start, 3)
+    write_text(out_dir / STATS_FILE, json.dumps(asdict(stats), indent=1))
+    return df
+
+
+def _full_coverage(df: pd.DataFrame) -> float | None:
+    """The smallest `coverage` of the deepest nodes (the full orders) in the rows, if measured."""
+    rows = df[(df["metric"] == "coverage") & (df["status"] == "ok")]
+    return None if rows.empty else float(rows[rows["depth"] == rows["depth"].max()]["value"].min())
+
+
+def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, stats: RunStats) -> str:
+    """predict_only: the order the PIH predicts from the singles (predicted.md / .csv), and what was not run."""
+    from compress_order.analysis.report import write_predictions
+    from compress_order.run.plan import scratch_costs
+
+    cut, full = scratch_costs(cfg)
+    done = (f"this run: {stats.evaluations} evaluation(s), {stats.applications} stage application(s), "
+            f"{stats.from_store} node(s) from the store; from scratch these {cut.distinct} nodes cost "
+            f"{cut.applications} stage applications, the full trie {full.distinct} nodes and {full.applications} "
+            f"(not run: {full.distinct - cut.distinct} nodes, {full.applications - cut.applications} stage "
+            f"applications); a full run with the same store reuses these nodes")  # fmt: skip
+    return write_predictions(df, out_dir, metric, done)
+
+
+class Executor:
+    """Runs the plans of one run, one calibration seed at a time, over a model loaded once (on first need)."""
+
+    def __init__(self, cfg: DictConfig, store: NodeStore, writer: RunWriter, out_dir: Path, device: torch.device,
+                 stats: RunStats, keep_dense: bool) -> None:  # fmt: skip
+        self.cfg, self.store, self.writer, self.out_dir, self.device = cfg, store, writer, out_dir, device
+        self.stats, self.keep_dense = stats, keep_dense
+        self.primary, self.protocol = "perplexity", ""
+        self.ctx: RunContext | None = None
+        self._dense: Snapshot | None = None
+
+    def _load(self) -> RunContext:
+        cfg = self.cfg
+        self.ctx = RunContext.load(cfg, self.device)
+        self.backends = select_backends(cfg.eval.get("backends", "auto"), self.device)
+        sc = cfg.get("state_cache") or {}
+        self.cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
+        if self.keep_dense:  # several tries start from the dense weights
+            self._dense = self.ctx.state.snapshot()
+        return self.ctx
+
+    def dense(self) -> Snapshot:
+        """The dense weights: kept from the load when several seeds need them, else rebuilt from a fresh load."""
+        if self._dense is None:
+            assert self.ctx is not None
+            self._dense = self.ctx.fresh_dense(self.cfg)
+        return self._dense
+
+    def execute(self, cfg: DictConfig, plan: Plan, context: dict) -> None:
+        """One seed's plan: every node's rows, from the store where it has them, else computed (`TrieWalk`)."""
+        records = {o: self.store.get(k) for o, k in plan.keys.items() if plan.done[o]}
+        plan.done.update({o: rec is not None for o, rec in records.items()})  # a damaged record was quarantined
+        if not plan.needed(plan.trie):  # everything is in the store: no model needed
+            for node in plan.nodes:
+                rec = records[node.order]
+                self.primary, self.protocol = rec.primary, rec.protocol
+                self.emit(plan, context, node, rec)
+                self.stats.from_store += 1
+            return
+        first = self.ctx is None
+        reset_peak(self.device)  # the dense node's peak includes loading the model
+        if self.ctx is None:
+            ctx = self._load()
+        else:
+            ctx = self.ctx
+            ctx.state.restore(self.dense())
+        walk = TrieWalk(self, ctx, cfg, plan, context, records)
+        self.primary, self.protocol = walk.task.primary_metric, walk.task.protocol
+        walk.run("orders" if first else f"orders, seed {cfg.seed}")
+
+    def emit(self, plan: Plan, context: dict, node: Node, rec: NodeRecord) -> None:
+        key = plan.keys[node.order]
+        self.writer.add(make_rows(context, node.label, node.depth, key, rec), rec.samples, node.label, key)
+
+
+class TrieWalk:
+    """One plan's trie over the loaded model: applies each stage once per prefix, reuses stored nodes, claims and
+    evaluates the others, defers those another job is computing and picks them up (or takes them over) at the end.
+    An infeasible node (a stage cannot follow what the layers hold) is recorded as such with its whole subtree."""
+
+    def __init__(self, ex: Executor, ctx: RunContext, cfg: DictConfig, plan: Plan, context: dict,
+                 records: dict[tuple, NodeRecord | None]) -> None:  # fmt: skip
+        self.ex, self.ctx, self.cfg, self.plan, self.context, self.records = ex, ctx, cfg, plan, context, records
+        self.store, self.stats = ex.store, ex.stats
+        self.stages = ctx.build_stages(plan.by_label)  # checked against the layers before any work
+        self.task = ctx.task(cfg)
+        ctx.check_model(self.stages, self.task, cfg)  # structure a stage needs (a scaling producer), also before any work
+        self.deferred: list[Node] = []
+        self.infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
+
+    def run(self, desc: str) -> None:
+        self.bar = tqdm(total=len(self.plan.nodes), desc=desc, unit="node")
+        try:
+            run_trie(self.plan.trie, self.ctx.state, self.apply, self.visit, needed=self.plan.needed)
+            for node, rec in self.store.wait({n: self.plan.keys[n.order] for n in self.deferred}):
+                if rec is None:  # its owner died: the claim is ours now
+                    rec = self.take_over(node)
+                else:
+                    self.stats.from_other_jobs += 1
+                self.finish(node, rec)
+        except BaseException:
+            self.bar.leave = False  # an error or Ctrl-C ends with its own one line, not a half-finished bar
+            raise
+        finally:
+            self.bar.close()
+
+    def apply(self, node: Node) -> None:
+        """Bring the model from the node's parent to the node: reload a cached state, or apply its last stage."""
+        reset_peak(self.ex.device)
+        key, cache = self.plan.keys[node.order], self.ex.cache
+        snap = cache.load(key) if self.plan.done[node.order] else None
+        if snap is not None:  # a finished inner node of an earlier run: reload instead of recomputing
+            self.ctx.state.restore(snap)
+            return
+        report: dict = {}
+        why = self.infeasible.get(node.order[:-1]) or self.ctx.apply(self.stages[node.stage], self.task, self.cfg,
+                                                                     report)  # fmt: skip
+        if report:
+            self.stats.expert_tokens[node.label] = report
+        if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
+            self.infeasible[node.order] = why
+            log.warning("order %s is infeasible: %s", node.label, why)
+            return
+        self.stats.applications += 1
+        if node.children and cache.root is not None:
+            cache.save(key, self.ctx.state.snapshot())
+
+    def visit(self, node: Node) -> None:
+        """The model holds the node: report it from the store, or claim and evaluate it, or defer it (busy)."""
+        key = self.plan.keys[node.order]
+        if node.order in self.infeasible and self.records.get(node.order) is None:
+            self.records[node.order] = self.infeasible_record(self.infeasible[node.order])
+            self.store.put(key, self.records[node.order])
+        rec = self.records.get(node.order)
+        status, rec = ("stored", rec) if rec is not None else self.store.claim(key)
+        if status == "claimed":
+            try:
+                rec = self.evaluate(node)
+            finally:
+                self.store.release(key)
+        self.stats.from_store += status == "stored"
+        if self.cfg.save and node.order not in self.infeasible:
+            dest = save_node(self.ctx.lm, self.ctx.targets, node.order, node.depth, self.plan.full_depth, self.ex.out_dir, self.cfg,
+                             len(run_seeds(self.ex.cfg)) > 1, lambda: self.ctx.input_scales(self.task))  # fmt: skip
+            self.stats.saved += dest is not None
+        if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
+            self.deferred.append(node)
+        else:
+            self.finish(node, rec)
+
+    def take_over(self, node: Node) -> NodeRecord:
+        """A deferred node whose owner died: rebuilt from the dense weights and computed here."""
+        key = self.plan.keys[node.order]
+        self.ctx.state.restore(self.ex.dense())
+        why = None
+        for lab in node.order:
+            why = why or self.ctx.apply(self.stages[lab], self.task, self.cfg)
+            self.stats.applications += why is None
+        try:
+            if why is None:
+                rec = self.evaluate(node)
+            else:
+                rec = self.infeasible_record(why)
+                self.store.put(key, rec)
+        finally:
+            self.store.release(key)
+        self.stats.taken_over += 1
+        return rec
+
+    def evaluate(self, node: Node) -> NodeRecord:
+        rec = self.ctx.evaluate(self.task, self.cfg, self.ex.backends)
+        self.store.put(self.plan.keys[node.order], rec)
+        self.stats.evaluations += 1
+        return rec
+
+    def infeasible_record(self, why: str) -> NodeRecord:
+        return pipeline.infeasible_record(why, self.task.primary_metric, self.task.protocol)
+
+    def finish(self, node: Node, rec: NodeRecord) -> None:
+        self.ex.emit(self.plan, self.context, node, rec)
+        self.bar.set_postfix_str(node.label)
+        self.bar.update(1)
