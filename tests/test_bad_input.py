@@ -29,6 +29,9 @@ BAD = [
     (["stages=[{name:gptq,act_order:true}]", "group_size=32"], "act_order"),
     (["group_size=0"], "group_size=0 must be a positive integer or -1"),
     (["eval.backends=[turbo]"], "unknown backend 'turbo'"),
+    # an enumerated stage option is checked, never read as its default (scope=rwo once ran as layer scope)
+    (["stages=[{name:magnitude,scope:rwo}]"], "magnitude scope=rwo is unknown; valid: row, layer"),
+    (["stages=[{name:wanda,scope:rwo}]"], "wanda scope=rwo is unknown; valid: row, layer"),
     # A typo never runs with the default value: unknown keys name the closest valid one.
     (["stages=[{name:magnitude,spars:0.3},rtn]"], "unknown parameter 'spars' for stage 'magnitude'; did you mean 'sparsity'? valid: label, nm, scope, sparsity"),
     (["joint=[{name:sparsegpt_gptq,bitz:3}]"], "unknown parameter 'bitz' for stage 'sparsegpt_gptq'; did you mean 'bits'?"),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import get_class, get_method
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from compress_order.config.compose import compose_config
@@ -260,3 +260,18 @@ def test_llama_config_loads_from_a_local_dir(tiny_llama):
     cfg = compose_config(["model=llama", f"model.path={tiny_llama}", "model.dtype=float32"])
     lm = build(cfg.model)
     assert lm.kind == "causal_lm" and type(lm.model).__name__ == "LlamaForCausalLM"
+
+
+def test_a_saved_config_of_the_flat_layout_loads_through_todays_modules(tmp_path):
+    """Run folders written before the sub-package move name `compress_order.models.causal_lm` and the like."""
+    from compress_order.config.compose import load_saved
+
+    cfg = compose_config([])
+    old = OmegaConf.to_yaml(cfg).replace("compress_order.loaders.models.", "compress_order.models.")
+    old = old.replace("compress_order.loaders.text.", "compress_order.data.")
+    assert "compress_order.models.causal_lm" in old and "compress_order.data." in old
+    (tmp_path / "config.yaml").write_text(old)
+    saved = load_saved(tmp_path / "config.yaml")
+    assert saved.model._target_ == cfg.model._target_ and saved.data._target_ == cfg.data._target_
+    assert OmegaConf.to_container(saved, resolve=True) == OmegaConf.to_container(cfg, resolve=True)
+    assert build(saved.data).name == cfg.data.name

@@ -35,8 +35,8 @@ from scipy import stats
 
 from compress_order.analysis.collect import read_parquet
 from compress_order.analysis.tables import TABLE_INDEX, direction, keyed_like, node_values, seed_dependent
-from compress_order.evaluation.metrics import METRICS, Metric
 from compress_order.core.schema import SAMPLES
+from compress_order.evaluation.metrics import METRICS, Metric
 
 CHUNK = 4_000_000  # resampled values held in memory at once (ImageNet has 50k units per node)
 # BCa's jackknife costs units² operations (77 s for 50k units); beyond this many units the percentile interval is
@@ -49,8 +49,20 @@ GROUP = TABLE_INDEX  # a comparison pools the seeds of one setting
 SEEDS_AND_WINDOWS = "seeds+windows"
 WINDOWS_ONLY = "windows only"  # one seed of a seed-dependent comparison: calibration noise is not covered
 SEED_FREE = "windows (seed-free)"  # data-free stages: there is no calibration noise to cover
-DIFF_COLUMNS = [*GROUP, "order_a", "order_b", "diff", "low", "high", "significant", "noise", "n_seeds", "seed_sd",
-                "n_units", "method"]  # fmt: skip
+DIFF_COLUMNS = [
+    *GROUP,
+    "order_a",
+    "order_b",
+    "diff",
+    "low",
+    "high",
+    "significant",
+    "noise",
+    "n_seeds",
+    "seed_sd",
+    "n_units",
+    "method",
+]
 
 Statistic = Callable[..., np.ndarray]
 
@@ -71,8 +83,9 @@ def _batch(n: int) -> int:
     return max(1, CHUNK // max(n, 1))
 
 
-def window_interval(data: Sequence[np.ndarray], statistic: Statistic, n_boot: int, rng: np.random.Generator,
-                    level: float = LEVEL) -> tuple[float, float, str]:  # fmt: skip
+def window_interval(
+    data: Sequence[np.ndarray], statistic: Statistic, n_boot: int, rng: np.random.Generator, level: float = LEVEL
+) -> tuple[float, float, str]:
     """scipy's BCa interval of `statistic` over paired units, percentile where BCa is degenerate or the units too
     many (BCA_MAX_UNITS): (low, high, method). Constant resampled statistics (identical orders) give the point."""
     kw = dict(paired=True, vectorized=True, n_resamples=n_boot, confidence_level=level, batch=_batch(data[0].size))
@@ -88,8 +101,13 @@ def window_interval(data: Sequence[np.ndarray], statistic: Statistic, n_boot: in
     return point, point, "constant"
 
 
-def seed_interval(per_seed: Sequence[Sequence[np.ndarray]], statistic: Statistic, n_boot: int,
-                  rng: np.random.Generator, level: float = LEVEL) -> tuple[float, float, str]:  # fmt: skip
+def seed_interval(
+    per_seed: Sequence[Sequence[np.ndarray]],
+    statistic: Statistic,
+    n_boot: int,
+    rng: np.random.Generator,
+    level: float = LEVEL,
+) -> tuple[float, float, str]:
     """Interval of the mean over seeds of `statistic`: the union of a two-level bootstrap (seeds, then paired
     units within each drawn seed) and a t-interval over the per-seed values. (low, high, method)."""
     k = len(per_seed)
@@ -99,8 +117,16 @@ def seed_interval(per_seed: Sequence[Sequence[np.ndarray]], statistic: Statistic
         hits = draws == s
         if not hits.any():
             continue
-        res = stats.bootstrap(tuple(data), statistic, paired=True, vectorized=True, n_resamples=int(hits.sum()),
-                              method="percentile", batch=_batch(data[0].size), rng=rng)  # fmt: skip
+        res = stats.bootstrap(
+            tuple(data),
+            statistic,
+            paired=True,
+            vectorized=True,
+            n_resamples=int(hits.sum()),
+            method="percentile",
+            batch=_batch(data[0].size),
+            rng=rng,
+        )
         replicates[hits] = res.bootstrap_distribution  # one independent unit resample per drawn seed
     boot_lo, boot_hi = np.quantile(replicates.mean(1), [(1 - level) / 2, (1 + level) / 2])
     per = np.array([float(statistic(*data)) for data in per_seed])
@@ -115,8 +141,9 @@ def seed_interval(per_seed: Sequence[Sequence[np.ndarray]], statistic: Statistic
     return float(min(boot_lo, t_lo)), float(max(boot_hi, t_hi)), method
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, metric: str, n_boot: int = 1000, seed: int = 0,
-                     level: float = LEVEL) -> tuple[float, float, float]:  # fmt: skip
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, metric: str, n_boot: int = 1000, seed: int = 0, level: float = LEVEL
+) -> tuple[float, float, float]:
     """Metric(a) − metric(b) over paired units, with its window-bootstrap CI: (estimate, low, high)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.shape != b.shape or a.size == 0:
@@ -126,8 +153,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, metric: str, n_boot: int = 10
     return float(stat(a, b)), lo, hi
 
 
-def bootstrap_ci(x: np.ndarray, metric: str, n_boot: int = 1000, seed: int = 0,
-                 level: float = LEVEL) -> tuple[float, float, float]:  # fmt: skip
+def bootstrap_ci(
+    x: np.ndarray, metric: str, n_boot: int = 1000, seed: int = 0, level: float = LEVEL
+) -> tuple[float, float, float]:
     """Metric of one node with its window-bootstrap CI: (estimate, low, high)."""
     x = np.asarray(x, float)
     stat = _value(_metric(metric))
@@ -153,8 +181,11 @@ def units(run_dir: str, node_key: str, sample_metric: str) -> pd.Series | None:
 
 @lru_cache(maxsize=None)
 def _warn_mismatch(metric: str, sample: str) -> None:
-    print(f"compress-order: warning: {metric} is not the registered reduction of its per-unit '{sample}' samples; "
-          f"no intervals for it", file=sys.stderr)  # fmt: skip
+    print(
+        f"compress-order: warning: {metric} is not the registered reduction of its per-unit '{sample}' samples; "
+        f"no intervals for it",
+        file=sys.stderr,
+    )
 
 
 def node_units(row: pd.Series, m: Metric) -> pd.Series | None:
@@ -218,15 +249,28 @@ def order_differences(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: i
             else:
                 lo, hi, method = seed_interval(data, stat, n_boot, rng)
             lo, hi = sorted((d * lo + 0.0, d * hi + 0.0))  # + 0.0: no "-0" in reports
-            rows.append({**dict(zip(GROUP, key)), "order_a": a, "order_b": b, "diff": d * per.mean() + 0.0,
-                         "low": lo, "high": hi, "significant": not lo <= 0 <= hi, "noise": noise_of(len(data), (a, b)),
-                         "n_seeds": len(data), "seed_sd": per.std(ddof=1) if len(per) > 1 else math.nan,
-                         "n_units": min(len(x[0]) for x in data), "method": method})  # fmt: skip
+            rows.append(
+                {
+                    **dict(zip(GROUP, key)),
+                    "order_a": a,
+                    "order_b": b,
+                    "diff": d * per.mean() + 0.0,
+                    "low": lo,
+                    "high": hi,
+                    "significant": not lo <= 0 <= hi,
+                    "noise": noise_of(len(data), (a, b)),
+                    "n_seeds": len(data),
+                    "seed_sd": per.std(ddof=1) if len(per) > 1 else math.nan,
+                    "n_units": min(len(x[0]) for x in data),
+                    "method": method,
+                }
+            )
     return keyed_like(pd.DataFrame(rows, columns=DIFF_COLUMNS), df)
 
 
-def node_intervals(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int = 0,
-                   roles: Sequence[str] = ("full",)) -> pd.DataFrame:  # fmt: skip
+def node_intervals(
+    df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int = 0, roles: Sequence[str] = ("full",)
+) -> pd.DataFrame:
     """Every full order's metric (or every node of `roles`: dense, single, partial, full), mean over seeds, with
     its interval (`low`, `high`; NaN without samples) over windows and seeds, for error bars."""
     nodes = node_values(df, metric)
@@ -236,8 +280,13 @@ def node_intervals(df: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int 
     rows = []
     for key, g in full.groupby([*GROUP, "order"], dropna=False, sort=False):
         g = g.drop_duplicates("seed")
-        row = {**dict(zip([*GROUP, "order"], key)), "value": g["value"].mean(), "n_seeds": len(g),
-               "low": math.nan, "high": math.nan}  # fmt: skip
+        row = {
+            **dict(zip([*GROUP, "order"], key)),
+            "value": g["value"].mean(),
+            "n_seeds": len(g),
+            "low": math.nan,
+            "high": math.nan,
+        }
         usable = m is not None and n_boot > 0 and "path" in g.columns
         found = [node_units(r, m) for _, r in g.iterrows()] if usable else []
         if found and all(u is not None and len(u) >= 2 for u in found):
@@ -262,7 +311,8 @@ def attach_a_interval(settings: pd.DataFrame, diffs: pd.DataFrame) -> pd.DataFra
     ci = pd.concat([fwd, rev]).rename(columns=dict(zip(["low", "high", "significant", "noise"], cols)))
     f1, f2 = settings["f1"].astype(str), settings["f2"].astype(str)  # NaN for 3+ stages: matches no pair
     keyed = settings.drop(columns=[c for c in cols if c in settings.columns]).assign(
-        order_a=f1 + " > " + f2, order_b=f2 + " > " + f1)
+        order_a=f1 + " > " + f2, order_b=f2 + " > " + f1
+    )
     out = keyed.merge(ci, on=[*GROUP, "order_a", "order_b"], how="left")
     return out.drop(columns=["order_a", "order_b"])
 

@@ -23,11 +23,10 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from compress_order.core.errors import UserError
-from compress_order.core.schema import COLUMNS
-from compress_order.core.schema import FAILURE_FILE as FAILURE
-from compress_order.core.schema import RESULTS, SAVED_CONFIG, SUMMARY, entry_label
 from compress_order.analysis.tables import learn_stages
+from compress_order.core.errors import UserError
+from compress_order.core.schema import COLUMNS, RESULTS, SAVED_CONFIG, SUMMARY, entry_label
+from compress_order.core.schema import FAILURE_FILE as FAILURE
 
 COLLECTED = [*COLUMNS, "path", "partial"]
 # Files skipped since the last collect(): path → why. Samples files found unreadable later (by the bootstrap)
@@ -81,10 +80,11 @@ def _config_context(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     if saved.is_file():
         cfg = yaml.safe_load(saved.read_text()) or {}
         return {
-            "model": (cfg.get("model") or {}).get("name"), "dataset": (cfg.get("data") or {}).get("name"),
+            "model": (cfg.get("model") or {}).get("name"),
+            "dataset": (cfg.get("data") or {}).get("name"),
             "stages": ",".join(entry_label(e) for e in cfg.get("stages") or []),
             **{k: cfg.get(k) for k in ("bits", "sparsity", "group_size", "seed")},
-        }  # fmt: skip
+        }
     out: dict[str, Any] = {}
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
@@ -176,8 +176,9 @@ def _read_file(p: Path, warn: bool = True) -> pd.DataFrame:
 
 def describe(df: pd.DataFrame) -> str:
     """One line per kind of run: how many runs, rows, failures and partial runs were found."""
-    runs = df.groupby("path", sort=False).agg(partial=("partial", "first"),
-                                               failed=("status", lambda s: (s == "failed").any()))  # fmt: skip
+    runs = df.groupby("path", sort=False).agg(
+        partial=("partial", "first"), failed=("status", lambda s: (s == "failed").any())
+    )
     n_ok = int((df["status"] == "ok").sum())
     skipped = f", {len(UNREADABLE)} unreadable file(s) skipped" if UNREADABLE else ""
     return (

@@ -19,18 +19,26 @@ import numpy as np
 import pandas as pd
 
 from compress_order.analysis import bootstrap
-from compress_order.analysis.tables import (TABLE_INDEX, direction, keyed_like, node_values, order_pattern,
-                                            stage_kind)
+from compress_order.analysis.tables import TABLE_INDEX, direction, keyed_like, node_values, order_pattern, stage_kind
 from compress_order.core.errors import UserError, choices
-from compress_order.evaluation.metrics import METRICS
 from compress_order.core.schema import SIMULATED
+from compress_order.evaluation.metrics import METRICS
 
 COSTS = ("size_bytes", "avg_bits", "latency_ms")
 PANEL = ["model", "dataset"]  # metrics compare only within one model on one dataset
 NODE = [*TABLE_INDEX, "order"]
 # decimal and binary byte units, matched case-insensitively
-SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 # a stage kind → the settings that shape it (a custom label of unknown kind may use both)
 USES = {"bits": {"quantize", "joint", ""}, "sparsity": {"prune", "joint", ""}, "group_size": {"quantize", "joint", ""}}
@@ -116,8 +124,13 @@ def nodes(df: pd.DataFrame, metric: str, backend: str = SIMULATED) -> pd.DataFra
         rows = rows[rows["backend"] == backend]
     rows = rows.drop_duplicates([*NODE, "seed"])
     g = rows.groupby(NODE, dropna=False, sort=False)
-    out = g.agg(value=("value", "mean"), depth=("depth", "first"), n_seeds=("seed", "nunique"),
-                rank=("rank", "min"), keys=("node_key", _keys))  # fmt: skip
+    out = g.agg(
+        value=("value", "mean"),
+        depth=("depth", "first"),
+        n_seeds=("seed", "nunique"),
+        rank=("rank", "min"),
+        keys=("node_key", _keys),
+    )
     for cost in COSTS:
         out = out.join(_pooled(df, cost, backend))
     out = keyed_like(out.reset_index(), rows)
@@ -183,8 +196,10 @@ def frontier_table(pts: pd.DataFrame, x: str, metric: str, higher_is_better: boo
         table[setting] = [f"{v:g}" if pd.notna(v) else "" for v in table[setting]]
     arrow = "↑" if higher_is_better else "↓"
     seeds = "; values are means over seeds" if pts["n_seeds"].max() > 1 else ""
-    caption = (f"Pareto frontier of {metric} ({arrow} better) against {x}: {len(front)} of {len(pts)} distinct nodes "
-               f"are not dominated (no other node has ≤ {x} and a better-or-equal {metric}){seeds}")  # fmt: skip
+    caption = (
+        f"Pareto frontier of {metric} ({arrow} better) against {x}: {len(front)} of {len(pts)} distinct nodes "
+        f"are not dominated (no other node has ≤ {x} and a better-or-equal {metric}){seeds}"
+    )
     return table, caption
 
 
@@ -199,8 +214,9 @@ def within(points: pd.DataFrame, budgets: dict[str, float]) -> pd.DataFrame:
     return points[ok].sort_values(["score", "size_bytes", "avg_bits"], ascending=[False, True, True])
 
 
-def paired_difference(df: pd.DataFrame, a: pd.Series, b: pd.Series, metric: str, n_boot: int = 1000,
-                      seed: int = 0) -> tuple[float, float, float] | None:  # fmt: skip
+def paired_difference(
+    df: pd.DataFrame, a: pd.Series, b: pd.Series, metric: str, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float] | None:
     """How much better node `a` is than node `b` (positive: a is better), with its 95% interval, paired over the
     evaluation units of each seed (and pooled over seeds like the order differences): (diff, low, high), or None
     when no pair of their runs has per-unit samples of both on the same units.
@@ -217,8 +233,12 @@ def paired_difference(df: pd.DataFrame, a: pd.Series, b: pd.Series, metric: str,
     data = []
     for _, g in rows.groupby("seed", dropna=False, sort=True):
         ra, rb = g[g["node_key"].isin(a["keys"])], g[g["node_key"].isin(b["keys"])]
-        pairs = [(x, y) for x in ra.itertuples() for y in rb.itertuples()
-                 if x.path == y.path or keys_of[x.path] & keys_of[y.path]]  # fmt: skip
+        pairs = [
+            (x, y)
+            for x in ra.itertuples()
+            for y in rb.itertuples()
+            if x.path == y.path or keys_of[x.path] & keys_of[y.path]
+        ]
         if not pairs:
             continue
         pairs.sort(key=lambda xy: xy[0].path != xy[1].path)  # one run folder first
@@ -255,9 +275,11 @@ def describe_node(r: pd.Series, metric: str, latency: bool = False) -> str:
     r = shown(r.to_frame().T).iloc[0]
     settings = " ".join(f"{k}={r[k]:g}" for k in USES if pd.notna(r[k]))
     ci = f" [{r['low']:.4g}, {r['high']:.4g}]" if pd.notna(r.get("low")) else ""
-    costs = [format_size(r["size_bytes"]) if pd.notna(r["size_bytes"]) else "",
-             f"{r['avg_bits']:.3g} bits/weight" if pd.notna(r["avg_bits"]) else "",
-             f"{r['latency_ms']:.3g} ms" if latency and pd.notna(r["latency_ms"]) else ""]  # fmt: skip
+    costs = [
+        format_size(r["size_bytes"]) if pd.notna(r["size_bytes"]) else "",
+        f"{r['avg_bits']:.3g} bits/weight" if pd.notna(r["avg_bits"]) else "",
+        f"{r['latency_ms']:.3g} ms" if latency and pd.notna(r["latency_ms"]) else "",
+    ]
     head = f"{r['order']} [{r['pattern']}, stages {r['stages']}]" + (f" {settings}" if settings else "")
     return f"{head}: {metric} {r['value']:.4g}{ci}; " + ", ".join(c for c in costs if c)
 
@@ -266,12 +288,24 @@ def budget_text(budgets: dict[str, float]) -> str:
     return ", ".join(f"{c} ≤ {format_size(v) if c == 'size_bytes' else format(v, 'g')}" for c, v in budgets.items())
 
 
-
 # --- the order map ----------------------------------------------------------------------------------------------
 
 MAP_PANEL = ["model", "dataset", "stages", "group_size", "act_bits"]
-MAP_COLUMNS = [*MAP_PANEL, "bits", "sparsity", "f1", "f2", "winner", "A", "A_low", "A_high", "significant",
-               "predicted", "agree", "n_seeds"]  # fmt: skip
+MAP_COLUMNS = [
+    *MAP_PANEL,
+    "bits",
+    "sparsity",
+    "f1",
+    "f2",
+    "winner",
+    "A",
+    "A_low",
+    "A_high",
+    "significant",
+    "predicted",
+    "agree",
+    "n_seeds",
+]
 
 
 def order_map_cells(settings: pd.DataFrame) -> pd.DataFrame:
@@ -282,9 +316,12 @@ def order_map_cells(settings: pd.DataFrame) -> pd.DataFrame:
     if pts.empty:
         return pd.DataFrame(columns=MAP_COLUMNS)
     cells = pts.assign(
-        winner=[f"{a} > {b}" if v > 0 else f"{b} > {a}" if v < 0 else "tie"
-                for a, b, v in zip(pts["f1"], pts["f2"], pts["A"])],
+        winner=[
+            f"{a} > {b}" if v > 0 else f"{b} > {a}" if v < 0 else "tie"
+            for a, b, v in zip(pts["f1"], pts["f2"], pts["A"])
+        ],
         significant=pts.get("A_significant", pd.Series(None, index=pts.index)),
-        A_low=pts.get("A_low", np.nan), A_high=pts.get("A_high", np.nan),
-    )  # fmt: skip
+        A_low=pts.get("A_low", np.nan),
+        A_high=pts.get("A_high", np.nan),
+    )
     return cells.reindex(columns=MAP_COLUMNS).reset_index(drop=True)

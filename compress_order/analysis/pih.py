@@ -29,7 +29,13 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from compress_order.analysis.tables import (
-    SETTING, TABLE_INDEX, direction, is_sequential, keyed_like, node_values, stage_kind,
+    SETTING,
+    TABLE_INDEX,
+    direction,
+    is_sequential,
+    keyed_like,
+    node_values,
+    stage_kind,
 )
 
 CURVE_KEY = ["model", "dataset", "group_size", "act_bits"]  # the quantization curve of one setting
@@ -103,26 +109,62 @@ def analyze(df: pd.DataFrame, metric: str, by_seed: bool = False) -> tuple[pd.Da
             alone = value.get(lab, math.nan)
             intensity[lab] = d * (dense - alone)
             cer[lab] = _cer(curves, setting, labels, alone)
-            stage_rows.append({**setting, "stage": lab, "kind": stage_kind(lab), "alone": alone,
-                               "intensity": intensity[lab], "cer_bits": cer[lab]})  # fmt: skip
+            stage_rows.append(
+                {
+                    **setting,
+                    "stage": lab,
+                    "kind": stage_kind(lab),
+                    "alone": alone,
+                    "intensity": intensity[lab],
+                    "cer_bits": cer[lab],
+                }
+            )
         if len(labels) < 2:
             continue
         score = d * value[[o for o in value.index if " > " in o and is_sequential(o, setting["stages"])]]
         # a tie between the best orders observes no winner (it cannot confirm or refute the prediction)
         observed = str(score.idxmax()) if (score == score.max()).sum() == 1 else None
         predicted = predicted_order(labels, intensity)
-        row = {**setting, "n_stages": len(labels), "dense": dense, "predicted": predicted, "observed": observed,
-               "agree": None if predicted is None or observed is None else bool(predicted == observed)}  # fmt: skip
+        row = {
+            **setting,
+            "n_stages": len(labels),
+            "dense": dense,
+            "predicted": predicted,
+            "observed": observed,
+            "agree": None if predicted is None or observed is None else bool(predicted == observed),
+        }
         if len(labels) == 2 and labels[0] != labels[1]:
             f1, f2 = labels
             row.update(
-                f1=f1, f2=f2, I_f1=intensity[f1], I_f2=intensity[f2], G=intensity[f2] - intensity[f1],
+                f1=f1,
+                f2=f2,
+                I_f1=intensity[f1],
+                I_f2=intensity[f2],
+                G=intensity[f2] - intensity[f1],
                 A=score.get(f"{f1} > {f2}", math.nan) - score.get(f"{f2} > {f1}", math.nan),
-                cer_f1=cer[f1], cer_f2=cer[f2], dCER=cer[f1] - cer[f2],
-            )  # fmt: skip
+                cer_f1=cer[f1],
+                cer_f2=cer[f2],
+                dCER=cer[f1] - cer[f2],
+            )
         setting_rows.append(row)
-    columns = [*key_cols, "n_seeds", "n_stages", "f1", "f2", "dense", "I_f1", "I_f2", "G", "A", "cer_f1", "cer_f2",
-               "dCER", "predicted", "observed", "agree"]  # fmt: skip
+    columns = [
+        *key_cols,
+        "n_seeds",
+        "n_stages",
+        "f1",
+        "f2",
+        "dense",
+        "I_f1",
+        "I_f2",
+        "G",
+        "A",
+        "cer_f1",
+        "cer_f2",
+        "dCER",
+        "predicted",
+        "observed",
+        "agree",
+    ]
     return keyed_like(pd.DataFrame(stage_rows), df), keyed_like(pd.DataFrame(setting_rows).reindex(columns=columns), df)
 
 
@@ -139,11 +181,19 @@ def predictions(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     ranked = []
     for key, g in stages.groupby(TABLE_INDEX, dropna=False, sort=False):
         pairs = sorted(zip(g["stage"], g["intensity"]), key=lambda p: (math.isnan(p[1]), p[1]))
-        ranked.append({**dict(zip(TABLE_INDEX, key)), "intensity": " < ".join(f"{s} {i:.4g}" for s, i in pairs),
-                       "missing": any(math.isnan(i) for _, i in pairs)})  # fmt: skip
+        ranked.append(
+            {
+                **dict(zip(TABLE_INDEX, key)),
+                "intensity": " < ".join(f"{s} {i:.4g}" for s, i in pairs),
+                "missing": any(math.isnan(i) for _, i in pairs),
+            }
+        )
     out = settings.merge(keyed_like(pd.DataFrame(ranked), stages), on=TABLE_INDEX, how="left")
-    out["why"] = np.where(out["predicted"].notna(), "", np.where(out["missing"].eq(False), "tied intensities",
-                                                                  "a stage alone was not evaluated"))  # fmt: skip
+    out["why"] = np.where(
+        out["predicted"].notna(),
+        "",
+        np.where(out["missing"].eq(False), "tied intensities", "a stage alone was not evaluated"),
+    )
     return out.reindex(columns=PREDICTION_COLUMNS)
 
 
@@ -151,15 +201,37 @@ def agreement_by_pair(settings: pd.DataFrame) -> pd.DataFrame:
     """How often the prediction from singles named the measured winner, per model, dataset and stage list:
     `settings` (with A's interval), `decided` (both a prediction and a unique winner), `agree`, `rate`,
     `significant` (A's interval excludes 0), and among those with a prediction `agree_significant`, its rate."""
-    cols = ["model", "dataset", "stages", "settings", "decided", "agree", "rate", "significant",
-            "agree_significant", "rate_significant"]  # fmt: skip
+    cols = [
+        "model",
+        "dataset",
+        "stages",
+        "settings",
+        "decided",
+        "agree",
+        "rate",
+        "significant",
+        "agree_significant",
+        "rate_significant",
+    ]
     rows = []
     for (model, dataset, stages), g in settings.groupby(["model", "dataset", "stages"], dropna=False, sort=False):
         rate, k, n = agreement(g)
         rate_s, k_s, n_s = agreement(g, significant_only=True)
         significant = int(g.get("A_significant", pd.Series(dtype=object)).eq(True).sum())
-        rows.append(dict(model=model, dataset=dataset, stages=stages, settings=len(g), decided=n, agree=k, rate=rate,
-                         significant=significant, agree_significant=k_s, rate_significant=rate_s))  # fmt: skip
+        rows.append(
+            dict(
+                model=model,
+                dataset=dataset,
+                stages=stages,
+                settings=len(g),
+                decided=n,
+                agree=k,
+                rate=rate,
+                significant=significant,
+                agree_significant=k_s,
+                rate_significant=rate_s,
+            )
+        )
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -56,12 +56,15 @@ def order_bars(intervals: pd.DataFrame, out_dir: Path, metric: str) -> list[Path
     if intervals.empty:
         return []
     df = intervals.assign(
-        setting=[f"{m}\n{s}\nb{b} s{sp:g}" for m, s, b, sp in
-                 zip(intervals["model"], intervals["stages"], intervals["bits"], intervals["sparsity"])],
+        setting=[
+            f"{m}\n{s}\nb{b} s{sp:g}"
+            for m, s, b, sp in zip(intervals["model"], intervals["stages"], intervals["bits"], intervals["sparsity"])
+        ],
         column=[order_pattern(o, s) for o, s in zip(intervals["order"], intervals["stages"])],
-    )  # fmt: skip
-    wide = df.pivot_table(index="setting", columns="column", values=["value", "low", "high"], aggfunc="mean",
-                          sort=False, dropna=False)  # fmt: skip
+    )
+    wide = df.pivot_table(
+        index="setting", columns="column", values=["value", "low", "high"], aggfunc="mean", sort=False, dropna=False
+    )
     settings, orders = wide.index.tolist(), df["column"].drop_duplicates().tolist()
     width = 0.8 / len(orders)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(settings) * len(orders) ** 0.5), 4.2))
@@ -93,8 +96,15 @@ def a_heatmap(settings: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_yticks(range(grid.shape[0]), [f"{b:g}" for b in grid.index])
         for (i, j), a in np.ndenumerate(grid.to_numpy(float)):
             if not np.isnan(a):
-                ax.text(j, i, f"{a:.3g}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(a) > 0.6 * vmax else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{a:.3g}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if abs(a) > 0.6 * vmax else "black",
+                )
         ax.set_xlabel("sparsity")
         ax.set_ylabel("bits")
         ax.set_title(f"{model}: A({pair.replace(',', '→')})", fontsize=9)
@@ -117,8 +127,15 @@ def frontier(points: pd.DataFrame, x: str, metric: str, out_dir: Path) -> list[P
     for ax, ((model, dataset), g) in zip(axes[0], panels):
         for pat, h in g.groupby("pattern", sort=False):
             dense = pat == "dense"
-            ax.scatter(h[x], h["value"], s=90 if dense else 22, marker="*" if dense else "o", color=colours[pat],
-                       label=pat, zorder=3)  # fmt: skip
+            ax.scatter(
+                h[x],
+                h["value"],
+                s=90 if dense else 22,
+                marker="*" if dense else "o",
+                color=colours[pat],
+                label=pat,
+                zorder=3,
+            )
         front = g[g["frontier"]].sort_values(x)
         # better-is-up steps: each frontier point holds until the next, larger-cost one
         ax.step(front[x], front["value"], where="post", color="tab:red", lw=1.2, label="Pareto frontier", zorder=2)
@@ -153,11 +170,17 @@ def order_map(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
             agree, significant = _flag(c["agree"]), _flag(c["significant"])
             mark = {True: " ✓", False: " ✗"}.get(agree, "")
             sig = {True: "", False: " n.s."}.get(significant, " ?")
-            ax.text(j, i, f"{won}\nA={c['A']:+.3g}{sig}\nPIH: {predicted}{mark}", ha="center",
-                    va="center", fontsize=6.5, color="white" if abs(c["A"]) > 0.6 * vmax else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{won}\nA={c['A']:+.3g}{sig}\nPIH: {predicted}{mark}",
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                color="white" if abs(c["A"]) > 0.6 * vmax else "black",
+            )
             if significant is False:
-                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", lw=0,
-                                           edgecolor="grey"))  # fmt: skip
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", lw=0, edgecolor="grey"))
         im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower", alpha=0.8)
         ax.set_xticks(range(len(sparsity)), [f"{s:g}" for s in sparsity])
         ax.set_yticks(range(len(bits)), [f"{b:g}" for b in bits])
@@ -165,8 +188,9 @@ def order_map(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_ylabel("bits")
         f1, f2 = pair.split(",")
         acts = "" if pd.isna(act) else f", A{act:g}"
-        ax.set_title(f"{model} / {dataset}{acts}: which order wins\nA > 0 (red): {f1} first; hatched: CI covers 0",
-                     fontsize=8)  # fmt: skip
+        ax.set_title(
+            f"{model} / {dataset}{acts}: which order wins\nA > 0 (red): {f1} first; hatched: CI covers 0", fontsize=8
+        )
         fig.colorbar(im, ax=ax, shrink=0.8, label=f"A({f1}→{f2})")
     return save(fig, out_dir, "order_map")
 

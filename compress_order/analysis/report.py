@@ -9,13 +9,21 @@ import pandas as pd
 
 from compress_order.analysis import bootstrap, collect, frontier, pih
 from compress_order.analysis.tables import (
-    SETTING, TABLE_INDEX, direction, node_values, order_table, primary_metric, render, seed_dependent,
+    SETTING,
+    TABLE_INDEX,
+    direction,
+    node_values,
+    order_table,
+    primary_metric,
+    render,
+    seed_dependent,
 )
 from compress_order.core.schema import PREDICTED_CSV, PREDICTED_MD
 
 
-def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_boot: int = 1000,
-                 plots: bool = True) -> str:  # fmt: skip
+def write_report(
+    df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_boot: int = 1000, plots: bool = True
+) -> str:
     """Tables (md/csv/tex), per-setting PIH quantities pooled over calibration seeds with their intervals, seed
     summaries and figures into `out_dir`; returns the markdown report (also written as analysis.md)."""
     metric = metric or primary_metric(df)
@@ -37,8 +45,14 @@ def write_report(df: pd.DataFrame, out_dir: Path, metric: str | None = None, n_b
         diffs.to_csv(out_dir / "differences.csv", index=False)
 
     arrow = "higher" if direction(df, metric) > 0 else "lower"
-    lines = [f"# Order analysis: {metric} ({arrow} is better)", "", f"## Orders\n\n{caption}", "",
-             table.to_markdown(index=False, floatfmt=".4g"), ""]  # fmt: skip
+    lines = [
+        f"# Order analysis: {metric} ({arrow} is better)",
+        "",
+        f"## Orders\n\n{caption}",
+        "",
+        table.to_markdown(index=False, floatfmt=".4g"),
+        "",
+    ]
     lines += _pih_section(stages, settings)
     lines += _agreement_section(agree)
     lines += _significance_section(diffs, df)
@@ -84,11 +98,19 @@ def write_predictions(df: pd.DataFrame, out_dir: Path, metric: str, done: str) -
         key, fixed = _varying(pred, [*TABLE_INDEX, "n_seeds"])
         cols = key + ["dense", "intensity", "predicted"] + (["why"] if pred["why"].ne("").any() else [])
         body = (f"Fixed: {fixed}\n\n" if fixed else "") + pred[cols].to_markdown(index=False, floatfmt=".4g")
-    text = "\n".join([
-        f"## Predicted order ({metric}, {arrow} is better)", "",
-        "Progressive Intensity Hypothesis: apply the weaker stage first, intensity I(f) = how much f alone degrades "
-        "the dense model; no full order was run (`predict_only=true`).", "", body, "", f"- {done}", "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            f"## Predicted order ({metric}, {arrow} is better)",
+            "",
+            "Progressive Intensity Hypothesis: apply the weaker stage first, intensity I(f) = how much f alone degrades "
+            "the dense model; no full order was run (`predict_only=true`).",
+            "",
+            body,
+            "",
+            f"- {done}",
+            "",
+        ]
+    )
     (out_dir / PREDICTED_MD).write_text(text)
     return text
 
@@ -125,9 +147,23 @@ def _pih_section(stages: pd.DataFrame, settings: pd.DataFrame) -> list[str]:
     shown = settings.assign(
         A_ci=[f"[{lo:.3g}, {hi:.3g}]" if pd.notna(lo) else "" for lo, hi in zip(settings["A_low"], settings["A_high"])],
         A_verdict=[verdict(s, n) for s, n in zip(settings["A_significant"], settings["A_noise"])],
-    )  # fmt: skip
-    cols = key + ["f1", "f2", "I_f1", "I_f2", "G", "A", "A_ci", "A_noise", "A_verdict", "cer_f1", "cer_f2",
-                  "predicted", "observed", "agree"]  # fmt: skip
+    )
+    cols = key + [
+        "f1",
+        "f2",
+        "I_f1",
+        "I_f2",
+        "G",
+        "A",
+        "A_ci",
+        "A_noise",
+        "A_verdict",
+        "cer_f1",
+        "cer_f2",
+        "predicted",
+        "observed",
+        "agree",
+    ]
     cols = [c for c in cols if shown[c].notna().any() and (shown[c] != "").any()]
     rate, k, n = pih.agreement(settings)
     rate_s, k_s, n_s = pih.agreement(settings, significant_only=True)
@@ -145,17 +181,19 @@ def _pih_section(stages: pd.DataFrame, settings: pd.DataFrame) -> list[str]:
         shown[cols].to_markdown(index=False, floatfmt=".4g"),
         "",
         f"- PIH agreement (predicted weaker-first order is the observed best): {k}/{n} = {rate:.0%}"
-        if n else "- PIH agreement: no setting with a decided prediction and observation",
+        if n
+        else "- PIH agreement: no setting with a decided prediction and observation",
         f"- among settings whose A interval excludes 0: {k_s}/{n_s}" + (f" = {rate_s:.0%}" if n_s else ""),
         f"- Spearman(A, G): rho = {rho:.3f} (p = {p:.3g}, n = {m})",
         f"- Spearman(A, ΔCER): rho = {rho_c:.3f} (p = {p_c:.3g}, n = {m_c})",
         "",
         "### Stages alone",
         "",
-        stages[intensity_key + ["stage", "kind", "alone", "intensity", "cer_bits"]].to_markdown(index=False,
-                                                                                              floatfmt=".4g"),
+        stages[intensity_key + ["stage", "kind", "alone", "intensity", "cer_bits"]].to_markdown(
+            index=False, floatfmt=".4g"
+        ),
         "",
-    ]  # fmt: skip
+    ]
 
 
 def _noise_note(diffs: pd.DataFrame, df: pd.DataFrame) -> list[str]:
@@ -169,8 +207,9 @@ def _noise_note(diffs: pd.DataFrame, df: pd.DataFrame) -> list[str]:
             + (f"; with as few as {few} seeds the interval is wide and itself uncertain" if few < 5 else "")
         )
     if (diffs["noise"] == bootstrap.WINDOWS_ONLY).any():
-        calibrated = sorted({lab for s in df["stages"].dropna().unique() for lab in s.split(",")
-                             if seed_dependent(lab)})  # fmt: skip
+        calibrated = sorted(
+            {lab for s in df["stages"].dropna().unique() for lab in s.split(",") if seed_dependent(lab)}
+        )
         notes.append(
             f"- windows only: one calibration seed of seed-dependent stages ({', '.join(calibrated)}); the interval "
             "covers evaluation-window noise, not calibration noise, which can be larger — rerun with "
@@ -207,8 +246,14 @@ def _seed_section(df: pd.DataFrame, metric: str, n_boot: int) -> list[str]:
     per_node = bootstrap.seed_summary(nodes, ["value"], by=[*TABLE_INDEX, "order"])
     per_node["value"] = [bootstrap.mean_sd(m, s) for m, s in zip(per_node["value_mean"], per_node["value_std"])]
     key, _ = _varying(per_node, TABLE_INDEX)
-    lines = ["## Seeds", "", "Every node: mean ± sd over calibration seeds.", "",
-             per_node[key + ["order", "value", "n_seeds"]].to_markdown(index=False), ""]  # fmt: skip
+    lines = [
+        "## Seeds",
+        "",
+        "Every node: mean ± sd over calibration seeds.",
+        "",
+        per_node[key + ["order", "value", "n_seeds"]].to_markdown(index=False),
+        "",
+    ]
     per_seed = pih.analyze(df, metric, by_seed=True)[1]
     if per_seed["A"].notna().any():
         a = bootstrap.seed_summary(per_seed.dropna(subset=["A"]), ["A", "G"])
@@ -216,11 +261,18 @@ def _seed_section(df: pd.DataFrame, metric: str, n_boot: int) -> list[str]:
         a["G"] = [bootstrap.mean_sd(m, s) for m, s in zip(a["G_mean"], a["G_std"])]
         lines += ["A and G: mean ± sd over seeds.", "", a[key + ["A", "G", "n_seeds"]].to_markdown(index=False), ""]
     if n_boot > 0:
-        each = pd.concat([bootstrap.order_differences(g, metric, n_boot).assign(seed=s)
-                          for s, g in df.groupby("seed", sort=True)], ignore_index=True)  # fmt: skip
+        each = pd.concat(
+            [bootstrap.order_differences(g, metric, n_boot).assign(seed=s) for s, g in df.groupby("seed", sort=True)],
+            ignore_index=True,
+        )
         if not each.empty:
             each["verdict"] = [verdict(s, n) for s, n in zip(each["significant"], each["noise"])]
-            lines += ["Each seed alone (its interval covers that seed's evaluation windows only):", "",
-                      each[key + ["seed", "order_a", "order_b", "diff", "low", "high", "verdict"]].to_markdown(
-                          index=False, floatfmt=".4g"), ""]  # fmt: skip
+            lines += [
+                "Each seed alone (its interval covers that seed's evaluation windows only):",
+                "",
+                each[key + ["seed", "order_a", "order_b", "diff", "low", "high", "verdict"]].to_markdown(
+                    index=False, floatfmt=".4g"
+                ),
+                "",
+            ]
     return lines

@@ -14,11 +14,22 @@ import numpy as np
 import pandas as pd
 
 from compress_order.core.errors import UserError
-from compress_order.evaluation.metrics import METRICS, primary_metrics
 from compress_order.core.registry import stage_files
+from compress_order.evaluation.metrics import METRICS, primary_metrics
 
-SETTING = ["model", "dataset", "stages", "format", "bits", "sparsity", "expert_sparsity", "group_size", "act_bits",
-           "act_format", "seed"]  # fmt: skip
+SETTING = [
+    "model",
+    "dataset",
+    "stages",
+    "format",
+    "bits",
+    "sparsity",
+    "expert_sparsity",
+    "group_size",
+    "act_bits",
+    "act_format",
+    "seed",
+]
 TABLE_INDEX = [c for c in SETTING if c != "seed"]  # tables and verdicts pool the calibration seeds of a setting
 # Setting columns a table leaves out when every row has this value (the default, which needs no column).
 IMPLIED = {"format": "int", "act_format": "int"}  # (empty values aside: act_format is empty where act_bits is)
@@ -89,8 +100,9 @@ def node_values(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows["n_stages"] = rows["stages"].str.split(",").str.len()
     rows["role"] = np.select(
         [rows["depth"] == 0, rows["depth"] == rows["n_stages"], rows["depth"] == 1],
-        ["dense", "full", "single"], "partial",
-    )  # fmt: skip
+        ["dense", "full", "single"],
+        "partial",
+    )
     rows["rank"] = np.arange(len(rows))  # the trie writes the stage-list order first
     return rows
 
@@ -196,7 +208,11 @@ def order_table(
     columns = nodes.assign(r=role_rank).sort_values(["r", "rank"])["column"].drop_duplicates().tolist()
     full_cols = nodes.loc[nodes["role"] == "full", "column"].drop_duplicates().tolist()
 
-    index = [c for c in TABLE_INDEX if nodes[c].notna().any() and not (c in IMPLIED and (nodes[c].dropna() == IMPLIED[c]).all())]
+    index = [
+        c
+        for c in TABLE_INDEX
+        if nodes[c].notna().any() and not (c in IMPLIED and (nodes[c].dropna() == IMPLIED[c]).all())
+    ]
     table = nodes.pivot_table(index=index, columns="column", values="value", aggfunc="mean", dropna=False)
     table = table.reindex(columns=columns).dropna(how="all")
     d = direction(df, metric)
@@ -231,8 +247,9 @@ def render(table: pd.DataFrame, fmt: str, caption: str = "", floatfmt: str = ".4
         return table.to_csv(index=False)
     if fmt == "latex":
         caption = "".join(LATEX_SPECIALS.get(ch, ch) for ch in caption)
-        text = table.to_latex(index=False, float_format=lambda v: format(v, floatfmt), caption=caption or None,
-                              na_rep="--", escape=True)  # fmt: skip
+        text = table.to_latex(
+            index=False, float_format=lambda v: format(v, floatfmt), caption=caption or None, na_rep="--", escape=True
+        )
         for plain, tex in LATEX_SYMBOLS.items():  # characters that plain LaTeX fonts do not have
             text = text.replace(plain, tex)
         return text

@@ -1,10 +1,10 @@
 """The analysis commands' argument parsing and output: `compress-order table | analyze | collect | frontier | best`.
 
-    compress-order collect outputs/multirun/2025-01-01/12-00-00 --out all.parquet
-    compress-order table outputs/multirun/... --metric perplexity --where bits=4 --format latex --out t.tex
-    compress-order analyze outputs/multirun/... --out-dir report/
-    compress-order frontier outputs/multirun/... --x size_bytes --format csv --out report/
-    compress-order best outputs/multirun/... --max-size 1.2GB
+compress-order collect outputs/multirun/2025-01-01/12-00-00 --out all.parquet
+compress-order table outputs/multirun/... --metric perplexity --where bits=4 --format latex --out t.tex
+compress-order analyze outputs/multirun/... --out-dir report/
+compress-order frontier outputs/multirun/... --x size_bytes --format csv --out report/
+compress-order best outputs/multirun/... --max-size 1.2GB
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from compress_order.core.registry import Registry
 from compress_order.core.schema import SIMULATED
 
 DESCRIPTION = (
-    "`compress-order table | analyze | collect | frontier | best`: "
-    "from the tidy rows of runs to tables and figures."
+    "`compress-order table | analyze | collect | frontier | best`: from the tidy rows of runs to tables and figures."
 )
 
 
@@ -38,15 +37,19 @@ class _Parser(argparse.ArgumentParser):
 def _parser(cmd: str) -> _Parser:
     p = _Parser(prog=f"compress-order {cmd}", description=DESCRIPTION)
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, multirun folders or collected files")
-    p.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
-                   help="keep rows where COL equals VALUE (or one of VALUE,VALUE); repeatable")  # fmt: skip
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COL=VALUE",
+        help="keep rows where COL equals VALUE (or one of VALUE,VALUE); repeatable",
+    )
     if cmd == "collect":
         p.add_argument("--out", default="collected.parquet", help="output file, .parquet or .csv")
         return p
     p.add_argument("--metric", help="metric to compare (default: perplexity if present, else top1)")
     if cmd in ("frontier", "best"):
-        p.add_argument("--backend", default=SIMULATED,
-                       help=f"backend whose latency_ms is read (default: {SIMULATED})")  # fmt: skip
+        p.add_argument("--backend", default=SIMULATED, help=f"backend whose latency_ms is read (default: {SIMULATED})")
         p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
     if cmd == "frontier":
         p.add_argument("--x", default="size_bytes", choices=frontier.COSTS, help="the cost axis")
@@ -64,8 +67,12 @@ def _parser(cmd: str) -> _Parser:
         p.add_argument("--out", help="write the table to this file instead of printing it")
         p.add_argument("--dense", action="store_true", help="add the dense baseline column")
         p.add_argument("--singles", action="store_true", help="add a column per stage applied alone")
-        p.add_argument("--names", default="auto", choices=["auto", "label", "pattern"],
-                       help="order columns by label, or by kind/position to compare across stage lists")  # fmt: skip
+        p.add_argument(
+            "--names",
+            default="auto",
+            choices=["auto", "label", "pattern"],
+            help="order columns by label, or by kind/position to compare across stage lists",
+        )
     else:
         p.add_argument("--out-dir", help="where tables and figures go (default: PATH/analysis)")
         p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
@@ -142,9 +149,15 @@ def _frontier(df: pd.DataFrame, ns: argparse.Namespace) -> int:
 
 
 def _best(df: pd.DataFrame, ns: argparse.Namespace) -> int:
-    budgets = {cost: limit for cost, limit in (
-        ("size_bytes", None if ns.max_size is None else frontier.parse_size(ns.max_size)),
-        ("avg_bits", ns.max_bits), ("latency_ms", ns.max_latency_ms)) if limit is not None}  # fmt: skip
+    budgets = {
+        cost: limit
+        for cost, limit in (
+            ("size_bytes", None if ns.max_size is None else frontier.parse_size(ns.max_size)),
+            ("avg_bits", ns.max_bits),
+            ("latency_ms", ns.max_latency_ms),
+        )
+        if limit is not None
+    }
     if not budgets:
         raise UserError("give a budget: --max-size SIZE, --max-bits BITS or --max-latency-ms MS")
     metric = ns.metric or primary_metric(df)
@@ -158,12 +171,16 @@ def _best(df: pd.DataFrame, ns: argparse.Namespace) -> int:
         answers.append((panel, g, fit))
     if all(fit.empty for *_, fit in answers):
         small = frontier.smallest(pts)
-        raise UserError(f"no node meets {frontier.budget_text(budgets)}; the smallest is '{small['order']}' "
-                        f"({small['stages']}) at {frontier.format_size(small['size_bytes'])}, "
-                        f"{small['avg_bits']:.3g} bits/weight")  # fmt: skip
+        raise UserError(
+            f"no node meets {frontier.budget_text(budgets)}; the smallest is '{small['order']}' "
+            f"({small['stages']}) at {frontier.format_size(small['size_bytes'])}, "
+            f"{small['avg_bits']:.3g} bits/weight"
+        )
     arrow = "higher" if direction(df, metric) > 0 else "lower"
-    lines = [f"budget: {frontier.budget_text(budgets)}; {metric} ({arrow} is better)"
-             + (", 95% intervals over evaluation windows (and seeds where several)" if ns.n_boot > 0 else "")]
+    lines = [
+        f"budget: {frontier.budget_text(budgets)}; {metric} ({arrow} is better)"
+        + (", 95% intervals over evaluation windows (and seeds where several)" if ns.n_boot > 0 else "")
+    ]
     latency = "latency_ms" in budgets
     for (model, dataset), g, fit in answers:
         lines += ["", f"{model} on {dataset}: {len(fit)} of {len(g)} distinct nodes fit"]
@@ -192,11 +209,16 @@ def _distinguish(df: pd.DataFrame, best: pd.Series, runner: pd.Series, metric: s
     if paired is not None:
         diff, lo, hi = paired
         ci = f"the best's advantage {diff:.4g} [{lo:.4g}, {hi:.4g}] in {metric}, paired over the same units"
-        return (f"not distinguishable from the best ({ci}: the interval covers 0)" if lo <= 0 <= hi
-                else f"distinguishable: worse than the best ({ci})")  # fmt: skip
-    return {None: "no intervals (no per-unit samples) to tell them apart",
-            True: "not distinguishable from the best (their intervals overlap; unpaired: no shared evaluation units)",
-            False: "worse than the best (their intervals do not overlap)"}[frontier.overlap(best, runner)]
+        return (
+            f"not distinguishable from the best ({ci}: the interval covers 0)"
+            if lo <= 0 <= hi
+            else f"distinguishable: worse than the best ({ci})"
+        )
+    return {
+        None: "no intervals (no per-unit samples) to tell them apart",
+        True: "not distinguishable from the best (their intervals overlap; unpaired: no shared evaluation units)",
+        False: "worse than the best (their intervals do not overlap)",
+    }[frontier.overlap(best, runner)]
 
 
 def _with_intervals(df: pd.DataFrame, pts: pd.DataFrame, metric: str, n_boot: int) -> pd.DataFrame:
@@ -210,6 +232,11 @@ def _with_intervals(df: pd.DataFrame, pts: pd.DataFrame, metric: str, n_boot: in
 # The five commands, by the names compress_order.cli.main dispatches (its ANALYSIS_COMMANDS, which must not import
 # this module to start: tests/test_registry.py keeps the two equal).
 HANDLERS: Registry[Callable[[pd.DataFrame, argparse.Namespace], int]] = Registry("analysis command")
-for _name, _handler in {"collect": _collect, "table": _table, "analyze": _analyze, "frontier": _frontier,
-                        "best": _best}.items():  # fmt: skip
+for _name, _handler in {
+    "collect": _collect,
+    "table": _table,
+    "analyze": _analyze,
+    "frontier": _frontier,
+    "best": _best,
+}.items():
     HANDLERS.register(_name, _handler)

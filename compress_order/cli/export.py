@@ -9,8 +9,15 @@ from pathlib import Path
 import torch
 
 from compress_order.core.errors import Interrupted, UserError
-from compress_order.export.checkpoint import act_scheme, checkpoint_format, model_dir, remove_stale_writes, save_model, summary_line
 from compress_order.core.schema import MODELS_DIR, SAVE_FORMATS, SAVED_CONFIG, SIDECAR
+from compress_order.export.checkpoint import (
+    act_scheme,
+    checkpoint_format,
+    model_dir,
+    remove_stale_writes,
+    save_model,
+    summary_line,
+)
 
 
 def export_command(args: list[str]) -> int:
@@ -21,7 +28,7 @@ def export_command(args: list[str]) -> int:
     from typing import NoReturn
 
     def error(message: str) -> NoReturn:
-        raise UserError(f"export: {message}; usage: export RUN_DIR --order \"a > b\" [--format FORMAT] [--seed N]")
+        raise UserError(f'export: {message}; usage: export RUN_DIR --order "a > b" [--format FORMAT] [--seed N]')
 
     parser = argparse.ArgumentParser(prog="compress-order export", exit_on_error=False)
     parser.error = error  # type: ignore[method-assign]  (one line instead of argparse's usage and exit)
@@ -40,9 +47,11 @@ def export_command(args: list[str]) -> int:
     try:
         dest = export_order(ns.run_dir, tuple(s.strip() for s in ns.order.split(">")), ns.fmt, ns.seed)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: export left {ns.run_dir / MODELS_DIR} as it was (a checkpoint is written "
-                          f"beside its folder and renamed into place only when complete); run the same export "
-                          f"again to write it") from None  # fmt: skip
+        raise Interrupted(
+            f"interrupted: export left {ns.run_dir / MODELS_DIR} as it was (a checkpoint is written "
+            f"beside its folder and renamed into place only when complete); run the same export "
+            f"again to write it"
+        ) from None
     record = json.loads((dest / SIDECAR).read_text(encoding="utf-8"))
     print(f"{dest}: {summary_line(record['checkpoint'])}")
     return 0
@@ -52,12 +61,12 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     """Apply the stages of `order` to the run's dense model as the run did for calibration seed `seed` (default:
     the run's first), check every invariant, and save."""
     from compress_order.config.compose import load_saved  # also registers ${asset:}, which saved configs use
+    from compress_order.config.stages import stage_configs
+    from compress_order.core.devices import resolve_device
     from compress_order.modeling.act import check_savable
     from compress_order.run.pipeline import RunContext
     from compress_order.run.plan import run_seeds, with_seed
-    from compress_order.config.stages import stage_configs
     from compress_order.run.trie import build_trie, full_orders
-    from compress_order.core.devices import resolve_device
 
     saved = Path(run_dir).joinpath(*SAVED_CONFIG)
     if not saved.is_file():
@@ -88,5 +97,6 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
         if why is not None:
             raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
     dest = model_dir(run_dir, order, int(cfg.seed) if several else None)
-    return save_model(ctx.lm, ctx.targets, order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg),
-                      ctx.input_scales(task))  # fmt: skip
+    return save_model(
+        ctx.lm, ctx.targets, order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg), ctx.input_scales(task)
+    )

@@ -54,9 +54,9 @@ def _job(cfg: DictConfig) -> None:
 
 
 def _record_failure(cfg: DictConfig, out: Path, hc, message: str, detail: str) -> None:
+    from compress_order.core.files import write_text
     from compress_order.run.rows import failure_frame
 
-    from compress_order.core.files import write_text
     first = message.strip().splitlines()[0] if message.strip() else "failed"
     print(f"compress-order: job {hc.job.num} failed: {first}", file=sys.stderr)
     record = {"job": hc.job.num, "overrides": list(hc.overrides.task), "error": first, "detail": detail}
@@ -139,6 +139,7 @@ def report_sweep(sweep_dir: Path) -> int:
 
 def _gather_predictions(sweep_dir: Path, jobs: list[Path]) -> None:
     """predict_only sweeps: every job's predicted order in one table (sweep_dir/predicted.csv), printed."""
+
     def fresh(job: Path) -> bool:  # written after the job's results (not left by an earlier run in the folder)
         pred, rows = job / PREDICTED_CSV, job / RESULTS
         return pred.is_file() and (not rows.is_file() or pred.stat().st_mtime >= rows.stat().st_mtime)
@@ -149,6 +150,9 @@ def _gather_predictions(sweep_dir: Path, jobs: list[Path]) -> None:
         return
     df = pd.concat(frames, ignore_index=True)
     df.to_csv(sweep_dir / PREDICTED_CSV, index=False)
-    cols = [c for c in ("model", "dataset", "stages", "bits", "sparsity", "group_size", "intensity", "predicted")
-            if df[c].nunique(dropna=False) > 1 or c in ("intensity", "predicted")]  # fmt: skip
+    cols = [
+        c
+        for c in ("model", "dataset", "stages", "bits", "sparsity", "group_size", "intensity", "predicted")
+        if df[c].nunique(dropna=False) > 1 or c in ("intensity", "predicted")
+    ]
     print(f"predicted orders (PIH, weaker first) → {sweep_dir}/{PREDICTED_CSV}\n{df[cols].to_markdown(index=False)}")

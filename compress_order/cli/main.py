@@ -102,8 +102,8 @@ def cmd_run(args: list[str]) -> int:
 
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config.compose import validate_overrides
-    from compress_order.run.plan import cost, plan_sweep, run_seeds, singles
     from compress_order.config.stages import stage_configs
+    from compress_order.run.plan import cost, plan_sweep, run_seeds, singles
     from compress_order.run.trie import build_trie, count_applications
 
     h, _ = _hydra_args(args)
@@ -139,8 +139,8 @@ def cmd_list(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from compress_order.config.compose import GROUPS
-    from compress_order.evaluation.metrics import METRICS
     from compress_order.core.registry import config_group, stage_files
+    from compress_order.evaluation.metrics import METRICS
 
     for group in GROUPS:
         print(f"{group}:")
@@ -200,14 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compress-order: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C: finished nodes are in the store already
-        detail = str(e) if isinstance(e, Interrupted) else "interrupted; finished nodes are stored and re-running the same command resumes from them"
+        detail = (
+            str(e)
+            if isinstance(e, Interrupted)
+            else "interrupted; finished nodes are stored and re-running the same command resumes from them"
+        )
         print(f"compress-order: {detail}", file=sys.stderr)
         return 130
 
 
 COMMANDS: Registry[Callable[[list[str]], int]] = Registry("command")
-for _name, _cmd in {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "export": cmd_export,
-                    **{a: partial(cmd_analysis, a) for a in ANALYSIS_COMMANDS}}.items():  # fmt: skip
+for _name, _cmd in {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "list": cmd_list,
+    "export": cmd_export,
+    **{a: partial(cmd_analysis, a) for a in ANALYSIS_COMMANDS},
+}.items():
     COMMANDS.register(_name, _cmd)
 
 

@@ -7,17 +7,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from compress_order.modeling.act import act_format_bits, act_format_granularity
 from compress_order.core.errors import UserError
-from compress_order.numerics.formats import format_bits, format_group
 from compress_order.core.paths import ASSETS_DIR, CONF_DIR
 from compress_order.core.registry import config_group
+from compress_order.modeling.act import act_format_bits, act_format_granularity
+from compress_order.numerics.formats import format_bits, format_group
 
 OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), replace=True)
 # bits and group_size follow the number format unless given (formats.py)
@@ -111,8 +110,8 @@ def validate_overrides(overrides: list[str], multirun: bool = False) -> list[Dic
     With `multirun`, the sweep an experiment declares in `hydra.sweeper.params` is expanded too."""
     from compress_order.config.stages import build_stage, stage_configs
     from compress_order.config.validate import check_config
-
     from compress_order.core.files import check_writable
+
     if multirun:
         overrides = list(overrides) + sweep_params(overrides)
     cfgs = []
@@ -153,7 +152,7 @@ def _current_targets(node: Any) -> Any:
         if isinstance(target, str):
             old = next((o for o in LEGACY_MODULES if target.startswith(o)), None)
             if old is not None:
-                out["_target_"] = LEGACY_MODULES[old] + target[len(old):]
+                out["_target_"] = LEGACY_MODULES[old] + target[len(old) :]
         return out
     if isinstance(node, list):
         return [_current_targets(v) for v in node]

@@ -29,8 +29,10 @@ def _check_format(sc: dict, fmt: Any) -> None:
     from hydra.utils import get_object
 
     if getattr(get_object(sc["_target_"]), "kind", None) in ("quantize", "joint"):
-        raise UserError(f"stage '{sc['label']}' rounds onto integer grids only; format={fmt} needs a stage that "
-                        f"takes a format (rtn, gptq, awq, rtn_mixed, sparsegpt_gptq) or format=int")  # fmt: skip
+        raise UserError(
+            f"stage '{sc['label']}' rounds onto integer grids only; format={fmt} needs a stage that "
+            f"takes a format (rtn, gptq, awq, rtn_mixed, sparsegpt_gptq) or format=int"
+        )
 
 
 def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:

@@ -119,8 +119,10 @@ def _check_devices(c: dict) -> None:
     if ev.get("offload") not in (None, False):
         resolve_device("auto" if ev["offload"] is True else str(ev["offload"]), "eval.offload")
         if resolve_device(str(c["device"])).type != "cpu":  # the runner would place the whole model there first
-            raise UserError(f"eval.offload={ev['offload']} streams a model kept in CPU memory; set device=cpu "
-                            f"(and calibration.device for calibrated stages)")
+            raise UserError(
+                f"eval.offload={ev['offload']} streams a model kept in CPU memory; set device=cpu "
+                f"(and calibration.device for calibrated stages)"
+            )
 
 
 def _check_known_keys(c: dict) -> None:
@@ -161,5 +163,3 @@ def _check_seeds(seeds: Any, replicates: int) -> None:
         raise UserError(f"seeds={seeds} repeats a seed; each replicate needs its own seed")
     if replicates not in (1, len(seeds)):
         raise UserError(f"replicates={replicates} contradicts seeds={seeds}; give one of them")
-
-

@@ -42,9 +42,13 @@ def atomic_write(path: Path, write: Any) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"disk full while writing {path}; free space or set hydra.run.dir / store_dir elsewhere") from None
+            raise UserError(
+                f"disk full while writing {path}; free space or set hydra.run.dir / store_dir elsewhere"
+            ) from None
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise UserError(f"cannot write {path} ({e.strerror}); choose a writable hydra.run.dir / store_dir") from None
+            raise UserError(
+                f"cannot write {path} ({e.strerror}); choose a writable hydra.run.dir / store_dir"
+            ) from None
         raise
 
 
@@ -80,5 +84,7 @@ def check_writable(path: str, what: str) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{what} '{path}': the disk is full (checked {p}); free space or choose another folder") from None
+            raise UserError(
+                f"{what} '{path}': the disk is full (checked {p}); free space or choose another folder"
+            ) from None
         raise UserError(f"{what} '{path}' is not writable (checked {p}: {e.strerror}); choose another folder") from None

@@ -19,11 +19,35 @@ from compress_order.core.registry import stage_files
 RESULTS = "results.parquet"  # one row per (node, metric), rewritten after every node
 # the tidy row's columns, in order (run/rows.py writes them, analysis reads them)
 COLUMNS = [
-    "run_id", "model", "dataset", "stages", "stage_list", "order", "depth", "bits", "sparsity", "group_size", "act_bits",
-    "format", "act_format", "expert_sparsity", "seed",
-    "metric", "value", "higher_is_better", "backend", "status", "error", "config_hash", "node_key",
-    "git_sha", "torch_version", "device", "timestamp", "library_versions",
-]  # fmt: skip
+    "run_id",
+    "model",
+    "dataset",
+    "stages",
+    "stage_list",
+    "order",
+    "depth",
+    "bits",
+    "sparsity",
+    "group_size",
+    "act_bits",
+    "format",
+    "act_format",
+    "expert_sparsity",
+    "seed",
+    "metric",
+    "value",
+    "higher_is_better",
+    "backend",
+    "status",
+    "error",
+    "config_hash",
+    "node_key",
+    "git_sha",
+    "torch_version",
+    "device",
+    "timestamp",
+    "library_versions",
+]
 RESULTS_CSV = "results.csv"  # the same rows as CSV
 SAMPLES = "samples.parquet"  # per-unit values (windows, images) of each node, for the bootstrap
 STATS_FILE = "run_stats.json"  # what a run did: evaluations, stage applications, nodes reused (runner.RunStats)
@@ -64,9 +88,13 @@ class NodeRecord:
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> NodeRecord:
         """A record read from the store (checked with `record_problem` first); fields written later default."""
-        return cls(entries=record["entries"], samples=record.get("samples", {}),
-                   primary=record.get("primary", cls.primary), protocol=record.get("protocol", cls.protocol),
-                   timestamp=record["timestamp"])  # fmt: skip
+        return cls(
+            entries=record["entries"],
+            samples=record.get("samples", {}),
+            primary=record.get("primary", cls.primary),
+            protocol=record.get("protocol", cls.protocol),
+            timestamp=record["timestamp"],
+        )
 
 
 def record_problem(record: Any) -> str | None:
@@ -79,8 +107,12 @@ def record_problem(record: Any) -> str | None:
     if record["version"] != RECORD_VERSION:
         return f"record version {record['version']}, expected {RECORD_VERSION}"
     for e in record["entries"]:
-        if not (isinstance(e, dict) and isinstance(e.get("metric"), str) and isinstance(e.get("backend"), str)
-                and isinstance(e.get("value"), (int, float))):  # fmt: skip
+        if not (
+            isinstance(e, dict)
+            and isinstance(e.get("metric"), str)
+            and isinstance(e.get("backend"), str)
+            and isinstance(e.get("value"), (int, float))
+        ):
             return "an entry lacks metric, backend or a numeric value"
     samples = record.get("samples", {})
     if not isinstance(samples, dict) or not all(isinstance(v, list) for v in samples.values()):

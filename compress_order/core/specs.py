@@ -54,8 +54,10 @@ def integer_range(low: int, high: int) -> Spec:
 
 def number(low: float, *, null: bool = False) -> Spec:
     """A number > low."""
-    return Spec(lambda v: (v is None and null) or (_is_number(v) and v > low),
-                f"must be a number > {low:g}" + (" or null" if null else ""))  # fmt: skip
+    return Spec(
+        lambda v: (v is None and null) or (_is_number(v) and v > low),
+        f"must be a number > {low:g}" + (" or null" if null else ""),
+    )
 
 
 def fraction() -> Spec:
@@ -67,6 +69,7 @@ def one_of(options: Sequence[str]) -> Spec:
     return Spec(lambda v: v in options, f"is unknown; valid: {', '.join(options)}")
 
 
+SCOPE = one_of(("row", "layer"))  # which weights a pruner ranks together: the whole matrix, or each output row
 FLAG = Spec(lambda v: isinstance(v, bool), "must be true or false")
 
 # Shared by the root config and the stages that read them (stages/base.py, expert_prune.py, mixed.py).
@@ -108,8 +111,10 @@ SETTINGS: dict[str, Spec] = {
     "save": FLAG,
     "predict_only": FLAG,
     "eval.word_perplexity": FLAG,
-    "eval.tasks": Spec(lambda v: isinstance(v, list) and all(isinstance(t, str) and t for t in v),
-                       "must be a list of lm-eval task names, e.g. [arc_easy,hellaswag]"),  # fmt: skip
+    "eval.tasks": Spec(
+        lambda v: isinstance(v, list) and all(isinstance(t, str) and t for t in v),
+        "must be a list of lm-eval task names, e.g. [arc_easy,hellaswag]",
+    ),
     "eval.lm_eval.num_fewshot": integer(0, null="each task's default"),
     "eval.lm_eval.limit": number(0, null=True),
     "eval.lm_eval.batch_size": integer(1),

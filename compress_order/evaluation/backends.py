@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from compress_order.core.errors import InvariantError, UserError, choices
-from compress_order.numerics.quant import QuantGrid
 from compress_order.core.registry import Registry
 from compress_order.core.schema import DENSE_REFERENCE
 from compress_order.modeling.targets import Target, as_linear
+from compress_order.numerics.quant import QuantGrid
 
 if TYPE_CHECKING:
     from compress_order.evaluation.tasks import Task
@@ -37,12 +37,12 @@ TINYGEMM_GROUPS = (256, 128, 64, 32)  # group sizes the int4 tinygemm kernels ta
 # scripts/gpu_checks.py (float_kernels) runs the CUDA ones.
 FLOAT_KERNELS = {
     "fp8": "fp8: torch._scaled_mm (CPU and CUDA) multiplies FP8 activations by FP8 weights, which this node was not "
-           "evaluated with, and torchao's weight-only Float8Tensor dequantizes before a dense matmul",
+    "evaluated with, and torchao's weight-only Float8Tensor dequantizes before a dense matmul",
     "nvfp4": "nvfp4: torchao's NVFP4Tensor multiplies with torch._scaled_mm on CUDA SM 10.0+ only (FP4 activations) "
-             "and dequantizes elsewhere",
+    "and dequantizes elsewhere",
     "mxfp4": "mxfp4: torchao's MXTensor multiplies with torch._scaled_mm on CUDA SM 10.0+ only (FP4 activations) "
-             "and dequantizes elsewhere",
-}  # fmt: skip
+    "and dequantizes elsewhere",
+}
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,10 @@ def _grids(targets: dict[str, Target], max_bits: int) -> str | None:
         return "weights are not quantized"
     fmts = sorted({t.constraint.grid.fmt for t in targets.values()} - {"int"})
     if fmts:
-        return (f"these kernels take integer grids; {', '.join(fmts)} weights have no kernel in this backend "
-                f"({'; '.join(FLOAT_KERNELS[f] for f in fmts)})")  # fmt: skip
+        return (
+            f"these kernels take integer grids; {', '.join(fmts)} weights have no kernel in this backend "
+            f"({'; '.join(FLOAT_KERNELS[f] for f in fmts)})"
+        )
     if max(bits) > max_bits:
         return f"{max(bits)}-bit weights do not fit a {max_bits}-bit kernel"
     return None
@@ -142,8 +144,10 @@ def _int8_fits(targets: dict[str, Target]) -> str | None:
         return why
     bad = next((t for t in targets.values() if _int8_codes(t.constraint.grid) == "none"), None)
     if bad is not None:
-        return (f"{bad.name}: an 8-bit per-channel grid with zero-points other than 128 spans more than int8, and the "
-                f"int8 per-channel kernel takes no zero-point")  # fmt: skip
+        return (
+            f"{bad.name}: an 8-bit per-channel grid with zero-points other than 128 spans more than int8, and the "
+            f"int8 per-channel kernel takes no zero-point"
+        )
     return None
 
 
@@ -160,8 +164,11 @@ def _int8_weight_only(model: nn.Module, targets: dict[str, Target], device: torc
         else:
             qdata, zero = codes - 128, (grid.zero - 128).to(torch.int8)
         dtype = t.weight.dtype
-        _set_weight(packed, name, Int8Tensor(qdata.to(torch.int8), grid.scale.to(dtype), [1, grid.group_size], dtype,
-                                             zero_point=zero))  # fmt: skip
+        _set_weight(
+            packed,
+            name,
+            Int8Tensor(qdata.to(torch.int8), grid.scale.to(dtype), [1, grid.group_size], dtype, zero_point=zero),
+        )
     return packed
 
 
@@ -204,8 +211,10 @@ def _int4_fits(targets: dict[str, Target]) -> str | None:
         gs = t.constraint.grid.group_size
         if _tinygemm_group(gs) is None:
             what = "per-channel grid over" if gs == t.shape[1] else "group size"
-            return (f"{t.name}: {what} {gs}: the int4 kernel takes groups of "
-                    f"{', '.join(map(str, TINYGEMM_GROUPS[::-1]))} (or a multiple)")  # fmt: skip
+            return (
+                f"{t.name}: {what} {gs}: the int4 kernel takes groups of "
+                f"{', '.join(map(str, TINYGEMM_GROUPS[::-1]))} (or a multiple)"
+            )
     return None
 
 
@@ -271,18 +280,37 @@ def _semi_structured(model: nn.Module, targets: dict[str, Target], device: torch
 
 BACKENDS: Registry[Backend] = Registry("backend", also=("auto", "none"))
 for _b in [
-    Backend("int8_weight_only", ("cpu", "cuda"), "torchao Int8Tensor of the node's codes (up to 8 bits), "
-            "activations in the model's dtype", _int8_fits, _int8_weight_only, _same),
-    Backend("int4_weight_only", ("cpu", "cuda"), "torchao int4 tinygemm of the node's codes (up to 4 bits, "
-            "groups of 32-256), bf16 activations", _int4_fits, _int4_weight_only, _int4_act),
-    Backend("sparse_2_4", ("cuda",), "2:4 semi-structured sparse matmul (torch.sparse), fp16", _semi_structured_fits,
-            _semi_structured, _half_act),
-]:  # fmt: skip
+    Backend(
+        "int8_weight_only",
+        ("cpu", "cuda"),
+        "torchao Int8Tensor of the node's codes (up to 8 bits), activations in the model's dtype",
+        _int8_fits,
+        _int8_weight_only,
+        _same,
+    ),
+    Backend(
+        "int4_weight_only",
+        ("cpu", "cuda"),
+        "torchao int4 tinygemm of the node's codes (up to 4 bits, groups of 32-256), bf16 activations",
+        _int4_fits,
+        _int4_weight_only,
+        _int4_act,
+    ),
+    Backend(
+        "sparse_2_4",
+        ("cuda",),
+        "2:4 semi-structured sparse matmul (torch.sparse), fp16",
+        _semi_structured_fits,
+        _semi_structured,
+        _half_act,
+    ),
+]:
     BACKENDS.register(_b.name, _b)
 
 
-def latency_entries(backends: list[Backend], model: nn.Module, targets: dict[str, Target], task: "Task",
-                    device: torch.device) -> list[dict]:  # fmt: skip
+def latency_entries(
+    backends: list[Backend], model: nn.Module, targets: dict[str, Target], task: "Task", device: torch.device
+) -> list[dict]:
     """Latency of each backend on a packed copy of the node, or n/a with the reason; and, for each activation
     dtype other than the model's, the dense node cast to it (backend `dense(<dtype>)`), the speed-up's reference."""
     out: list[dict] = []
@@ -300,8 +328,10 @@ def latency_entries(backends: list[Backend], model: nn.Module, targets: dict[str
                 del packed
                 if act != here and act not in references:  # timed right after the packed copy, same shapes
                     dense = copy.deepcopy(model).to(act)
-                    out += [{"metric": m, "value": v, "backend": f"{DENSE_REFERENCE}{dtype_name(act)})"}
-                            for m, v in task.latency(dense).items()]  # fmt: skip
+                    out += [
+                        {"metric": m, "value": v, "backend": f"{DENSE_REFERENCE}{dtype_name(act)})"}
+                        for m, v in task.latency(dense).items()
+                    ]
                     references.add(act)
                     del dense
                 continue
@@ -325,6 +355,8 @@ def select_backends(requested: str | list[str] | None, device: torch.device) -> 
     for name in names:
         backend = BACKENDS.lookup(name)
         if device.type not in backend.devices:
-            raise UserError(f"backend '{name}' cannot run on {device.type}; supported on {device.type}: {choices(here)}")
+            raise UserError(
+                f"backend '{name}' cannot run on {device.type}; supported on {device.type}: {choices(here)}"
+            )
         out.append(backend)
     return out

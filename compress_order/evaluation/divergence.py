@@ -47,7 +47,9 @@ def requested(cfg: DictConfig) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)
     bad = [n for n in names if n not in WINDOW_METRICS]
     if bad:
-        raise UserError(f"eval.metrics: unknown metric(s) {', '.join(map(str, bad))}; valid: {', '.join(WINDOW_METRICS)}")
+        raise UserError(
+            f"eval.metrics: unknown metric(s) {', '.join(map(str, bad))}; valid: {', '.join(WINDOW_METRICS)}"
+        )
     return [n for n in REFERENCE_METRICS if n in names]
 
 
@@ -57,8 +59,10 @@ def reject_on(cfg: DictConfig, what: str) -> None:
     names = [names] if isinstance(names, str) else list(names)
     asked = [n for n in REFERENCE_METRICS if n in names]
     if asked:
-        raise UserError(f"eval.metrics: {', '.join(asked)} compare next-token distributions of a language model; "
-                        f"{what}; drop them (eval.metrics=[perplexity])")  # fmt: skip
+        raise UserError(
+            f"eval.metrics: {', '.join(asked)} compare next-token distributions of a language model; "
+            f"{what}; drop them (eval.metrics=[perplexity])"
+        )
 
 
 def topk_setting(cfg: DictConfig) -> tuple[int | None, int]:
@@ -124,14 +128,17 @@ def compare(ref: DenseReference, rows: slice, logits: Tensor) -> tuple[Tensor, T
         within = log_rest - logq_rest  # coarse-grained: the rest as one bucket
         if ref.tail_index is not None:  # + the sampled divergence inside the rest
             tail_p, tail_i = ref.tail_logp[rows].to(dev), ref.tail_index[rows].to(dev)
-            within = within + ((tail_p - log_rest[..., None]) - (logq.gather(-1, tail_i) - logq_rest[..., None])).mean(-1)
+            within = within + ((tail_p - log_rest[..., None]) - (logq.gather(-1, tail_i) - logq_rest[..., None])).mean(
+                -1
+            )
         kl = kl + torch.where(rest, log_rest.exp() * within, torch.zeros_like(kl))
     agree = logq.argmax(-1) == ref.argmax[rows].to(dev)
     return kl.double().cpu(), agree.double().cpu()
 
 
-def dense_reference(forward: Callable[[Tensor], Tensor], windows: Tensor, batch_size: int, k: int | None,
-                    m: int = 0, seed: int = 0) -> DenseReference:  # fmt: skip
+def dense_reference(
+    forward: Callable[[Tensor], Tensor], windows: Tensor, batch_size: int, k: int | None, m: int = 0, seed: int = 0
+) -> DenseReference:
     """The reference of `windows` (N, L): `forward` maps a batch of windows to logits; positions 0..L-2 are kept
     (those whose next token perplexity scores). The tail draws are seeded, so a later run draws the same."""
     gen: torch.Generator | None = None

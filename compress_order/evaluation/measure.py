@@ -61,7 +61,9 @@ def compression_metrics(model: nn.Module, targets: dict[str, Target], dense_bits
     }
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10) -> tuple[float, float]:
+def time_call(
+    fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10
+) -> tuple[float, float]:
     """Median and inter-quartile range (ms) of `fn()`; CUDA is synchronised around every call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -78,8 +80,9 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, r
 
 
 @torch.no_grad()
-def decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device,
-                        warmup: int = 1, repeats: int = 5) -> float:  # fmt: skip
+def decode_ms_per_token(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device, warmup: int = 1, repeats: int = 5
+) -> float:
     """Median ms per generated token with a KV cache: prefill the prompt (untimed), then time greedy steps."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # transformers 5 renamed the KV cache argument and output field to `cache` (the old name is deprecated).

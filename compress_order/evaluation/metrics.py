@@ -56,30 +56,64 @@ def register(metric: Metric) -> Metric:
 
 
 for _m in [
-    Metric("perplexity", False, "token-level perplexity, non-overlapping windows of the eval sequence length",
-           unit_sample="nll", reduction="exp", primary=True, summary=True),
-    Metric("top1", True, "top-1 accuracy (%)", unit_sample="correct", reduction="percent", primary=True,
-           summary=True),
+    Metric(
+        "perplexity",
+        False,
+        "token-level perplexity, non-overlapping windows of the eval sequence length",
+        unit_sample="nll",
+        reduction="exp",
+        primary=True,
+        summary=True,
+    ),
+    Metric("top1", True, "top-1 accuracy (%)", unit_sample="correct", reduction="percent", primary=True, summary=True),
     Metric("top5", True, "top-5 accuracy (%)", unit_sample="correct_top5", reduction="percent", summary=True),
     Metric("nll", False, "mean cross-entropy per example (vision) in nats", unit_sample="nll", summary=True),
-    Metric("kld", False, "mean KL(dense ‖ node) of the next-token distribution (nats), on the perplexity windows",
-           unit_sample="kld", summary=True),
-    Metric("top1_agree", True, "share of the perplexity windows' positions whose argmax token is the dense one's",
-           unit_sample="top1_agree", summary=True),
+    Metric(
+        "kld",
+        False,
+        "mean KL(dense ‖ node) of the next-token distribution (nats), on the perplexity windows",
+        unit_sample="kld",
+        summary=True,
+    ),
+    Metric(
+        "top1_agree",
+        True,
+        "share of the perplexity windows' positions whose argmax token is the dense one's",
+        unit_sample="top1_agree",
+        summary=True,
+    ),
     Metric("sparsity", True, "measured fraction of exactly-zero weights in the compressed layers", summary=True),
-    Metric("avg_bits", False, "packed bits per weight of the compressed layers, counting scales, zeros and masks",
-           summary=True),
-    Metric("coverage", True, "share of the targeted weight matrices' elements that the node's stages compressed "
-           "(targets: every weight matrix outside embeddings, biases and model.skip)", summary=True),
-    Metric("size_bytes", False, "bytes of the whole model in its packed form (uncompressed layers at dense_bits)",
-           summary=True),
+    Metric(
+        "avg_bits",
+        False,
+        "packed bits per weight of the compressed layers, counting scales, zeros and masks",
+        summary=True,
+    ),
+    Metric(
+        "coverage",
+        True,
+        "share of the targeted weight matrices' elements that the node's stages compressed "
+        "(targets: every weight matrix outside embeddings, biases and model.skip)",
+        summary=True,
+    ),
+    Metric(
+        "size_bytes",
+        False,
+        "bytes of the whole model in its packed form (uncompressed layers at dense_bits)",
+        summary=True,
+    ),
     Metric("latency_ms", False, "median milliseconds of a fixed-shape forward", summary=True, measured=True),
     Metric("latency_ms_iqr", False, "inter-quartile range of the forward timings (ms)", measured=True),
     Metric("images_per_s", True, "images per second at a fixed batch", measured=True),
     Metric("decode_ms_per_token", False, "median milliseconds per generated token with a KV cache", measured=True),
-    Metric("peak_mem_mb", False, "peak memory (MB) while the node's stage was applied and it was evaluated: CUDA "
-           "tensors allocated on a GPU, the process's resident set on CPU", measured=True),
-]:  # fmt: skip
+    Metric(
+        "peak_mem_mb",
+        False,
+        "peak memory (MB) while the node's stage was applied and it was evaluated: CUDA "
+        "tensors allocated on a GPU, the process's resident set on CPU",
+        measured=True,
+    ),
+]:
     register(_m)
 
 

@@ -36,6 +36,7 @@ nvfp4-pack-quantized and mxfp4-pack-quantized, from their codes (compress_order/
 always, a compressed-tensors one when its grids are symmetric and, for NVFP4 / MXFP4, the model is bfloat16
 (`transformers_reload` in the sidecar; see compress_order/export/compressed_tensors.py), bit for bit where `exact` says so.
 """
+
 from __future__ import annotations
 
 import errno
@@ -53,10 +54,10 @@ import numpy as np
 import torch
 
 from compress_order.core.errors import UserError
+from compress_order.core.files import pid_alive
 from compress_order.core.schema import MODELS_DIR, SAVE_FORMATS, SIDECAR, SIDECAR_TENSORS
 from compress_order.loaders.models import LoadedModel
 from compress_order.modeling.moe import renamed_after_removal, without_removed_experts
-from compress_order.core.files import pid_alive
 from compress_order.modeling.targets import Target
 
 if TYPE_CHECKING:  # ct_export imports compressed-tensors, which a run without save=true does not need
@@ -101,9 +102,17 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
     return fmt
 
 
-def save_node(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], depth: int, full_depth: int, out_dir: Path,
-              cfg: Any, several_seeds: bool = False,
-              input_scales: Callable[[], dict[str, torch.Tensor] | None] | None = None) -> Path | None:  # fmt: skip
+def save_node(
+    lm: LoadedModel,
+    targets: dict[str, Target],
+    order: tuple[str, ...],
+    depth: int,
+    full_depth: int,
+    out_dir: Path,
+    cfg: Any,
+    several_seeds: bool = False,
+    input_scales: Callable[[], dict[str, torch.Tensor] | None] | None = None,
+) -> Path | None:
     """Called for every visited node when `save=true`, with the node's weights in the model and `cfg` the
     calibration seed's config, `order` the node's labels and `depth` the stages it stands for (a joint
     schedule is one label but a full order): checks at the dense node that the model can be saved (before any compression work)
@@ -141,16 +150,23 @@ def remove_stale_writes(folder: Path) -> list[Path]:
     return removed
 
 
-def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ...], dest: Path,
-               fmt: str = "auto", dense_bits: int = 16, act: ActScheme | None = None,
-               input_scales: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+def save_model(
+    lm: LoadedModel,
+    targets: dict[str, Target],
+    order: tuple[str, ...],
+    dest: Path,
+    fmt: str = "auto",
+    dense_bits: int = 16,
+    act: ActScheme | None = None,
+    input_scales: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the model, tokenizer and sidecar into `dest`, replacing it whole (written beside, renamed). The
     sidecar's checkpoint entry records the weight files' bytes on disk beside the computed `size_bytes` (at
     `dense_bits` per uncompressed weight, as the run's metric). `act`: the input
     activations the node was evaluated with, written into a compressed-tensors config and recorded otherwise;
     `input_scales`: their static scales by layer name (ActQuant.input_scales), stored beside each layer's weight."""
-    from compress_order.evaluation.measure import compression_metrics
     from compress_order.core.files import file_mode
+    from compress_order.evaluation.measure import compression_metrics
 
     fmt = checkpoint_format(targets, fmt)
     remove_stale_writes(dest.parent)
@@ -166,12 +182,21 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
                 checkpoint = {"format": "dense"}
         if act is not None:
             checkpoint["activations"] = act.describe()
-        checkpoint.update(disk_bytes=weight_bytes(tmp), dense_bits=dense_bits,
-                          size_bytes=compression_metrics(lm.model, targets, dense_bits)["size_bytes"])  # fmt: skip
+        checkpoint.update(
+            disk_bytes=weight_bytes(tmp),
+            dense_bits=dense_bits,
+            size_bytes=compression_metrics(lm.model, targets, dense_bits)["size_bytes"],
+        )
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
-        record = {"format": FORMAT, "model": lm.name, "order": list(order), "label": " > ".join(order),
-                  "checkpoint": checkpoint, **record}  # fmt: skip
+        record = {
+            "format": FORMAT,
+            "model": lm.name,
+            "order": list(order),
+            "label": " > ".join(order),
+            "checkpoint": checkpoint,
+            **record,
+        }
         if tensors:
             from safetensors.torch import save_file
 
@@ -198,9 +223,13 @@ def save_model(lm: LoadedModel, targets: dict[str, Target], order: tuple[str, ..
     return dest
 
 
-def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], save_dir: Path,
-                            act: ActScheme | None = None, input_scales: dict[str, torch.Tensor] | None = None
-                            ) -> dict[str, Any]:  # fmt: skip
+def save_compressed_tensors(
+    model: torch.nn.Module,
+    targets: dict[str, Target],
+    save_dir: Path,
+    act: ActScheme | None = None,
+    input_scales: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """A compressed-tensors checkpoint of the model as it is (pack-quantized; int-quantized with the input
     activations' scheme `act`); returns what the sidecar records."""
     from compress_order.export import compressed_tensors as ct_export
@@ -208,8 +237,11 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
     # compressed-tensors 0.20 describes quantized nn.Linear modules; transformers keeps fused experts as 3-D
     # parameters no scheme names, so they are stored dense (their values exactly on their grids) and said so.
     scales = input_scales or {}
-    packed = {n: ct_export.pack_layer(t, act, scales.get(n)) for n, t in targets.items()
-              if t.constraint.grid is not None and t.index is None}  # fmt: skip
+    packed = {
+        n: ct_export.pack_layer(t, act, scales.get(n))
+        for n, t in targets.items()
+        if t.constraint.grid is not None and t.index is None
+    }
     dense_experts = sum(1 for t in targets.values() if t.constraint.grid is not None and t.index is not None)
     schemes = {n: p.scheme for n, p in packed.items()}
     config = ct_export.quantization_config(schemes, ignore=ct_export.dense_linears(model, set(packed)))
@@ -218,20 +250,24 @@ def save_compressed_tensors(model: torch.nn.Module, targets: dict[str, Target], 
     path, servable, reasons = ct_export.vllm_servability(model, schemes)
     mismatched = sum(p.mismatched for p in packed.values())
     return {
-        "format": "compressed-tensors", "compression_format": config.format,
+        "format": "compressed-tensors",
+        "compression_format": config.format,
         "schemes": sorted({p.scheme.describe() for p in packed.values()}),
         "exact": mismatched == 0,  # reloading gives the evaluated weights bit for bit
         "mismatched_weights": mismatched,  # otherwise: weights changed by holding scales in the model dtype
         "vllm": {"path": path, "servable": servable, "reasons": reasons},  # path: WNA16, W8A8 int8, W4A8 int
         "transformers_reload": ct_export.transformers_reloads(schemes, next(model.parameters()).dtype),
         "dense_experts": dense_experts,  # quantized experts stored dense (see above)
-    }  # fmt: skip
+    }
 
 
 def weight_bytes(folder: Path) -> int:
     """Bytes on disk of a checkpoint's weight files (safetensors shards or .bin), not its config or tokenizer."""
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix in (".safetensors", ".bin")
-               and f.name != SIDECAR_TENSORS)  # fmt: skip
+    return sum(
+        f.stat().st_size
+        for f in Path(folder).iterdir()
+        if f.suffix in (".safetensors", ".bin") and f.name != SIDECAR_TENSORS
+    )
 
 
 def summary_line(checkpoint: dict[str, Any]) -> str:
@@ -239,8 +275,10 @@ def summary_line(checkpoint: dict[str, Any]) -> str:
     compressed-tensors, exactness and servability."""
     size = ""
     if "disk_bytes" in checkpoint:
-        size = (f"; {checkpoint['disk_bytes']:,} bytes on disk, size_bytes {checkpoint['size_bytes']:,.0f} "
-                f"({checkpoint['dense_bits']}-bit dense layers)")  # fmt: skip
+        size = (
+            f"; {checkpoint['disk_bytes']:,} bytes on disk, size_bytes {checkpoint['size_bytes']:,.0f} "
+            f"({checkpoint['dense_bits']}-bit dense layers)"
+        )
     if checkpoint["format"] != "compressed-tensors":
         act = checkpoint.get("activations")
         acts = f" (evaluated with {act} activations, not in its config)" if act else ""
@@ -249,22 +287,31 @@ def summary_line(checkpoint: dict[str, Any]) -> str:
     if not checkpoint["exact"] and checkpoint["compression_format"] == "nvfp4-pack-quantized":
         exact += " (compressed-tensors 0.20 reads NVFP4 back in bfloat16)"
     vllm = checkpoint["vllm"]
-    serve = (f"vLLM {vllm['path']} serves it" if vllm["servable"]
-             else f"vLLM {vllm['path']} does not serve it: {'; '.join(vllm['reasons'])}")  # fmt: skip
+    serve = (
+        f"vLLM {vllm['path']} serves it"
+        if vllm["servable"]
+        else f"vLLM {vllm['path']} does not serve it: {'; '.join(vllm['reasons'])}"
+    )
     reload = "; transformers reloads it" if checkpoint["transformers_reload"] else f"; {_no_reload(checkpoint)}"
     if checkpoint.get("dense_experts"):
-        reload += (f"; {checkpoint['dense_experts']} quantized expert matrices stored dense (on their grids): "
-                   f"compressed-tensors 0.20 has no scheme for transformers' fused 3-D expert parameters")  # fmt: skip
-    return (f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; "
-            f"{serve}{reload}{size}")  # fmt: skip
+        reload += (
+            f"; {checkpoint['dense_experts']} quantized expert matrices stored dense (on their grids): "
+            f"compressed-tensors 0.20 has no scheme for transformers' fused 3-D expert parameters"
+        )
+    return (
+        f"compressed-tensors {checkpoint['compression_format']}, {', '.join(checkpoint['schemes'])}; {exact}; "
+        f"{serve}{reload}{size}"
+    )
 
 
 def _no_reload(checkpoint: dict[str, Any]) -> str:
     """Why transformers does not reload a compressed-tensors checkpoint (see ct_export.transformers_reloads)."""
     fmt = checkpoint["compression_format"]
     if fmt.startswith(("nvfp4", "mxfp4")) or "FP4" in " ".join(checkpoint["schemes"]):
-        return ("transformers cannot reload it: compressed-tensors 0.20 decompresses FP4 weights into bfloat16, "
-                "which only a bfloat16 model runs")  # fmt: skip
+        return (
+            "transformers cannot reload it: compressed-tensors 0.20 decompresses FP4 weights into bfloat16, "
+            "which only a bfloat16 model runs"
+        )
     return "transformers cannot reload its zero-points"
 
 
@@ -320,9 +367,14 @@ def constraint_record(targets: dict[str, Target]) -> tuple[dict[str, Any], dict[
         if c.grid is not None:
             g = c.grid
             entry["quant"] = {
-                "format": g.fmt, "bits": g.bits, "group_size": g.group_size, "sym": g.sym, "n_groups": g.n_groups,
-                "scale": f"{name}.scale", "zero": f"{name}.zero",
-            }  # fmt: skip
+                "format": g.fmt,
+                "bits": g.bits,
+                "group_size": g.group_size,
+                "sym": g.sym,
+                "n_groups": g.n_groups,
+                "scale": f"{name}.scale",
+                "zero": f"{name}.zero",
+            }
             if getattr(g, "tensor_scale", None) is not None:  # NVFP4: the scales are E4M3 values over 1 / this
                 entry["quant"]["tensor_scale"] = float(g.tensor_scale)
             tensors[f"{name}.scale"] = g.scale.detach().float().cpu().contiguous()

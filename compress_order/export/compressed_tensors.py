@@ -35,9 +35,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+
 import torch
-from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
 from compressed_tensors.compressors.base import BaseCompressor
+from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
 from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -53,9 +54,9 @@ from compressed_tensors.quantization import (
 from torch import Tensor, nn
 
 from compress_order.core.errors import InvariantError, UserError
+from compress_order.modeling.targets import Target
 from compress_order.numerics.formats import FloatGrid, codebook, nvfp4_global_scale
 from compress_order.numerics.quant import QuantGrid
-from compress_order.modeling.targets import Target
 
 FORMAT = CompressionFormat.pack_quantized.value
 ACT_FORMAT = CompressionFormat.int_quantized.value  # weights with quantized input activations
@@ -87,8 +88,9 @@ class ActScheme:
     def args(self) -> QuantizationArgs:
         strategy = QuantizationStrategy.TOKEN if self.granularity == "token" else QuantizationStrategy.TENSOR
         kind = "int" if self.fmt is None else "float"
-        return QuantizationArgs(num_bits=self.bits, type=kind, symmetric=True, dynamic=not self.static,
-                                strategy=strategy)  # fmt: skip
+        return QuantizationArgs(
+            num_bits=self.bits, type=kind, symmetric=True, dynamic=not self.static, strategy=strategy
+        )
 
     def describe(self) -> str:
         kind = "" if self.fmt is None else " FP8 E4M3"
@@ -129,9 +131,12 @@ class WeightScheme:
     def args(self) -> QuantizationArgs:
         strategy = QuantizationStrategy.CHANNEL if self.group_size == -1 else QuantizationStrategy.GROUP
         return QuantizationArgs(
-            num_bits=self.bits, type="int", symmetric=self.sym, strategy=strategy,
+            num_bits=self.bits,
+            type="int",
+            symmetric=self.sym,
+            strategy=strategy,
             group_size=None if self.group_size == -1 else self.group_size,
-        )  # fmt: skip
+        )
 
     def describe(self) -> str:
         groups = "per channel" if self.group_size == -1 else f"group {self.group_size}"
@@ -140,8 +145,11 @@ class WeightScheme:
 
 
 # compressed-tensors' format for each float grid's weights, and how its scales are stored
-FLOAT_FORMAT = {"fp8": CompressionFormat.float_quantized.value, "nvfp4": CompressionFormat.nvfp4_pack_quantized.value,
-                "mxfp4": CompressionFormat.mxfp4_pack_quantized.value}  # fmt: skip
+FLOAT_FORMAT = {
+    "fp8": CompressionFormat.float_quantized.value,
+    "nvfp4": CompressionFormat.nvfp4_pack_quantized.value,
+    "mxfp4": CompressionFormat.mxfp4_pack_quantized.value,
+}
 
 
 @dataclass(frozen=True)
@@ -169,14 +177,31 @@ class FloatScheme:
     def args(self) -> QuantizationArgs:
         if self.fmt == "fp8":
             strategy = QuantizationStrategy.CHANNEL if self.group_size == -1 else QuantizationStrategy.GROUP
-            return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy,
-                                    group_size=None if self.group_size == -1 else self.group_size)  # fmt: skip
+            return QuantizationArgs(
+                num_bits=8,
+                type="float",
+                symmetric=True,
+                strategy=strategy,
+                group_size=None if self.group_size == -1 else self.group_size,
+            )
         if self.fmt == "nvfp4":  # groups plus a per-tensor global scale: compressed-tensors' TENSOR_GROUP
             strategy = QuantizationStrategy.TENSOR_GROUP
-            return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=16, strategy=strategy,
-                                    scale_dtype=torch.float8_e4m3fn)  # fmt: skip
-        return QuantizationArgs(num_bits=4, type="float", symmetric=True, group_size=32,
-                                strategy=QuantizationStrategy.GROUP, scale_dtype=torch.uint8)  # fmt: skip
+            return QuantizationArgs(
+                num_bits=4,
+                type="float",
+                symmetric=True,
+                group_size=16,
+                strategy=strategy,
+                scale_dtype=torch.float8_e4m3fn,
+            )
+        return QuantizationArgs(
+            num_bits=4,
+            type="float",
+            symmetric=True,
+            group_size=32,
+            strategy=QuantizationStrategy.GROUP,
+            scale_dtype=torch.uint8,
+        )
 
     def describe(self) -> str:
         acts = "" if self.act is None else f", {self.act.describe()} activations"
@@ -348,8 +373,13 @@ def vllm_servability(model: nn.Module, schemes: dict[str, WeightScheme | FloatSc
         path, reasons = "WNA16", _wna16_reasons(model, schemes)
     elif any(a is not None and a.fmt is not None for a in acts):
         widths = "/".join(map(str, sorted({s.bits for s in schemes.values()})))
-        path, reasons = f"W{widths}A8 FP8", [f"integer {widths}-bit weights with FP8 activations (no vLLM "
-                                             "compressed-tensors scheme takes that pairing here)"]  # fmt: skip
+        path, reasons = (
+            f"W{widths}A8 FP8",
+            [
+                f"integer {widths}-bit weights with FP8 activations (no vLLM "
+                "compressed-tensors scheme takes that pairing here)"
+            ],
+        )
     else:
         path, reasons = _int_act_reasons(schemes)
     for fused, parts in VLLM_FUSED.items():
@@ -391,22 +421,28 @@ def _int_act_reasons(schemes: dict[str, WeightScheme]) -> tuple[str, list[str]]:
     if act.bits != 8:
         reasons.append(f"{act.bits}-bit activations (vLLM's integer-activation kernels take int8)")
     if act.granularity == "tensor":
-        reasons.append("dynamic per-tensor activations (vLLM's int8 kernels take dynamic per-token or static "
-                       "per-tensor scales)")  # fmt: skip
+        reasons.append(
+            "dynamic per-tensor activations (vLLM's int8 kernels take dynamic per-token or static per-tensor scales)"
+        )
     if act.static and 4 in widths:
         reasons.append("static activations with 4-bit weights (vLLM's W4A8 int takes dynamic per-token ones)")
     other = [b for b in widths if b not in VLLM_BITS]
     if other:
-        reasons.append(f"{'/'.join(map(str, other))}-bit weights with quantized activations (vLLM takes 8-bit: W8A8, "
-                       f"or 4-bit: W4A8)")  # fmt: skip
+        reasons.append(
+            f"{'/'.join(map(str, other))}-bit weights with quantized activations (vLLM takes 8-bit: W8A8, "
+            f"or 4-bit: W4A8)"
+        )
     asym = sorted({s.bits for s in schemes.values() if not s.sym and s.bits in VLLM_BITS})
     if asym:
-        reasons.append(f"asymmetric {'/'.join(map(str, asym))}-bit weights (vLLM's W8A8/W4A8 take symmetric "
-                       f"weights, sym: true)")  # fmt: skip
+        reasons.append(
+            f"asymmetric {'/'.join(map(str, asym))}-bit weights (vLLM's W8A8/W4A8 take symmetric weights, sym: true)"
+        )
     grouped = sorted({s.group_size for s in schemes.values() if s.bits == 8 and s.group_size != -1})
     if grouped:
-        reasons.append(f"8-bit weights in groups of {'/'.join(map(str, grouped))} (W8A8 int8 takes per-channel "
-                       f"weights, group_size=-1)")  # fmt: skip
+        reasons.append(
+            f"8-bit weights in groups of {'/'.join(map(str, grouped))} (W8A8 int8 takes per-channel "
+            f"weights, group_size=-1)"
+        )
     return path, reasons
 
 
@@ -424,21 +460,28 @@ def _float_reasons(schemes: dict[str, WeightScheme | FloatScheme]) -> tuple[str,
         reasons.append("integer and float weights in one checkpoint (vLLM reads one scheme family per model)")
     grouped = sorted({s.group_size for s in floats if s.fmt == "fp8" and s.group_size != -1})
     if grouped:
-        reasons.append(f"FP8 weights in groups of {'/'.join(map(str, grouped))} along a row (vLLM's FP8 schemes take "
-                       f"per-tensor, per-channel or 128x128-block scales: group_size=-1)")  # fmt: skip
+        reasons.append(
+            f"FP8 weights in groups of {'/'.join(map(str, grouped))} along a row (vLLM's FP8 schemes take "
+            f"per-tensor, per-channel or 128x128-block scales: group_size=-1)"
+        )
     act = next((s.act for s in floats if s.act is not None), None)
     if act is not None and act.fmt is None:
-        reasons.append(f"integer A{act.bits} input activations with float weights (vLLM's float schemes take 16-bit "
-                       f"or float activations)")  # fmt: skip
+        reasons.append(
+            f"integer A{act.bits} input activations with float weights (vLLM's float schemes take 16-bit "
+            f"or float activations)"
+        )
     elif act is not None:  # FP8 activations: vLLM's W8A8 FP8 scheme, for FP8 weights
         path = "W8A8 FP8" if {s.fmt for s in floats} == {"fp8"} else path
         fp4 = sorted({s.fmt.upper() for s in floats if s.fmt != "fp8"})
         if fp4:
-            reasons.append(f"{'/'.join(fp4)} weights with FP8 activations (vLLM's FP4 schemes take 16-bit or FP4 "
-                           f"activations)")  # fmt: skip
+            reasons.append(
+                f"{'/'.join(fp4)} weights with FP8 activations (vLLM's FP4 schemes take 16-bit or FP4 activations)"
+            )
         if act.granularity == "tensor":
-            reasons.append("dynamic per-tensor FP8 activations (vLLM's W8A8 FP8 takes dynamic per-token or static "
-                           "per-tensor scales)")  # fmt: skip
+            reasons.append(
+                "dynamic per-tensor FP8 activations (vLLM's W8A8 FP8 takes dynamic per-token or static "
+                "per-tensor scales)"
+            )
     return path, reasons
 
 

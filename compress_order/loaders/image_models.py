@@ -27,8 +27,12 @@ def _check_arch(name: str, arch: str) -> None:
     families = _close_families(norm, names)
     # names of the nearest families first (`vit_tiny_patch16_224` for `vit-tiny`), then the nearest anywhere
     kin = [x for x in names if any(x.startswith(f) for f in families)]
-    close = list(dict.fromkeys(difflib.get_close_matches(norm, kin, n=4, cutoff=0.5)
-                               + difflib.get_close_matches(norm, names, n=4, cutoff=0.6)))[:4]  # fmt: skip
+    close = list(
+        dict.fromkeys(
+            difflib.get_close_matches(norm, kin, n=4, cutoff=0.5)
+            + difflib.get_close_matches(norm, names, n=4, cutoff=0.6)
+        )
+    )[:4]
     hint = f"did you mean: {', '.join(close)}? " if close else ""
     fams = f"families named alike: {', '.join(families)}; " if families else ""
     raise UserError(f"model '{name}': timm has no architecture '{arch}'; {hint}{fams}see timm.list_models('<family>*')")
@@ -36,6 +40,7 @@ def _check_arch(name: str, arch: str) -> None:
 
 def _close_families(arch: str, names: list[str], n: int = 3) -> list[str]:
     """timm's family prefixes (a name up to its first '_' or digit: `resnet`, `vit_`) nearest to `arch`'s own."""
+
     def family(s: str) -> str:
         m = re.match(r"[a-z]+_?", s)
         return m.group(0) if m else s
@@ -152,9 +157,12 @@ def timm_classifier(
     model.eval()  # timm returns train mode: BatchNorm would update its statistics during evaluation
     dc = resolve_data_config(dict(data_config or {}), model=model)
     return LoadedModel(
-        model=model, kind=IMAGE_CLASSIFIER, name=name, skip=io_layers(model) if skip is None else list(skip),
+        model=model,
+        kind=IMAGE_CLASSIFIER,
+        name=name,
+        skip=io_layers(model) if skip is None else list(skip),
         extra={"data_config": dc, "num_classes": int(model.num_classes), "arch": arch},
-    )  # fmt: skip
+    )
 
 
 def _check_timm_node(node: dict[str, Any]) -> None:

@@ -82,8 +82,10 @@ def causal_lm(
     if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(local_file)):
         hint = missing_hint or "pass model.path=/dir/with/config.json"
         raise UserError(f"model '{name}': local path '{local_file}' does not exist; {hint}")
-    if not gguf_file and os.path.isdir(os.path.expanduser(path)) and not os.path.isfile(
-        os.path.join(os.path.expanduser(path), "config.json")
+    if (
+        not gguf_file
+        and os.path.isdir(os.path.expanduser(path))
+        and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
     ):
         raise UserError(
             f"model '{name}': folder '{path}' has no config.json; expected a Hugging Face checkpoint folder "
@@ -108,5 +110,12 @@ def causal_lm(
         seqlen = int(getattr(model.config, "max_position_embeddings", 2048))
     if bos and tok.bos_token_id is None:
         raise UserError(f"model '{name}': model.bos=true but its tokenizer has no BOS token; set model.bos=false")
-    return LoadedModel(model=model, kind="causal_lm", name=name, skip=list(skip), tokenizer=tok, seqlen=int(seqlen),
-                       bos=tok.bos_token_id if bos else None)  # fmt: skip
+    return LoadedModel(
+        model=model,
+        kind="causal_lm",
+        name=name,
+        skip=list(skip),
+        tokenizer=tok,
+        seqlen=int(seqlen),
+        bos=tok.bos_token_id if bos else None,
+    )

@@ -29,7 +29,9 @@ def _read(path: str, what: str, name: str, missing_hint: str | None = None) -> s
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"data '{name}': {what} file '{path}' is not UTF-8 text (byte {e.start}); expected plain text") from None
+        raise UserError(
+            f"data '{name}': {what} file '{path}' is not UTF-8 text (byte {e.start}); expected plain text"
+        ) from None
     if not text.strip():
         raise UserError(f"data '{name}': {what} file '{path}' is empty; expected plain text")
     return text
@@ -38,16 +40,25 @@ def _read(path: str, what: str, name: str, missing_hint: str | None = None) -> s
 def text_files(name: str, train: str, valid: str, missing_hint: str | None = None) -> TextSplits:
     """Plain UTF-8 text files (the embedded Shakespeare corpus, a prepared corpus, or any local corpus);
     `missing_hint` says how to prepare files that are not there."""
-    return TextSplits(name=name, train=_read(train, "train", name, missing_hint),
-                      valid=_read(valid, "valid", name, missing_hint))
+    return TextSplits(
+        name=name, train=_read(train, "train", name, missing_hint), valid=_read(valid, "valid", name, missing_hint)
+    )
 
 
 # File formats `data.path` may hold, by suffix → the `datasets` builder that reads them.
 BUILDERS = {
-    ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv",
-    ".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".json.zst": "json",
-    ".txt": "text", ".raw": "text", ".tokens": "text",
-}  # fmt: skip
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".json.gz": "json",
+    ".jsonl.gz": "json",
+    ".json.zst": "json",
+    ".txt": "text",
+    ".raw": "text",
+    ".tokens": "text",
+}
 # Words in a file name that mark a split (wiki.valid.raw, c4-validation.*.json.gz, test-00000-of-00001.parquet).
 SPLIT_WORDS = {"validation": {"validation", "valid", "val", "dev"}, "train": {"train"}, "test": {"test"}}
 

@@ -22,8 +22,18 @@ from pathlib import Path
 from compress_order.core.errors import UserError
 
 # Level-2 sections that hold links and citations rather than prose.
-APPARATUS = {"see also", "references", "external links", "further reading", "notes", "bibliography", "sources",
-             "footnotes", "citations", "notes and references"}  # fmt: skip
+APPARATUS = {
+    "see also",
+    "references",
+    "external links",
+    "further reading",
+    "notes",
+    "bibliography",
+    "sources",
+    "footnotes",
+    "citations",
+    "notes and references",
+}
 DROP_TAGS = {"ref", "table", "gallery", "math", "timeline", "imagemap", "score", "syntaxhighlight", "source"}
 LINK_NAMESPACES = {"file", "image", "category", "media"}
 JOIN = "\n\n"  # between documents, as the GPTQ loaders join WikiText rows
@@ -74,7 +84,7 @@ def _remove(code, node) -> None:
 def read_dump(path: Path) -> list[Article]:
     """The articles (main namespace, no redirects, some text left) of a MediaWiki XML dump (.xml or .xml.bz2)."""
     out = []
-    with (bz2.open(path) if str(path).endswith(".bz2") else open(path, "rb")) as f:
+    with bz2.open(path) if str(path).endswith(".bz2") else open(path, "rb") as f:
         for _, el in ET.iterparse(f, events=("end",)):
             if not el.tag.endswith("}page") and el.tag != "page":
                 continue
@@ -123,8 +133,11 @@ def write_splits(docs: list[Article], dest: Path, valid_fraction: float, seed: i
         tmp = p.with_suffix(".txt.part")
         tmp.write_text(JOIN.join(d.text for d in part) + "\n", encoding="utf-8")
         tmp.replace(p)  # never a half-written file under the final name
-        info[name] = {"documents": len(part), "characters": sum(len(d.text) for d in part),
-                      "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}  # fmt: skip
+        info[name] = {
+            "documents": len(part),
+            "characters": sum(len(d.text) for d in part),
+            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        }
     info["valid_titles"] = [d.title for d in valid]
     (dest / "split.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

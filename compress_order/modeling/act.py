@@ -35,11 +35,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from compress_order.modeling.batches import model_forward, to_device
 from compress_order.core.errors import UserError
-from compress_order.numerics.formats import E4M3_MAX, FLOAT_FORMATS, group_scales, round_to_codebook
+from compress_order.modeling.batches import model_forward, to_device
 from compress_order.modeling.moe import routed_forward
 from compress_order.modeling.targets import Target
+from compress_order.numerics.formats import E4M3_MAX, FLOAT_FORMATS, group_scales, round_to_codebook
 
 GRANULARITIES = ("token", "tensor", "static", "group")
 ACT_FORMATS = ("fp8", "nvfp4")  # or null: integer activations (act_bits alone)
@@ -72,8 +72,9 @@ def act_format_granularity(fmt: str | None) -> str:
     return ACT_GRANULARITIES.get(fmt, GRANULARITIES)[0]
 
 
-def check_act(bits: Any, granularity: Any, fmt: Any = None, weight_format: str | None = "int", save: bool = False
-              ) -> None:  # fmt: skip
+def check_act(
+    bits: Any, granularity: Any, fmt: Any = None, weight_format: str | None = "int", save: bool = False
+) -> None:
     """act_bits, act_granularity and act_format, and their pairing with the weights' `format` (module docstring;
     None: not checked) and with `save`."""
     if fmt is not None and fmt not in ACT_FORMATS:
@@ -84,20 +85,26 @@ def check_act(bits: Any, granularity: Any, fmt: Any = None, weight_format: str |
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16):
         raise UserError(f"act_bits={bits} is outside 2-16 (or null for full-precision activations)")
     if fmt is not None and bits != ACT_FORMAT_BITS[fmt]:
-        raise UserError(f"act_format={fmt} quantizes activations to {ACT_FORMAT_BITS[fmt]} bits; act_bits={bits} "
-                        f"contradicts it (drop act_bits= to follow the format)")  # fmt: skip
+        raise UserError(
+            f"act_format={fmt} quantizes activations to {ACT_FORMAT_BITS[fmt]} bits; act_bits={bits} "
+            f"contradicts it (drop act_bits= to follow the format)"
+        )
     allowed = ACT_GRANULARITIES[fmt]
     if granularity not in allowed:
         what = f"act_format={fmt}" if fmt is not None else "integer activations (act_format=null)"
-        raise UserError(f"act_granularity={granularity} does not apply to {what}; valid: {', '.join(allowed)}"
-                        + (" (drop act_granularity= to follow the format)" if fmt == "nvfp4" else ""))  # fmt: skip
+        raise UserError(
+            f"act_granularity={granularity} does not apply to {what}; valid: {', '.join(allowed)}"
+            + (" (drop act_granularity= to follow the format)" if fmt == "nvfp4" else "")
+        )
     if bits is None:
         return
     if weight_format is not None and weight_format not in WEIGHT_FORMATS[fmt]:
         acts = f"act_format={fmt}" if fmt is not None else f"integer act_bits={bits}"
         pairs = [f"act_format={a}" for a in ACT_FORMATS if weight_format in WEIGHT_FORMATS[a]]
-        raise UserError(f"{acts} activations do not pair with format={weight_format} weights; valid: format="
-                        f"{' or '.join(WEIGHT_FORMATS[fmt])}" + (f", or {' or '.join(pairs)}" if pairs else ""))
+        raise UserError(
+            f"{acts} activations do not pair with format={weight_format} weights; valid: format="
+            f"{' or '.join(WEIGHT_FORMATS[fmt])}" + (f", or {' or '.join(pairs)}" if pairs else "")
+        )
     if save:
         check_savable(fmt)
 
@@ -106,9 +113,11 @@ def check_savable(fmt: str | None) -> None:
     """Checkpoints record integer and FP8 (dynamic) activation schemes. An NVFP4 one would need a calibrated
     per-tensor global input scale, which this simulation computes per forward pass instead: not written."""
     if fmt == "nvfp4":
-        raise UserError("save: an act_format=nvfp4 run is not saved: an NVFP4 checkpoint's activations need a "
-                        "calibrated global input scale, which this run computes per forward pass; valid: "
-                        "act_format=fp8 or null with save=true, or save=false")  # fmt: skip
+        raise UserError(
+            "save: an act_format=nvfp4 run is not saved: an NVFP4 checkpoint's activations need a "
+            "calibrated global input scale, which this run computes per forward pass; valid: "
+            "act_format=fp8 or null with save=true, or save=false"
+        )
 
 
 def act_scale(amax: Tensor, bits: int, fmt: str | None = None) -> Tensor:
@@ -120,8 +129,9 @@ def act_scale(amax: Tensor, bits: int, fmt: str | None = None) -> Tensor:
     return amax.clamp_min(1e-12) / (2 ** (bits - 1) - 1)
 
 
-def fake_quant(x: Tensor, bits: int, granularity: str, channel_dim: int = -1, amax: Tensor | None = None,
-               fmt: str | None = None) -> Tensor:  # fmt: skip
+def fake_quant(
+    x: Tensor, bits: int, granularity: str, channel_dim: int = -1, amax: Tensor | None = None, fmt: str | None = None
+) -> Tensor:
     """Round x onto a symmetric grid with a per-token (reduced over `channel_dim`) or per-tensor scale, or the
     fixed range `amax` (static; values beyond it are clipped). `fmt`: a float format's codebook instead of the
     integer grid (fp8: E4M3 with the same scales; nvfp4: groups of 16 along `channel_dim`)."""
@@ -217,9 +227,11 @@ class ActQuant:
         if self.fmt == "nvfp4":
             bad = next((t for t in targets.values() if _channels(t) % NVFP4_GROUP), None)
             if bad is not None:
-                raise UserError(f"act_format=nvfp4 quantizes inputs in groups of {NVFP4_GROUP} channels; the "
-                                f"{_channels(bad)} input channels of {bad.name} are not a multiple of it (leave it "
-                                f"dense with model.skip, or use act_format=fp8)")  # fmt: skip
+                raise UserError(
+                    f"act_format=nvfp4 quantizes inputs in groups of {NVFP4_GROUP} channels; the "
+                    f"{_channels(bad)} input channels of {bad.name} are not a multiple of it (leave it "
+                    f"dense with model.skip, or use act_format=fp8)"
+                )
         for module in experts.values():
             self._install_experts(module)
         for t in {id(t.module): t for t in targets.values()}.values():  # an experts module once

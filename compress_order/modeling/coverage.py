@@ -62,11 +62,15 @@ class Coverage:
         groups: dict[str, list[Matrix]] = {}
         for m in self.skipped:
             groups.setdefault(m.owner, []).append(m)
-        left = "; ".join(f"{len(ms)} {cls} ({sum(m.numel for m in ms) / self.total:.1%})"
-                         for cls, ms in sorted(groups.items(), key=lambda kv: -sum(m.numel for m in kv[1])))  # fmt: skip
-        return (f"coverage: {share} of the {self.targeted:,} weights the stages target are compressed in the full "
-                f"orders; the targets are {self.targeted / self.total:.1%} of the model's weight-matrix elements "
-                f"(embeddings and biases excluded)" + (f"; left dense by model.skip: {left}" if left else ""))
+        left = "; ".join(
+            f"{len(ms)} {cls} ({sum(m.numel for m in ms) / self.total:.1%})"
+            for cls, ms in sorted(groups.items(), key=lambda kv: -sum(m.numel for m in kv[1]))
+        )
+        return (
+            f"coverage: {share} of the {self.targeted:,} weights the stages target are compressed in the full "
+            f"orders; the targets are {self.targeted / self.total:.1%} of the model's weight-matrix elements "
+            f"(embeddings and biases excluded)" + (f"; left dense by model.skip: {left}" if left else "")
+        )
 
 
 def check_coverage(model: nn.Module, targets: dict[str, Target], skip: list[str] | tuple[str, ...]) -> Coverage:

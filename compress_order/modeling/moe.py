@@ -84,8 +84,13 @@ class ExpertUnit:
     def targets(self) -> list[Target]:
         return [t for by_e in self.by_param.values() for t in by_e.values()]
 
-    def collect(self, params: list[str], make: Callable[[Target], Any], all_experts: bool,
-                after: Callable[[], None] | None = None) -> tuple[dict[int, Any], RemovableHandle]:  # fmt: skip
+    def collect(
+        self,
+        params: list[str],
+        make: Callable[[Target], Any],
+        all_experts: bool,
+        after: Callable[[], None] | None = None,
+    ) -> tuple[dict[int, Any], RemovableHandle]:
         """A hook feeding statistics (`make(target)`, with `add_batch`) of the experts' `params` from each call,
         then calling `after`; `all_experts`: every token through every expert (for statistics only). The routed
         tokens per expert are counted anew. Returns ({id(target): stats}, handle)."""
@@ -128,8 +133,13 @@ def expert_units(targets: list[Target]) -> list[ExpertUnit]:
 
 def token_summary(tokens: list[int]) -> dict[str, float]:
     """min / median / max calibration tokens per expert, and how many experts got none."""
-    return {"min": min(tokens), "median": float(statistics.median(tokens)), "max": max(tokens),
-            "experts": len(tokens), "without_tokens": sum(n == 0 for n in tokens)}  # fmt: skip
+    return {
+        "min": min(tokens),
+        "median": float(statistics.median(tokens)),
+        "max": max(tokens),
+        "experts": len(tokens),
+        "without_tokens": sum(n == 0 for n in tokens),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,8 +290,10 @@ def without_removed_experts(model: nn.Module, targets: dict[str, Target]) -> Ite
     counts = {model.get_submodule(n).num_experts - len(g) for n, g in gone.items()}
     moe_layers = [n for n, m in model.named_modules() if expert_params(m)]
     if len(counts) != 1 or len(gone) != len(moe_layers):
-        raise UserError(f"the MoE layers keep different numbers of experts ({sorted(counts)}), which one "
-                        f"config.json cannot describe; save needs expert_prune to remove as many from each layer")  # fmt: skip
+        raise UserError(
+            f"the MoE layers keep different numbers of experts ({sorted(counts)}), which one "
+            f"config.json cannot describe; save needs expert_prune to remove as many from each layer"
+        )
     undo: list[tuple[nn.Module, str, Any]] = []
 
     def swap(mod: nn.Module, attr: str, value: Any) -> None:
@@ -300,7 +312,11 @@ def without_removed_experts(model: nn.Module, targets: dict[str, Target]) -> Ite
                 for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
                     if p is not None and p.dim() >= 1 and p.shape[0] == e:
                         value = p.data.index_select(0, keep.to(p.device))
-                        swap(mod, pname, nn.Parameter(value, requires_grad=False) if isinstance(p, nn.Parameter) else value)
+                        swap(
+                            mod,
+                            pname,
+                            nn.Parameter(value, requires_grad=False) if isinstance(p, nn.Parameter) else value,
+                        )
                 if isinstance(getattr(mod, "num_experts", None), int):
                     swap(mod, "num_experts", e - len(g))
         config = getattr(model, "config", None)

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from compress_order.modeling.act import paused as act_paused
-from compress_order.numerics.formats import rebalance_tensor_scale
 from compress_order.modeling.targets import Target, adapter_of
+from compress_order.numerics.formats import rebalance_tensor_scale
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,10 @@ def float_grid_obstacle(targets: dict[str, Target]) -> str | None:
     t = next((t for t in targets.values() if t.constraint.grid is not None and t.constraint.grid.fmt != "int"), None)
     if t is None:
         return None
-    return (f"{t.name} holds a {t.constraint.grid.fmt} grid whose scales are stored in their own format, so "
-            f"rescaling its input channels would move them off it")  # fmt: skip
+    return (
+        f"{t.name} holds a {t.constraint.grid.fmt} grid whose scales are stored in their own format, so "
+        f"rescaling its input channels would move them off it"
+    )
 
 
 def grid_obstacle(targets: list[Target]) -> str | None:
@@ -117,8 +119,10 @@ def grid_obstacle(targets: list[Target]) -> str | None:
     for t in targets:
         g = t.constraint.grid
         if g is not None and g.group_size >= t.shape[1]:
-            return (f"{t.name} holds a per-channel {g.bits}-bit grid (one scale per row), so scaling its input "
-                    f"channels would move its weights off that grid")  # fmt: skip
+            return (
+                f"{t.name} holds a per-channel {g.bits}-bit grid (one scale per row), so scaling its input "
+                f"channels would move its weights off that grid"
+            )
     if len(sizes) > 1:
         return f"{targets[0].name} and the layers sharing its input hold grids of group sizes {sorted(sizes)}"
     return None
@@ -161,8 +165,9 @@ def _candidates(unit: nn.Module, group: list[Target], targets: list[Target]) -> 
 
 
 @torch.no_grad()
-def find_partners(run: Callable[[int], Any], unit: nn.Module, groups: list[list[Target]], targets: list[Target]
-                  ) -> dict[int, Partner]:  # fmt: skip
+def find_partners(
+    run: Callable[[int], Any], unit: nn.Module, groups: list[list[Target]], targets: list[Target]
+) -> dict[int, Partner]:
     """For each group (by index) of linear layers, the producer whose output channels can absorb a division of the
     group's inputs, verified on sample 0: random factors in [1/e, e] applied to both must leave the unit's output
     unchanged (to float tolerance). Groups without one are left out."""

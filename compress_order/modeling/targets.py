@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from compress_order.numerics.constraints import LayerConstraint, check_invariants
 from compress_order.core.errors import UserError
+from compress_order.numerics.constraints import LayerConstraint, check_invariants
 
 
 @dataclass(frozen=True)

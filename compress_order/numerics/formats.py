@@ -98,8 +98,9 @@ def e4m3(x: Tensor) -> Tensor:
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
 
 
-def group_scales(amax: Tensor, fmt: FloatFormat, tensor_amax: Tensor | None = None, keep_tensor: bool = False
-                 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+def group_scales(
+    amax: Tensor, fmt: FloatFormat, tensor_amax: Tensor | None = None, keep_tensor: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Per-group scales (as the format stores them, times the per-tensor scale) from each group's max |w|, so
     the largest weight of a group maps to (near) the codebook's largest value; and the per-tensor scale (NVFP4:
     from the whole tensor's max, or `tensor_amax`; `keep_tensor`: `tensor_amax` is that scale already)."""
@@ -225,12 +226,16 @@ def check_format(fmt: str, bits: int, group_size: int) -> None:
         return
     f = FLOAT_FORMATS[fmt]
     if bits != f.bits:
-        raise UserError(f"format={fmt} stores {f.bits}-bit elements; bits={bits} contradicts it (drop bits= to "
-                        f"follow the format, or use format=int)")  # fmt: skip
+        raise UserError(
+            f"format={fmt} stores {f.bits}-bit elements; bits={bits} contradicts it (drop bits= to "
+            f"follow the format, or use format=int)"
+        )
     allowed = (f.group_size,) if f.group_size is not None else (-1, 128)
     if group_size not in allowed:
-        raise UserError(f"format={fmt} takes group_size {' or '.join(map(str, allowed))}; group_size={group_size} "
-                        f"contradicts it (drop group_size= to follow the format)")  # fmt: skip
+        raise UserError(
+            f"format={fmt} takes group_size {' or '.join(map(str, allowed))}; group_size={group_size} "
+            f"contradicts it (drop group_size= to follow the format)"
+        )
 
 
 def format_bits(fmt: str, default: int) -> int:
@@ -246,8 +251,9 @@ def format_group(fmt: str, default: int) -> int:
     return int(default)
 
 
-def fit_weight_grid(w: Tensor, fmt: str, bits: int, group_size: int, sym: bool, clip: float = 1.0
-                    ) -> QuantGrid | FloatGrid:  # fmt: skip
+def fit_weight_grid(
+    w: Tensor, fmt: str, bits: int, group_size: int, sym: bool, clip: float = 1.0
+) -> QuantGrid | FloatGrid:
     """The grid of format `fmt` fit to a 2-D weight: min-max INT (`bits`, `sym`, `clip`), or max-scaled float."""
     if fmt == "int":
         return fit_grid(w, bits, group_size, sym, clip)

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from compress_order.numerics.constraints import required_zeros
 from compress_order.core.errors import UserError
+from compress_order.numerics.constraints import required_zeros
 
 
 def parse_nm(nm: str | None) -> tuple[int, int] | None:
@@ -51,6 +51,8 @@ def select_mask(
         groups = score.reshape(rows, cols // m, m)
         drop = groups.topk(m - n, dim=-1, largest=False).indices
         mask.reshape(rows, cols // m, m).scatter_(-1, drop, False)
+    elif scope not in ("layer", "row"):
+        raise ValueError(f"scope={scope!r}: 'layer' or 'row'")
     elif scope == "row":  # each row its share, the layer total exact (rows differ by at most one)
         return row_quota_mask(score, required_zeros(sparsity, score.numel()), prior)
     else:

@@ -19,15 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import lru_cache
-from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.core.paths import ASSETS_DIR, PACKAGE_DIR
 
-NUMERIC_LIBRARIES = ("torch", "transformers", "timm", "torchao")
+# The libraries whose versions shape a result: part of every node key and of every row (`library_versions`).
+LIBRARIES = ("torch", "transformers", "timm", "torchao", "datasets", "hydra-core", "numpy", "compressed-tensors")
 # Keys of a resolved stage config that name it rather than determine what it does.
 STAGE_NAMING_KEYS = ("label", "name")
 
@@ -38,17 +39,23 @@ def digest(obj: Any) -> str:
 
 @lru_cache(maxsize=4)
 def code_identity(package_dir: Path = PACKAGE_DIR) -> dict:
-    """Hash of every .py file of the package (path and bytes) and the versions of the numeric libraries."""
+    """Hash of every .py file of the package (path and bytes) and the versions of `LIBRARIES`."""
     h = hashlib.sha256()
     for path in sorted(package_dir.rglob("*.py")):
         h.update(str(path.relative_to(package_dir)).encode() + b"\0" + path.read_bytes() + b"\0")
-    libs = {}
-    for pkg in NUMERIC_LIBRARIES:
+    return {"source": h.hexdigest(), "libraries": library_versions()}
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each of `LIBRARIES` (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for pkg in LIBRARIES:
         try:
-            libs[pkg] = version(pkg)
+            out[pkg] = version(pkg)
         except PackageNotFoundError:
-            libs[pkg] = None
-    return {"source": h.hexdigest(), "libraries": libs}
+            out[pkg] = None
+    return out
 
 
 def _portable(value: Any) -> Any:
@@ -66,9 +73,13 @@ def base_identity(cfg: DictConfig) -> dict:
     """What every node of a run shares. `cfg.device` must already be resolved (cpu, cuda:0 ...)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     ident = {
-        "model": c["model"], "data": c["data"], "eval": c["eval"], "device": c["device"],
-        "dense_bits": c["dense_bits"], "code": code_identity(),
-    }  # fmt: skip
+        "model": c["model"],
+        "data": c["data"],
+        "eval": c["eval"],
+        "device": c["device"],
+        "dense_bits": c["dense_bits"],
+        "code": code_identity(),
+    }
     if c.get("act_bits") is not None:  # quantized activations change every node, the dense one included
         ident["act"] = {"bits": c["act_bits"], "granularity": c["act_granularity"]}
         if c.get("act_format") is not None:  # only then: integer runs keep their keys

@@ -13,23 +13,29 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from compress_order.modeling.act import ActQuant
-from compress_order.modeling.act import paused as act_paused
-from compress_order.evaluation.backends import Backend, latency_entries
-from compress_order.modeling.coverage import Coverage, load_targets
+from compress_order.config.stages import build_stage
 from compress_order.core.instantiate import build
+from compress_order.core.schema import SIMULATED, NodeRecord
+from compress_order.evaluation.backends import Backend, latency_entries
 from compress_order.evaluation.measure import compression_metrics, peak_memory_mb
 from compress_order.evaluation.metrics import METRICS
-from compress_order.loaders.models import LoadedModel
-from compress_order.core.schema import SIMULATED, NodeRecord
-from compress_order.config.stages import build_stage
-from compress_order.stages.base import Stage
-from compress_order.modeling.targets import ModelState, Snapshot, Target, find_targets
 from compress_order.evaluation.tasks import Task, build_task
+from compress_order.loaders.models import LoadedModel
+from compress_order.modeling.act import ActQuant
+from compress_order.modeling.act import paused as act_paused
+from compress_order.modeling.coverage import Coverage, load_targets
+from compress_order.modeling.targets import ModelState, Snapshot, Target, find_targets
+from compress_order.stages.base import Stage
 
 
-def apply_stage(stage: Stage, state: ModelState, task: Task, cfg: DictConfig, act: ActQuant | None = None,
-                report: dict | None = None) -> str | None:  # fmt: skip
+def apply_stage(
+    stage: Stage,
+    state: ModelState,
+    task: Task,
+    cfg: DictConfig,
+    act: ActQuant | None = None,
+    report: dict | None = None,
+) -> str | None:
     """Apply one stage to every target layer, then check every layer's invariants. Returns why the stage cannot
     follow what the layers hold (then nothing is changed), else None. With static activation ranges (`act`),
     a calibrated stage reads statistics of activations quantized with ranges observed on the current weights.
@@ -130,14 +136,28 @@ class RunContext:
             metrics.update(task.latency(model))
             metrics["peak_mem_mb"] = peak_memory_mb(self.device)
             packed = latency_entries(backends, model, self.targets, task, self.device)
-        entries = [{"metric": m, "value": v, "backend": SIMULATED, "higher_is_better": METRICS[m].higher_is_better}
-                   for m, v in metrics.items()]  # fmt: skip
-        return NodeRecord(entries + packed, {k: v.tolist() for k, v in samples.items()},
-                          task.primary_metric, task.protocol)  # fmt: skip
+        entries = [
+            {"metric": m, "value": v, "backend": SIMULATED, "higher_is_better": METRICS[m].higher_is_better}
+            for m, v in metrics.items()
+        ]
+        return NodeRecord(
+            entries + packed, {k: v.tolist() for k, v in samples.items()}, task.primary_metric, task.protocol
+        )
 
 
 def infeasible_record(why: str, primary: str, protocol: str) -> NodeRecord:
     """A node that could not be computed (a stage could not follow what the layers held): its primary metric NaN."""
-    return NodeRecord([{"metric": primary, "value": float("nan"), "backend": SIMULATED,
-                        "higher_is_better": METRICS[primary].higher_is_better, "status": "infeasible", "error": why}],
-                      primary=primary, protocol=protocol)  # fmt: skip
+    return NodeRecord(
+        [
+            {
+                "metric": primary,
+                "value": float("nan"),
+                "backend": SIMULATED,
+                "higher_is_better": METRICS[primary].higher_is_better,
+                "status": "infeasible",
+                "error": why,
+            }
+        ],
+        primary=primary,
+        protocol=protocol,
+    )

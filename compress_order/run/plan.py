@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from compress_order.run.identity import base_identity, node_key
 from compress_order.config.stages import is_calibrated, stage_configs
+from compress_order.run.identity import base_identity, node_key
 from compress_order.run.store import NodeStore
 from compress_order.run.trie import Node, build_trie
 
@@ -121,8 +121,9 @@ def saving(plans: list[Plan], full: list[Plan], jobs: int | None = None) -> str:
 def scratch_costs(cfg: DictConfig) -> tuple[Cost, Cost]:
     """(predict-only, full) cost of one run's config, every seed, with nothing stored: what the cut trie leaves out."""
     store = NodeStore(None)
-    cut, full = ([make_plan(with_seed(cfg, s), store, force=True, predict_only=p) for s in run_seeds(cfg)]
-                 for p in (True, False))  # fmt: skip
+    cut, full = (
+        [make_plan(with_seed(cfg, s), store, force=True, predict_only=p) for s in run_seeds(cfg)] for p in (True, False)
+    )
     return cost(cut, jobs=1), cost(full, jobs=1)
 
 
@@ -151,6 +152,8 @@ def plan_sweep(cfgs: list[DictConfig], predict_only: bool | None = None) -> tupl
         cfg = cfg.copy()
         cfg.device = str(resolve_device(str(cfg.device)))
         store = NodeStore(cfg.store_dir)
-        plans += [make_plan(with_seed(cfg, s), store, force=bool(cfg.force), predict_only=predict_only)
-                  for s in run_seeds(cfg)]  # fmt: skip
+        plans += [
+            make_plan(with_seed(cfg, s), store, force=bool(cfg.force), predict_only=predict_only)
+            for s in run_seeds(cfg)
+        ]
     return plans, len(cfgs)

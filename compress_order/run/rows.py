@@ -14,10 +14,17 @@ import pandas as pd
 
 from compress_order.core.errors import UserError
 from compress_order.core.files import atomic_write
+from compress_order.core.schema import (
+    COLUMNS,
+    DENSE_REFERENCE,
+    RESULTS,
+    RESULTS_CSV,
+    SAMPLES,
+    SIMULATED,
+    NodeRecord,
+    entry_label,
+)
 from compress_order.evaluation.metrics import METRICS, summary_metrics
-from compress_order.core.schema import COLUMNS, DENSE_REFERENCE, RESULTS, RESULTS_CSV, SAMPLES, SIMULATED, NodeRecord, entry_label
-
-
 
 
 class RunWriter:
@@ -36,9 +43,16 @@ class RunWriter:
         self._sampled.add(node_key)
         for metric, values in samples.items():
             self.samples.append(
-                pd.DataFrame({"order": order, "node_key": node_key, "metric": metric,
-                              "unit": np.arange(len(values)), "value": np.asarray(values, dtype=float)})
-            )  # fmt: skip
+                pd.DataFrame(
+                    {
+                        "order": order,
+                        "node_key": node_key,
+                        "metric": metric,
+                        "unit": np.arange(len(values)),
+                        "value": np.asarray(values, dtype=float),
+                    }
+                )
+            )
         self.flush()
 
     def frame(self) -> pd.DataFrame:
@@ -60,6 +74,7 @@ def write_results(folder: Path, df: pd.DataFrame) -> None:
 
 def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
     """A job that failed before or while running still leaves one row saying so (status=failed)."""
+
     def get(path: str) -> Any:
         try:
             node = cfg
@@ -71,13 +86,21 @@ def failure_frame(cfg: Any, error: str, out_dir: Path) -> pd.DataFrame:
 
     row = {c: None for c in COLUMNS}
     row.update(
-        model=get("model.name"), dataset=get("data.name"), bits=get("bits"), sparsity=get("sparsity"),
-        group_size=get("group_size"), act_bits=get("act_bits"), act_format=get("act_format"), seed=get("seed"),
-        status="failed", error=error,
-        metric="", value=float("nan"),
+        model=get("model.name"),
+        dataset=get("data.name"),
+        bits=get("bits"),
+        sparsity=get("sparsity"),
+        group_size=get("group_size"),
+        act_bits=get("act_bits"),
+        act_format=get("act_format"),
+        seed=get("seed"),
+        status="failed",
+        error=error,
+        metric="",
+        value=float("nan"),
         stages=",".join(_label(s) for s in (get("stages") or [])),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )  # fmt: skip
+    )
     existing = out_dir / RESULTS
     df = pd.DataFrame([row], columns=COLUMNS)
     if existing.is_file():  # keep the nodes that finished before the failure
@@ -98,13 +121,23 @@ def make_rows(context: dict, order: str, depth: int, node_key: str, record: Node
 
     Entries carry their metric's direction, so rows rebuilt from the store need no task to register it."""
     return [
-        {**context, "order": order, "depth": depth, "metric": e["metric"], "value": float(e["value"]),
-         "higher_is_better": e.get("higher_is_better", METRICS[e["metric"]].higher_is_better) if e["metric"] else None,
-         "backend": e["backend"],
-         "status": e.get("status", "ok"), "error": e.get("error", ""), "node_key": node_key,
-         "timestamp": record.timestamp}
+        {
+            **context,
+            "order": order,
+            "depth": depth,
+            "metric": e["metric"],
+            "value": float(e["value"]),
+            "higher_is_better": e.get("higher_is_better", METRICS[e["metric"]].higher_is_better)
+            if e["metric"]
+            else None,
+            "backend": e["backend"],
+            "status": e.get("status", "ok"),
+            "error": e.get("error", ""),
+            "node_key": node_key,
+            "timestamp": record.timestamp,
+        }
         for e in record.entries
-    ]  # fmt: skip
+    ]
 
 
 SUMMARY_METRICS = summary_metrics()
@@ -121,14 +154,19 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
     wide = sim.pivot_table(index=["depth", "order"], columns="metric", values="value", aggfunc="mean", sort=False)
     # The usual metrics first, then any task-specific ones (word perplexity, lm-eval tasks, ...)
     extra = [m for m in wide.columns if m not in SUMMARY_METRICS and m not in ("latency_ms_iqr", "decode_ms_per_token")]
-    wide = wide[[m for m in SUMMARY_METRICS if m in wide.columns and m != "latency_ms"] + extra
-                + (["latency_ms"] if "latency_ms" in wide.columns else [])]
+    wide = wide[
+        [m for m in SUMMARY_METRICS if m in wide.columns and m != "latency_ms"]
+        + extra
+        + (["latency_ms"] if "latency_ms" in wide.columns else [])
+    ]
     if n_seeds > 1 and primary in wide.columns:
         sd = sim[sim["metric"] == primary].groupby(["depth", "order"], sort=False)["value"].std(ddof=1)
         wide.insert(wide.columns.get_loc(primary) + 1, f"{primary} sd", sd.reindex(wide.index))
     real = df[(df["backend"] != SIMULATED) & (df["metric"] == "latency_ms")]
-    refs = {b: rows.groupby(["depth", "order"], sort=False)["value"].mean().reindex(wide.index)
-            for b, rows in real[real["backend"].str.startswith(DENSE_REFERENCE)].groupby("backend")}  # fmt: skip
+    refs = {
+        b: rows.groupby(["depth", "order"], sort=False)["value"].mean().reindex(wide.index)
+        for b, rows in real[real["backend"].str.startswith(DENSE_REFERENCE)].groupby("backend")
+    }
     for backend, rows in real.groupby("backend", sort=True):
         ms = rows.groupby(["depth", "order"], sort=False)["value"].mean().reindex(wide.index)
         missing = "" if backend.startswith(DENSE_REFERENCE) else "n/a"  # a reference is timed only beside a packed copy
@@ -162,9 +200,11 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
         f"format, reasons in results)",
     ]
     if n_seeds > 1:
-        lines.append(f"- values are means over {n_seeds} calibration seeds ({', '.join(map(str, sorted(ok['seed'].unique())))}), "
-                     f"`{primary} sd` their spread (0 for nodes without a calibrated stage); `compress-order analyze` "
-                     f"tests order effects against both seed and window noise")
+        lines.append(
+            f"- values are means over {n_seeds} calibration seeds ({', '.join(map(str, sorted(ok['seed'].unique())))}), "
+            f"`{primary} sd` their spread (0 for nodes without a calibrated stage); `compress-order analyze` "
+            f"tests order effects against both seed and window noise"
+        )
     if best_order is not None and len(full) > 1:
         vals = full[primary]
         lines.append(f"- order effect on {primary}: best − worst full order = {vals.max() - vals.min():.4g}")
@@ -173,12 +213,13 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
         fmts = ok["act_format"].dropna().unique() if "act_format" in ok.columns else []
         fmt = fmts[0] if len(fmts) and fmts[0] != "int" else None  # a float codebook (act_format)
         what = f"{fmt} ({int(act[0])}-bit, act_format)" if fmt else f"{int(act[0])} bits (act_bits)"
-        lines.append(f"- activations: every compressed layer's inputs fake-quantized to {what} in "
-                     f"every evaluation and later calibration, the dense row included; latency is timed without it")
+        lines.append(
+            f"- activations: every compressed layer's inputs fake-quantized to {what} in "
+            f"every evaluation and later calibration, the dense row included; latency is timed without it"
+        )
     lines += ["", wide.to_markdown(index=False, floatfmt=".4g"), ""]
     bad = df[df["status"] == "infeasible"].drop_duplicates("order")
     if not bad.empty:
         lines += ["Infeasible orders (reported, not run):", ""]
         lines += [f"- `{r.order}`: {r.error}" for r in bad.itertuples()] + [""]
     return "\n".join(lines)
-

@@ -21,25 +21,25 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from compress_order.run import pipeline
-from compress_order.evaluation.backends import select_backends
+from compress_order.config.validate import check_config
+from compress_order.core.devices import resolve_device
 from compress_order.core.errors import Interrupted
-from compress_order.export.checkpoint import save_node
-from compress_order.evaluation.measure import reset_peak
+from compress_order.core.files import write_text
 from compress_order.core.paths import PACKAGE_DIR
-from compress_order.run.identity import base_identity, digest, stage_identity
+from compress_order.core.schema import STATS_FILE, SUMMARY, NodeRecord
+from compress_order.evaluation.backends import select_backends
+from compress_order.evaluation.measure import reset_peak
+from compress_order.export.checkpoint import save_node
+from compress_order.modeling.targets import Snapshot
+from compress_order.run import pipeline
+from compress_order.run.identity import base_identity, digest, library_versions, stage_identity
 from compress_order.run.pipeline import RunContext
 from compress_order.run.plan import Plan, cost, make_plan, run_seeds, with_seed
 from compress_order.run.rows import RunWriter, make_rows, summary_markdown
-from compress_order.core.files import write_text
-from compress_order.core.schema import STATS_FILE, SUMMARY, NodeRecord
 from compress_order.run.state_cache import StateCache
 from compress_order.run.store import NodeStore
-from compress_order.modeling.targets import Snapshot
 from compress_order.run.trie import Node, run_trie
-from compress_order.config.validate import check_config
 
-from compress_order.core.devices import resolve_device
 log = logging.getLogger("compress_order.run.runner")
 
 
@@ -50,20 +50,6 @@ def git_sha() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
-
-
-@lru_cache(maxsize=1)
-def library_versions() -> str:
-    """Versions of the libraries that shape a result, as a JSON object for the `library_versions` column."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("transformers", "timm", "datasets", "hydra-core", "numpy", "torchao"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return json.dumps(out, sort_keys=True)
 
 
 @dataclass
@@ -90,8 +76,16 @@ def stage_list(scfgs: list[dict]) -> str:
     out = []
     for sc in scfgs:
         cls = get_object(sc["_target_"])
-        out.append({"label": sc["label"], "name": sc["name"], "target": sc["_target_"], "kind": cls.kind,
-                    "calibrated": cls.needs is not None, "params": stage_identity(sc)})  # fmt: skip
+        out.append(
+            {
+                "label": sc["label"],
+                "name": sc["name"],
+                "target": sc["_target_"],
+                "kind": cls.kind,
+                "calibrated": cls.needs is not None,
+                "params": stage_identity(sc),
+            }
+        )
     return json.dumps(out, sort_keys=True)
 
 
@@ -114,14 +108,21 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
     base = digest(base_identity(cfg))
     context = {
         "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{base[:8]}",
-        "model": cfg.model.name, "dataset": cfg.data.name, "bits": cfg.bits, "sparsity": cfg.sparsity,
-        "group_size": cfg.group_size, "act_bits": cfg.act_bits,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "bits": cfg.bits,
+        "sparsity": cfg.sparsity,
+        "group_size": cfg.group_size,
+        "act_bits": cfg.act_bits,
         "format": cfg.format,
         # the activations' format: int for act_bits alone, empty for full-precision activations (as act_bits)
         "act_format": cfg.get("act_format") or ("int" if cfg.act_bits is not None else None),
-        "config_hash": base[:16], "git_sha": git_sha(),
-        "torch_version": torch.__version__, "device": str(device), "library_versions": library_versions(),
-    }  # fmt: skip
+        "config_hash": base[:16],
+        "git_sha": git_sha(),
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "library_versions": json.dumps(library_versions(), sort_keys=True),
+    }
     writer = RunWriter(out_dir)
     stats = RunStats()
     executor = Executor(cfg, store, writer, out_dir, device, stats, keep_dense=len(seeds) > 1)
@@ -132,9 +133,14 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
             plan = plans[0] if i == 0 else make_plan(job, store, force=bool(cfg.force))
             stats.nodes += len(plan.nodes)
             labels = ",".join(sc["label"] for sc in plan.stage_cfgs)
-            context.update(stages=labels, stage_list=stage_list(plan.stage_cfgs + plan.joint_cfgs), seed=int(job.seed),
-                           expert_sparsity=next((sc["expert_sparsity"] for sc in plan.stage_cfgs
-                                                 if "expert_sparsity" in sc), None))  # fmt: skip
+            context.update(
+                stages=labels,
+                stage_list=stage_list(plan.stage_cfgs + plan.joint_cfgs),
+                seed=int(job.seed),
+                expert_sparsity=next(
+                    (sc["expert_sparsity"] for sc in plan.stage_cfgs if "expert_sparsity" in sc), None
+                ),
+            )
             executor.execute(job, plan, dict(context))
     except KeyboardInterrupt:
         finished = len({(r["order"], r["seed"]) for r in writer.rows})
@@ -169,19 +175,29 @@ def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, st
     from compress_order.run.plan import scratch_costs
 
     cut, full = scratch_costs(cfg)
-    done = (f"this run: {stats.evaluations} evaluation(s), {stats.applications} stage application(s), "
-            f"{stats.from_store} node(s) from the store; from scratch these {cut.distinct} nodes cost "
-            f"{cut.applications} stage applications, the full trie {full.distinct} nodes and {full.applications} "
-            f"(not run: {full.distinct - cut.distinct} nodes, {full.applications - cut.applications} stage "
-            f"applications); a full run with the same store reuses these nodes")  # fmt: skip
+    done = (
+        f"this run: {stats.evaluations} evaluation(s), {stats.applications} stage application(s), "
+        f"{stats.from_store} node(s) from the store; from scratch these {cut.distinct} nodes cost "
+        f"{cut.applications} stage applications, the full trie {full.distinct} nodes and {full.applications} "
+        f"(not run: {full.distinct - cut.distinct} nodes, {full.applications - cut.applications} stage "
+        f"applications); a full run with the same store reuses these nodes"
+    )
     return write_predictions(df, out_dir, metric, done)
 
 
 class Executor:
     """Runs the plans of one run, one calibration seed at a time, over a model loaded once (on first need)."""
 
-    def __init__(self, cfg: DictConfig, store: NodeStore, writer: RunWriter, out_dir: Path, device: torch.device,
-                 stats: RunStats, keep_dense: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: DictConfig,
+        store: NodeStore,
+        writer: RunWriter,
+        out_dir: Path,
+        device: torch.device,
+        stats: RunStats,
+        keep_dense: bool,
+    ) -> None:
         self.cfg, self.store, self.writer, self.out_dir, self.device = cfg, store, writer, out_dir, device
         self.stats, self.keep_dense = stats, keep_dense
         self.primary, self.protocol = "perplexity", ""
@@ -237,13 +253,22 @@ class TrieWalk:
     evaluates the others, defers those another job is computing and picks them up (or takes them over) at the end.
     An infeasible node (a stage cannot follow what the layers hold) is recorded as such with its whole subtree."""
 
-    def __init__(self, ex: Executor, ctx: RunContext, cfg: DictConfig, plan: Plan, context: dict,
-                 records: dict[tuple, NodeRecord | None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ex: Executor,
+        ctx: RunContext,
+        cfg: DictConfig,
+        plan: Plan,
+        context: dict,
+        records: dict[tuple, NodeRecord | None],
+    ) -> None:
         self.ex, self.ctx, self.cfg, self.plan, self.context, self.records = ex, ctx, cfg, plan, context, records
         self.store, self.stats = ex.store, ex.stats
         self.stages = ctx.build_stages(plan.by_label)  # checked against the layers before any work
         self.task = ctx.task(cfg)
-        ctx.check_model(self.stages, self.task, cfg)  # structure a stage needs (a scaling producer), also before any work
+        ctx.check_model(
+            self.stages, self.task, cfg
+        )  # structure a stage needs (a scaling producer), also before any work
         self.deferred: list[Node] = []
         self.infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
 
@@ -272,8 +297,9 @@ class TrieWalk:
             self.ctx.state.restore(snap)
             return
         report: dict = {}
-        why = self.infeasible.get(node.order[:-1]) or self.ctx.apply(self.stages[node.stage], self.task, self.cfg,
-                                                                     report)  # fmt: skip
+        why = self.infeasible.get(node.order[:-1]) or self.ctx.apply(
+            self.stages[node.stage], self.task, self.cfg, report
+        )
         if report:
             self.stats.expert_tokens[node.label] = report
         if why is not None:  # the state is left as the parent's: the subtree is reported, not computed
@@ -299,8 +325,17 @@ class TrieWalk:
                 self.store.release(key)
         self.stats.from_store += status == "stored"
         if self.cfg.save and node.order not in self.infeasible:
-            dest = save_node(self.ctx.lm, self.ctx.targets, node.order, node.depth, self.plan.full_depth, self.ex.out_dir, self.cfg,
-                             len(run_seeds(self.ex.cfg)) > 1, lambda: self.ctx.input_scales(self.task))  # fmt: skip
+            dest = save_node(
+                self.ctx.lm,
+                self.ctx.targets,
+                node.order,
+                node.depth,
+                self.plan.full_depth,
+                self.ex.out_dir,
+                self.cfg,
+                len(run_seeds(self.ex.cfg)) > 1,
+                lambda: self.ctx.input_scales(self.task),
+            )
             self.stats.saved += dest is not None
         if status == "busy":  # another job is evaluating it: go on, pick its record up at the end
             self.deferred.append(node)

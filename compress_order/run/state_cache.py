@@ -37,8 +37,12 @@ class StateCache:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001  (torch raises many types for a torn or foreign file)
             # A cached state is only a shortcut: a damaged one is dropped and its prefix re-applied.
-            log.warning("state cache file %s is unreadable (%s: %s); recomputing that prefix", path,
-                        type(e).__name__, str(e).strip().splitlines()[0][:120] if str(e).strip() else "")
+            log.warning(
+                "state cache file %s is unreadable (%s: %s); recomputing that prefix",
+                path,
+                type(e).__name__,
+                str(e).strip().splitlines()[0][:120] if str(e).strip() else "",
+            )
             path.unlink(missing_ok=True)
             return None
 

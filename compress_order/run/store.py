@@ -19,14 +19,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeVar
 
 from compress_order.core.errors import UserError
-from compress_order.core.files import pid_alive
-from compress_order.core.files import write_text
+from compress_order.core.files import pid_alive, write_text
 from compress_order.core.schema import RECORD_VERSION, NodeRecord
 from compress_order.core.schema import record_problem as schema_problem
 
@@ -58,8 +57,16 @@ class NodeStore:
     a fake pair, so that whether a node is waited for or taken over never depends on how loaded the machine is.
     `beat`: a thread calls `heartbeat` while claims are held (a test without it calls `heartbeat` itself)."""
 
-    def __init__(self, root: str | Path | None, claim_timeout: float = 120.0, *, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, host: str | None = None, beat: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path | None,
+        claim_timeout: float = 120.0,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        host: str | None = None,
+        beat: bool = True,
+    ):
         self.root = Path(root) if root else None
         self.claim_timeout = float(claim_timeout)
         self.clock, self.sleep, self.beat = clock, sleep, beat

@@ -27,12 +27,12 @@ import torch
 from torch import Tensor
 
 from compress_order.core.errors import UserError
-from compress_order.numerics.formats import FLOAT_FORMATS, FloatGrid, group_scales, rebalance_tensor_scale
 from compress_order.modeling.hessian import HessianStats
-from compress_order.numerics.quant import QuantGrid, grid_params
 from compress_order.modeling.scaling import Partner, float_grid_obstacle
-from compress_order.stages.base import QuantMixin, Stage, set_quantized
 from compress_order.modeling.targets import Target
+from compress_order.numerics.formats import FLOAT_FORMATS, FloatGrid, group_scales, rebalance_tensor_scale
+from compress_order.numerics.quant import QuantGrid, grid_params
+from compress_order.stages.base import QuantMixin, Stage, set_quantized
 
 
 def output_error(dw: Tensor, H: Tensor) -> float:
@@ -40,8 +40,16 @@ def output_error(dw: Tensor, H: Tensor) -> float:
     return float(((dw @ H) * dw).sum())
 
 
-def clipped_grid(w: Tensor, H: Tensor, mask: Tensor | None, bits: int, group_size: int, sym: bool,
-                 ratios: list[float], fmt: str = "int") -> QuantGrid | FloatGrid:  # fmt: skip
+def clipped_grid(
+    w: Tensor,
+    H: Tensor,
+    mask: Tensor | None,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    ratios: list[float],
+    fmt: str = "int",
+) -> QuantGrid | FloatGrid:
     """Per (row, group) the range shrink in `ratios` whose rounding error Δ_g H_gg Δ_gᵀ is smallest."""
     rows, cols = w.shape
     gs = cols if group_size <= 0 else group_size

@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from compress_order.core.errors import UserError
-from compress_order.numerics.prune import nm_sparsity, parse_nm
-from compress_order.numerics.formats import check_format, fit_weight_grid
-from compress_order.numerics.quant import QuantGrid
 from compress_order.core.specs import BITS, GROUP_SIZE, SPARSITY
 from compress_order.modeling.targets import Target
+from compress_order.numerics.formats import check_format, fit_weight_grid
+from compress_order.numerics.prune import nm_sparsity, parse_nm
+from compress_order.numerics.quant import QuantGrid
 
 
 class Stage:
@@ -107,7 +107,9 @@ class QuantMixin:
                 )
 
 
-def set_pruned(target: Target, w: Tensor, mask: Tensor, sparsity: float, nm: tuple[int, int] | None, label: str) -> None:
+def set_pruned(
+    target: Target, w: Tensor, mask: Tensor, sparsity: float, nm: tuple[int, int] | None, label: str
+) -> None:
     """Write pruned weights and record the (intersected) mask; zeros are on any grid, so a grid is kept."""
     c = target.constraint
     mask = mask if c.mask is None else (mask & c.mask)

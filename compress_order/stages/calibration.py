@@ -29,14 +29,14 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from compress_order.core.errors import UserError
 from compress_order.modeling.act import paused as act_paused
 from compress_order.modeling.batches import model_forward
 from compress_order.modeling.batches import to_device as _to
-from compress_order.core.errors import UserError
 from compress_order.modeling.hessian import HessianStats
 from compress_order.modeling.moe import ExpertUnit, collect_routing, expert_units, token_summary
-from compress_order.stages.base import Stage
 from compress_order.modeling.targets import Target, adapter_of
+from compress_order.stages.base import Stage
 
 log = logging.getLogger(__name__)
 _reported: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose blocks were logged (once each)
@@ -45,6 +45,7 @@ _reported: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose blocks
 # What a calibrated stage may ask for (`Stage.needs`): X Xᵀ of a layer's inputs, or only its diagonal ‖X_j‖²;
 # or, per MoE layer, how the router spreads the tokens over the experts (moe.Routing, for `compress_experts`).
 STATISTICS = ("hessian", "hessian_diag", "routing")
+
 
 def _report(model: nn.Module, msg: str, *args: Any) -> None:
     """INFO the first time for a model, DEBUG after: every calibrated stage finds the same blocks again."""
@@ -90,8 +91,13 @@ def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, B
     for name, mod in lists:
         if declared and all(type(child).__name__ in declared for child in mod):
             if any(id(m) in ids for m in mod.modules()):
-                _report(model, "decoder blocks: %s × %d at %s (from _no_split_modules)", type(mod[0]).__name__,
-                        len(mod), name)  # fmt: skip
+                _report(
+                    model,
+                    "decoder blocks: %s × %d at %s (from _no_split_modules)",
+                    type(mod[0]).__name__,
+                    len(mod),
+                    name,
+                )
                 return name, mod
     best: tuple[int, int, str, BlockList] | None = None
     for name, mod in lists:
@@ -107,8 +113,14 @@ def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, B
         _report(model, "decoder blocks: none found in %s; calibrating it as one block", type(model).__name__)
         return None
     kinds = sorted({type(child).__name__ for child in best[3]})
-    _report(model, "decoder blocks: %s × %d at %s (by structure: the %s holding the most target layers)",
-            "/".join(kinds), len(best[3]), best[2], type(best[3]).__name__)  # fmt: skip
+    _report(
+        model,
+        "decoder blocks: %s × %d at %s (by structure: the %s holding the most target layers)",
+        "/".join(kinds),
+        len(best[3]),
+        best[2],
+        type(best[3]).__name__,
+    )
     return best[2], best[3]
 
 
@@ -331,15 +343,24 @@ def compress_unit(
     if stage.scales_inputs and unit is not None and groups:
         found = scaling_partners(run, unit, groups, layers, stage, first)
         partners = {id(groups[i][0]): p for i, p in found.items()}
-        log.log(logging.INFO if first else logging.DEBUG, "scaling pairs in %s: %s", type(unit).__name__, "; ".join(
-            f"{partners[id(g[0])]} → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" if id(g[0]) in partners
-            else f"none → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}" for g in groups))  # fmt: skip
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "scaling pairs in %s: %s",
+            type(unit).__name__,
+            "; ".join(
+                f"{partners[id(g[0])]} → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}"
+                if id(g[0]) in partners
+                else f"none → {'/'.join(t.name.rsplit('.', 1)[-1] for t in g)}"
+                for g in groups
+            ),
+        )
 
     def stop() -> None:  # true-sequential: nothing after this group's input matters yet
         raise _Stop
 
-    def collect(gs: list[list[Target]], seq: bool, experts: list[tuple[ExpertUnit, list[str]]] = ()
-                ) -> tuple[list[HessianStats], dict[int, HessianStats]]:  # fmt: skip
+    def collect(
+        gs: list[list[Target]], seq: bool, experts: list[tuple[ExpertUnit, list[str]]] = ()
+    ) -> tuple[list[HessianStats], dict[int, HessianStats]]:
         stats = [HessianStats(g[0].module, device, diag_only) for g in gs]
         handles = []
         for g, s in zip(gs, stats):
@@ -379,10 +400,17 @@ def compress_unit(
             summary = token_summary([u.tokens[e] for e in experts])
             if report is not None:
                 report[u.name] = summary
-            log.info("%s '%s': calibration tokens per expert min %d, median %g, max %d%s", u.name, stage.label,
-                     summary["min"], summary["median"], summary["max"],
-                     f"; {summary['without_tokens']} expert(s) got none and are compressed data-free"
-                     if summary["without_tokens"] else "")  # fmt: skip
+            log.info(
+                "%s '%s': calibration tokens per expert min %d, median %g, max %d%s",
+                u.name,
+                stage.label,
+                summary["min"],
+                summary["median"],
+                summary["max"],
+                f"; {summary['without_tokens']} expert(s) got none and are compressed data-free"
+                if summary["without_tokens"]
+                else "",
+            )
         for p in params:
             for t in u.by_param[p].values():
                 apply([t], routed[id(t)])
@@ -407,8 +435,14 @@ def compress_unit(
     return reached + sum(len(g) for g in groups)
 
 
-def scaling_partners(run: Callable[[int], Any], unit: nn.Module, groups: list[list[Target]], layers: list[Target],
-                     stage: Stage, first: bool) -> dict[int, Any]:  # fmt: skip
+def scaling_partners(
+    run: Callable[[int], Any],
+    unit: nn.Module,
+    groups: list[list[Target]],
+    layers: list[Target],
+    stage: Stage,
+    first: bool,
+) -> dict[int, Any]:
     """Each group's producer (by group index, scaling.find_partners); a UserError when the `first` unit of a
     model has none: then the stage does not fit the model at all."""
     from compress_order.modeling.scaling import find_partners
@@ -424,8 +458,9 @@ def scaling_partners(run: Callable[[int], Any], unit: nn.Module, groups: list[li
 
 
 @torch.no_grad()
-def check_scaling(model: nn.Module, targets: Mapping[str, Target], batches: list[Any], stage: Stage,
-                  calib_cfg: Mapping[str, Any]) -> None:  # fmt: skip
+def check_scaling(
+    model: nn.Module, targets: Mapping[str, Target], batches: list[Any], stage: Stage, calib_cfg: Mapping[str, Any]
+) -> None:
     """For a stage that rescales inputs: the producer probe of `calibrate_and_compress` on the model's first unit
     (its first block, or the whole model), on one sample, changing nothing. Run once the model is loaded, so a
     model without producers is refused before any node is evaluated, not when the stage is first applied."""
@@ -464,8 +499,9 @@ def check_scaling(model: nn.Module, targets: Mapping[str, Target], batches: list
         model.train(was_training)
 
 
-def _calibration_device(model: nn.Module, calib_cfg: Mapping[str, Any], device: torch.device | str | None = None
-                        ) -> torch.device:  # fmt: skip
+def _calibration_device(
+    model: nn.Module, calib_cfg: Mapping[str, Any], device: torch.device | str | None = None
+) -> torch.device:
     """Where blocks are calibrated: `device`, else calib_cfg.device, else where the model's parameters are."""
     dev = torch.device(device or calib_cfg.get("device", None) or _device_of(model, torch.device("cpu")))
     if dev.type == "cuda" and dev.index is None:  # compare equal to the parameters' "cuda:N"
@@ -473,8 +509,9 @@ def _calibration_device(model: nn.Module, calib_cfg: Mapping[str, Any], device: 
     return dev
 
 
-def route_unit(run: Callable[[int], Any], n: int, units: list[ExpertUnit], stage: Stage, block: nn.Module | None
-               ) -> int:  # fmt: skip
+def route_unit(
+    run: Callable[[int], Any], n: int, units: list[ExpertUnit], stage: Stage, block: nn.Module | None
+) -> int:
     """A stage on the MoE layers of a unit, given how the router spreads samples 0..n-1 over their experts."""
     collected = [collect_routing(u) for u in units]
     try:
@@ -531,8 +568,18 @@ def calibrate_and_compress(
                         args, kwargs = calls[i][k].bind(hiddens[k])
                         return block(*args, **kwargs)
 
-                    compress_unit(run, len(batches), block_targets, stage, true_seq, dev, block, first=i == 0,
-                                  all_experts=all_experts, report=report)  # fmt: skip
+                    compress_unit(
+                        run,
+                        len(batches),
+                        block_targets,
+                        stage,
+                        true_seq,
+                        dev,
+                        block,
+                        first=i == 0,
+                        all_experts=all_experts,
+                        report=report,
+                    )
                     for k in range(len(batches)):  # the next block sees this block's compressed outputs
                         out = run(k)
                         hiddens[k] = out[0] if isinstance(out, (tuple, list)) else out
@@ -545,8 +592,18 @@ def calibrate_and_compress(
                 def run_model(k: int) -> Any:
                     return model_forward(model, _to(batches[k], dev))
 
-                reached = compress_unit(run_model, len(batches), rest, stage, true_seq, dev, model, first=not done,
-                                        all_experts=all_experts, report=report)  # fmt: skip
+                reached = compress_unit(
+                    run_model,
+                    len(batches),
+                    rest,
+                    stage,
+                    true_seq,
+                    dev,
+                    model,
+                    first=not done,
+                    all_experts=all_experts,
+                    report=report,
+                )
                 if reached == 0:
                     raise UserError(
                         f"stage '{stage.label}': calibration inputs reach none of the {len(rest)} target layers of "

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from compress_order.core.errors import UserError, choices
-from compress_order.modeling.moe import ExpertUnit, Routing, mask_router, router_of
 from compress_order.core.specs import SPARSITY
-from compress_order.stages.base import Stage, set_pruned
+from compress_order.modeling.moe import ExpertUnit, Routing, mask_router, router_of
 from compress_order.modeling.targets import Target
+from compress_order.stages.base import Stage, set_pruned
 
 CRITERIA = ("frequency", "reap")
 
@@ -44,8 +44,10 @@ class ExpertPrune(Stage):
     def validate(self, targets: dict[str, Target]) -> None:
         experts = [t for t in targets.values() if t.index is not None]
         if not experts:
-            raise UserError(f"stage '{self.label}' removes experts, but the model has no MoE layer (fused experts "
-                            f"module) among its targets; use it on a mixture-of-experts model")  # fmt: skip
+            raise UserError(
+                f"stage '{self.label}' removes experts, but the model has no MoE layer (fused experts "
+                f"module) among its targets; use it on a mixture-of-experts model"
+            )
         seen: set[int] = set()
         for t in experts:
             if id(t.module) in seen:
@@ -57,16 +59,23 @@ class ExpertPrune(Stage):
             per_group = e // groups[0] if groups else e
             left = per_group - self.removed_count(per_group)
             if groups and left < 2:
-                raise UserError(f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {left} of the "
-                                f"{per_group} experts of each of the {groups[0]} router groups in {unit}; a group "
-                                f"needs 2 for its score (lower expert_sparsity)")  # fmt: skip
+                raise UserError(
+                    f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {left} of the "
+                    f"{per_group} experts of each of the {groups[0]} router groups in {unit}; a group "
+                    f"needs 2 for its score (lower expert_sparsity)"
+                )
             k = getattr(config, "num_experts_per_tok", None)
             reachable = groups[1] * left if groups else left  # the experts a token can still be routed to
             if isinstance(k, int) and reachable < k:
-                where = (f"{reachable} experts in the {groups[1]} router group(s) a token is sent to" if groups
-                         else f"{left} of {e} experts")  # fmt: skip
-                raise UserError(f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {where} in {unit}, "
-                                f"fewer than the router's top-k={k}")  # fmt: skip
+                where = (
+                    f"{reachable} experts in the {groups[1]} router group(s) a token is sent to"
+                    if groups
+                    else f"{left} of {e} experts"
+                )
+                raise UserError(
+                    f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {where} in {unit}, "
+                    f"fewer than the router's top-k={k}"
+                )
 
     def removed_count(self, num_experts: int) -> int:
         """Experts removed from `num_experts` (a layer's, or one router group's)."""
@@ -79,10 +88,12 @@ class ExpertPrune(Stage):
         mod = unit.module
         router = router_of(block, mod)
         if router is None:
-            raise UserError(f"stage '{self.label}': no router (a module with one weight row per expert) found beside "
-                            f"{unit.name}")  # fmt: skip
-        experts = {e: [t for by_e in unit.by_param.values() if (t := by_e.get(e)) is not None]
-                   for e in range(mod.num_experts)}  # fmt: skip
+            raise UserError(
+                f"stage '{self.label}': no router (a module with one weight row per expert) found beside {unit.name}"
+            )
+        experts = {
+            e: [t for by_e in unit.by_param.values() if (t := by_e.get(e)) is not None] for e in range(mod.num_experts)
+        }
         gone = {e for e, ts in experts.items() if ts and all(t.constraint.dropped for t in ts)}
         groups = _config_groups(getattr(mod, "config", None))
         size = mod.num_experts // groups[0] if groups else mod.num_experts

@@ -17,11 +17,11 @@ from torch import Tensor
 
 from compress_order.core.errors import UserError
 from compress_order.modeling.hessian import HessianStats, damped_inverse_cholesky
-from compress_order.numerics.obs import ColumnGrid, obs_solve
+from compress_order.modeling.targets import Target
 from compress_order.numerics.formats import fit_weight_grid, lazy_grid
+from compress_order.numerics.obs import ColumnGrid, obs_solve
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
 from compress_order.stages.sparsegpt import check_solver_params
-from compress_order.modeling.targets import Target
 
 
 def column_grid(w: Tensor, bits: int, group_size: int, sym: bool, static: bool, fmt: str = "int") -> ColumnGrid:

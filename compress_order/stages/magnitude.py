@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from compress_order.core.specs import SCOPE
+from compress_order.modeling.targets import Target
 from compress_order.numerics.prune import select_mask
 from compress_order.stages.base import PruneMixin, Stage, set_pruned
-from compress_order.modeling.targets import Target
 
 
 class Magnitude(PruneMixin, Stage):
@@ -21,7 +22,7 @@ class Magnitude(PruneMixin, Stage):
     ):
         super().__init__(**kw)
         self._init_sparsity(sparsity, nm)
-        self.scope = scope
+        self.scope = SCOPE.check(scope, f"{self.name} scope")
 
     def validate(self, targets: dict[str, Target]) -> None:
         self._validate_nm(targets)

@@ -23,15 +23,16 @@ from typing import Any
 import torch
 
 from compress_order.core.errors import UserError
+from compress_order.core.specs import BITS
+from compress_order.modeling.targets import Target
 from compress_order.numerics.formats import FLOAT_FORMATS, fit_float_grid, format_group
 from compress_order.numerics.quant import fit_grid
-from compress_order.core.specs import BITS
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
-from compress_order.modeling.targets import Target
 
 
-def allocate_bits(errors: dict[str, dict[int, float]], sizes: dict[str, int], total_bits: float,
-                  choices: list[int]) -> dict[str, int]:  # fmt: skip
+def allocate_bits(
+    errors: dict[str, dict[int, float]], sizes: dict[str, int], total_bits: float, choices: list[int]
+) -> dict[str, int]:
     """Greedy allocation: start every layer at the narrowest width, then repeatedly widen the layer whose next
     width removes the most error per added bit, as long as the total stays within `total_bits`."""
     bits = {n: choices[0] for n in errors}
@@ -75,8 +76,10 @@ class MixedRTN(QuantMixin, Stage):
         self._init_quant(bits, group_size, sym, format)  # the default width (and the row's `bits`)
         if format != "int" and (clip != 1.0 or budget is not None):
             what = f"clip={clip} shrinks integer ranges" if clip != 1.0 else f"budget={budget} allocates integer widths"
-            raise UserError(f"rtn_mixed {what}; format={format} is max-scaled at its own width (use format=int, "
-                            f"naming float formats per layer in bits_map)")  # fmt: skip
+            raise UserError(
+                f"rtn_mixed {what}; format={format} is max-scaled at its own width (use format=int, "
+                f"naming float formats per layer in bits_map)"
+            )
         self.clip = float(clip)
         self.bits_map = [(_regex(p), _width(b, f"bits_map['{p}']")) for p, b in (bits_map or {}).items()]
         self.choices = sorted({_width(c, "choices") for c in choices})
@@ -94,8 +97,10 @@ class MixedRTN(QuantMixin, Stage):
         for name, b in self.plan.items():
             group = format_group(b, self.group_size) if isinstance(b, str) else 0
             if group > 0 and targets[name].shape[1] % group:
-                raise UserError(f"rtn_mixed maps {name} to {b}, whose groups of {group} do not divide its "
-                                f"{targets[name].shape[1]} input features")  # fmt: skip
+                raise UserError(
+                    f"rtn_mixed maps {name} to {b}, whose groups of {group} do not divide its "
+                    f"{targets[name].shape[1]} input features"
+                )
 
     @torch.no_grad()
     def allocate(self, targets: dict[str, Target]) -> dict[str, int | str]:

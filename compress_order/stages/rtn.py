@@ -8,15 +8,16 @@ from __future__ import annotations
 from typing import Any
 
 from compress_order.core.errors import UserError
-from compress_order.stages.base import QuantMixin, Stage, set_quantized
 from compress_order.modeling.targets import Target
+from compress_order.stages.base import QuantMixin, Stage, set_quantized
 
 
 class RTN(QuantMixin, Stage):
     kind = "quantize"
 
-    def __init__(self, bits: int, group_size: int = -1, sym: bool = False, clip: float = 1.0, format: str = "int",
-                 **kw: Any):  # fmt: skip
+    def __init__(
+        self, bits: int, group_size: int = -1, sym: bool = False, clip: float = 1.0, format: str = "int", **kw: Any
+    ):
         """format: int | fp8 | nvfp4 | mxfp4 (formats.py): the element codebook and scale of the grid."""
         super().__init__(**kw)
         self._init_quant(bits, group_size, sym, format)

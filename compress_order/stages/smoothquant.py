@@ -19,9 +19,15 @@ import torch
 
 from compress_order.core.errors import UserError
 from compress_order.modeling.hessian import HessianStats
-from compress_order.modeling.scaling import Partner, float_grid_obstacle, grid_obstacle, group_constant, multiply_columns
-from compress_order.stages.base import Stage
+from compress_order.modeling.scaling import (
+    Partner,
+    float_grid_obstacle,
+    grid_obstacle,
+    group_constant,
+    multiply_columns,
+)
 from compress_order.modeling.targets import Target
+from compress_order.stages.base import Stage
 
 log = logging.getLogger(__name__)
 

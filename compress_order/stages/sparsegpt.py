@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress_order.numerics.constraints import required_zeros
 from compress_order.core.errors import UserError
 from compress_order.modeling.hessian import HessianStats, damped_inverse_cholesky
+from compress_order.modeling.targets import Target
+from compress_order.numerics.constraints import required_zeros
 from compress_order.numerics.obs import ColumnGrid, obs_solve
 from compress_order.stages.base import PruneMixin, Stage, set_pruned
-from compress_order.modeling.targets import Target
 
 
 def check_solver_params(name: str, blocksize: int, percdamp: float) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress_order.numerics.constraints import required_zeros
 from compress_order.modeling.hessian import HessianStats, damped_inverse_cholesky
+from compress_order.modeling.targets import Target
+from compress_order.numerics.constraints import required_zeros
 from compress_order.numerics.obs import obs_solve
 from compress_order.stages.base import PruneMixin, QuantMixin, Stage, set_pruned, set_quantized
 from compress_order.stages.gptq import column_grid
 from compress_order.stages.sparsegpt import check_solver_params
-from compress_order.modeling.targets import Target
 
 
 class SparseGPTGPTQ(PruneMixin, QuantMixin, Stage):

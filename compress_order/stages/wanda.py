@@ -10,13 +10,11 @@ from typing import Any
 
 import torch
 
-from compress_order.core.errors import UserError
+from compress_order.core.specs import SCOPE
 from compress_order.modeling.hessian import HessianStats
+from compress_order.modeling.targets import Target
 from compress_order.numerics.prune import select_mask
 from compress_order.stages.base import PruneMixin, Stage, set_pruned
-from compress_order.modeling.targets import Target
-
-SCOPES = ("row", "layer")
 
 
 class Wanda(PruneMixin, Stage):
@@ -32,9 +30,7 @@ class Wanda(PruneMixin, Stage):
     ):
         super().__init__(**kw)
         self._init_sparsity(sparsity, nm)
-        if scope not in SCOPES:
-            raise UserError(f"wanda scope={scope} is unknown; valid: {', '.join(SCOPES)}")
-        self.scope = scope
+        self.scope = SCOPE.check(scope, f"{self.name} scope")
 
     def validate(self, targets: dict[str, Target]) -> None:
         self._validate_nm(targets)

@@ -13,8 +13,8 @@ import numpy as np
 from omegaconf import DictConfig
 from torch import nn
 
-from compress_order.loaders.models import LoadedModel
 from compress_order.core.registry import Registry
+from compress_order.loaders.models import LoadedModel
 
 
 class Task(Protocol):

@@ -17,15 +17,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from compress_order.modeling.act import paused
-from compress_order.loaders.text import TextSplits
-from compress_order.evaluation.divergence import DenseReference, compare, dense_reference, requested, topk_setting, window_samples
 from compress_order.core.errors import UserError
+from compress_order.evaluation.divergence import (
+    DenseReference,
+    compare,
+    dense_reference,
+    requested,
+    topk_setting,
+    window_samples,
+)
 from compress_order.evaluation.measure import decode_ms_per_token, time_call
 from compress_order.evaluation.metrics import Metric
 from compress_order.evaluation.metrics import register as register_metric
-from compress_order.loaders.models import LoadedModel
 from compress_order.evaluation.tasks import register
+from compress_order.loaders.models import LoadedModel
+from compress_order.loaders.text import TextSplits
+from compress_order.modeling.act import paused
 
 # The GPTQ/SparseGPT number is `perplexity` (per token, fixed windows); these follow lm-eval's
 # loglikelihood_rolling protocol and normalise the same total NLL by words or bytes instead of tokens.
@@ -62,7 +69,9 @@ class LMTask:
         full = ids.numel() // span
         n = min([full, *(int(c) for c in (cfg.eval.max_windows, data.max_windows) if c)])
         if n == 0:
-            raise UserError(f"validation text of '{data.name}' has {ids.numel()} tokens, fewer than seqlen={self.seqlen}")
+            raise UserError(
+                f"validation text of '{data.name}' has {ids.numel()} tokens, fewer than seqlen={self.seqlen}"
+            )
         self.windows = with_bos(ids[: n * span].view(n, span), self.bos)
         self.protocol = (
             f"perplexity: token level, {n} non-overlapping windows of {self.seqlen} tokens of {data.name} validation"
@@ -116,9 +125,9 @@ class LMTask:
         is (device=cpu): the block list the calibration driver finds, or a one-line error when there is none."""
         if offload in (None, False):
             return None
-        from compress_order.stages.calibration import find_blocks
-        from compress_order.modeling.targets import find_targets
         from compress_order.core.devices import resolve_device
+        from compress_order.modeling.targets import find_targets
+        from compress_order.stages.calibration import find_blocks
 
         self.device = resolve_device("auto" if offload is True else str(offload), "eval.offload")
         found = find_blocks(lm.model, find_targets(lm.model, lm.skip))
@@ -253,8 +262,9 @@ def rolling_windows(n_targets: int, seqlen: int) -> list[tuple[int, int, int]]:
 
 
 @torch.no_grad()
-def rolling_nll(model: nn.Module, ids: Tensor, prefix: int | None, seqlen: int, batch_size: int,
-                device: torch.device) -> float:  # fmt: skip
+def rolling_nll(
+    model: nn.Module, ids: Tensor, prefix: int | None, seqlen: int, batch_size: int, device: torch.device
+) -> float:
     """Total NLL (nats) of every token of `ids`, the first predicted from `prefix` (lm-eval's BOS/EOS prefix; none:
     the first token is context only, as there is nothing to predict it from)."""
     s = ids if prefix is None else torch.cat([torch.tensor([prefix], dtype=torch.long), ids])

@@ -11,13 +11,13 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor, nn
 
-from compress_order.evaluation.divergence import reject_on
 from compress_order.core.errors import UserError
+from compress_order.evaluation.divergence import reject_on
 from compress_order.evaluation.measure import time_call
-from compress_order.loaders.models import LoadedModel
 from compress_order.evaluation.tasks import register
 from compress_order.loaders.image_data import ImageSplits
 from compress_order.loaders.image_models import IMAGE_CLASSIFIER
+from compress_order.loaders.models import LoadedModel
 
 # Preprocessed test images are kept in memory below this size (MNIST: 3 MB); above it (ImageNet: 30 GB) every
 # evaluation decodes and transforms again.
@@ -46,8 +46,10 @@ class VisionTask:
             )
         reject_on(cfg, f"model '{lm.name}' is an image classifier")
         if cfg.eval.get("offload") not in (None, False):
-            raise UserError(f"eval.offload streams the blocks of a language model; model '{lm.name}' is an image "
-                            f"classifier, drop eval.offload")
+            raise UserError(
+                f"eval.offload streams the blocks of a language model; model '{lm.name}' is an image "
+                f"classifier, drop eval.offload"
+            )
         from timm.data import create_transform
 
         dc = lm.extra["data_config"]
