@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 state.restore(dense)
                 t0 = time.perf_counter()
-                calibrate_and_compress(model, targets, batches, make(), {})
+                calibrate_and_compress(model, targets, batches, make())
                 times.append(time.perf_counter() - t0)
             state.restore(dense)
             secs[kind] = statistics.median(times)

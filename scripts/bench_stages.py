@@ -33,6 +33,7 @@ from compress_order.config.stages import build_stage, stage_configs  # noqa: E40
 from compress_order.stages.base import Stage  # noqa: E402
 from compress_order.modeling.targets import ModelState, find_targets  # noqa: E402
 from compress_order.core.devices import resolve_device  # noqa: E402
+from compress_order.core.settings import Calibration  # noqa: E402
 
 STAGES = ["magnitude", "rtn", "wanda", "sparsegpt", "gptq", "sparsegpt_gptq"]
 
@@ -117,7 +118,7 @@ def build_stages(names: list[str], args: argparse.Namespace) -> list[Stage]:
     return [build_stage(sc) for sc in stage_configs(cfg)]
 
 
-def bench(model_name: str, model, batches, stages: list[Stage], device: torch.device, calib: dict) -> list[dict]:
+def bench(model_name: str, model, batches, stages: list[Stage], device: torch.device, calib: Calibration) -> list[dict]:
     targets = find_targets(model, ["lm_head"])
     state = ModelState(model, targets)
     dense = state.snapshot()
@@ -173,7 +174,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     stages = build_stages(args.stages, args)
-    calib = {"true_sequential": args.true_sequential}
+    calib = Calibration(true_sequential=args.true_sequential)
     rows: list[dict] = []
     notes = []
     with torch.no_grad():

@@ -381,7 +381,8 @@ def large_model() -> dict:
     from compress_order.config.compose import compose_config
     from compress_order.core.instantiate import build
     from compress_order.loaders.models import LoadedModel
-    from compress_order.config.stages import build_stage, stage_configs
+    from compress_order.config.settings import run_settings
+    from compress_order.config.stages import build_stage
     from compress_order.modeling.targets import ModelState, find_targets
     from compress_order.evaluation.tasks import build_task
 
@@ -390,8 +391,8 @@ def large_model() -> dict:
     cfg = compose_config([f"device={DEVICE}", "stages=[gptq,sparsegpt]", "bits=4", "sparsity=0.5",
                           f"eval.seqlen={seqlen}", f"eval.max_windows={windows}", f"calibration.nsamples={nsamples}",
                           "eval.batch_size=4"])  # fmt: skip
-    cfg.device = str(dev)
-    charllama = build(cfg.model)  # its tokenizer and data; the model is replaced
+    settings = run_settings(cfg)  # the edge: checked and typed, the device resolved
+    charllama = build(settings.model.node())  # its tokenizer and data; the model is replaced
     shape = dict(hidden=256, inter=768, layers=2, heads=4, kv=2) if SMALL else \
         dict(hidden=2048, inter=5632, layers=22, heads=32, kv=4)  # fmt: skip
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -401,7 +402,7 @@ def large_model() -> dict:
     params = sum(p.numel() for p in model.parameters())
     lm = LoadedModel(model=model, kind="causal_lm", name="llama-random", skip=["lm_head"],
                      tokenizer=charllama.tokenizer, seqlen=seqlen)  # fmt: skip
-    task = build_task(lm, build(cfg.data), cfg)
+    task = build_task(lm, build(settings.data.node()), settings)
     targets = find_targets(model, lm.skip)
     state = ModelState(model, targets)
     dense = state.snapshot()
@@ -424,17 +425,17 @@ def large_model() -> dict:
     rows.append(["dense", "evaluate", s, eval_tokens / s, peak, m["perplexity"]])
     header = ["node", "step", "seconds", "tokens/s", "peak GiB", "perplexity"]
     progress({"timings": _table(header, rows)})
-    for sc in stage_configs(cfg):
+    for sc in settings.stages:
         state.restore(dense)
         stage = build_stage(sc)
         stage.validate(targets)
         _, s, peak = timed(lambda st=stage: calibrate_and_compress(model, targets, task.calibration_batches(), st,
-                                                                   cfg.calibration))  # fmt: skip
+                                                                   settings.calibration))  # fmt: skip
         state.check()
-        rows.append([sc["label"], "calibrate + compress", s, cal_tokens / s, peak, float("nan")])
+        rows.append([sc.label, "calibrate + compress", s, cal_tokens / s, peak, float("nan")])
         progress({"timings": _table(header, rows)})
         (m, _), s, peak = timed(lambda: task.evaluate(model))
-        rows.append([sc["label"], "evaluate", s, eval_tokens / s, peak, m["perplexity"]])
+        rows.append([sc.label, "evaluate", s, eval_tokens / s, peak, m["perplexity"]])
         progress({"timings": _table(header, rows)})
     figures = {
         "model": f"random LLaMA, {params / 1e6:,.0f}M parameters ({shape}, {str(dtype).replace('torch.', '')}), "

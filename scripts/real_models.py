@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compress_order.analysis import bootstrap, collect, pih
 from compress_order.config.compose import compose_config
+from compress_order.config.settings import run_settings
 from compress_order.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = clock()
         print(f"→ {cell.folder}", flush=True)
         cfg = compose_config(overrides(cell, args))
-        run(cfg, args.out / cell.folder)
+        run(run_settings(cfg), args.out / cell.folder)
         keep(args.out / cell.folder, args.kept / cell.folder, cfg)
         ran[cell.folder] = {"cell": cell.folder, "seeds": len(args.seeds), "wall_min": (clock() - t0) / 60}
         write_log(log, ran)

@@ -17,6 +17,20 @@ TEXT = (
 )
 
 
+def settings(cfg):
+    """A composed config through the edge the `run` job uses: the typed, checked RunSettings."""
+    from compress_order.config.settings import run_settings
+
+    return run_settings(cfg)
+
+
+def run(cfg, out_dir: Path, store=None):
+    """`compress-order run` in-process: the composed config through the edge, then the runner."""
+    from compress_order.run.runner import run as run_settings_
+
+    return run_settings_(settings(cfg), out_dir, store)
+
+
 def char_tokenizer(text: str):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -11,7 +11,7 @@ from compress_order.modeling.act import ActQuant, fake_quant
 from compress_order.core.errors import UserError
 from compress_order.numerics.formats import codebook, e4m3
 from compress_order.modeling.targets import find_targets
-from helpers import exit_code, tiny_llama_model, token_batches
+from helpers import exit_code, settings, tiny_llama_model, token_batches
 
 
 def test_fp8_per_token_scale_is_amax_over_448_and_rounds_to_e4m3_by_hand():
@@ -127,7 +127,7 @@ def test_fp8_static_ranges_are_observed_and_used():
                          ids=["W8A8-FP8", "W4A4-NVFP4", "W4A8-INT4-FP8"])  # fmt: skip
 def test_a_float_activation_run_records_its_format_end_to_end(wfmt, afmt, bits, tiny_overrides, tmp_path):
     from compress_order.config.compose import compose_config
-    from compress_order.run.runner import run
+    from helpers import run
 
     over = [*tiny_overrides, f"format={wfmt}", f"act_format={afmt}", "stages=[magnitude,rtn]", "sparsity=0.5",
             "eval.backends=none"] + (["bits=4", "group_size=32"] if wfmt == "int" else [])  # fmt: skip
@@ -149,7 +149,7 @@ def test_act_format_keys_nodes_and_leaves_integer_identities_as_they_were():
 
     def ident(*over):
         cfg = compose_config(["device=cpu", *over])
-        return base_identity(cfg).get("act")
+        return base_identity(settings(cfg)).get("act")
 
     assert ident() is None
     assert ident("act_bits=8") == {"bits": 8, "granularity": "token"}

@@ -107,7 +107,7 @@ def test_an_moe_run_with_activation_quantization_runs_and_static_is_refused(tiny
     over += [f"model.path={ckpt}", "model.name=tiny-mixtral", "model.dtype=float32", "eval.backends=none",
              "stages=[gptq]", "bits=8", "group_size=32", "eval.max_windows=2", "calibration.seqlen=32"]  # fmt: skip
     from compress_order.config.compose import compose_config
-    from compress_order.run.runner import run
+    from helpers import run
 
     df = run(compose_config([*over, "act_format=fp8"]), tmp_path / "out")
     ok = df[(df.status == "ok") & (df.metric == "perplexity")]

@@ -317,8 +317,8 @@ def test_split_budget_experiment_has_six_orders():
 
     cfg = compose_config(["experiment=mini_split_budget", "sparsity=0.7"])
     scs = stage_configs(cfg)
-    assert [(sc["label"], sc.get("sparsity")) for sc in scs] == [("prune1", 0.3), ("rtn", None), ("prune2", 0.7)]
-    assert len(full_orders(build_trie([sc["label"] for sc in scs]))) == 6
+    assert [(sc.label, sc.get("sparsity")) for sc in scs] == [("prune1", 0.3), ("rtn", None), ("prune2", 0.7)]
+    assert len(full_orders(build_trie([sc.label for sc in scs]))) == 6
 
 
 def test_mixed_precision_experiment_budget_follows_bits():

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import settings
+
 from compress_order.evaluation.backends import BACKENDS, dtype_name, select_backends
 from compress_order.numerics.constraints import LayerConstraint
 from compress_order.core.errors import UserError
@@ -125,7 +127,7 @@ def charllama():
 
     cfg = compose_config(["device=cpu", "eval.max_windows=8"])
     lm = build(cfg.model)
-    task = LMTask(lm, build(cfg.data), cfg)
+    task = LMTask(lm, build(cfg.data), settings(cfg))
     targets = find_targets(lm.model, lm.skip)
     state = ModelState(lm.model, targets)
     return lm.model, targets, task, state, state.snapshot()

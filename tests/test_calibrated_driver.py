@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from helpers import tiny_llama_model, token_batches
 
+from compress_order.core.settings import Calibration
 from compress_order.stages.calibration import calibrate_and_compress, capture_block_calls, find_blocks
 from compress_order.numerics.constraints import nm_holds, required_zeros
 from compress_order.core.errors import UserError
@@ -31,7 +32,7 @@ def assert_driver_statistics_equal(model, targets, batches, ref: dict) -> None:
     """The driver's statistics, all layers at once and group by group, equal those of a plain full forward."""
     for ts in (False, True):
         rec = Recorder()
-        calibrate_and_compress(model, targets, batches, rec, {"true_sequential": ts})
+        calibrate_and_compress(model, targets, batches, rec, Calibration(true_sequential=ts))
         assert rec.H.keys() == ref.keys()
         for n in ref:
             torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)
@@ -44,7 +45,7 @@ def apply(stage: Stage, state: ModelState, batches: list, true_sequential: bool 
         for t in state.targets.values():
             stage.compress(t, None)
     else:
-        calibrate_and_compress(state.model, state.targets, batches, stage, {"true_sequential": true_sequential})
+        calibrate_and_compress(state.model, state.targets, batches, stage, Calibration(true_sequential=true_sequential))
     state.check()
 
 
@@ -133,7 +134,7 @@ def test_true_sequential_groups_share_statistics_in_forward_order():
         def compress(self, target: Target, stats: HessianStats) -> None:
             order.append((target.name.split(".")[-1], stats))  # kept alive: identity is meaningful
 
-    calibrate_and_compress(model, targets, token_batches(2), Spy(), {"true_sequential": True})
+    calibrate_and_compress(model, targets, token_batches(2), Spy(), Calibration(true_sequential=True))
     names = [n for n, _ in order]
     assert names == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     st = [s for _, s in order]
@@ -151,7 +152,7 @@ def test_whole_model_fallback_for_a_cnn():
     assert find_blocks(model, targets) is None
     batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
     rec = Recorder()
-    calibrate_and_compress(model, targets, batches, rec, {})
+    calibrate_and_compress(model, targets, batches, rec)
     ref = full_forward_hessians(model, targets, batches)
     for n in ref:
         torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)
@@ -200,7 +201,7 @@ def test_generic_block_lists_targets_outside_them_and_non_chains(between):
         assert chain[1][1][0].kwargs == {"scale": 0.5}
     for ts in (False, True):
         rec = Recorder()
-        calibrate_and_compress(model, targets, batches, rec, {"true_sequential": ts})
+        calibrate_and_compress(model, targets, batches, rec, Calibration(true_sequential=ts))
         ref = full_forward_hessians(model, targets, batches)
         assert rec.H.keys() == ref.keys()
         for n in ref:
@@ -221,7 +222,7 @@ def test_calibration_that_reaches_no_layer_is_a_user_error():
 
     model = Unused()
     with pytest.raises(UserError, match="reach none"):
-        calibrate_and_compress(model, find_targets(model), [torch.randn(2, 4)], GPTQ(4, name="gptq"), {})
+        calibrate_and_compress(model, find_targets(model), [torch.randn(2, 4)], GPTQ(4, name="gptq"))
 
 
 # ----------------------------------------------------------------------------------------------- Sequential blocks
@@ -314,7 +315,7 @@ def test_a_sequential_that_is_not_a_chain_is_calibrated_as_one_block():
     batches = [torch.randn(2, 8) for _ in range(3)]
     assert capture_block_calls(model, "blocks", model.blocks, batches, torch.device("cpu")) is None
     rec = Recorder()
-    calibrate_and_compress(model, targets, batches, rec, {})
+    calibrate_and_compress(model, targets, batches, rec)
     ref = full_forward_hessians(model, targets, batches)
     for n in ref:
         torch.testing.assert_close(rec.H[n], ref[n], rtol=1e-5, atol=1e-6)

@@ -247,4 +247,4 @@ def test_bad_input_is_a_user_error():
     model = tiny_llama_model(layers=1)
     targets = find_targets(model, ["lm_head"])
     with pytest.raises(UserError, match="nsamples"):
-        calibrate_and_compress(model, targets, [], SparseGPT(0.5, name="sparsegpt"), {})
+        calibrate_and_compress(model, targets, [], SparseGPT(0.5, name="sparsegpt"))

@@ -28,7 +28,7 @@ def test_stage_configs_build(tiny_overrides):
 
 def test_run_end_to_end_with_joint(tiny_overrides, tmp_path):
     from compress_order.config.compose import compose_config
-    from compress_order.run.runner import run
+    from helpers import run
 
     cfg = compose_config(
         tiny_overrides + ["stages=[wanda,gptq]", "joint=[sparsegpt_gptq]", "sparsity=0.5", "bits=4",
@@ -49,7 +49,7 @@ def test_run_end_to_end_with_joint(tiny_overrides, tmp_path):
 @pytest.mark.slow
 def test_quality_on_the_embedded_model(tmp_path):
     from compress_order.config.compose import compose_config
-    from compress_order.run.runner import run
+    from helpers import run
 
     ppl = {}
     for stages in ("[magnitude]", "[wanda]", "[sparsegpt]", "[rtn]", "[gptq]"):

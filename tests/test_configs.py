@@ -18,6 +18,8 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from helpers import settings
+
 from compress_order.config.compose import compose_config
 from compress_order.core.instantiate import build
 from compress_order.core.errors import UserError
@@ -68,7 +70,7 @@ def embedded():
     """The embedded char-LLaMA with a task over a few short calibration segments."""
     cfg = compose_config(["calibration.nsamples=2", "calibration.seqlen=32", "eval.max_windows=1", "device=cpu"])
     lm = build(cfg.model)
-    task = build_task(lm, build(cfg.data), cfg)
+    task = build_task(lm, build(cfg.data), settings(cfg))
     state = ModelState(lm.model, find_targets(lm.model, lm.skip))
     return cfg, task, state, state.snapshot()
 
@@ -82,7 +84,7 @@ def embedded_moe(tmp_path_factory):
     cfg = compose_config([f"model.path={ckpt}", "model.dtype=float32", "calibration.nsamples=2",
                           "calibration.seqlen=32", "eval.max_windows=1", "device=cpu"])  # fmt: skip
     lm = build(cfg.model)
-    task = build_task(lm, build(cfg.data), cfg)
+    task = build_task(lm, build(cfg.data), settings(cfg))
     state = ModelState(lm.model, find_targets(lm.model, lm.skip))
     return cfg, task, state, state.snapshot()
 
@@ -90,21 +92,21 @@ def embedded_moe(tmp_path_factory):
 @pytest.mark.parametrize("name", group_options("stage"))
 def test_stage_config_compresses_the_embedded_model(name, embedded, embedded_moe):
     over = compose_config([f"stages=[{name}]", "bits=4", "sparsity=0.5", "group_size=64"])
-    (sc,) = stage_configs(over)
-    stage = build_stage(sc)
+    (spec,) = stage_configs(over)
+    stage, sc = build_stage(spec), spec.params
     if stage.needs == "routing":  # acts on MoE layers: a tiny Mixtral, whose experts it removes
         cfg, task, state, dense = embedded_moe
         state.restore(dense)
-        apply_stage(stage, state, task, cfg)
+        apply_stage(stage, state, task, settings(cfg).calibration)
         removed = [t for t in state.targets.values() if t.constraint.dropped]
         assert removed and all(t.constraint.applied == [stage.label] and not t.weight.any() for t in removed)
         assert len(removed) == round(sc["expert_sparsity"] * 4) * 2 * 2  # per layer, gate_up and down
         state.restore(dense)
         return
     cfg, task, state, dense = embedded
-    assert stage.label == sc["label"] and stage.kind in ("prune", "quantize", "joint", "transform")
+    assert stage.label == spec.label and stage.kind in ("prune", "quantize", "joint", "transform")
     state.restore(dense)
-    apply_stage(stage, state, task, cfg)  # checks every layer's recorded constraints
+    apply_stage(stage, state, task, settings(cfg).calibration)  # checks every layer's recorded constraints
     assert not state.equal(dense)
     for t in state.targets.values():
         c = t.constraint
@@ -251,9 +253,9 @@ def test_default_config_is_the_order_experiment():
 
 def test_stage_entry_with_overrides_gets_its_own_label():
     cfg = compose_config(["stages=[{name:magnitude,sparsity:0.3},rtn,magnitude]"])
-    labels = [sc["label"] for sc in stage_configs(cfg)]
+    labels = [sc.label for sc in stage_configs(cfg)]
     assert labels == ["magnitude(sparsity=0.3)", "rtn", "magnitude"]
-    assert stage_configs(cfg)[0]["sparsity"] == 0.3 and stage_configs(cfg)[2]["sparsity"] == 0.7
+    assert stage_configs(cfg)[0].params["sparsity"] == 0.3 and stage_configs(cfg)[2].params["sparsity"] == 0.7
 
 
 def test_llama_config_loads_from_a_local_dir(tiny_llama):

@@ -23,7 +23,7 @@ from compress_order.core.errors import UserError
 from compress_order.export.checkpoint import load_constraints
 from compress_order.evaluation.metrics import METRICS
 from compress_order.numerics.quant import QuantGrid
-from compress_order.run.runner import run
+from helpers import run, settings
 from compress_order.evaluation.tasks.lm import LMTask, rolling_windows
 
 WIKI_ROWS = ["", " = Robert Boulter = \n", "", " Robert Boulter is an English actor . \n", "", " He had a role . \n"]
@@ -96,8 +96,8 @@ def test_lm_task_honours_the_dataset_window_cap(tiny_llama, tmp_path):
     cfg = compose_config([f"model.path={tiny_llama}", "model.seqlen=16", "device=cpu", "calibration.nsamples=8"])
     lm = build(cfg.model)
     text = "To be, or not to be, that is the question:\n" * 40
-    assert len(LMTask(lm, TextSplits("t", text, text), cfg).windows) == len(text) // 16
-    assert len(LMTask(lm, TextSplits("t", text, text, max_windows=3), cfg).windows) == 3
+    assert len(LMTask(lm, TextSplits("t", text, text), settings(cfg)).windows) == len(text) // 16
+    assert len(LMTask(lm, TextSplits("t", text, text, max_windows=3), settings(cfg)).windows) == 3
 
 
 def test_model_bos_leads_every_window_and_calibration_segment_with_it(tiny_llama, tmp_path):
@@ -115,12 +115,12 @@ def test_model_bos_leads_every_window_and_calibration_segment_with_it(tiny_llama
     tok.save_pretrained(ckpt)
     over = [f"model.path={ckpt}", "model.seqlen=16", "device=cpu", "calibration.nsamples=4"]
     text = "To be, or not to be, that is the question:\n" * 40
-    plain = LMTask(build(compose_config(over).model), TextSplits("t", text, text), compose_config(over))
+    plain = LMTask(build(compose_config(over).model), TextSplits("t", text, text), settings(compose_config(over)))
     cfg = compose_config([*over, "+model.bos=true"])
     lm = build(cfg.model)
     bos = lm.tokenizer.bos_token_id
     assert bos is not None and lm.bos == bos
-    task = LMTask(lm, TextSplits("t", text, text), cfg)
+    task = LMTask(lm, TextSplits("t", text, text), settings(cfg))
     ids = encode(lm.tokenizer, text)
     n = len(task.windows)
     assert task.windows.shape == (n, 16) and n == ids.numel() // 15 and n > len(plain.windows)
@@ -271,7 +271,7 @@ def test_save_writes_full_orders_that_reload_to_the_same_perplexity(tiny_overrid
         lm = build(cfg.model)
         lm.model, lm.tokenizer = model, AutoTokenizer.from_pretrained(d)
         cfg.device = "cpu"
-        metrics, _ = LMTask(lm, data, cfg).evaluate(model)
+        metrics, _ = LMTask(lm, data, settings(cfg)).evaluate(model)
         assert metrics["perplexity"] == pytest.approx(ppl[order], rel=1e-9)
 
         rec = load_constraints(d)
@@ -327,5 +327,5 @@ def test_smollm2_on_shakespeare_runs_and_exports(tmp_path):
     lm = build(cfg.model)
     lm.model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     cfg.device = "cpu"
-    metrics, _ = LMTask(lm, build(cfg.data), cfg).evaluate(lm.model)
+    metrics, _ = LMTask(lm, build(cfg.data), settings(cfg)).evaluate(lm.model)
     assert metrics["perplexity"] == pytest.approx(ppl["magnitude > rtn"], rel=1e-6)

@@ -15,7 +15,7 @@ from compress_order.cli.analysis import main as analysis_main
 from compress_order.config.compose import compose_config
 from compress_order.evaluation.divergence import DenseReference, compare, reference_piece
 from compress_order.core.errors import UserError
-from compress_order.run.runner import run
+from helpers import run, settings
 from helpers import exit_code
 
 METRICS = "eval.metrics=[perplexity,kld,top1_agree]"
@@ -143,7 +143,7 @@ def test_bad_metric_names_and_topk_are_one_line_errors():
                       (["eval.metrics=[kld]", "eval.kld_topk=0"], "eval.kld_topk=0 must be a positive integer")):
         cfg = compose_config(over)
         with pytest.raises(UserError, match=re.escape(msg)):
-            divergence.requested(cfg) and divergence.topk_setting(cfg)
+            settings(cfg)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -193,18 +193,18 @@ def test_kld_topk_on_smollm2_against_every_token():
 
     cfg = compose_config(cfg_args())
     lm, data = build(cfg.model), build(cfg.data)
-    task = build_task(lm, data, cfg)
+    task = build_task(lm, data, settings(cfg))
     with torch.no_grad():
         dense = torch.cat([lm.model(input_ids=task.windows[i : i + 2]).logits[:, :-1].float() for i in (0, 2)])
     targets = find_targets(lm.model, lm.skip)
     state = ModelState(lm.model, targets)
     snap = state.snapshot()
     rel, bound = {}, {}
-    coarse = build_task(lm, data, compose_config([*cfg_args(), "eval.kld_tail_samples=0"]))
+    coarse = build_task(lm, data, settings(compose_config([*cfg_args(), "eval.kld_tail_samples=0"])))
     for bits in (3, 4):
         state.restore(snap)
         cfg.bits = bits
-        apply_stage(build_stage(stage_configs(cfg)[0]), state, task, cfg)
+        apply_stage(build_stage(stage_configs(cfg)[0]), state, task, settings(cfg).calibration)
         metrics, _ = task.evaluate(lm.model)
         with torch.no_grad():
             node = torch.cat([lm.model(input_ids=task.windows[i : i + 2]).logits[:, :-1].float() for i in (0, 2)])

@@ -21,7 +21,7 @@ from compress_order.export.checkpoint import checkpoint_format, save_model, summ
 from compress_order.evaluation.measure import compression_metrics
 from compress_order.loaders.models import causal_lm
 from compress_order.numerics.quant import fit_grid
-from compress_order.run.runner import run
+from helpers import run, settings
 from compress_order.stages.base import set_quantized
 from compress_order.stages.magnitude import Magnitude
 from compress_order.modeling.targets import ModelState, find_targets
@@ -306,7 +306,7 @@ def _ppl_of_reload(cfg, d: Path) -> float:
     lm = build(cfg.model)
     lm.model = AutoModelForCausalLM.from_pretrained(d)
     cfg.device = "cpu"
-    metrics, _ = LMTask(lm, build(cfg.data), cfg).evaluate(lm.model)
+    metrics, _ = LMTask(lm, build(cfg.data), settings(cfg)).evaluate(lm.model)
     return metrics["perplexity"]
 
 

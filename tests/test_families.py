@@ -70,7 +70,7 @@ def test_family_runs_every_order_and_compresses_every_projection(family, tiny_te
 
     from compress_order.config.compose import compose_config
     from compress_order.export.checkpoint import load_constraints
-    from compress_order.run.runner import run
+    from helpers import run
 
     ckpt = save_tiny(family, tmp_path / "ckpt")
     base = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -179,7 +179,7 @@ def test_conv1d_is_compressed_exactly_like_the_same_linear(order):
     batches = [torch.randn(2, 16, 64) for _ in range(3)]
     for stage in _stage_runs()[order]:
         if stage.needs:
-            calibrate_and_compress(model, targets, batches, stage, {})
+            calibrate_and_compress(model, targets, batches, stage)
         else:
             for t in targets.values():
                 stage.compress(t)
@@ -229,7 +229,7 @@ def test_grouped_and_depthwise_conv2d_are_compressed_as_their_own_2d_view():
     for stages in ([Wanda(0.5, name="w"), GPTQ(4, name="g")], [GPTQ(4, name="g"), SparseGPT(0.5, name="s")]):
         state.restore(dense)
         for stage in stages:
-            calibrate_and_compress(model, targets, batches, stage, {})
+            calibrate_and_compress(model, targets, batches, stage)
             state.check()
         assert all(float((t.weight == 0).float().mean()) >= 0.5 for t in targets.values())
         assert torch.isfinite(model(batches[0])).all()

@@ -35,7 +35,7 @@ def _apply(stage, model, targets, batches) -> None:
         for t in targets.values():
             stage.compress(t, None)
     else:
-        calibrate_and_compress(model, targets, batches, stage, {})
+        calibrate_and_compress(model, targets, batches, stage)
     ModelState(model, targets).check()  # masks, sparsity, N:M, exact codebook membership, scale formats
 
 
@@ -182,7 +182,7 @@ def test_bad_format_settings_exit_2_with_one_line(args, message, tiny_overrides,
 
 def test_a_float_format_run_follows_the_format_and_counts_its_scales(tiny_overrides, tmp_path):
     from compress_order.config.compose import compose_config
-    from compress_order.run.runner import run
+    from helpers import run
 
     df = run(compose_config([*tiny_overrides, "format=nvfp4", "stages=[sparsegpt,gptq]", "sparsity=0.5",
                              "eval.backends=[int4_weight_only]", "calibration.nsamples=2"]), tmp_path / "out")  # fmt: skip

@@ -86,7 +86,7 @@ def _gguf() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _gguf(), reason="no Gemma 3 GGUF: python scripts/get_gemma3.py")
 def test_gemma3_loads_and_scores_the_news(tmp_path):
-    from compress_order.run.runner import run
+    from helpers import run
 
     over = ["model=gemma3_270m", "data=news", "stages=[rtn]", "bits=4", "eval.max_windows=2", "eval.batch_size=1", "calibration.nsamples=16",
             "eval.metrics=[perplexity,kld,top1_agree]", "eval.backends=none", "eval.latency.repeats=1",

@@ -44,7 +44,7 @@ def _load(path: Path) -> nn.Module:
 
 def _run(overrides: list[str], out: Path):
     from compress_order.config.compose import compose_config
-    from compress_order.run.runner import run
+    from helpers import run
 
     return run(compose_config(overrides), out)
 
@@ -188,7 +188,7 @@ def test_an_expert_without_tokens_is_compressed_data_free_and_said(mixtral, capl
     batches = [torch.randint(0, model.config.vocab_size, (1, 32)) for _ in range(3)]
     report: dict = {}
     with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
-        calibrate_and_compress(model, targets, batches, GPTQ(4, group_size=32, name="gptq"), {}, report=report)
+        calibrate_and_compress(model, targets, batches, GPTQ(4, group_size=32, name="gptq"), report=report)
     ModelState(model, targets).check()
     assert report["model.layers.0.mlp.experts"]["without_tokens"] == 1
     assert report["model.layers.0.mlp.experts"]["min"] == 0
@@ -258,7 +258,7 @@ def test_expert_prune_removes_the_least_routed_and_the_router_never_picks_them(m
     targets = find_targets(model, ["lm_head", ROUTERS])
     batches = [torch.randint(0, model.config.vocab_size, (1, 32)) for _ in range(4)]
     before = _routed_counts(model, torch.cat(batches, 1))[0]  # layer 0 sees the same inputs before and after
-    calibrate_and_compress(model, targets, batches, ExpertPrune(0.5, name="ep"), {})
+    calibrate_and_compress(model, targets, batches, ExpertPrune(0.5, name="ep"))
     ModelState(model, targets).check()
     gone0 = {t.index for n, t in targets.items() if n.startswith("model.layers.0.") and t.constraint.dropped}
     assert gone0 == set(torch.argsort(before, stable=True)[:2].tolist())
@@ -284,7 +284,7 @@ def test_grouped_sigmoid_routing_loses_as_many_experts_per_group_and_matches_the
         gate.weight.normal_(0, 0.5)
     targets = find_targets(model, ["lm_head", ROUTERS])
     batches = [torch.randint(0, model.config.vocab_size, (1, 32)) for _ in range(4)]
-    calibrate_and_compress(model, targets, batches, ExpertPrune(0.5, criterion="reap", name="ep"), {})
+    calibrate_and_compress(model, targets, batches, ExpertPrune(0.5, criterion="reap", name="ep"))
     ModelState(model, targets).check()
     gone = sorted({t.index for t in targets.values() if t.index is not None and t.constraint.dropped})
     assert [sum(e < 4 for e in gone), sum(e >= 4 for e in gone)] == [2, 2]  # two from each group
@@ -402,7 +402,7 @@ def test_a_dense_checkpoint_reloads_every_expert_bit_for_bit(mixtral, tmp_path):
     model = _load(mixtral)
     targets = find_targets(model, ["lm_head", ROUTERS])
     batches = [torch.randint(0, model.config.vocab_size, (1, 32)) for _ in range(2)]
-    calibrate_and_compress(model, targets, batches, GPTQ(3, group_size=32, sym=False, name="gptq"), {})
+    calibrate_and_compress(model, targets, batches, GPTQ(3, group_size=32, sym=False, name="gptq"))
     dest = save_model(LoadedModel(model, "causal_lm", "tiny"), targets, ("gptq",), tmp_path / "gptq", fmt="dense")
     reloaded = _load(dest).state_dict()
     for name, value in model.state_dict().items():

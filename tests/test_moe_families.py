@@ -98,7 +98,7 @@ def _params():
 def test_moe_family_runs_every_order_and_compresses_every_expert(family, stages, joint, prune, quant, removes,
                                                                  tiny_text, tmp_path, caplog):  # fmt: skip
     from compress_order.config.compose import compose_config
-    from compress_order.run.runner import run
+    from helpers import run
 
     ckpt = save_tiny_moe(family, tmp_path / "ckpt")
     args = _overrides(ckpt, tiny_text, tmp_path, stages, "run") + (["joint=[sparsegpt_gptq]"] if joint else [])

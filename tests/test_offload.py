@@ -13,7 +13,7 @@ from compress_order.core.errors import UserError
 from compress_order.core.instantiate import build
 from compress_order.evaluation.metrics import METRICS
 from compress_order.modeling.offload import streamed
-from compress_order.run.runner import run
+from helpers import run, settings
 from compress_order.evaluation.tasks import build_task
 
 EMBEDDED = ["eval.max_windows=2", "eval.batch_size=1", "calibration.nsamples=2", "calibration.seqlen=32",
@@ -65,9 +65,7 @@ def test_offloaded_run_equals_the_in_memory_run():
 
 def test_offload_needs_a_block_list_and_a_device():
     with pytest.raises(UserError, match="eval.offload=warp is unknown"):
-        from compress_order.config.validate import check_config
-
-        check_config(compose_config(["eval.offload=warp"]))
+        settings(compose_config(["eval.offload=warp"]))
     cfg = compose_config(["model=mnist_resnet", "data=mnist", "eval.offload=cpu", "device=cpu"])
     with pytest.raises(UserError, match="eval.offload"):
-        build_task(build(cfg.model), build(cfg.data), cfg)
+        build_task(build(cfg.model), build(cfg.data), settings(cfg))

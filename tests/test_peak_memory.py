@@ -7,7 +7,7 @@ import sys
 
 from compress_order.config.compose import compose_config
 from compress_order.evaluation.metrics import METRICS
-from compress_order.run.runner import run
+from helpers import run
 
 
 PROBE = """

@@ -17,7 +17,7 @@ from compress_order.config.compose import compose_config
 from compress_order.evaluation.metrics import METRICS
 from compress_order.core.schema import COLUMNS
 from compress_order.core.schema import STATS_FILE
-from compress_order.run.runner import run
+from helpers import run
 
 THREE = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # full trie: 1 + 3 + 6 + 6 = 16 nodes
 

@@ -30,7 +30,7 @@ def _present(model: str) -> bool:
 @pytest.mark.parametrize("model", [pytest.param(m, marks=pytest.mark.skipif(not _present(m), reason=f"no {m} files"))
                                    for m in REAL])  # fmt: skip
 def test_real_checkpoint_runs_both_orders_and_compresses_every_projection(model, tmp_path, caplog):
-    from compress_order.run.runner import run
+    from helpers import run
 
     over = [f"model={model}", "data=wikipedia", "stages=[wanda,gptq]", "bits=4", "group_size=32", "sparsity=0.5",
             "eval.seqlen=128", "eval.max_windows=2", "eval.batch_size=1", "calibration.nsamples=2",

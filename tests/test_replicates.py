@@ -9,7 +9,7 @@ import pandas as pd
 from compress_order.cli.main import main
 from compress_order.config.compose import compose_config
 from compress_order.core.schema import STATS_FILE
-from compress_order.run.runner import run
+from helpers import run
 from compress_order.evaluation.metrics import METRICS
 
 STAGES = ["stages=[magnitude,wanda]", "sparsity=0.5", "eval.backends=none"]  # dense, magnitude seed-free

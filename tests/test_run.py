@@ -12,7 +12,7 @@ import pandas as pd
 from compress_order.config.compose import compose_config
 from compress_order.evaluation.metrics import METRICS
 from compress_order.core.schema import COLUMNS
-from compress_order.run.runner import run
+from helpers import run
 
 NODE_METRICS = {"perplexity", "sparsity", "avg_bits", "coverage", "size_bytes", "latency_ms", "latency_ms_iqr",
                 "decode_ms_per_token", "peak_mem_mb"}

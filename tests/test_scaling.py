@@ -9,15 +9,16 @@ import itertools
 import pandas as pd
 import pytest
 import torch
-from helpers import FAMILIES, family_config, terminal_lines, tiny_llama_model, token_batches
+from helpers import FAMILIES, family_config, settings, terminal_lines, tiny_llama_model, token_batches
 
+from compress_order.core.settings import Calibration
 from compress_order.modeling.act import ActQuant, fake_quant
 from compress_order.stages.calibration import calibrate_and_compress
 from compress_order.config.compose import compose_config
 from compress_order.core.errors import UserError
 from compress_order.core.instantiate import build
 from compress_order.run.pipeline import apply_stage
-from compress_order.run.runner import run
+from helpers import run
 from compress_order.config.stages import build_stage, stage_configs
 from compress_order.stages.awq import AWQ
 from compress_order.stages.rtn import RTN
@@ -50,7 +51,7 @@ def test_scaling_pairs_are_found_from_structure(caplog):
     model = mha_llama()
     targets = find_targets(model, ["lm_head"])
     with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
-        calibrate_and_compress(model, targets, token_batches(4), SmoothQuant(alpha=0.5, name="sq"), {})
+        calibrate_and_compress(model, targets, token_batches(4), SmoothQuant(alpha=0.5, name="sq"))
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert line == ("scaling pairs in LlamaDecoderLayer: input_layernorm → q_proj/k_proj/v_proj; self_attn.v_proj → "
                     "o_proj; post_attention_layernorm → gate_proj/up_proj; mlp.up_proj → down_proj")  # fmt: skip
@@ -59,7 +60,7 @@ def test_scaling_pairs_are_found_from_structure(caplog):
 def test_scaling_pairs_are_found_in_half_precision(caplog):
     model = mha_llama().to(torch.bfloat16)
     with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
-        calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"), {})
+        calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"))
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert "none" not in line, line
 
@@ -67,7 +68,7 @@ def test_scaling_pairs_are_found_in_half_precision(caplog):
 def test_grouped_query_attention_has_no_v_to_o_pair(caplog):
     model = tiny_llama_model()  # 4 query heads, 2 K/V heads: V's 32 outputs cannot absorb O's 64 input factors
     with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
-        calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"), {})
+        calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"))
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert "none → o_proj" in line and "input_layernorm → q_proj/k_proj/v_proj" in line
 
@@ -80,7 +81,7 @@ def test_smoothing_alone_keeps_the_function_and_the_snapshot_restores_norms():
     ids = torch.randint(0, 40, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
-        apply_stage(SmoothQuant(alpha=0.8, name="sq"), state, Batches(token_batches(4)), compose_config([]))
+        apply_stage(SmoothQuant(alpha=0.8, name="sq"), state, Batches(token_batches(4)), Calibration())
         out = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     norm = model.model.layers[0].input_layernorm.weight
@@ -113,7 +114,7 @@ def test_every_ordered_pair_keeps_its_constraints_or_is_infeasible(first, second
     whys = []
     for s in stages:
         s.validate(state.targets)
-        whys.append(apply_stage(s, state, task, cfg))  # invariants checked after each applied stage
+        whys.append(apply_stage(s, state, task, settings(cfg).calibration))  # invariants checked after each applied stage
         if whys[-1] is not None:
             break
     infeasible = second == "smoothquant" and first in ("rtn", "gptq", "awq") and group_size == -1
@@ -133,9 +134,9 @@ def test_smoothing_after_a_group_quantizer_rescales_the_grid_exactly(pair_setup)
     state, dense, task = pair_setup
     state.restore(dense)
     cfg = compose_config(["calibration.nsamples=4"])
-    apply_stage(RTN(bits=4, group_size=32, name="rtn"), state, task, cfg)
+    apply_stage(RTN(bits=4, group_size=32, name="rtn"), state, task, settings(cfg).calibration)
     codes = {n: t.constraint.grid.codes(t.weight) for n, t in state.targets.items()}
-    assert apply_stage(SmoothQuant(alpha=0.5, name="sq"), state, task, cfg) is None
+    assert apply_stage(SmoothQuant(alpha=0.5, name="sq"), state, task, settings(cfg).calibration) is None
     changed = 0
     for n, t in state.targets.items():
         assert torch.equal(t.constraint.grid.project(t.weight), t.weight)  # still exactly on its (rescaled) grid
@@ -178,7 +179,7 @@ def embedded_lm():
     cfg = compose_config(["eval.max_windows=48", "calibration.nsamples=32", "device=cpu", "threads=2"])
     torch.manual_seed(0)
     lm = build(cfg.model)
-    task = build_task(lm, build(cfg.data), cfg)
+    task = build_task(lm, build(cfg.data), settings(cfg))
     state = ModelState(lm.model, find_targets(lm.model, lm.skip))
     return cfg, lm, task, state, state.snapshot()
 
@@ -189,7 +190,7 @@ def _ppl(stages, embedded_lm, act_bits=None) -> float:
     act = ActQuant(act_bits).install(state.targets) if act_bits else None
     try:
         for s in stages:
-            assert apply_stage(s, state, task, cfg) is None
+            assert apply_stage(s, state, task, settings(cfg).calibration) is None
         return task.evaluate(lm.model)[0]["perplexity"]
     finally:
         if act is not None:
@@ -258,7 +259,7 @@ def test_static_activation_ranges_are_observed_per_node(tiny_overrides, tmp_path
 def test_activation_bits_change_the_node_keys(tiny_overrides, tmp_path):
     from compress_order.run.identity import base_identity, digest
 
-    keys = {digest(base_identity(compose_config(tiny_overrides + over))) for over in
+    keys = {digest(base_identity(settings(compose_config(tiny_overrides + over)))) for over in
             ([], ["act_bits=8"], ["act_bits=4"], ["act_bits=8", "act_granularity=tensor"],
              ["act_bits=8", "act_granularity=static"])}  # fmt: skip
     assert len(keys) == 5
@@ -270,7 +271,7 @@ def test_awq_on_a_model_without_scaling_pairs_is_one_line():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
     targets = find_targets(model)
     with pytest.raises(UserError, match="no layer group of Sequential .* has a producer"):
-        calibrate_and_compress(model, targets, [torch.randn(1, 3, 8, 8)], AWQ(bits=4, group_size=-1, name="awq"), {})
+        calibrate_and_compress(model, targets, [torch.randn(1, 3, 8, 8)], AWQ(bits=4, group_size=-1, name="awq"))
     assert all(t.constraint.grid is None for t in targets.values())  # said before any change
 
 
@@ -318,11 +319,11 @@ def test_scaling_stages_on_every_decoder_family(family, caplog):
     with torch.no_grad():
         ref = model(ids).logits
         with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
-            assert apply_stage(SmoothQuant(alpha=0.5, name="sq"), state, task, cfg) is None
+            assert apply_stage(SmoothQuant(alpha=0.5, name="sq"), state, task, settings(cfg).calibration) is None
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)  # the function is kept
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     for pair in FAMILY_PAIRS[family]:
         assert pair in line, (pair, line)
     state.restore(dense)
-    assert apply_stage(AWQ(bits=4, group_size=32, name="awq"), state, task, cfg) is None  # invariants checked
+    assert apply_stage(AWQ(bits=4, group_size=32, name="awq"), state, task, settings(cfg).calibration) is None  # invariants checked
     assert all(t.constraint.grid is not None for t in state.targets.values())

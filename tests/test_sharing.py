@@ -19,7 +19,7 @@ from compress_order.run import identity
 from compress_order.config.compose import compose_config
 from compress_order.core.paths import PACKAGE_DIR
 from compress_order.core.schema import STATS_FILE
-from compress_order.run.runner import run
+from helpers import run
 from compress_order.run.store import NodeStore
 from compress_order.evaluation.metrics import METRICS
 

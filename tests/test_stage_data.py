@@ -8,7 +8,7 @@ from compress_order.analysis.collect import collect
 from compress_order.analysis.tables import order_pattern, order_table, seed_dependent, stage_kind
 from compress_order.cli.main import main
 from compress_order.config.compose import compose_config
-from compress_order.run.runner import run
+from helpers import run
 from compress_order.config.stages import entry_label
 
 

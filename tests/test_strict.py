@@ -19,7 +19,7 @@ from helpers import exit_code
 from compress_order.config.compose import compose_config
 from compress_order.core.errors import UserError
 from compress_order.run.store import QUARANTINE, NodeStore
-from compress_order.run.runner import run
+from helpers import run
 from compress_order.evaluation.tasks.lm import LMTask
 from compress_order.core.files import check_writable
 from compress_order.evaluation.metrics import METRICS

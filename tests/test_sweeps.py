@@ -16,7 +16,7 @@ from helpers import exit_code, terminal_lines
 
 from compress_order.cli.main import main
 from compress_order.config.compose import compose_config
-from compress_order.run.runner import run
+from helpers import run
 from compress_order.evaluation.tasks.lm import LMTask
 
 

@@ -219,7 +219,7 @@ def test_vision_run_gives_intervals_for_top1_top5_and_nll(tmp_path):
     from safetensors.torch import save_file
 
     from compress_order.config.compose import compose_config
-    from compress_order.run.runner import run
+    from helpers import run
 
     channels = [32, 32, 32, 32]
     torch.manual_seed(0)

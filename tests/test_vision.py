@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from helpers import exit_code
+from helpers import exit_code, settings
 
 from compress_order.config.compose import compose_config
 from compress_order.core.instantiate import build
@@ -25,7 +25,7 @@ from compress_order.core.paths import ASSETS_DIR, CONF_DIR
 from compress_order.stages.calibration import calibrate_and_compress
 from compress_order.modeling.hessian import HessianStats
 from compress_order.run.pipeline import apply_stage
-from compress_order.run.runner import run
+from helpers import run
 from compress_order.config.stages import build_stage, stage_configs
 from compress_order.stages.base import Stage
 from compress_order.modeling.targets import ModelState, find_targets
@@ -127,10 +127,10 @@ def test_conv_stages_keep_every_constraint_in_both_orders(first, second, tiny_ck
     assert all(isinstance(t.module, nn.Conv2d) for t in targets.values()) and len(targets) == 12
     dense = {n: t.module.weight.detach().clone() for n, t in targets.items()}
     skipped = lm.model.conv1.weight.detach().clone(), lm.model.fc.weight.detach().clone()
-    state, task = ModelState(lm.model, targets), build_task(lm, data, cfg)
+    state, task = ModelState(lm.model, targets), build_task(lm, data, settings(cfg))
     stages = [build_stage(sc) for sc in stage_configs(cfg)]
     for s in stages:
-        apply_stage(s, state, task, cfg)  # checks every layer's invariants after each stage
+        apply_stage(s, state, task, settings(cfg).calibration)  # checks every layer's invariants after each stage
     for n, t in targets.items():
         w, c = t.weight, t.constraint
         assert t.module.weight.shape == dense[n].shape and w.shape == (dense[n].shape[0], dense[n][0].numel())
@@ -164,7 +164,7 @@ def test_calibrated_conv_statistics_are_each_layers_own_patches(tiny_ckpt):
                           "eval.batch_size=4", "device=cpu"])  # fmt: skip
     lm, data = build(cfg.model), build(cfg.data)
     targets = find_targets(lm.model, lm.skip)
-    batches = build_task(lm, data, cfg).calibration_batches()
+    batches = build_task(lm, data, settings(cfg)).calibration_batches()
     want = {n: HessianStats(t.module, "cpu") for n, t in targets.items()}
     hooks = [t.module.register_forward_pre_hook(lambda m, a, n=n: want[n].add_batch(a[0])) for n, t in targets.items()]
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_calibrated_conv_statistics_are_each_layers_own_patches(tiny_ckpt):
     for h in hooks:
         h.remove()
     rec = _Record()
-    calibrate_and_compress(lm.model, targets, batches, rec, cfg.calibration)
+    calibrate_and_compress(lm.model, targets, batches, rec, settings(cfg).calibration)
     for n, t in targets.items():
         assert rec.H[n].shape == (t.shape[1], t.shape[1]), n
         torch.testing.assert_close(rec.H[n], want[n].H, rtol=1e-4, atol=1e-6, msg=n)
@@ -185,11 +185,11 @@ def test_calibration_images_are_seeded_and_shared(tiny_ckpt):
                  "calibration.nsamples=10", "eval.batch_size=4", "device=cpu"]  # fmt: skip
     cfg = compose_config(overrides)
     lm, data = build(cfg.model), build(cfg.data)
-    a, b = build_task(lm, data, cfg), build_task(lm, data, cfg)
+    a, b = build_task(lm, data, cfg), build_task(lm, data, settings(cfg))
     ca, cb = a.calibration_batches(), b.calibration_batches()
     assert [x.shape for x in ca] == [(4, 1, 28, 28), (4, 1, 28, 28), (2, 1, 28, 28)]
     assert all(torch.equal(x, y) for x, y in zip(ca, cb)) and a.calibration_batches() is ca
-    other = build_task(lm, data, compose_config(overrides + ["seed=1"])).calibration_batches()
+    other = build_task(lm, data, settings(compose_config(overrides + ["seed=1"]))).calibration_batches()
     assert not torch.equal(other[0], ca[0])
 
 
@@ -340,7 +340,7 @@ def test_shipped_model_matches_its_recorded_accuracy():
     record = json.loads((ASSETS_DIR / "mnist_model" / "model.json").read_text())
     cfg = compose_config(["experiment=vision", "device=cpu"])
     lm, data = build(cfg.model), build(cfg.data)
-    metrics, samples = build_task(lm, data, cfg).evaluate(lm.model)
+    metrics, samples = build_task(lm, data, settings(cfg)).evaluate(lm.model)
     assert len(samples["correct"]) == record["data"]["test_images"] == 1000
     assert abs(metrics["top1"] - record["test_top1"]) <= 0.2 and metrics["top1"] > 97
     assert abs(metrics["nll"] - record["test_nll"]) <= 2e-3

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import FAMILIES, MOE_FAMILIES
+from helpers import FAMILIES, MOE_FAMILIES, settings
 
 from compress_order.cli.main import main
 from compress_order.config.compose import compose_config
@@ -114,7 +114,7 @@ def test_vision_family_runs_every_order_and_keeps_every_constraint(arch, pair, t
     monkeypatch.setattr(pipeline, "apply_stage", checked)
     cfg = compose_config(overrides(arch, tmp_path) + [f"stages=[{pair}]"])
     with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
-        df = runner.run(cfg, tmp_path / "out")
+        df = runner.run(settings(cfg), tmp_path / "out")
 
     assert sorted(seen["applied"]) == sorted([first, second] * 2)  # a, a>b, b, b>a: 4 applications
     orders = {"dense", first, second, f"{first} > {second}", f"{second} > {first}"}
@@ -165,14 +165,14 @@ def test_settings_a_layer_cannot_take_are_one_line_before_any_work(arch, tmp_pat
     for name, (stages, group, divisor) in SETTINGS.items():
         cfg = compose_config(overrides(arch, tmp_path) + [stages, group])
         if model is None:
-            model = pipeline.build(cfg.model).model
+            model = pipeline.build(settings(cfg).model.node()).model
         refusing = [n for n, m in compressible(model).items() if fan_in(m) % divisor]
         if not refusing:
             with pytest.raises(_Reached):
-                runner.run(cfg, tmp_path / name)
+                runner.run(settings(cfg), tmp_path / name)
             continue
         with pytest.raises(UserError) as e:
-            runner.run(cfg, tmp_path / name)
+            runner.run(settings(cfg), tmp_path / name)
         msg = str(e.value)
         assert "\n" not in msg and "divide" in msg, msg
         named = [n for n in refusing if re.search(rf"\b{re.escape(n)}\b", msg)]

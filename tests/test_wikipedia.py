@@ -124,7 +124,7 @@ def test_unprepared_data_is_one_line_naming_the_script(data, tmp_path, monkeypat
 
 def test_a_calibrated_run_on_news(tmp_path, monkeypatch, tiny_overrides):
     """Both splits in use: calibration segments from train, perplexity windows of the held-out documents."""
-    from compress_order.run.runner import run
+    from helpers import run
 
     d = tmp_path / "cache" / "wikipedia" / "news"
     write_splits(read_news(_news_file(tmp_path)), d, 0.2, 0)

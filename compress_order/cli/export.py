@@ -61,42 +61,37 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     """Apply the stages of `order` to the run's dense model as the run did for calibration seed `seed` (default:
     the run's first), check every invariant, and save."""
     from compress_order.config.compose import load_saved  # also registers ${asset:}, which saved configs use
-    from compress_order.config.stages import stage_configs
-    from compress_order.core.devices import resolve_device
+    from compress_order.config.settings import run_settings
     from compress_order.modeling.act import check_savable
     from compress_order.run.pipeline import RunContext
-    from compress_order.run.plan import run_seeds, with_seed
     from compress_order.run.trie import build_trie, full_orders
 
     saved = Path(run_dir).joinpath(*SAVED_CONFIG)
     if not saved.is_file():
         raise UserError(f"{run_dir} has no .hydra/config.yaml; expected the folder of a `compress-order run`")
     cfg = load_saved(saved)
-    check_savable(cfg.get("act_format"))  # before any model work
-    staged, joint = stage_configs(cfg), stage_configs(cfg, key="joint")
-    by_label = {sc["label"]: sc for sc in staged + joint}
-    full = {n.order for n in full_orders(build_trie([sc["label"] for sc in staged], [sc["label"] for sc in joint]))}
+    check_savable(cfg.get("act_format"))  # the reason such a run cannot be exported, before checking the rest
+    settings = run_settings(cfg)
+    by_label = {s.label: s for s in settings.stages + settings.joint}
+    trie = build_trie([s.label for s in settings.stages], [s.label for s in settings.joint])
+    full = {n.order for n in full_orders(trie)}
     if order not in full:
         valid = "; ".join(sorted(" > ".join(o) for o in full))
         raise UserError(f"order '{' > '.join(order)}' is not a full order of this run; valid: {valid}")
-    seeds = run_seeds(cfg)
+    seeds = settings.seeds
     if seed is not None and seed not in seeds:
         raise UserError(f"seed {seed} is not a calibration seed of this run; valid: {', '.join(map(str, seeds))}")
-    several = len(seeds) > 1
-    cfg = with_seed(cfg, seeds[0] if seed is None else seed)
-    device = resolve_device(str(cfg.device))
-    cfg.device = str(device)
-    ctx = RunContext.load(cfg, device)
+    job = settings.with_seed(seeds[0] if seed is None else seed)
+    ctx = RunContext.load(job)
     if not hasattr(ctx.lm.model, "save_pretrained"):
         raise UserError(f"export needs a Hugging Face model (save_pretrained); model '{ctx.lm.name}' has none")
     stages = ctx.build_stages({lab: by_label[lab] for lab in order})
-    task = ctx.task(cfg)
-    torch.manual_seed(int(cfg.seed))
+    task = ctx.task(job)
+    torch.manual_seed(job.seed)
     for lab in order:  # as the run did: static activation ranges observed before each calibrated stage
-        why = ctx.apply(stages[lab], task, cfg)
+        why = ctx.apply(stages[lab], task, job.calibration)
         if why is not None:
             raise UserError(f"order '{' > '.join(order)}' is infeasible ({why}); nothing to export")
-    dest = model_dir(run_dir, order, int(cfg.seed) if several else None)
-    return save_model(
-        ctx.lm, ctx.targets, order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg), ctx.input_scales(task)
-    )
+    dest = model_dir(run_dir, order, job.seed if job.several_seeds else None)
+    scales = ctx.input_scales(task)
+    return save_model(ctx.lm, ctx.targets, order, dest, fmt, job.dense_bits, act_scheme(job.act), scales)

@@ -19,7 +19,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import compress_order.config.compose  # noqa: F401  (registers the ${asset:} resolver)
 from compress_order.core.errors import UserError
@@ -31,13 +31,14 @@ def _job(cfg: DictConfig) -> None:
     from compress_order.core.quiet import quiet_third_party
 
     quiet_third_party()  # before the heavy imports: a launcher may run this job in a fresh process
+    from compress_order.config.settings import run_settings
     from compress_order.run.runner import run
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        run(cfg, out)
+        run(run_settings(cfg), out)  # the edge: the typed settings every lower layer reads
     except UserError as e:
         if not multirun:
             print(f"compress-order: error: {e}", file=sys.stderr)
@@ -61,7 +62,15 @@ def _record_failure(cfg: DictConfig, out: Path, hc, message: str, detail: str) -
     print(f"compress-order: job {hc.job.num} failed: {first}", file=sys.stderr)
     record = {"job": hc.job.num, "overrides": list(hc.overrides.task), "error": first, "detail": detail}
     write_text(out / FAILURE_FILE, json.dumps(record, indent=1))
-    failure_frame(cfg, first, out)
+    failure_frame(_plain(cfg), first, out)
+
+
+def _plain(cfg: DictConfig) -> dict:
+    """The job's config as plain data for its failed row, resolved where it resolves (it may be what failed)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 class SweepSummary(Callback):

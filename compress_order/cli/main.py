@@ -14,6 +14,7 @@ from typing import Callable, NoReturn
 from compress_order.core.errors import Interrupted, UserError
 from compress_order.core.quiet import quiet_third_party
 from compress_order.core.registry import Registry
+from compress_order.core.settings import RunSettings
 
 USAGE = """usage: compress-order COMMAND [ARGS]
 
@@ -91,10 +92,10 @@ def cmd_run(args: list[str]) -> int:
     if not (h.cfg or h.info or h.help or h.hydra_help or h.shell_completion):  # these only print
         from compress_order.run.plan import cost, plan_sweep
 
-        cfgs = config.validate_overrides(h.overrides, _multirun(h))  # every sweep point, before any heavy work
-        plans, jobs = plan_sweep(cfgs)
+        settings = config.validate_overrides(h.overrides, _multirun(h))  # every sweep point, before heavy work
+        plans, jobs = plan_sweep(settings)
         print(cost(plans, jobs).line(), flush=True)
-        _print_saving(cfgs, plans, jobs)
+        _print_saving(settings, plans, jobs)
     from compress_order.cli.launch import hydra_main
 
     return hydra_main(ordered)
@@ -102,37 +103,36 @@ def cmd_run(args: list[str]) -> int:
 
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config.compose import validate_overrides
-    from compress_order.config.stages import stage_configs
-    from compress_order.run.plan import cost, plan_sweep, run_seeds, singles
+    from compress_order.run.plan import cost, plan_sweep, singles
     from compress_order.run.trie import build_trie, count_applications
 
     h, _ = _hydra_args(args)
-    cfgs = validate_overrides(h.overrides, multirun=_multirun(h))
-    plans, jobs = plan_sweep(cfgs)
-    for cfg in cfgs:
-        labels = [sc["label"] for sc in stage_configs(cfg)]
-        trie = build_trie(labels, [sc["label"] for sc in stage_configs(cfg, key="joint")])
+    valid = validate_overrides(h.overrides, multirun=_multirun(h))
+    plans, jobs = plan_sweep(valid)
+    for settings in valid:
+        labels = [s.label for s in settings.stages]
+        trie = build_trie(labels, [s.label for s in settings.joint])
         n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
         shape = f"{n_full} orders, {count_applications(trie)} stage applications"
-        if cfg.predict_only:  # the plan's trie: dense and each stage alone
+        if settings.predict_only:  # the plan's trie: dense and each stage alone
             shape = f"predict only: {count_applications(singles(trie))} single stages (of {shape})"
-        seeds = run_seeds(cfg)
+        seeds = list(settings.seeds)
         print(
-            f"ok: model={cfg.model.name} data={cfg.data.name} stages={labels} bits={cfg.bits} "
-            f"sparsity={cfg.sparsity}: {shape}" + (f", seeds {seeds}" if len(seeds) > 1 else "")
+            f"ok: model={settings.model.name} data={settings.data.name} stages={labels} bits={settings.bits} "
+            f"sparsity={settings.sparsity}: {shape}" + (f", seeds {seeds}" if len(seeds) > 1 else "")
         )
-    print(f"{len(cfgs)} configuration(s) valid")
+    print(f"{len(valid)} configuration(s) valid")
     print(cost(plans, jobs).line())
-    _print_saving(cfgs, plans, jobs)
+    _print_saving(valid, plans, jobs)
     return 0
 
 
-def _print_saving(cfgs: list, plans: list, jobs: int) -> None:
+def _print_saving(valid: list[RunSettings], plans: list, jobs: int) -> None:
     """With predict_only: what the cut tries leave out of the full ones, against the same store."""
     from compress_order.run.plan import plan_sweep, saving
 
     if any(p.predict_only for p in plans):
-        print(saving(plans, plan_sweep(cfgs, predict_only=False)[0], jobs), flush=True)
+        print(saving(plans, plan_sweep(valid, predict_only=False)[0], jobs), flush=True)
 
 
 def cmd_list(args: list[str]) -> int:

@@ -13,8 +13,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.core.errors import UserError
+from compress_order.core.files import check_writable
 from compress_order.core.paths import ASSETS_DIR, CONF_DIR
 from compress_order.core.registry import config_group
+from compress_order.core.settings import RunSettings
 from compress_order.modeling.act import act_format_bits, act_format_granularity
 from compress_order.numerics.formats import format_bits, format_group
 
@@ -104,32 +106,27 @@ def sweep_params(overrides: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in params.items() if k not in given]
 
 
-def validate_overrides(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
-    """Compose and check every combination of a (possibly swept) command line; model-free checks only.
+def validate_overrides(overrides: list[str], multirun: bool = False) -> list[RunSettings]:
+    """Compose, check and type every combination of a (possibly swept) command line; model-free checks only.
 
     With `multirun`, the sweep an experiment declares in `hydra.sweeper.params` is expanded too."""
-    from compress_order.config.stages import build_stage, stage_configs
-    from compress_order.config.validate import check_config
-    from compress_order.core.files import check_writable
+    from compress_order.config.settings import run_settings
 
     if multirun:
         overrides = list(overrides) + sweep_params(overrides)
-    cfgs = []
+    jobs = []
     for combo in expand_overrides(overrides):
-        cfg = compose_config(combo)
-        check_config(cfg)
-        for sc in stage_configs(cfg) + stage_configs(cfg, key="joint"):
-            build_stage(sc)
-        if cfg.store_dir is not None:  # null: no store (every node computed, nothing shared or resumed)
-            check_writable(str(cfg.store_dir), "store_dir")
-        cfgs.append(cfg)
+        settings = run_settings(compose_config(combo))
+        if settings.store.dir is not None:  # None: no store (every node computed, nothing shared or resumed)
+            check_writable(settings.store.dir, "store_dir")
+        jobs.append(settings)
     for o in overrides:  # Hydra's output folders are outside the composed job config
         key, _, value = o.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
             check_writable(value, key)
     if not any(o.partition("=")[0] in ("hydra.run.dir", "hydra.sweep.dir") for o in overrides):
         check_writable("outputs", "the output folder")
-    return cfgs
+    return jobs
 
 
 # Run folders written before the package was split into sub-packages name the old flat modules in their saved

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from compress_order.core.errors import UserError, choices
 from compress_order.core.registry import stage_files
 from compress_order.core.schema import entry_label, entry_name_overrides
+from compress_order.core.settings import StageSpec, frozen_mapping
 from compress_order.stages.base import Stage
 
 
@@ -35,12 +36,13 @@ def _check_format(sc: dict, fmt: Any) -> None:
         )
 
 
-def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
-    """Resolved config (a plain dict with `name` and `label`) of every entry of `cfg[key]`, in list order."""
-    entries = list(cfg.get(key) or [])
+def stage_configs(cfg: DictConfig, key: str = "stages") -> list[StageSpec]:
+    """Every entry of `cfg[key]`, in list order, resolved against the root config with the class's defaults filled
+    in; the label rule and each quantizer's number format checked (the class's own checks: `build_stage`)."""
+    root = OmegaConf.to_container(cfg, resolve=False)
+    entries = root.get(key) or []  # names, or plain mappings
     if not entries and key == "stages":
         raise UserError(f"the stage list is empty; choose from: {choices(stage_files())}")
-    root = OmegaConf.to_container(cfg, resolve=False)
     out = []
     for entry in entries:
         name, overrides = entry_name_overrides(entry)
@@ -60,7 +62,12 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[dict]:
         if sc["label"] in labels and labels[sc["label"]] != sc:
             raise UserError(f"two different stages share the label '{sc['label']}'; give one a distinct label")
         labels[sc["label"]] = sc
-    return out
+    return [_spec(sc) for sc in out]
+
+
+def _spec(sc: dict) -> StageSpec:
+    params = {k: v for k, v in sc.items() if k not in ("_target_", "name", "label")}
+    return StageSpec(sc["name"], sc["label"], sc["_target_"], frozen_mapping(params))
 
 
 def stage_defaults(target: str) -> dict[str, Any]:
@@ -94,15 +101,15 @@ def _check_params(name: str, node: DictConfig, overrides: dict) -> None:
             raise unknown_key(key, valid, "parameter", f" for stage '{name}'")
 
 
-def is_calibrated(sc: dict) -> bool:
-    """Whether a resolved stage config's class reads calibration statistics (its result depends on the seed)."""
+def is_calibrated(spec: StageSpec) -> bool:
+    """Whether a stage's class reads calibration statistics (its result depends on the seed)."""
     from hydra.utils import get_object
 
-    return getattr(get_object(sc["_target_"]), "needs", None) is not None
+    return getattr(get_object(spec.target), "needs", None) is not None
 
 
-def build_stage(sc: dict) -> Stage:
-    """Instantiate one resolved stage config; constructor checks raise UserError."""
+def build_stage(spec: StageSpec) -> Stage:
+    """Instantiate one stage; its constructor's checks raise UserError."""
     from compress_order.core.instantiate import build
 
-    return build(OmegaConf.create(sc))
+    return build(spec.node())

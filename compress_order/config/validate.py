@@ -15,7 +15,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from compress_order.core.devices import resolve_device
 from compress_order.core.errors import UserError, choices
 from compress_order.core.paths import CONF_DIR
 from compress_order.core.specs import check_settings
@@ -101,28 +100,10 @@ def check_config(cfg: DictConfig) -> None:
     from compress_order.evaluation.divergence import requested, topk_setting
 
     # metric names and the KLD scheme's settings, before any model loads
-    requested(cfg)
-    topk_setting(cfg)
+    requested(c["eval"].get("metrics"))
+    topk_setting(c["eval"].get("kld_topk"), c["eval"].get("kld_tail_samples", 0))
     if c["predict_only"] and c["save"]:
         raise UserError("save=true writes full orders, which predict_only=true does not compute; drop one of them")
-    _check_devices(c)
-
-
-def _check_devices(c: dict) -> None:
-    """The device, the backends timed on it, and where calibration and offloaded evaluation run."""
-    from compress_order.evaluation.backends import select_backends
-
-    ev = c["eval"]
-    select_backends(ev.get("backends", "auto"), resolve_device(str(c["device"])))
-    if c["calibration"].get("device") is not None:  # checked whether or not a stage is calibrated
-        resolve_device(str(c["calibration"]["device"]), "calibration.device")
-    if ev.get("offload") not in (None, False):
-        resolve_device("auto" if ev["offload"] is True else str(ev["offload"]), "eval.offload")
-        if resolve_device(str(c["device"])).type != "cpu":  # the runner would place the whole model there first
-            raise UserError(
-                f"eval.offload={ev['offload']} streams a model kept in CPU memory; set device=cpu "
-                f"(and calibration.device for calibrated stages)"
-            )
 
 
 def _check_known_keys(c: dict) -> None:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
-from omegaconf import OmegaConf
+import yaml
 
 from compress_order.core.errors import UserError, choices
 from compress_order.core.paths import CONF_DIR, group_options
@@ -73,7 +73,7 @@ def stage_files() -> Registry[StageFile]:
     """The stages `stages=[...]` and `joint=[...]` may name: the files of conf/stage/."""
     table: Registry[StageFile] = Registry("stage", valid="valid stages")
     for name, path in config_group("stage").items():
-        node = OmegaConf.load(path)
+        node = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         label = node.get("label")
         table.register(name, StageFile(path, str(node["_target_"]), None if label is None else str(label)))
     return table

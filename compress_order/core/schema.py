@@ -6,11 +6,10 @@ store checks and keeps them, results turns them into rows and analysis reads the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from compress_order.core.errors import UserError, choices
 from compress_order.core.registry import stage_files
@@ -125,8 +124,8 @@ def entry_name_overrides(entry: Any) -> tuple[str, dict]:
     """A stage entry (a name, or a mapping with `name` plus overrides) as its name and its overrides."""
     if isinstance(entry, str):
         return entry, {}
-    if isinstance(entry, (dict, DictConfig)):
-        d = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else dict(entry)
+    if isinstance(entry, Mapping):
+        d = dict(entry)
         if "name" not in d:
             raise UserError(f"stage entry {d} has no 'name'; valid names: {choices(stage_files())}")
         return str(d.pop("name")), d

@@ -26,12 +26,12 @@ within 0.13% (tests/test_divergence.py checks the scheme against the full comput
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
 from compress_order.core.errors import UserError
@@ -41,9 +41,9 @@ WINDOW_METRICS = ("perplexity", "kld", "top1_agree")
 REFERENCE_METRICS = ("kld", "top1_agree")  # those that need the dense model's distributions
 
 
-def requested(cfg: DictConfig) -> list[str]:
+def requested(metrics: Sequence[str] | str | None) -> list[str]:
     """The reference metrics `eval.metrics` asks for; a one-line error for a name that is not a window metric."""
-    names = cfg.eval.get("metrics") or ["perplexity"]
+    names = metrics or ["perplexity"]
     names = [names] if isinstance(names, str) else list(names)
     bad = [n for n in names if n not in WINDOW_METRICS]
     if bad:
@@ -53,11 +53,9 @@ def requested(cfg: DictConfig) -> list[str]:
     return [n for n in REFERENCE_METRICS if n in names]
 
 
-def reject_on(cfg: DictConfig, what: str) -> None:
+def reject_on(metrics: Sequence[str], what: str) -> None:
     """A task without next-token distributions (an image classifier): reference metrics are a one-line error."""
-    names = cfg.eval.get("metrics") or []
-    names = [names] if isinstance(names, str) else list(names)
-    asked = [n for n in REFERENCE_METRICS if n in names]
+    asked = [n for n in REFERENCE_METRICS if n in metrics]
     if asked:
         raise UserError(
             f"eval.metrics: {', '.join(asked)} compare next-token distributions of a language model; "
@@ -65,9 +63,8 @@ def reject_on(cfg: DictConfig, what: str) -> None:
         )
 
 
-def topk_setting(cfg: DictConfig) -> tuple[int | None, int]:
+def topk_setting(k: Any, m: Any) -> tuple[int | None, int]:
     """(eval.kld_topk, eval.kld_tail_samples), checked."""
-    k, m = cfg.eval.get("kld_topk"), cfg.eval.get("kld_tail_samples", 0)
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise UserError(f"eval.kld_topk={k} must be a positive integer (dense tokens kept per position) or null (all)")
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:

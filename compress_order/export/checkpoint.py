@@ -56,6 +56,7 @@ import torch
 from compress_order.core.errors import UserError
 from compress_order.core.files import pid_alive
 from compress_order.core.schema import MODELS_DIR, SAVE_FORMATS, SIDECAR, SIDECAR_TENSORS
+from compress_order.core.settings import Activations, RunSettings
 from compress_order.loaders.models import LoadedModel
 from compress_order.modeling.moe import renamed_after_removal, without_removed_experts
 from compress_order.modeling.targets import Target
@@ -80,14 +81,12 @@ def model_dir(run_dir: Path, order: tuple[str, ...], seed: int | None = None) ->
     return d if seed is None else d / f"seed-{seed}"
 
 
-def act_scheme(cfg: Any) -> ActScheme | None:
+def act_scheme(act: Activations | None) -> ActScheme | None:
     """The run's activation scheme (`act_bits`, `act_granularity`, `act_format`) as compressed-tensors writes it,
     or None."""
     from compress_order.export.compressed_tensors import ActScheme
 
-    bits = cfg.get("act_bits")
-    gran = str(cfg.get("act_granularity") or "token")
-    return None if bits is None else ActScheme(int(bits), gran, cfg.get("act_format"))
+    return None if act is None else ActScheme(act.bits, act.granularity, act.format)
 
 
 def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
@@ -109,16 +108,15 @@ def save_node(
     depth: int,
     full_depth: int,
     out_dir: Path,
-    cfg: Any,
-    several_seeds: bool = False,
+    job: RunSettings,
     input_scales: Callable[[], dict[str, torch.Tensor] | None] | None = None,
 ) -> Path | None:
-    """Called for every visited node when `save=true`, with the node's weights in the model and `cfg` the
-    calibration seed's config, `order` the node's labels and `depth` the stages it stands for (a joint
-    schedule is one label but a full order): checks at the dense node that the model can be saved (before any compression work)
-    and writes every full order (into a folder per seed when the run has several). `input_scales` observes the
+    """Called for every visited node when `save=true`, with the node's weights in the model: `order` its labels,
+    `depth` the stages it stands for (a joint schedule is one label but a full order), `job` the calibration
+    seed's settings. Checks at the dense node that the model can be saved (before any compression work) and
+    writes every full order (into a folder per seed when the run has several). `input_scales` observes the
     static activation scales of the weights held now; it is called for full orders only (it runs calibration)."""
-    fmt = str(cfg.save_format)
+    fmt = job.save.format
     if depth == 0:
         if not hasattr(lm.model, "save_pretrained"):
             raise UserError(f"save=true needs a Hugging Face model (save_pretrained); model '{lm.name}' has none")
@@ -126,9 +124,9 @@ def save_node(
         remove_stale_writes(Path(out_dir) / MODELS_DIR)  # of an earlier, killed run into this folder
     if depth != full_depth or depth == 0:
         return None
-    dest = model_dir(out_dir, order, int(cfg.seed) if several_seeds else None)
+    dest = model_dir(out_dir, order, job.seed if job.several_seeds else None)
     scales = input_scales() if input_scales is not None else None
-    return save_model(lm, targets, order, dest, fmt, int(cfg.dense_bits), act_scheme(cfg), scales)
+    return save_model(lm, targets, order, dest, fmt, job.dense_bits, act_scheme(job.act), scales)
 
 
 TMP_MARK = ".tmp-"  # .<folder>.tmp-<host>-<pid>: a checkpoint being written, renamed into place when complete

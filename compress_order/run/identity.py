@@ -23,14 +23,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from compress_order.core.paths import ASSETS_DIR, PACKAGE_DIR
+from compress_order.core.settings import Calibration, RunSettings, StageSpec, plain
 
 # The libraries whose versions shape a result: part of every node key and of every row (`library_versions`).
 LIBRARIES = ("torch", "transformers", "timm", "torchao", "datasets", "hydra-core", "numpy", "compressed-tensors")
-# Keys of a resolved stage config that name it rather than determine what it does.
-STAGE_NAMING_KEYS = ("label", "name")
 
 
 def digest(obj: Any) -> str:
@@ -69,32 +66,32 @@ def _portable(value: Any) -> Any:
     return value
 
 
-def base_identity(cfg: DictConfig) -> dict:
-    """What every node of a run shares. `cfg.device` must already be resolved (cpu, cuda:0 ...)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+def base_identity(settings: RunSettings) -> dict:
+    """What every node of a run shares."""
     ident = {
-        "model": c["model"],
-        "data": c["data"],
-        "eval": c["eval"],
-        "device": c["device"],
-        "dense_bits": c["dense_bits"],
+        "model": settings.model.node(),
+        "data": settings.data.node(),
+        "eval": plain(settings.eval),
+        "device": settings.device,
+        "dense_bits": settings.dense_bits,
         "code": code_identity(),
     }
-    if c.get("act_bits") is not None:  # quantized activations change every node, the dense one included
-        ident["act"] = {"bits": c["act_bits"], "granularity": c["act_granularity"]}
-        if c.get("act_format") is not None:  # only then: integer runs keep their keys
-            ident["act"]["format"] = c["act_format"]
+    if settings.act is not None:  # quantized activations change every node, the dense one included
+        ident["act"] = {"bits": settings.act.bits, "granularity": settings.act.granularity}
+        if settings.act.format is not None:  # only then: integer runs keep their keys
+            ident["act"]["format"] = settings.act.format
     return _portable(ident)
 
 
-def stage_identity(sc: dict) -> dict:
-    return _portable({k: v for k, v in sc.items() if k not in STAGE_NAMING_KEYS})
+def stage_identity(spec: StageSpec) -> dict:
+    """What a stage does: its class and parameters (a label is a name, not identity)."""
+    return _portable({"_target_": spec.target, **plain(spec.params)})
 
 
-def node_key(base: dict, prefix: list[dict], calibrated: bool, calibration: dict, seed: int) -> str:
-    """The store key of the node reached by applying `prefix` (resolved stage configs) to the dense model."""
-    ident: dict[str, Any] = {"base": base, "prefix": [stage_identity(sc) for sc in prefix]}
+def node_key(base: dict, prefix: list[StageSpec], calibrated: bool, calibration: Calibration, seed: int) -> str:
+    """The store key of the node reached by applying `prefix` to the dense model."""
+    ident: dict[str, Any] = {"base": base, "prefix": [stage_identity(s) for s in prefix]}
     if calibrated:
-        ident["calibration"] = calibration
+        ident["calibration"] = plain(calibration)
         ident["seed"] = seed
     return digest(ident)

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from compress_order.config.stages import build_stage
 from compress_order.core.instantiate import build
 from compress_order.core.schema import SIMULATED, NodeRecord
+from compress_order.core.settings import Calibration, Loader, RunSettings, StageSpec
 from compress_order.evaluation.backends import Backend, latency_entries
 from compress_order.evaluation.measure import compression_metrics, peak_memory_mb
 from compress_order.evaluation.metrics import METRICS
@@ -32,7 +32,7 @@ def apply_stage(
     stage: Stage,
     state: ModelState,
     task: Task,
-    cfg: DictConfig,
+    calibration: Calibration,
     act: ActQuant | None = None,
     report: dict | None = None,
 ) -> str | None:
@@ -52,7 +52,7 @@ def apply_stage(
     else:
         from compress_order.stages.calibration import calibrate_and_compress
 
-        calibrate_and_compress(state.model, live, task.calibration_batches(), stage, cfg.calibration, report=report)
+        calibrate_and_compress(state.model, live, task.calibration_batches(), stage, calibration, report=report)
     state.check()
     return None
 
@@ -72,14 +72,15 @@ class RunContext:
     probed: set[str] = field(default_factory=set)  # labels of stages `check_model` has probed on this model
 
     @classmethod
-    def load(cls, cfg: DictConfig, device: torch.device) -> RunContext:
-        lm = build(cfg.model)
-        data = build(cfg.data)
+    def load(cls, settings: RunSettings) -> RunContext:
+        device = torch.device(settings.device)
+        lm = build(settings.model.node())
+        data = build(settings.data.node())
         lm.model.to(device)
         targets, coverage = load_targets(lm.model, lm.skip)  # every weight matrix a target or skipped on purpose
         act = None
-        if cfg.get("act_bits") is not None:
-            act = ActQuant(int(cfg.act_bits), str(cfg.act_granularity), cfg.get("act_format")).install(targets)
+        if settings.act is not None:
+            act = ActQuant(settings.act.bits, settings.act.granularity, settings.act.format).install(targets)
         return cls(lm, data, targets, ModelState(lm.model, targets), act, device, coverage)
 
     @property
@@ -87,19 +88,19 @@ class RunContext:
         """The quantizer when its ranges are observed (static), which stages and evaluations must refresh."""
         return self.act if self.act is not None and self.act.static else None
 
-    def fresh_dense(self, cfg: DictConfig) -> Snapshot:
+    def fresh_dense(self, model: Loader) -> Snapshot:
         """The dense weights from a fresh load (the loaded model may already be compressed)."""
-        fresh = build(cfg.model)
+        fresh = build(model.node())
         return ModelState(fresh.model, find_targets(fresh.model, self.lm.skip)).snapshot()
 
-    def build_stages(self, stage_cfgs: dict[str, dict]) -> dict[str, Stage]:
-        """Each resolved stage config by label as a Stage, checked against the layers before any work."""
-        stages = {lab: build_stage(sc) for lab, sc in stage_cfgs.items()}
+    def build_stages(self, specs: dict[str, StageSpec]) -> dict[str, Stage]:
+        """Each stage by label, checked against the layers before any work."""
+        stages = {lab: build_stage(spec) for lab, spec in specs.items()}
         for s in stages.values():
             s.validate(self.targets)
         return stages
 
-    def check_model(self, stages: dict[str, Stage], task: Task, cfg: DictConfig) -> None:
+    def check_model(self, stages: dict[str, Stage], task: Task, calibration: Calibration) -> None:
         """What the model's structure decides beyond the layer shapes `validate` sees: a stage that rescales
         inputs needs a producer in the model's first unit. Probed once per stage, on one calibration sample and
         the loaded weights, before any node is evaluated (calibration would find it only when the stage runs)."""
@@ -107,7 +108,7 @@ class RunContext:
 
         for label, stage in stages.items():
             if stage.scales_inputs and label not in self.probed:
-                check_scaling(self.lm.model, self.targets, task.calibration_batches(), stage, cfg.calibration)
+                check_scaling(self.lm.model, self.targets, task.calibration_batches(), stage, calibration)
                 self.probed.add(label)
 
     def input_scales(self, task: Task) -> dict[str, torch.Tensor] | None:
@@ -118,20 +119,20 @@ class RunContext:
         self.static_act.observe(self.lm.model, task.calibration_batches())
         return self.static_act.input_scales(self.targets)
 
-    def task(self, cfg: DictConfig) -> Task:
-        return build_task(self.lm, self.data, cfg)
+    def task(self, settings: RunSettings) -> Task:
+        return build_task(self.lm, self.data, settings)
 
-    def apply(self, stage: Stage, task: Task, cfg: DictConfig, report: dict | None = None) -> str | None:
-        return apply_stage(stage, self.state, task, cfg, self.static_act, report)
+    def apply(self, stage: Stage, task: Task, calibration: Calibration, report: dict | None = None) -> str | None:
+        return apply_stage(stage, self.state, task, calibration, self.static_act, report)
 
-    def evaluate(self, task: Task, cfg: DictConfig, backends: list[Backend]) -> NodeRecord:
+    def evaluate(self, task: Task, dense_bits: int, backends: list[Backend]) -> NodeRecord:
         """The node the model holds now: the task's metrics, its compression and peak memory (since the last
         `reset_peak`), and latency, simulated and on each backend's kernels (a packed copy of the node's codes)."""
         model = self.lm.model
         if self.static_act is not None:  # static ranges of this node's activations
             self.static_act.observe(model, task.calibration_batches())
         metrics, samples = task.evaluate(model)
-        metrics.update(compression_metrics(model, self.targets, int(cfg.dense_bits)))
+        metrics.update(compression_metrics(model, self.targets, dense_bits))
         with act_paused():  # fake activation rounding is no kernel: time what the weights cost
             metrics.update(task.latency(model))
             metrics["peak_mem_mb"] = peak_memory_mb(self.device)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig, OmegaConf
-
-from compress_order.config.stages import is_calibrated, stage_configs
+from compress_order.config.stages import is_calibrated
+from compress_order.core.settings import RunSettings, StageSpec
 from compress_order.run.identity import base_identity, node_key
 from compress_order.run.store import NodeStore
 from compress_order.run.trie import Node, build_trie
@@ -21,8 +20,8 @@ from compress_order.run.trie import Node, build_trie
 
 @dataclass
 class Plan:
-    stage_cfgs: list[dict]
-    joint_cfgs: list[dict]
+    stages: tuple[StageSpec, ...]
+    joint: tuple[StageSpec, ...]
     trie: Node
     keys: dict[tuple[str, ...], str]  # node order → store key
     done: dict[tuple[str, ...], bool]  # the store holds the node's record
@@ -35,11 +34,11 @@ class Plan:
 
     @property
     def full_depth(self) -> int:
-        return len(self.stage_cfgs)
+        return len(self.stages)
 
     @property
-    def by_label(self) -> dict[str, dict]:
-        return {sc["label"]: sc for sc in self.stage_cfgs + self.joint_cfgs}
+    def by_label(self) -> dict[str, StageSpec]:
+        return {s.label: s for s in self.stages + self.joint}
 
     def needed(self, node: Node, done: dict[tuple[str, ...], bool] | None = None) -> bool:
         """The node or a descendant still has work: an evaluation, or a full order to rebuild and save."""
@@ -56,24 +55,23 @@ def singles(trie: Node) -> Node:
     return Node((), [Node(c.order) for c in trie.children if c.covers is None])
 
 
-def make_plan(cfg: DictConfig, store: NodeStore, force: bool = False, predict_only: bool | None = None) -> Plan:
-    """The run's trie and keys; `cfg.device` must be resolved. Reads only whether records exist.
-    `predict_only` (default: the config's) keeps the dense and single-stage nodes only."""
-    predict_only = bool(cfg.get("predict_only")) if predict_only is None else predict_only
-    scfgs = stage_configs(cfg)
-    jcfgs = stage_configs(cfg, key="joint") if cfg.get("joint") and not predict_only else []
-    trie = build_trie([sc["label"] for sc in scfgs], [sc["label"] for sc in jcfgs])
+def make_plan(settings: RunSettings, store: NodeStore, predict_only: bool | None = None) -> Plan:
+    """The trie and keys of one seed's job (`settings.seed`). Reads only whether records exist.
+    `predict_only` (default: the settings') keeps the dense and single-stage nodes only."""
+    predict_only = settings.predict_only if predict_only is None else predict_only
+    joint = settings.joint if not predict_only else ()
+    trie = build_trie([s.label for s in settings.stages], [s.label for s in joint])
     if predict_only:
         trie = singles(trie)
-    base = base_identity(cfg)
-    by_label = {sc["label"]: sc for sc in scfgs + jcfgs}
-    calibration = OmegaConf.to_container(cfg.calibration, resolve=True)
+    base = base_identity(settings)
+    by_label = {s.label: s for s in settings.stages + joint}
     keys = {}
     for n in trie.walk():
         prefix = [by_label[lab] for lab in n.order]
-        keys[n.order] = node_key(base, prefix, any(is_calibrated(sc) for sc in prefix), calibration, int(cfg.seed))
-    done = {o: not force and store.has(k) for o, k in keys.items()}
-    return Plan(scfgs, jcfgs, trie, keys, done, save=bool(cfg.get("save")), predict_only=predict_only)
+        calibrated = any(is_calibrated(s) for s in prefix)
+        keys[n.order] = node_key(base, prefix, calibrated, settings.calibration, settings.seed)
+    done = {o: not settings.store.force and store.has(k) for o, k in keys.items()}
+    return Plan(settings.stages, joint, trie, keys, done, save=settings.save.enabled, predict_only=predict_only)
 
 
 @dataclass
@@ -118,42 +116,20 @@ def saving(plans: list[Plan], full: list[Plan], jobs: int | None = None) -> str:
     )
 
 
-def scratch_costs(cfg: DictConfig) -> tuple[Cost, Cost]:
-    """(predict-only, full) cost of one run's config, every seed, with nothing stored: what the cut trie leaves out."""
-    store = NodeStore(None)
+def scratch_costs(settings: RunSettings) -> tuple[Cost, Cost]:
+    """(predict-only, full) cost of one run, every seed, with nothing stored: what the cut trie leaves out."""
+    store = NodeStore(None)  # holds nothing
     cut, full = (
-        [make_plan(with_seed(cfg, s), store, force=True, predict_only=p) for s in run_seeds(cfg)] for p in (True, False)
+        [make_plan(settings.with_seed(s), store, predict_only=p) for s in settings.seeds] for p in (True, False)
     )
     return cost(cut, jobs=1), cost(full, jobs=1)
 
 
-def run_seeds(cfg: DictConfig) -> list[int]:
-    """The calibration seeds of a run: `seeds` if given, else `replicates` seeds from `seed` on."""
-    if cfg.get("seeds") is not None:
-        return [int(s) for s in cfg.seeds]
-    return [int(cfg.seed) + i for i in range(int(cfg.get("replicates") or 1))]
-
-
-def with_seed(cfg: DictConfig, seed: int) -> DictConfig:
-    """The run's config for one calibration seed (what a single-seed run with `seed=` would compose)."""
-    out = cfg.copy()
-    out.seed = seed
-    out.replicates, out.seeds = 1, None
-    return out
-
-
-def plan_sweep(cfgs: list[DictConfig], predict_only: bool | None = None) -> tuple[list[Plan], int]:
-    """Plans of every job of a sweep and every seed of a job (composed configs, as `validate` makes them),
-    without loading anything; and the number of jobs. `predict_only=False` plans the full tries."""
-    from compress_order.core.devices import resolve_device
-
+def plan_sweep(jobs: list[RunSettings], predict_only: bool | None = None) -> tuple[list[Plan], int]:
+    """Plans of every job of a sweep and every seed of a job, without loading anything; and the number of jobs.
+    `predict_only=False` plans the full tries."""
     plans = []
-    for cfg in cfgs:
-        cfg = cfg.copy()
-        cfg.device = str(resolve_device(str(cfg.device)))
-        store = NodeStore(cfg.store_dir)
-        plans += [
-            make_plan(with_seed(cfg, s), store, force=bool(cfg.force), predict_only=predict_only)
-            for s in run_seeds(cfg)
-        ]
-    return plans, len(cfgs)
+    for settings in jobs:
+        store = NodeStore(settings.store.dir)
+        plans += [make_plan(settings.with_seed(s), store, predict_only=predict_only) for s in settings.seeds]
+    return plans, len(jobs)

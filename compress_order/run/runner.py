@@ -18,23 +18,21 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from compress_order.config.validate import check_config
-from compress_order.core.devices import resolve_device
 from compress_order.core.errors import Interrupted
 from compress_order.core.files import write_text
 from compress_order.core.paths import PACKAGE_DIR
 from compress_order.core.schema import STATS_FILE, SUMMARY, NodeRecord
-from compress_order.evaluation.backends import select_backends
+from compress_order.core.settings import RunSettings, StageSpec
+from compress_order.evaluation.backends import BACKENDS
 from compress_order.evaluation.measure import reset_peak
 from compress_order.export.checkpoint import save_node
 from compress_order.modeling.targets import Snapshot
 from compress_order.run import pipeline
 from compress_order.run.identity import base_identity, digest, library_versions, stage_identity
 from compress_order.run.pipeline import RunContext
-from compress_order.run.plan import Plan, cost, make_plan, run_seeds, with_seed
+from compress_order.run.plan import Plan, cost, make_plan
 from compress_order.run.rows import RunWriter, make_rows, summary_markdown
 from compress_order.run.state_cache import StateCache
 from compress_order.run.store import NodeStore
@@ -68,77 +66,73 @@ class RunStats:
     expert_tokens: dict = field(default_factory=dict)
 
 
-def stage_list(scfgs: list[dict]) -> str:
+def stage_list(specs: tuple[StageSpec, ...]) -> str:
     """The run's stages as data for the `stage_list` column (JSON): label, name, class, kind, whether calibrated,
     and resolved parameters, so analysis needs no config files or label parsing to know what a stage was."""
     from hydra.utils import get_object
 
     out = []
-    for sc in scfgs:
-        cls = get_object(sc["_target_"])
+    for spec in specs:
+        cls = get_object(spec.target)
         out.append(
             {
-                "label": sc["label"],
-                "name": sc["name"],
-                "target": sc["_target_"],
+                "label": spec.label,
+                "name": spec.name,
+                "target": spec.target,
                 "kind": cls.kind,
                 "calibrated": cls.needs is not None,
-                "params": stage_identity(sc),
+                "params": stage_identity(spec),
             }
         )
     return json.dumps(out, sort_keys=True)
 
 
-def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.DataFrame:
+def run(settings: RunSettings, out_dir: Path, store: NodeStore | None = None) -> pd.DataFrame:
     """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats).
     `store`: the node store of `store_dir` (a test passes one with its own clock)."""
     start = time.perf_counter()
-    check_config(cfg)
-    device = resolve_device(str(cfg.device))
-    cfg.device = str(device)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    seeds = run_seeds(cfg)
-
-    store = NodeStore(cfg.store_dir, float(cfg.store_claim_timeout)) if store is None else store
-    jobs = [with_seed(cfg, s) for s in seeds]
-    plans = [make_plan(c, store, force=bool(cfg.force)) for c in jobs]
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    store = NodeStore(settings.store.dir, settings.store.claim_timeout) if store is None else store
+    jobs = [settings.with_seed(s) for s in settings.seeds]
+    plans = [make_plan(job, store) for job in jobs]
     total = sum(len(p.nodes) for p in plans)
     log.info(cost(plans, jobs=1).line())
-    base = digest(base_identity(cfg))
+    base = digest(base_identity(settings))
+    act = settings.act
     context = {
         "run_id": f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{base[:8]}",
-        "model": cfg.model.name,
-        "dataset": cfg.data.name,
-        "bits": cfg.bits,
-        "sparsity": cfg.sparsity,
-        "group_size": cfg.group_size,
-        "act_bits": cfg.act_bits,
-        "format": cfg.format,
+        "model": settings.model.name,
+        "dataset": settings.data.name,
+        "bits": settings.bits,
+        "sparsity": settings.sparsity,
+        "group_size": settings.group_size,
+        "act_bits": None if act is None else act.bits,
+        "format": settings.format,
         # the activations' format: int for act_bits alone, empty for full-precision activations (as act_bits)
-        "act_format": cfg.get("act_format") or ("int" if cfg.act_bits is not None else None),
+        "act_format": None if act is None else act.format or "int",
         "config_hash": base[:16],
         "git_sha": git_sha(),
         "torch_version": torch.__version__,
-        "device": str(device),
+        "device": settings.device,
         "library_versions": json.dumps(library_versions(), sort_keys=True),
     }
     writer = RunWriter(out_dir)
     stats = RunStats()
-    executor = Executor(cfg, store, writer, out_dir, device, stats, keep_dense=len(seeds) > 1)
+    executor = Executor(settings, store, writer, out_dir, stats)
     try:
         for i, job in enumerate(jobs):  # seed-free nodes are stored by the first seed and reused by the others
-            torch.manual_seed(int(job.seed))
+            torch.manual_seed(job.seed)
             # a later seed is planned again: the seeds before it have stored the nodes they share
-            plan = plans[0] if i == 0 else make_plan(job, store, force=bool(cfg.force))
+            plan = plans[0] if i == 0 else make_plan(job, store)
             stats.nodes += len(plan.nodes)
-            labels = ",".join(sc["label"] for sc in plan.stage_cfgs)
+            labels = ",".join(s.label for s in plan.stages)
             context.update(
                 stages=labels,
-                stage_list=stage_list(plan.stage_cfgs + plan.joint_cfgs),
-                seed=int(job.seed),
+                stage_list=stage_list(plan.stages + plan.joint),
+                seed=job.seed,
                 expert_sparsity=next(
-                    (sc["expert_sparsity"] for sc in plan.stage_cfgs if "expert_sparsity" in sc), None
+                    (s.params["expert_sparsity"] for s in plan.stages if "expert_sparsity" in s.params), None
                 ),
             )
             executor.execute(job, plan, dict(context))
@@ -146,7 +140,7 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
         finished = len({(r["order"], r["seed"]) for r in writer.rows})
         raise Interrupted(
             f"interrupted: {finished} of {total} nodes finished and stored in "
-            f"{cfg.store_dir}; re-running the same command resumes from them"
+            f"{settings.store.dir}; re-running the same command resumes from them"
         ) from None
     finally:
         store.close()
@@ -156,7 +150,7 @@ def run(cfg: DictConfig, out_dir: Path, store: NodeStore | None = None) -> pd.Da
     if executor.ctx is not None and executor.ctx.coverage is not None:
         summary += f"- {executor.ctx.coverage.line(_full_coverage(df))}\n"
     if plans[0].predict_only:
-        summary += "\n" + _predicted(cfg, df, out_dir, executor.primary, stats)
+        summary += "\n" + _predicted(settings, df, out_dir, executor.primary, stats)
     write_text(out_dir / SUMMARY, summary)
     stats.wall_s = round(time.perf_counter() - start, 3)
     write_text(out_dir / STATS_FILE, json.dumps(asdict(stats), indent=1))
@@ -169,12 +163,12 @@ def _full_coverage(df: pd.DataFrame) -> float | None:
     return None if rows.empty else float(rows[rows["depth"] == rows["depth"].max()]["value"].min())
 
 
-def _predicted(cfg: DictConfig, df: pd.DataFrame, out_dir: Path, metric: str, stats: RunStats) -> str:
+def _predicted(settings: RunSettings, df: pd.DataFrame, out_dir: Path, metric: str, stats: RunStats) -> str:
     """predict_only: the order the PIH predicts from the singles (predicted.md / .csv), and what was not run."""
     from compress_order.analysis.report import write_predictions
     from compress_order.run.plan import scratch_costs
 
-    cut, full = scratch_costs(cfg)
+    cut, full = scratch_costs(settings)
     done = (
         f"this run: {stats.evaluations} evaluation(s), {stats.applications} stage application(s), "
         f"{stats.from_store} node(s) from the store; from scratch these {cut.distinct} nodes cost "
@@ -189,28 +183,19 @@ class Executor:
     """Runs the plans of one run, one calibration seed at a time, over a model loaded once (on first need)."""
 
     def __init__(
-        self,
-        cfg: DictConfig,
-        store: NodeStore,
-        writer: RunWriter,
-        out_dir: Path,
-        device: torch.device,
-        stats: RunStats,
-        keep_dense: bool,
+        self, settings: RunSettings, store: NodeStore, writer: RunWriter, out_dir: Path, stats: RunStats
     ) -> None:
-        self.cfg, self.store, self.writer, self.out_dir, self.device = cfg, store, writer, out_dir, device
-        self.stats, self.keep_dense = stats, keep_dense
+        self.settings, self.store, self.writer, self.out_dir, self.stats = settings, store, writer, out_dir, stats
+        self.device = torch.device(settings.device)
         self.primary, self.protocol = "perplexity", ""
         self.ctx: RunContext | None = None
         self._dense: Snapshot | None = None
 
     def _load(self) -> RunContext:
-        cfg = self.cfg
-        self.ctx = RunContext.load(cfg, self.device)
-        self.backends = select_backends(cfg.eval.get("backends", "auto"), self.device)
-        sc = cfg.get("state_cache") or {}
-        self.cache = StateCache(sc.get("dir"), float(sc.get("max_gb", 20)))
-        if self.keep_dense:  # several tries start from the dense weights
+        self.ctx = RunContext.load(self.settings)
+        self.backends = [BACKENDS.lookup(name) for name in self.settings.eval.backends]
+        self.cache = StateCache(self.settings.store.cache_dir, self.settings.store.cache_max_gb)
+        if self.settings.several_seeds:  # several tries start from the dense weights
             self._dense = self.ctx.state.snapshot()
         return self.ctx
 
@@ -218,10 +203,10 @@ class Executor:
         """The dense weights: kept from the load when several seeds need them, else rebuilt from a fresh load."""
         if self._dense is None:
             assert self.ctx is not None
-            self._dense = self.ctx.fresh_dense(self.cfg)
+            self._dense = self.ctx.fresh_dense(self.settings.model)
         return self._dense
 
-    def execute(self, cfg: DictConfig, plan: Plan, context: dict) -> None:
+    def execute(self, job: RunSettings, plan: Plan, context: dict) -> None:
         """One seed's plan: every node's rows, from the store where it has them, else computed (`TrieWalk`)."""
         records = {o: self.store.get(k) for o, k in plan.keys.items() if plan.done[o]}
         plan.done.update({o: rec is not None for o, rec in records.items()})  # a damaged record was quarantined
@@ -239,9 +224,9 @@ class Executor:
         else:
             ctx = self.ctx
             ctx.state.restore(self.dense())
-        walk = TrieWalk(self, ctx, cfg, plan, context, records)
+        walk = TrieWalk(self, ctx, job, plan, context, records)
         self.primary, self.protocol = walk.task.primary_metric, walk.task.protocol
-        walk.run("orders" if first else f"orders, seed {cfg.seed}")
+        walk.run("orders" if first else f"orders, seed {job.seed}")
 
     def emit(self, plan: Plan, context: dict, node: Node, rec: NodeRecord) -> None:
         key = plan.keys[node.order]
@@ -257,18 +242,17 @@ class TrieWalk:
         self,
         ex: Executor,
         ctx: RunContext,
-        cfg: DictConfig,
+        job: RunSettings,
         plan: Plan,
         context: dict,
         records: dict[tuple, NodeRecord | None],
     ) -> None:
-        self.ex, self.ctx, self.cfg, self.plan, self.context, self.records = ex, ctx, cfg, plan, context, records
+        self.ex, self.ctx, self.job, self.plan, self.context, self.records = ex, ctx, job, plan, context, records
         self.store, self.stats = ex.store, ex.stats
         self.stages = ctx.build_stages(plan.by_label)  # checked against the layers before any work
-        self.task = ctx.task(cfg)
-        ctx.check_model(
-            self.stages, self.task, cfg
-        )  # structure a stage needs (a scaling producer), also before any work
+        self.task = ctx.task(job)
+        # the structure a stage needs (a scaling producer), also before any work
+        ctx.check_model(self.stages, self.task, job.calibration)
         self.deferred: list[Node] = []
         self.infeasible: dict[tuple, str] = {}  # order -> why (its subtree inherits it; nothing is applied there)
 
@@ -298,7 +282,7 @@ class TrieWalk:
             return
         report: dict = {}
         why = self.infeasible.get(node.order[:-1]) or self.ctx.apply(
-            self.stages[node.stage], self.task, self.cfg, report
+            self.stages[node.stage], self.task, self.job.calibration, report
         )
         if report:
             self.stats.expert_tokens[node.label] = report
@@ -324,7 +308,7 @@ class TrieWalk:
             finally:
                 self.store.release(key)
         self.stats.from_store += status == "stored"
-        if self.cfg.save and node.order not in self.infeasible:
+        if self.job.save.enabled and node.order not in self.infeasible:
             dest = save_node(
                 self.ctx.lm,
                 self.ctx.targets,
@@ -332,8 +316,7 @@ class TrieWalk:
                 node.depth,
                 self.plan.full_depth,
                 self.ex.out_dir,
-                self.cfg,
-                len(run_seeds(self.ex.cfg)) > 1,
+                self.job,
                 lambda: self.ctx.input_scales(self.task),
             )
             self.stats.saved += dest is not None
@@ -348,7 +331,7 @@ class TrieWalk:
         self.ctx.state.restore(self.ex.dense())
         why = None
         for lab in node.order:
-            why = why or self.ctx.apply(self.stages[lab], self.task, self.cfg)
+            why = why or self.ctx.apply(self.stages[lab], self.task, self.job.calibration)
             self.stats.applications += why is None
         try:
             if why is None:
@@ -362,7 +345,7 @@ class TrieWalk:
         return rec
 
     def evaluate(self, node: Node) -> NodeRecord:
-        rec = self.ctx.evaluate(self.task, self.cfg, self.ex.backends)
+        rec = self.ctx.evaluate(self.task, self.job.dense_bits, self.ex.backends)
         self.store.put(self.plan.keys[node.order], rec)
         self.stats.evaluations += 1
         return rec

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from compress_order.core.errors import UserError
+from compress_order.core.settings import Calibration
 from compress_order.modeling.act import paused as act_paused
 from compress_order.modeling.batches import model_forward
 from compress_order.modeling.batches import to_device as _to
@@ -459,14 +460,14 @@ def scaling_partners(
 
 @torch.no_grad()
 def check_scaling(
-    model: nn.Module, targets: Mapping[str, Target], batches: list[Any], stage: Stage, calib_cfg: Mapping[str, Any]
+    model: nn.Module, targets: Mapping[str, Target], batches: list[Any], stage: Stage, calibration: Calibration
 ) -> None:
     """For a stage that rescales inputs: the producer probe of `calibrate_and_compress` on the model's first unit
     (its first block, or the whole model), on one sample, changing nothing. Run once the model is loaded, so a
     model without producers is refused before any node is evaluated, not when the stage is first applied."""
     if not stage.scales_inputs or not batches:
         return
-    dev = _calibration_device(model, calib_cfg)
+    dev = _calibration_device(model, calibration.device)
     all_targets = [t for t in targets.values() if not t.constraint.dropped]
     found = find_blocks(model, targets)
     was_training = model.training
@@ -499,11 +500,9 @@ def check_scaling(
         model.train(was_training)
 
 
-def _calibration_device(
-    model: nn.Module, calib_cfg: Mapping[str, Any], device: torch.device | str | None = None
-) -> torch.device:
-    """Where blocks are calibrated: `device`, else calib_cfg.device, else where the model's parameters are."""
-    dev = torch.device(device or calib_cfg.get("device", None) or _device_of(model, torch.device("cpu")))
+def _calibration_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """Where blocks are calibrated: `device`, else where the model's parameters are."""
+    dev = torch.device(device or _device_of(model, torch.device("cpu")))
     if dev.type == "cuda" and dev.index is None:  # compare equal to the parameters' "cuda:N"
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -535,21 +534,20 @@ def calibrate_and_compress(
     targets: Mapping[str, Target],
     batches: list[Any],
     stage: Stage,
-    calib_cfg: Mapping[str, Any],
+    calibration: Calibration = Calibration(),
     device: torch.device | str | None = None,
     report: dict | None = None,
 ) -> None:
     """Compress every target with `stage`, feeding it input statistics from `batches`, block by block.
 
-    `device`: where blocks and statistics are computed (default: calib_cfg.device if set, else where the
+    `device`: where blocks and statistics are computed (default: calibration.device if set, else where the
     model's parameters are); the model may live elsewhere (CPU) and is left where it was.
     `report` receives the calibration tokens per expert of every fused MoE module (min / median / max).
     """
     if not batches:
         raise UserError(f"stage '{stage.label}' needs calibration data but calibration.nsamples=0; set it >= 1")
-    true_seq = bool(calib_cfg.get("true_sequential", False))
-    all_experts = bool(calib_cfg.get("moe_all_experts", False))
-    dev = _calibration_device(model, calib_cfg, device)
+    true_seq, all_experts = calibration.true_sequential, calibration.moe_all_experts
+    dev = _calibration_device(model, device or calibration.device)
     all_targets = list(targets.values())
     was_training = model.training
     model.eval()

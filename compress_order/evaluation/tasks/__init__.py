@@ -10,10 +10,10 @@ import pkgutil
 from typing import Any, Callable, Protocol
 
 import numpy as np
-from omegaconf import DictConfig
 from torch import nn
 
 from compress_order.core.registry import Registry
+from compress_order.core.settings import RunSettings
 from compress_order.loaders.models import LoadedModel
 
 
@@ -39,7 +39,7 @@ def register(kind: str) -> Callable:
     return TASKS.registers(kind)
 
 
-def build_task(lm: LoadedModel, data: Any, cfg: DictConfig) -> Task:
+def build_task(lm: LoadedModel, data: Any, settings: RunSettings) -> Task:
     for mod in pkgutil.iter_modules(__path__):  # each module registers its kinds
         importlib.import_module(f"{__name__}.{mod.name}")
-    return TASKS.lookup(lm.kind)(lm, data, cfg)
+    return TASKS.lookup(lm.kind)(lm, data, settings)

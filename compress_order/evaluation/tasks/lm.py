@@ -14,16 +14,14 @@ from typing import ContextManager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from compress_order.core.errors import UserError
+from compress_order.core.settings import Eval, RunSettings, plain
 from compress_order.evaluation.divergence import (
     DenseReference,
     compare,
     dense_reference,
-    requested,
-    topk_setting,
     window_samples,
 )
 from compress_order.evaluation.measure import decode_ms_per_token, time_call
@@ -57,17 +55,20 @@ def with_bos(rows: Tensor, bos: int | None) -> Tensor:
 class LMTask:
     primary_metric = "perplexity"
 
-    def __init__(self, lm: LoadedModel, data: TextSplits, cfg: DictConfig):
+    def __init__(self, lm: LoadedModel, data: TextSplits, settings: RunSettings):
+        ev = settings.eval
         if not isinstance(data, TextSplits):
-            raise UserError(f"model '{lm.name}' is a language model but data '{cfg.data.name}' is not a text dataset")
-        self.device = torch.device(cfg.device)
-        self.seqlen = int(cfg.eval.seqlen or lm.seqlen)
-        self.batch_size = int(cfg.eval.batch_size)
+            raise UserError(
+                f"model '{lm.name}' is a language model but data '{settings.data.name}' is not a text dataset"
+            )
+        self.device = torch.device(settings.device)
+        self.seqlen = ev.seqlen or lm.seqlen
+        self.batch_size = ev.batch_size
         ids = encode(lm.tokenizer, data.valid)
         self.bos = lm.bos
         span = self.seqlen - (self.bos is not None)  # text tokens per window
         full = ids.numel() // span
-        n = min([full, *(int(c) for c in (cfg.eval.max_windows, data.max_windows) if c)])
+        n = min([full, *(c for c in (ev.max_windows, data.max_windows) if c)])
         if n == 0:
             raise UserError(
                 f"validation text of '{data.name}' has {ids.numel()} tokens, fewer than seqlen={self.seqlen}"
@@ -77,9 +78,9 @@ class LMTask:
             f"perplexity: token level, {n} non-overlapping windows of {self.seqlen} tokens of {data.name} validation"
             + (" (each starts with BOS, which is not scored)" if self.bos is not None else "")
         )
-        cal = cfg.calibration
-        self.nsamples, self.cal_seqlen = int(cal.nsamples), int(cal.seqlen or self.seqlen)
-        self.seed = int(cfg.seed)
+        cal = settings.calibration
+        self.nsamples, self.cal_seqlen = cal.nsamples, cal.seqlen or self.seqlen
+        self.seed = settings.seed
         self.train_ids = encode(lm.tokenizer, data.train)
         if self.train_ids.numel() <= self.cal_seqlen:
             raise UserError(
@@ -91,19 +92,18 @@ class LMTask:
                 f"calibration needs nsamples×seqlen = {self.nsamples}×{self.cal_seqlen} tokens but '{data.name}' "
                 f"train has {self.train_ids.numel()}; lower calibration.nsamples or calibration.seqlen"
             )
-        self.offload = self._offload_blocks(lm, cfg.eval.get("offload"))
+        self.offload = self._offload_blocks(lm, ev.offload)
         self.reference: DenseReference | None = None
-        if requested(cfg):  # built while the model holds the dense weights (the runner builds tasks then)
-            self.reference = self._dense_reference(lm, topk_setting(cfg))
-            self.protocol += f"; kld, top1_agree: to the dense model on the same windows ({_topk_text(cfg)})"
-        lat = cfg.eval.latency
-        self.lat_cfg = lat
+        if ev.reference_metrics:  # built while the model holds the dense weights (the runner builds tasks then)
+            self.reference = self._dense_reference(lm, (ev.kld_topk, ev.kld_tail_samples))
+            self.protocol += f"; kld, top1_agree: to the dense model on the same windows ({_topk_text(ev)})"
+        self.latency_settings = ev.latency
         self._calib: list[Tensor] | None = None
 
         self.tokenizer = lm.tokenizer
         self.rolling: Tensor | None = None
         self.rolling_text = ""
-        if cfg.eval.get("word_perplexity"):
+        if ev.word_perplexity:
             # lm-eval scores a whole text; when windows are capped, the text they cover.
             text = data.valid if n == full else _text_prefix(lm.tokenizer, data.valid, n * self.seqlen)
             self.rolling_text = text
@@ -111,25 +111,23 @@ class LMTask:
             what = "the whole validation text" if n == full else "the text of those windows"
             self.protocol += f"; word/byte perplexity: lm-eval rolling windows of {self.seqlen} tokens over {what}"
         self.lmeval = None
-        tasks = list(cfg.eval.get("tasks") or [])
-        if tasks:
+        if ev.tasks:
             from compress_order.evaluation.lmeval import LMEval
 
-            opts = dict(cfg.eval.get("lm_eval") or {})
-            max_length = int(opts.pop("max_length", None) or self.seqlen)
-            self.lmeval = LMEval(tasks, lm.tokenizer, max_length=max_length, **opts)
-            self.protocol += f"; lm-eval tasks: {', '.join(tasks)}"
+            opts = plain(ev.lm_eval)
+            max_length = opts.pop("max_length", None) or self.seqlen
+            self.lmeval = LMEval(list(ev.tasks), lm.tokenizer, max_length=max_length, **opts)
+            self.protocol += f"; lm-eval tasks: {', '.join(ev.tasks)}"
 
-    def _offload_blocks(self, lm: LoadedModel, offload: object) -> str | None:
+    def _offload_blocks(self, lm: LoadedModel, offload: str | None) -> str | None:
         """With eval.offload=DEVICE, forwards compute on DEVICE one block at a time while the model stays where it
         is (device=cpu): the block list the calibration driver finds, or a one-line error when there is none."""
-        if offload in (None, False):
+        if offload is None:
             return None
-        from compress_order.core.devices import resolve_device
         from compress_order.modeling.targets import find_targets
         from compress_order.stages.calibration import find_blocks
 
-        self.device = resolve_device("auto" if offload is True else str(offload), "eval.offload")
+        self.device = torch.device(offload)
         found = find_blocks(lm.model, find_targets(lm.model, lm.skip))
         if found is None:
             raise UserError(f"eval.offload={offload}: model '{lm.name}' has no block list to stream; drop eval.offload")
@@ -217,20 +215,21 @@ class LMTask:
             return self._latency(model)
 
     def _latency(self, model: nn.Module) -> dict[str, float]:
-        x = self.windows[:1].repeat(int(self.lat_cfg.batch), 1)[:, : int(self.lat_cfg.seqlen or self.seqlen)]
+        lat = self.latency_settings
+        x = self.windows[:1].repeat(lat.batch, 1)[:, : lat.seqlen or self.seqlen]
         x = x.to(self.device)
-        warmup, repeats = int(self.lat_cfg.warmup), int(self.lat_cfg.repeats)
+        warmup, repeats = lat.warmup, lat.repeats
         med, iqr = time_call(lambda: model(input_ids=x, use_cache=False), self.device, warmup, repeats)
         out = {"latency_ms": med, "latency_ms_iqr": iqr}
-        new = int(self.lat_cfg.get("decode_tokens") or 0)
+        new = lat.decode_tokens
         if new:  # generation speed: one token at a time against a KV cache, after a prefill of the window
             prompt = x[:, : max(1, x.shape[1] - new)]
             out["decode_ms_per_token"] = decode_ms_per_token(model, prompt, new, self.device, 1, max(1, repeats // 3))
         return out
 
 
-def _topk_text(cfg: DictConfig) -> str:
-    k, m = cfg.eval.get("kld_topk"), cfg.eval.get("kld_tail_samples", 0)
+def _topk_text(ev: Eval) -> str:
+    k, m = ev.kld_topk, ev.kld_tail_samples
     return "every token" if k is None else f"dense top-{k} tokens, the rest's mass and {m} tokens drawn from it"
 
 

@@ -7,11 +7,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor, nn
 
 from compress_order.core.errors import UserError
+from compress_order.core.settings import RunSettings
 from compress_order.evaluation.divergence import reject_on
 from compress_order.evaluation.measure import time_call
 from compress_order.evaluation.tasks import register
@@ -28,10 +28,11 @@ CACHE_BYTES = 1 << 30
 class VisionTask:
     primary_metric = "top1"
 
-    def __init__(self, lm: LoadedModel, data: ImageSplits, cfg: DictConfig):
+    def __init__(self, lm: LoadedModel, data: ImageSplits, settings: RunSettings):
+        ev = settings.eval
         if not isinstance(data, ImageSplits):
             raise UserError(
-                f"model '{lm.name}' is an image classifier but data '{cfg.data.name}' is not an image dataset"
+                f"model '{lm.name}' is an image classifier but data '{settings.data.name}' is not an image dataset"
             )
         if data.test_labels is None:
             raise UserError(
@@ -44,8 +45,8 @@ class VisionTask:
                 f"model '{lm.name}' predicts {n_model} classes but data '{data.name}' has {data.num_classes}; "
                 f"use a checkpoint trained on these classes (model.checkpoint=...)"
             )
-        reject_on(cfg, f"model '{lm.name}' is an image classifier")
-        if cfg.eval.get("offload") not in (None, False):
+        reject_on(ev.metrics, f"model '{lm.name}' is an image classifier")
+        if ev.offload is not None:
             raise UserError(
                 f"eval.offload streams the blocks of a language model; model '{lm.name}' is an image "
                 f"classifier, drop eval.offload"
@@ -56,14 +57,14 @@ class VisionTask:
         self.transform = create_transform(**dc)  # timm's eval transform: resize, center crop, normalize
         self.mode = "L" if dc["input_size"][0] == 1 else "RGB"
         self.data = data
-        self.device = torch.device(cfg.device)
-        self.batch_size = int(cfg.eval.batch_size)
-        self.seed = int(cfg.seed)
-        self.nsamples = int(cfg.calibration.nsamples)
-        self.lat_cfg = cfg.eval.latency
+        self.device = torch.device(settings.device)
+        self.batch_size = ev.batch_size
+        self.seed = settings.seed
+        self.nsamples = settings.calibration.nsamples
+        self.latency_settings = ev.latency
         n = len(data.test)
-        if cfg.eval.max_examples:
-            n = min(n, int(cfg.eval.max_examples))
+        if ev.max_examples:
+            n = min(n, ev.max_examples)
         if n == 0:
             raise UserError(f"data '{data.name}' has no test images")
         self.n_test = n
@@ -126,7 +127,8 @@ class VisionTask:
 
     @torch.no_grad()
     def latency(self, model: nn.Module) -> dict[str, float]:
-        b = int(self.lat_cfg.batch)
+        lat = self.latency_settings
+        b = lat.batch
         x = next(self._test_batches())[0][:1].repeat(b, 1, 1, 1).to(self.device)
-        med, iqr = time_call(lambda: model(x), self.device, int(self.lat_cfg.warmup), int(self.lat_cfg.repeats))
+        med, iqr = time_call(lambda: model(x), self.device, lat.warmup, lat.repeats)
         return {"latency_ms": med, "latency_ms_iqr": iqr, "images_per_s": 1e3 * b / med}

@@ -1,0 +1,109 @@
+"""The one conversion from a composed Hydra config to the typed settings every lower layer reads.
+
+`run_settings` is called at the edge (the `run` job, `validate`, `export`, the predict-only plan) and nowhere
+else. It runs every check a config gets before a model loads — known keys, each setting's declared range
+(core/specs.py), the rules between settings (validate.py), each stage's own parameters (its constructor) — with
+their one-line messages, then resolves what is left to resolve (devices, calibration seeds, packed backends) into
+a frozen core.settings.RunSettings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from compress_order.config.stages import build_stage, stage_configs
+from compress_order.config.validate import check_config, resolved
+from compress_order.core.devices import resolve_device
+from compress_order.core.errors import UserError
+from compress_order.core.settings import (
+    Activations,
+    Calibration,
+    Eval,
+    Latency,
+    LmEval,
+    Loader,
+    RunSettings,
+    Save,
+    Store,
+    frozen_mapping,
+)
+from compress_order.evaluation.backends import select_backends
+
+
+def run_settings(cfg: DictConfig) -> RunSettings:
+    """The composed config, checked and typed (UserError with one line on the first problem)."""
+    check_config(cfg)
+    c = resolved(cfg)
+    stages = tuple(stage_configs(cfg))
+    joint = tuple(stage_configs(cfg, key="joint"))
+    for spec in stages + joint:
+        build_stage(spec)  # the class's own checks of its parameters
+    device = resolve_device(str(c["device"]))
+    offload = c["eval"].get("offload")
+    if offload not in (None, False) and device.type != "cpu":  # the runner would place the whole model there first
+        raise UserError(
+            f"eval.offload={offload} streams a model kept in CPU memory; set device=cpu "
+            f"(and calibration.device for calibrated stages)"
+        )
+    seeds = tuple(c["seeds"]) if c["seeds"] is not None else tuple(c["seed"] + i for i in range(c["replicates"]))
+    cache = c.get("state_cache") or {}
+    return RunSettings(
+        model=_loader(c["model"]),
+        data=_loader(c["data"]),
+        stages=stages,
+        joint=joint,
+        eval=_eval(c["eval"], device),
+        calibration=Calibration(**{**c["calibration"], "device": _device(c["calibration"].get("device"))}),
+        format=c["format"],
+        bits=c["bits"],
+        sparsity=float(c["sparsity"]),
+        expert_sparsity=float(c["expert_sparsity"]),
+        group_size=c["group_size"],
+        act=None if c["act_bits"] is None else Activations(c["act_bits"], c["act_granularity"], c["act_format"]),
+        seeds=seeds,
+        seed=seeds[0],
+        device=str(device),
+        threads=c["threads"],
+        dense_bits=c["dense_bits"],
+        predict_only=c["predict_only"],
+        store=Store(
+            dir=None if c["store_dir"] is None else str(c["store_dir"]),
+            claim_timeout=float(c["store_claim_timeout"]),
+            force=c["force"],
+            cache_dir=cache.get("dir"),
+            cache_max_gb=float(cache.get("max_gb", 20)),
+        ),
+        save=Save(enabled=c["save"], format=c["save_format"]),
+    )
+
+
+def _loader(node: dict[str, Any]) -> Loader:
+    return Loader(node["_target_"], frozen_mapping({k: v for k, v in node.items() if k != "_target_"}))
+
+
+def _device(name: Any, key: str = "calibration.device") -> str | None:
+    return None if name is None else str(resolve_device(str(name), key))
+
+
+def _eval(ev: dict[str, Any], device: torch.device) -> Eval:
+    metrics = ev.get("metrics") or ["perplexity"]
+    offload = ev.get("offload")
+    lm = dict(ev.get("lm_eval") or {})
+    return Eval(
+        batch_size=ev["batch_size"],
+        seqlen=ev["seqlen"],
+        max_windows=ev["max_windows"],
+        metrics=tuple([metrics] if isinstance(metrics, str) else metrics),
+        kld_topk=ev.get("kld_topk"),
+        kld_tail_samples=ev.get("kld_tail_samples", 0),
+        max_examples=ev.get("max_examples"),
+        offload=None if offload in (None, False) else _device("auto" if offload is True else offload, "eval.offload"),
+        backends=tuple(b.name for b in select_backends(ev.get("backends", "auto"), device)),
+        latency=Latency(**ev["latency"]),
+        word_perplexity=bool(ev.get("word_perplexity")),
+        tasks=tuple(ev.get("tasks") or ()),
+        lm_eval=LmEval(**{**lm, "model_args": frozen_mapping(lm.get("model_args") or {})}),
+    )
