@@ -32,6 +32,7 @@ BAD = [
     # an enumerated stage option is checked, never read as its default (scope=rwo once ran as layer scope)
     (["stages=[{name:magnitude,scope:rwo}]"], "magnitude scope=rwo is unknown; valid: row, layer"),
     (["stages=[{name:wanda,scope:rwo}]"], "wanda scope=rwo is unknown; valid: row, layer"),
+    (["stages=[{name:rtn,sym:maybe}]"], "rtn sym=maybe must be true or false"),  # a declared bool takes booleans only
     # A typo never runs with the default value: unknown keys name the closest valid one.
     (["stages=[{name:magnitude,spars:0.3},rtn]"], "unknown parameter 'spars' for stage 'magnitude'; did you mean 'sparsity'? valid: label, nm, scope, sparsity"),
     (["joint=[{name:sparsegpt_gptq,bitz:3}]"], "unknown parameter 'bitz' for stage 'sparsegpt_gptq'; did you mean 'bits'?"),

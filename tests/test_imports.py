@@ -141,6 +141,21 @@ def test_a_lower_layer_never_imports_a_higher_one():
     assert not found, "imports from a lower layer up (move the code down, or pass what it needs):\n" + "\n".join(found)
 
 
+def test_only_the_configuration_edge_reads_the_raw_hydra_config():
+    """Settings are typed once (config/settings.py): below config/ and cli/ no module imports omegaconf."""
+    raw = []
+    for mod, (path, _) in modules().items():
+        if layer_of(mod) in ("config", "cli"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] == "omegaconf" for n in names):
+                raw.append(f"{mod}: {', '.join(names)}")
+    assert not raw, raw
+
+
 def test_the_layer_check_sees_an_upward_import(tmp_path):
     pkg = tmp_path / "compress_order"
     for sub in ("core", "run"):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from compress_order.core.errors import UserError
 from compress_order.core.schema import SAVE_FORMATS
@@ -69,7 +70,6 @@ def one_of(options: Sequence[str]) -> Spec:
     return Spec(lambda v: v in options, f"is unknown; valid: {', '.join(options)}")
 
 
-SCOPE = one_of(("row", "layer"))  # which weights a pruner ranks together: the whole matrix, or each output row
 FLAG = Spec(lambda v: isinstance(v, bool), "must be true or false")
 
 # Shared by the root config and the stages that read them (stages/base.py, expert_prune.py, mixed.py).
@@ -142,3 +142,19 @@ def check_settings(config: dict) -> None:
         value = setting(config, key)
         if value is not ABSENT:
             spec.check(value, key)
+
+
+def declared(annotation: Any) -> Spec | None:
+    """The check a parameter's type annotation declares: `Literal[...]` its options (with None where the
+    annotation allows it), `bool` true/false; None for the rest, which their owners check with ranges."""
+
+    options = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and NoneType in options:
+        inner = [a for a in options if a is not NoneType]
+        spec = declared(inner[0]) if len(inner) == 1 else None
+        return None if spec is None else Spec(lambda v: v is None or spec.ok(v), spec.phrase)
+    if get_origin(annotation) is Literal:
+        return one_of(options)
+    if annotation is bool:
+        return FLAG
+    return None

@@ -7,12 +7,15 @@ calibration driver; the runner never special-cases a method.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from typing import Any, ClassVar
 
 from torch import Tensor
 
 from compress_order.core.errors import UserError
-from compress_order.core.specs import BITS, GROUP_SIZE, SPARSITY
+from compress_order.core.specs import BITS, GROUP_SIZE, SPARSITY, declared
 from compress_order.modeling.targets import Target
 from compress_order.numerics.formats import check_format, fit_weight_grid
 from compress_order.numerics.prune import nm_sparsity, parse_nm
@@ -29,6 +32,27 @@ class Stage:
     def __init__(self, name: str, label: str | None = None):
         self.name = name
         self.label = label or name
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        """A stage's parameters are declared once, by its `__init__`'s annotations: an option typed `Literal[...]`
+        or `bool` is checked against its declaration when the stage is built (`scope=rwo` is an error, never the
+        default), before the class's own range checks run."""
+        super().__init_subclass__(**kw)
+        if "__init__" not in vars(cls):
+            return
+        init = cls.__init__
+        signature = inspect.signature(init)
+        specs = {n: s for n, a in typing.get_type_hints(init).items() if (s := declared(a)) is not None}
+
+        @functools.wraps(init)
+        def checked(self: Stage, *args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(self, *args, **kwargs)
+            for key, spec in specs.items():
+                if key in bound.arguments:
+                    spec.check(bound.arguments[key], f"{kwargs.get('name', cls.__name__.lower())} {key}")
+            init(self, *args, **kwargs)
+
+        cls.__init__ = checked  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from compress_order.core.specs import SCOPE
 from compress_order.modeling.targets import Target
 from compress_order.numerics.prune import select_mask
 from compress_order.stages.base import PruneMixin, Stage, set_pruned
@@ -17,12 +16,12 @@ class Magnitude(PruneMixin, Stage):
         self,
         sparsity: float,
         nm: str | None = None,  # e.g. "2:4" keeps 2 of every 4 consecutive inputs
-        scope: str = "layer",  # layer | row
+        scope: Literal["row", "layer"] = "layer",  # rank the whole matrix, or each output row
         **kw: Any,
     ):
         super().__init__(**kw)
         self._init_sparsity(sparsity, nm)
-        self.scope = SCOPE.check(scope, f"{self.name} scope")
+        self.scope = scope
 
     def validate(self, targets: dict[str, Target]) -> None:
         self._validate_nm(targets)

@@ -6,11 +6,10 @@ earlier rank lowest (prior mask), so the mask only grows.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from compress_order.core.specs import SCOPE
 from compress_order.modeling.hessian import HessianStats
 from compress_order.modeling.targets import Target
 from compress_order.numerics.prune import select_mask
@@ -25,12 +24,12 @@ class Wanda(PruneMixin, Stage):
         self,
         sparsity: float,
         nm: str | None = None,  # e.g. "2:4" keeps 2 of every 4 consecutive inputs
-        scope: str = "row",  # row | layer
+        scope: Literal["row", "layer"] = "row",  # the paper ranks within each output row
         **kw: Any,
     ):
         super().__init__(**kw)
         self._init_sparsity(sparsity, nm)
-        self.scope = SCOPE.check(scope, f"{self.name} scope")
+        self.scope = scope
 
     def validate(self, targets: dict[str, Target]) -> None:
         self._validate_nm(targets)
