@@ -185,7 +185,7 @@ class _Timer:
 
 def test_each_backend_is_labelled_and_compared_in_its_activation_dtype():
     from compress_order.evaluation.backends import latency_entries
-    from compress_order.run.rows import summary_markdown
+    from compress_order.run.summary import summary_markdown
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from helpers import tiny_llama_model, token_batches
 
 from compress_order.core.settings import Calibration
-from compress_order.stages.calibration import calibrate_and_compress, capture_block_calls, find_blocks
+from compress_order.modeling.blocks import capture_block_calls, find_blocks
+from compress_order.stages.calibration import calibrate_and_compress
 from compress_order.numerics.constraints import nm_holds, required_zeros
 from compress_order.core.errors import UserError
 from compress_order.modeling.hessian import HessianStats
@@ -249,7 +250,7 @@ def test_vit_blocks_in_a_sequential_are_calibrated_one_block_at_a_time(monkeypat
 
     model = tiny_vit()
     targets = vit_targets(model)
-    with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
+    with caplog.at_level("INFO", logger="compress_order"):
         assert find_blocks(model, targets)[0] == "blocks"
     assert any(r.getMessage().startswith("decoder blocks: Block × 3 at blocks (by structure") for r in caplog.records)
     batches = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(k)) for k in range(3)]

@@ -84,7 +84,7 @@ def test_family_runs_every_order_and_compresses_every_projection(family, tiny_te
     ]:
         extra = ["save=true", f"calibration.true_sequential={sequential}"]
         cfg = compose_config(overrides(ckpt, tiny_text, tmp_path, stages) + extra)
-        with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
+        with caplog.at_level(logging.INFO, logger="compress_order"):
             df = run(cfg, tmp_path / f"out-{stages}")
         full = orders | {"sparsegpt+gptq"}
         done |= full
@@ -264,12 +264,12 @@ class _Declared(nn.Module):
 
 
 def test_blocks_come_from_no_split_modules_else_structure(caplog):
-    from compress_order.stages.calibration import find_blocks
+    from compress_order.modeling.blocks import find_blocks
     from compress_order.modeling.targets import find_targets
 
     model = _Declared()
     targets = find_targets(model)
-    with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
+    with caplog.at_level(logging.INFO, logger="compress_order"):
         assert find_blocks(model, targets)[0] == "layers"
         model2 = _Declared()
         model2._no_split_modules = ["NoSuchBlock"]  # stale metadata: fall back to structure

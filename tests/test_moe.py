@@ -187,7 +187,7 @@ def test_an_expert_without_tokens_is_compressed_data_free_and_said(mixtral, capl
         mask_router(layer.mlp.gate, lambda: torch.tensor([False, False, False, True]))
     batches = [torch.randint(0, model.config.vocab_size, (1, 32)) for _ in range(3)]
     report: dict = {}
-    with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
+    with caplog.at_level(logging.INFO, logger="compress_order"):
         calibrate_and_compress(model, targets, batches, GPTQ(4, group_size=32, name="gptq"), report=report)
     ModelState(model, targets).check()
     assert report["model.layers.0.mlp.experts"]["without_tokens"] == 1

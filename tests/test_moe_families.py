@@ -102,7 +102,7 @@ def test_moe_family_runs_every_order_and_compresses_every_expert(family, stages,
 
     ckpt = save_tiny_moe(family, tmp_path / "ckpt")
     args = _overrides(ckpt, tiny_text, tmp_path, stages, "run") + (["joint=[sparsegpt_gptq]"] if joint else [])
-    with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
+    with caplog.at_level(logging.INFO, logger="compress_order"):
         df = run(compose_config(args), tmp_path / "out")
     a, b = stages.strip("[]").split(",")
     full = {f"{a} > {b}", f"{b} > {a}"} | ({"sparsegpt+gptq"} if joint else set())

@@ -50,7 +50,7 @@ class Batches:
 def test_scaling_pairs_are_found_from_structure(caplog):
     model = mha_llama()
     targets = find_targets(model, ["lm_head"])
-    with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
+    with caplog.at_level("INFO", logger="compress_order"):
         calibrate_and_compress(model, targets, token_batches(4), SmoothQuant(alpha=0.5, name="sq"))
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert line == ("scaling pairs in LlamaDecoderLayer: input_layernorm → q_proj/k_proj/v_proj; self_attn.v_proj → "
@@ -59,7 +59,7 @@ def test_scaling_pairs_are_found_from_structure(caplog):
 
 def test_scaling_pairs_are_found_in_half_precision(caplog):
     model = mha_llama().to(torch.bfloat16)
-    with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
+    with caplog.at_level("INFO", logger="compress_order"):
         calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"))
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert "none" not in line, line
@@ -67,7 +67,7 @@ def test_scaling_pairs_are_found_in_half_precision(caplog):
 
 def test_grouped_query_attention_has_no_v_to_o_pair(caplog):
     model = tiny_llama_model()  # 4 query heads, 2 K/V heads: V's 32 outputs cannot absorb O's 64 input factors
-    with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
+    with caplog.at_level("INFO", logger="compress_order"):
         calibrate_and_compress(model, find_targets(model, ["lm_head"]), token_batches(4), SmoothQuant(name="sq"))
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())
     assert "none → o_proj" in line and "input_layernorm → q_proj/k_proj/v_proj" in line
@@ -318,7 +318,7 @@ def test_scaling_stages_on_every_decoder_family(family, caplog):
     ids = torch.randint(0, 40, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
-        with caplog.at_level("INFO", logger="compress_order.stages.calibration"):
+        with caplog.at_level("INFO", logger="compress_order"):
             assert apply_stage(SmoothQuant(alpha=0.5, name="sq"), state, task, settings(cfg).calibration) is None
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)  # the function is kept
     line = next(r.getMessage() for r in caplog.records if "scaling pairs" in r.getMessage())

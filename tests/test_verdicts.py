@@ -11,7 +11,7 @@ from compress_order.cli import main as cli
 from compress_order.analysis import bootstrap, collect, pih, tables
 from compress_order.analysis.report import write_report
 from compress_order.evaluation.metrics import METRICS, Metric, primary_metrics, register, summary_metrics
-from compress_order.run.rows import SUMMARY_METRICS
+from compress_order.run.summary import SUMMARY_METRICS
 
 from compress_order.core.schema import COLUMNS
 CALIBRATED = ("wanda", "gptq")

@@ -113,7 +113,7 @@ def test_vision_family_runs_every_order_and_keeps_every_constraint(arch, pair, t
 
     monkeypatch.setattr(pipeline, "apply_stage", checked)
     cfg = compose_config(overrides(arch, tmp_path) + [f"stages=[{pair}]"])
-    with caplog.at_level(logging.INFO, logger="compress_order.stages.calibration"):
+    with caplog.at_level(logging.INFO, logger="compress_order"):
         df = runner.run(settings(cfg), tmp_path / "out")
 
     assert sorted(seen["applied"]) == sorted([first, second] * 2)  # a, a>b, b, b>a: 4 applications

@@ -231,6 +231,7 @@ def save_compressed_tensors(
     """A compressed-tensors checkpoint of the model as it is (pack-quantized; int-quantized with the input
     activations' scheme `act`); returns what the sidecar records."""
     from compress_order.export import compressed_tensors as ct_export
+    from compress_order.export import serving
 
     # compressed-tensors 0.20 describes quantized nn.Linear modules; transformers keeps fused experts as 3-D
     # parameters no scheme names, so they are stored dense (their values exactly on their grids) and said so.
@@ -245,7 +246,7 @@ def save_compressed_tensors(
     config = ct_export.quantization_config(schemes, ignore=ct_export.dense_linears(model, set(packed)))
     model.save_pretrained(save_dir, state_dict=ct_export.compressed_state_dict(model, packed))
     ct_export.write_config(str(save_dir), config)
-    path, servable, reasons = ct_export.vllm_servability(model, schemes)
+    path, servable, reasons = serving.vllm_servability(model, schemes)
     mismatched = sum(p.mismatched for p in packed.values())
     return {
         "format": "compressed-tensors",
@@ -254,7 +255,7 @@ def save_compressed_tensors(
         "exact": mismatched == 0,  # reloading gives the evaluated weights bit for bit
         "mismatched_weights": mismatched,  # otherwise: weights changed by holding scales in the model dtype
         "vllm": {"path": path, "servable": servable, "reasons": reasons},  # path: WNA16, W8A8 int8, W4A8 int
-        "transformers_reload": ct_export.transformers_reloads(schemes, next(model.parameters()).dtype),
+        "transformers_reload": serving.transformers_reloads(schemes, next(model.parameters()).dtype),
         "dense_experts": dense_experts,  # quantized experts stored dense (see above)
     }
 
@@ -303,7 +304,7 @@ def summary_line(checkpoint: dict[str, Any]) -> str:
 
 
 def _no_reload(checkpoint: dict[str, Any]) -> str:
-    """Why transformers does not reload a compressed-tensors checkpoint (see ct_export.transformers_reloads)."""
+    """Why transformers does not reload a compressed-tensors checkpoint (see serving.transformers_reloads)."""
     fmt = checkpoint["compression_format"]
     if fmt.startswith(("nvfp4", "mxfp4")) or "FP4" in " ".join(checkpoint["schemes"]):
         return (

@@ -33,9 +33,10 @@ from compress_order.run import pipeline
 from compress_order.run.identity import base_identity, digest, library_versions, stage_identity
 from compress_order.run.pipeline import RunContext
 from compress_order.run.plan import Plan, cost, make_plan
-from compress_order.run.rows import RunWriter, make_rows, summary_markdown
+from compress_order.run.rows import RunWriter, make_rows
 from compress_order.run.state_cache import StateCache
 from compress_order.run.store import NodeStore
+from compress_order.run.summary import summary_markdown
 from compress_order.run.trie import Node, run_trie
 
 log = logging.getLogger("compress_order.run.runner")

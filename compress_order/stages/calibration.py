@@ -1,11 +1,7 @@
 """One calibration driver for every calibrated stage and every model: block by block, through forward hooks.
 
-The repeated blocks of a decoder LM (model.layers, transformer.h, decoder.layers) are the nn.ModuleList of the
-block classes the model declares in `_no_split_modules` (Hugging Face models), else, by structure, the list
-whose children all hold target layers and that holds the most of them (and most of the model's); an
-nn.Sequential of two or more children of one class is such a list too (timm's ViT `blocks`, ConvNeXt's
-`stages`). One forward per calibration sample records what every block is called with (blocks replaced by
-pass-through recorders, so nothing heavy runs); then for each block in turn:
+The model's repeated blocks and what each is called with come from modeling/blocks.py (one forward per
+calibration sample, blocks replaced by pass-through recorders); then for each block in turn:
 
   hooks on the block's targets accumulate input statistics over all samples → the stage compresses the
   block's targets → the block is re-run on all samples, and its compressed outputs are the next block's inputs.
@@ -21,10 +17,7 @@ un-skipped lm_head) are done last the same way.
 from __future__ import annotations
 
 import logging
-import weakref
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -32,236 +25,22 @@ from torch import Tensor, nn
 from compress_order.core.errors import UserError
 from compress_order.core.settings import Calibration
 from compress_order.modeling.act import paused as act_paused
-from compress_order.modeling.batches import model_forward
-from compress_order.modeling.batches import to_device as _to
+from compress_order.modeling.blocks import (
+    StopForward,
+    device_of,
+    units,
+)
 from compress_order.modeling.hessian import HessianStats
 from compress_order.modeling.moe import ExpertUnit, collect_routing, expert_units, token_summary
 from compress_order.modeling.targets import Target, adapter_of
 from compress_order.stages.base import Stage
 
 log = logging.getLogger(__name__)
-_reported: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose blocks were logged (once each)
 
 
 # What a calibrated stage may ask for (`Stage.needs`): X Xᵀ of a layer's inputs, or only its diagonal ‖X_j‖²;
 # or, per MoE layer, how the router spreads the tokens over the experts (moe.Routing, for `compress_experts`).
 STATISTICS = ("hessian", "hessian_diag", "routing")
-
-
-def _report(model: nn.Module, msg: str, *args: Any) -> None:
-    """INFO the first time for a model, DEBUG after: every calibrated stage finds the same blocks again."""
-    level = logging.DEBUG if model in _reported else logging.INFO
-    _reported.add(model)
-    log.log(level, msg, *args)
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward early once what it was run for has been recorded."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Finding and feeding the blocks
-
-
-# A block list is a ModuleList (decoder LMs loop over one) or an nn.Sequential of repeated blocks (timm keeps
-# ViT blocks and CNN stages in Sequentials). A Sequential is usually a heterogeneous pipeline (conv, norm, act),
-# so it counts only when it repeats: two or more children, all of one class.
-BlockList = nn.ModuleList | nn.Sequential
-
-
-def _block_lists(model: nn.Module) -> list[tuple[str, BlockList]]:
-    out: list[tuple[str, BlockList]] = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            out.append((name, mod))
-        elif isinstance(mod, nn.Sequential) and len(mod) > 1 and len({type(c) for c in mod}) == 1:
-            out.append((name, mod))
-    return out
-
-
-def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, BlockList] | None:
-    """The list of repeated blocks (a ModuleList, or a Sequential of one block class). From the model's own
-    metadata when it has some (Hugging Face models name their block classes in `_no_split_modules`, which
-    accelerate uses for the same purpose): the list whose children are all of those classes. Otherwise by
-    structure: every child holds a target, most targets covered, then most children; and more than half of all
-    targets, as a backbone does (one of ResNet's four stages is not: done first, it would be compressed before
-    the layers feeding it). Logs what it found, so a wrong guess is visible."""
-    ids = {id(t.module) for t in targets.values()}
-    lists = _block_lists(model)
-    declared = set(getattr(model, "_no_split_modules", None) or ())
-    for name, mod in lists:
-        if declared and all(type(child).__name__ in declared for child in mod):
-            if any(id(m) in ids for m in mod.modules()):
-                _report(
-                    model,
-                    "decoder blocks: %s × %d at %s (from _no_split_modules)",
-                    type(mod[0]).__name__,
-                    len(mod),
-                    name,
-                )
-                return name, mod
-    best: tuple[int, int, str, BlockList] | None = None
-    for name, mod in lists:
-        per_child = [sum(id(m) in ids for m in child.modules()) for child in mod]
-        if min(per_child) == 0:
-            continue
-        key = (sum(per_child), len(mod))
-        if best is None or key > best[:2]:
-            best = (*key, name, mod)
-    if best is not None and 2 * best[0] <= len(ids):
-        best = None
-    if best is None:
-        _report(model, "decoder blocks: none found in %s; calibrating it as one block", type(model).__name__)
-        return None
-    kinds = sorted({type(child).__name__ for child in best[3]})
-    _report(
-        model,
-        "decoder blocks: %s × %d at %s (by structure: the %s holding the most target layers)",
-        "/".join(kinds),
-        len(best[3]),
-        best[2],
-        type(best[3]).__name__,
-    )
-    return best[2], best[3]
-
-
-@dataclass
-class _Call:
-    """What a block was called with for one sample, minus the hidden state (bound per block and sample)."""
-
-    args: tuple
-    kwargs: dict
-    slot: int | str  # positional index 0, or the keyword that carried the hidden state
-
-    def bind(self, hidden: Tensor) -> tuple[tuple, dict]:
-        if self.slot == 0:
-            return (hidden, *self.args[1:]), self.kwargs
-        return self.args, {**self.kwargs, self.slot: hidden}
-
-
-def _hidden_of(args: tuple, kwargs: dict) -> tuple[int | str, Tensor] | None:
-    if args and isinstance(args[0], Tensor):
-        return 0, args[0]
-    if isinstance(kwargs.get("hidden_states"), Tensor):
-        return "hidden_states", kwargs["hidden_states"]
-    return None
-
-
-def _device_of(module: nn.Module, default: torch.device) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else default
-
-
-def _move_constraints(targets: list[Target], device: torch.device) -> None:
-    for t in targets:
-        c = t.constraint
-        if (c.mask is not None and c.mask.device != device) or (c.grid is not None and c.grid.scale.device != device):
-            t.constraint = c.clone(device)
-
-
-@contextmanager
-def _on_device(module: nn.Module, targets: list[Target], device: torch.device) -> Iterator[None]:
-    """Move a module (and its targets' masks and grids) to the compute device for the duration, then back."""
-    home = _device_of(module, device)
-    if home == device:
-        yield
-        return
-    module.to(device)
-    _move_constraints(targets, device)
-    try:
-        yield
-    finally:
-        module.to(home)
-        _move_constraints(targets, home)
-
-
-@contextmanager
-def _without(model: nn.Module, list_name: str) -> Iterator[None]:
-    """Temporarily detach the block list, so `model.to(...)` moves only what is around the blocks."""
-    parent_name, _, attr = list_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    blocks = parent._modules[attr]
-    parent._modules[attr] = nn.ModuleList()
-    try:
-        yield
-    finally:
-        parent._modules[attr] = blocks
-
-
-def capture_block_calls(
-    model: nn.Module, list_name: str, blocks: BlockList, batches: list[Any], device: torch.device
-) -> tuple[list[Tensor], list[list[_Call]]] | None:
-    """First-block hidden states and every block's call (args, kwargs) per sample, or None if the blocks are
-    not a plain chain (some block's input is not the previous block's output, or a block is never called).
-
-    Each block's forward is replaced by a recorder that returns its hidden input unchanged (shaped like the
-    block's real output, learnt from one real call), so one cheap model forward per sample records
-    the per-block keywords too (masks can differ between blocks, e.g. sliding-window layers); the last
-    block's recorder stops the forward.
-    """
-    n_blocks, n = len(blocks), len(batches)
-    hiddens: list[Tensor] = []
-    calls: list[list[_Call | None]] = [[None] * n for _ in range(n_blocks)]
-    st: dict[str, Any] = {"k": 0, "prev": None, "chain": True, "wrap": None, "passed": False}
-
-    def recorder(i: int, block: nn.Module, real: Callable) -> Callable:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            found = _hidden_of(args, kwargs)
-            if found is None:
-                st["chain"] = False
-                raise _Stop
-            slot, hidden = found
-            if i == 0:
-                hiddens.append(hidden)
-            elif hidden is not st["prev"]:  # something ran between two blocks: not a plain chain
-                st["chain"] = False
-                raise _Stop
-            rest_args = (None, *args[1:]) if slot == 0 else args
-            rest_kw = kwargs if slot == 0 else {k: v for k, v in kwargs.items() if k != slot}
-            calls[i][st["k"]] = _Call(rest_args, rest_kw, slot)
-            if i == n_blocks - 1:
-                raise _Stop
-            if st["wrap"] is None:  # learn the output structure from one real call
-                with _on_device(block, [], hidden.device):
-                    out = real(*args, **kwargs)
-                st["wrap"] = ("tuple", tuple(out[1:])) if isinstance(out, tuple) else ("tensor", None)
-                del out
-            st["prev"] = hidden
-            st["passed"] = True
-            kind, extra = st["wrap"]
-            return hidden if kind == "tensor" else (hidden, *extra)
-
-        return forward
-
-    home = _device_of(model, device)
-    try:
-        for i, block in enumerate(blocks):
-            block.forward = recorder(i, block, block.forward)
-        with _without(model, list_name):
-            model.to(device)
-        for k, batch in enumerate(batches):
-            st["k"], st["prev"] = k, None
-            try:
-                model_forward(model, _to(batch, device))
-            except _Stop:
-                pass
-            except Exception:
-                # Code between blocks choked on a passed-through (unprocessed) hidden state: the list is not a
-                # plain chain. Errors before any pass-through are the model's own and propagate.
-                if not st["passed"]:
-                    raise
-                return None
-            if not st["chain"]:
-                return None
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
-        if home != device:
-            with _without(model, list_name):
-                model.to(home)
-    if len(hiddens) != n or any(c is None for row in calls for c in row):
-        return None
-    return hiddens, calls  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,7 +77,7 @@ def input_groups(run: Callable[[int], Any], targets: list[Target]) -> tuple[list
     handles = [t.module.register_forward_pre_hook(hook, with_kwargs=True) for t in targets]
     try:
         run(0)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for h in handles:
@@ -357,7 +136,7 @@ def compress_unit(
         )
 
     def stop() -> None:  # true-sequential: nothing after this group's input matters yet
-        raise _Stop
+        raise StopForward
 
     def collect(
         gs: list[list[Target]], seq: bool, experts: list[tuple[ExpertUnit, list[str]]] = ()
@@ -381,7 +160,7 @@ def compress_unit(
             for k in range(n):
                 try:
                     run(k)
-                except _Stop:
+                except StopForward:
                     pass
         finally:
             for h in handles:
@@ -468,41 +247,26 @@ def check_scaling(
     if not stage.scales_inputs or not batches:
         return
     dev = _calibration_device(model, calibration.device)
-    all_targets = [t for t in targets.values() if not t.constraint.dropped]
-    found = find_blocks(model, targets)
+    live = {n: t for n, t in targets.items() if not t.constraint.dropped}
     was_training = model.training
     model.eval()
+    walk = units(model, live, batches[:1], dev)
     try:
         with act_paused():  # static activation ranges are not observed yet; the probe compares full precision
-            captured = None if found is None else capture_block_calls(model, found[0], found[1], batches[:1], dev)
-            if captured is not None:
-                (hiddens, calls), block = captured, found[1][0]
-                mods = {id(m) for m in block.modules()}
-                unit, unit_targets = block, [t for t in all_targets if id(t.module) in mods]
-
-                def run(k: int) -> Any:
-                    args, kwargs = calls[0][k].bind(hiddens[k])
-                    return block(*args, **kwargs)
-            else:
-                unit, unit_targets = model, all_targets
-
-                def run(k: int) -> Any:
-                    return model_forward(model, _to(batches[k], dev))
-
-            layers = [t for t in unit_targets if t.index is None]
-            if not layers:
-                return
-            with _on_device(unit, unit_targets, dev):
-                groups, _ = input_groups(run, layers)
+            unit = next(walk, None)
+            layers = [] if unit is None else [t for t in unit.targets if t.index is None]
+            if layers:
+                groups, _ = input_groups(unit.run, layers)
                 if groups:
-                    scaling_partners(run, unit, groups, layers, stage, first=True)
+                    scaling_partners(unit.run, unit.module, groups, layers, stage, first=True)
     finally:
+        walk.close()  # the probe reads the first unit only: nothing is advanced or compressed
         model.train(was_training)
 
 
 def _calibration_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     """Where blocks are calibrated: `device`, else where the model's parameters are."""
-    dev = torch.device(device or _device_of(model, torch.device("cpu")))
+    dev = torch.device(device or device_of(model, torch.device("cpu")))
     if dev.type == "cuda" and dev.index is None:  # compare equal to the parameters' "cuda:N"
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -548,64 +312,26 @@ def calibrate_and_compress(
         raise UserError(f"stage '{stage.label}' needs calibration data but calibration.nsamples=0; set it >= 1")
     true_seq, all_experts = calibration.true_sequential, calibration.moe_all_experts
     dev = _calibration_device(model, device or calibration.device)
-    all_targets = list(targets.values())
     was_training = model.training
     model.eval()
     try:
-        done: set[int] = set()
-        found = find_blocks(model, targets)
-        captured = None if found is None else capture_block_calls(model, found[0], found[1], batches, dev)
-        if captured is not None:
-            hiddens, calls = captured
-            for i, block in enumerate(found[1]):
-                mods = {id(m) for m in block.modules()}
-                block_targets = [t for t in all_targets if id(t.module) in mods]
-                with _on_device(block, block_targets, dev):
-
-                    def run(k: int, i: int = i, block: nn.Module = block) -> Any:
-                        args, kwargs = calls[i][k].bind(hiddens[k])
-                        return block(*args, **kwargs)
-
-                    compress_unit(
-                        run,
-                        len(batches),
-                        block_targets,
-                        stage,
-                        true_seq,
-                        dev,
-                        block,
-                        first=i == 0,
-                        all_experts=all_experts,
-                        report=report,
-                    )
-                    for k in range(len(batches)):  # the next block sees this block's compressed outputs
-                        out = run(k)
-                        hiddens[k] = out[0] if isinstance(out, (tuple, list)) else out
-                calls[i] = []  # free this block's recorded calls
-                done.update(id(t) for t in block_targets)
-        rest = [t for t in all_targets if id(t) not in done]
-        if rest:  # no usable block list, or layers outside it: the whole model is one block
-            with _on_device(model, rest, dev):
-
-                def run_model(k: int) -> Any:
-                    return model_forward(model, _to(batches[k], dev))
-
-                reached = compress_unit(
-                    run_model,
-                    len(batches),
-                    rest,
-                    stage,
-                    true_seq,
-                    dev,
-                    model,
-                    first=not done,
-                    all_experts=all_experts,
-                    report=report,
+        for unit in units(model, targets, batches, dev):
+            reached = compress_unit(
+                unit.run,
+                len(batches),
+                unit.targets,
+                stage,
+                true_seq,
+                dev,
+                unit.module,
+                first=unit.first,
+                all_experts=all_experts,
+                report=report,
+            )
+            if unit.module is model and reached == 0:
+                raise UserError(
+                    f"stage '{stage.label}': calibration inputs reach none of the {len(unit.targets)} target layers "
+                    f"of {type(model).__name__} (first: {unit.targets[0].name}); use a data-free stage (magnitude, rtn)"
                 )
-                if reached == 0:
-                    raise UserError(
-                        f"stage '{stage.label}': calibration inputs reach none of the {len(rest)} target layers of "
-                        f"{type(model).__name__} (first: {rest[0].name}); use a data-free stage (magnitude, rtn)"
-                    )
     finally:
         model.train(was_training)

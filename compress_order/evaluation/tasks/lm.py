@@ -124,8 +124,8 @@ class LMTask:
         is (device=cpu): the block list the calibration driver finds, or a one-line error when there is none."""
         if offload is None:
             return None
+        from compress_order.modeling.blocks import find_blocks
         from compress_order.modeling.targets import find_targets
-        from compress_order.stages.calibration import find_blocks
 
         self.device = torch.device(offload)
         found = find_blocks(lm.model, find_targets(lm.model, lm.skip))
