@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from compress_order.evaluation import divergence
 from compress_order.analysis import bootstrap
 from compress_order.cli.analysis import main as analysis_main
 from compress_order.config.compose import compose_config

@@ -197,3 +197,23 @@ if __name__ == "__main__":
     if not found:
         chain = longest_chain(g)
         print(f"longest chain ({len(chain)} modules): {' → '.join(chain)}")
+
+
+def test_a_refused_config_is_refused_before_torch_is_imported():
+    """The checks that need no model need no torch either: `run bits=1` answers from the configuration edge
+    (a start-up measured in tenths of a second, not the seconds torch and transformers take to import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from compress_order.cli.main import main\n"
+        "try:\n"
+        "    main(['run', 'bits=1'])\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code)\n"
+        "print('torch imported:', 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "bits=1 is outside 2-8" in out.stderr, out.stderr
+    assert "torch imported: False False" in out.stdout, out.stdout

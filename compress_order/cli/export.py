@@ -62,7 +62,7 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     the run's first), check every invariant, and save."""
     from compress_order.config.compose import load_saved  # also registers ${asset:}, which saved configs use
     from compress_order.config.settings import run_settings
-    from compress_order.modeling.act import check_savable
+    from compress_order.core.schemes import check_savable
     from compress_order.run.pipeline import RunContext
     from compress_order.run.trie import build_trie, full_orders
 

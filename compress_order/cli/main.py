@@ -90,9 +90,9 @@ def cmd_run(args: list[str]) -> int:
     _check_flags(args)
     h, ordered = _hydra_args(args)
     if not (h.cfg or h.info or h.help or h.hydra_help or h.shell_completion):  # these only print
-        from compress_order.run.plan import cost, plan_sweep
-
         settings = config.validate_overrides(h.overrides, _multirun(h))  # every sweep point, before heavy work
+        from compress_order.run.plan import cost, plan_sweep  # imports torch: after the checks
+
         plans, jobs = plan_sweep(settings)
         print(cost(plans, jobs).line(), flush=True)
         _print_saving(settings, plans, jobs)
@@ -103,11 +103,12 @@ def cmd_run(args: list[str]) -> int:
 
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config.compose import validate_overrides
-    from compress_order.run.plan import cost, plan_sweep, singles
-    from compress_order.run.trie import build_trie, count_applications
 
     h, _ = _hydra_args(args)
     valid = validate_overrides(h.overrides, multirun=_multirun(h))
+    from compress_order.run.plan import cost, plan_sweep, singles  # imports torch: after the checks
+    from compress_order.run.trie import build_trie, count_applications
+
     plans, jobs = plan_sweep(valid)
     for settings in valid:
         labels = [s.label for s in settings.stages]

@@ -16,9 +16,8 @@ from compress_order.core.errors import UserError
 from compress_order.core.files import check_writable
 from compress_order.core.paths import ASSETS_DIR, CONF_DIR
 from compress_order.core.registry import config_group
+from compress_order.core.schemes import act_format_bits, act_format_granularity, format_bits, format_group
 from compress_order.core.settings import RunSettings
-from compress_order.modeling.act import act_format_bits, act_format_granularity
-from compress_order.numerics.formats import format_bits, format_group
 
 OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), replace=True)
 # bits and group_size follow the number format unless given (formats.py)

@@ -9,9 +9,8 @@ a frozen core.settings.RunSettings.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig
 
 from compress_order.config.stages import build_stage, stage_configs
@@ -30,7 +29,9 @@ from compress_order.core.settings import (
     Store,
     frozen_mapping,
 )
-from compress_order.evaluation.backends import select_backends
+
+if TYPE_CHECKING:
+    import torch
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -89,6 +90,8 @@ def _device(name: Any, key: str = "calibration.device") -> str | None:
 
 
 def _eval(ev: dict[str, Any], device: torch.device) -> Eval:
+    from compress_order.evaluation.backends import select_backends  # imports the kernels: after the cheap checks
+
     metrics = ev.get("metrics") or ["perplexity"]
     offload = ev.get("offload")
     lm = dict(ev.get("lm_eval") or {})

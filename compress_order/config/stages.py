@@ -12,7 +12,7 @@ method can appear twice with split budgets. Each entry's yaml is resolved agains
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,7 +20,9 @@ from compress_order.core.errors import UserError, choices
 from compress_order.core.registry import stage_files
 from compress_order.core.schema import entry_label, entry_name_overrides
 from compress_order.core.settings import StageSpec, frozen_mapping
-from compress_order.stages.base import Stage
+
+if TYPE_CHECKING:
+    from compress_order.stages.base import Stage
 
 
 def _check_format(sc: dict, fmt: Any) -> None:

@@ -87,11 +87,11 @@ def check_config(cfg: DictConfig) -> None:
     """Known keys, each setting's declared type and range, then the rules between settings."""
     c = resolved(cfg)
     c.pop("hydra", None)
+    check_settings(c)  # compress_order/core/specs.py; first: it needs no loader module imported
     _check_known_keys(c)
-    check_settings(c)  # compress_order/core/specs.py
     check_number_format(cfg, c["format"], c["bits"], c["group_size"])
     _check_seeds(c["seeds"], c["replicates"])
-    from compress_order.modeling.act import check_act
+    from compress_order.core.schemes import check_act
 
     check_act(c["act_bits"], c["act_granularity"], c["act_format"], c["format"], c["save"])
     from compress_order.evaluation.lmeval import include_paths
@@ -127,7 +127,7 @@ def _check_known_keys(c: dict) -> None:
 def check_number_format(cfg: DictConfig, fmt: str, bits: int, group_size: int) -> None:
     """The format with the bits and group size it fixes (each quantizing stage's is checked with its config). Every
     format saves as every save_format (compress_order/export/compressed_tensors.py writes the float ones)."""
-    from compress_order.numerics.formats import check_format
+    from compress_order.core.schemes import check_format
 
     check_format(fmt, bits, group_size)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from compress_order.core.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
+    import torch  # here: the configuration edge checks a config without loading torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):

@@ -36,19 +36,16 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from compress_order.core.errors import UserError
+from compress_order.core.schemes import (
+    FLOAT_FORMATS,
+    NVFP4_GROUP,
+    check_act,
+)
 from compress_order.modeling.batches import model_forward, to_device
 from compress_order.modeling.moe import routed_forward
 from compress_order.modeling.targets import Target
-from compress_order.numerics.formats import E4M3_MAX, FLOAT_FORMATS, group_scales, round_to_codebook
+from compress_order.numerics.formats import E4M3_MAX, group_scales, round_to_codebook
 
-GRANULARITIES = ("token", "tensor", "static", "group")
-ACT_FORMATS = ("fp8", "nvfp4")  # or null: integer activations (act_bits alone)
-ACT_FORMAT_BITS = {"fp8": 8, "nvfp4": 4}
-NVFP4_GROUP = 16
-# The granularities each activation format takes (None: integer activations); the first is its default.
-ACT_GRANULARITIES = {None: ("token", "tensor", "static"), "fp8": ("token", "tensor", "static"), "nvfp4": ("group",)}
-# The weight formats each activation format is deployed with.
-WEIGHT_FORMATS = {None: ("int",), "fp8": ("int", "fp8", "nvfp4", "mxfp4"), "nvfp4": ("nvfp4",)}
 _pause = [0]  # >0 while paused (see `paused`)
 
 
@@ -60,64 +57,6 @@ def paused() -> Iterator[None]:
         yield
     finally:
         _pause[0] -= 1
-
-
-def act_format_bits(fmt: str | None) -> int | None:
-    """The act_bits an activation format fixes (None: no format, activations full precision unless act_bits)."""
-    return ACT_FORMAT_BITS.get(fmt) if fmt is not None else None
-
-
-def act_format_granularity(fmt: str | None) -> str:
-    """The default act_granularity of an activation format (integer and FP8: per token; NVFP4: its groups)."""
-    return ACT_GRANULARITIES.get(fmt, GRANULARITIES)[0]
-
-
-def check_act(
-    bits: Any, granularity: Any, fmt: Any = None, weight_format: str | None = "int", save: bool = False
-) -> None:
-    """act_bits, act_granularity and act_format, and their pairing with the weights' `format` (module docstring;
-    None: not checked) and with `save`."""
-    if fmt is not None and fmt not in ACT_FORMATS:
-        raise UserError(f"act_format={fmt} is unknown; valid: null, {', '.join(ACT_FORMATS)}")
-    # The granularity is checked with act_bits off too: a bad value must not run and be saved as the config.
-    if granularity not in GRANULARITIES:
-        raise UserError(f"act_granularity={granularity} is unknown; valid: {', '.join(GRANULARITIES)}")
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16):
-        raise UserError(f"act_bits={bits} is outside 2-16 (or null for full-precision activations)")
-    if fmt is not None and bits != ACT_FORMAT_BITS[fmt]:
-        raise UserError(
-            f"act_format={fmt} quantizes activations to {ACT_FORMAT_BITS[fmt]} bits; act_bits={bits} "
-            f"contradicts it (drop act_bits= to follow the format)"
-        )
-    allowed = ACT_GRANULARITIES[fmt]
-    if granularity not in allowed:
-        what = f"act_format={fmt}" if fmt is not None else "integer activations (act_format=null)"
-        raise UserError(
-            f"act_granularity={granularity} does not apply to {what}; valid: {', '.join(allowed)}"
-            + (" (drop act_granularity= to follow the format)" if fmt == "nvfp4" else "")
-        )
-    if bits is None:
-        return
-    if weight_format is not None and weight_format not in WEIGHT_FORMATS[fmt]:
-        acts = f"act_format={fmt}" if fmt is not None else f"integer act_bits={bits}"
-        pairs = [f"act_format={a}" for a in ACT_FORMATS if weight_format in WEIGHT_FORMATS[a]]
-        raise UserError(
-            f"{acts} activations do not pair with format={weight_format} weights; valid: format="
-            f"{' or '.join(WEIGHT_FORMATS[fmt])}" + (f", or {' or '.join(pairs)}" if pairs else "")
-        )
-    if save:
-        check_savable(fmt)
-
-
-def check_savable(fmt: str | None) -> None:
-    """Checkpoints record integer and FP8 (dynamic) activation schemes. An NVFP4 one would need a calibrated
-    per-tensor global input scale, which this simulation computes per forward pass instead: not written."""
-    if fmt == "nvfp4":
-        raise UserError(
-            "save: an act_format=nvfp4 run is not saved: an NVFP4 checkpoint's activations need a "
-            "calibrated global input scale, which this run computes per forward pass; valid: "
-            "act_format=fp8 or null with save=true, or save=false"
-        )
 
 
 def act_scale(amax: Tensor, bits: int, fmt: str | None = None) -> Tensor:

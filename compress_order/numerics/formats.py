@@ -23,26 +23,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from compress_order.core.schemes import FLOAT_FORMATS, FloatFormat
 from compress_order.numerics.quant import QuantGrid, fit_grid
 
-FORMATS = ("int", "fp8", "nvfp4", "mxfp4")
-
-
-@dataclass(frozen=True)
-class FloatFormat:
-    name: str
-    bits: int  # element bits
-    group_size: int | None  # fixed group (None: the run's group_size, -1 = per channel)
-    scale: str  # "float32" | "e4m3+tensor" | "e8m0"
-    scale_bits: int  # bits stored per group scale
-    tensor_scale: bool  # one extra float32 scale per tensor
-
-
-FLOAT_FORMATS = {
-    "fp8": FloatFormat("fp8", 8, None, "float32", 32, False),
-    "nvfp4": FloatFormat("nvfp4", 4, 16, "e4m3+tensor", 8, True),
-    "mxfp4": FloatFormat("mxfp4", 4, 32, "e8m0", 8, False),
-}
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
 
 
@@ -214,41 +197,6 @@ def rebalance_tensor_scale(grid: "QuantGrid | FloatGrid") -> None:
     top = float((grid.scale / grid.tensor_scale).max())
     if top > 0:
         grid.tensor_scale = grid.tensor_scale * 2.0 ** math.ceil(math.log2(top / E4M3_MAX))
-
-
-def check_format(fmt: str, bits: int, group_size: int) -> None:
-    """A format's name, and the bits and group size it fixes (a contradicting value given is an error)."""
-    from compress_order.core.errors import UserError
-
-    if fmt not in FORMATS:
-        raise UserError(f"format={fmt} is unknown; valid: {', '.join(FORMATS)}")
-    if fmt == "int":
-        return
-    f = FLOAT_FORMATS[fmt]
-    if bits != f.bits:
-        raise UserError(
-            f"format={fmt} stores {f.bits}-bit elements; bits={bits} contradicts it (drop bits= to "
-            f"follow the format, or use format=int)"
-        )
-    allowed = (f.group_size,) if f.group_size is not None else (-1, 128)
-    if group_size not in allowed:
-        raise UserError(
-            f"format={fmt} takes group_size {' or '.join(map(str, allowed))}; group_size={group_size} "
-            f"contradicts it (drop group_size= to follow the format)"
-        )
-
-
-def format_bits(fmt: str, default: int) -> int:
-    """The `bits` a format fixes (INT: the given default), for the root config's interpolation."""
-    return FLOAT_FORMATS[fmt].bits if fmt in FLOAT_FORMATS else int(default)
-
-
-def format_group(fmt: str, default: int) -> int:
-    """The group size a format fixes (FP8: per channel; INT: the given default)."""
-    if fmt in FLOAT_FORMATS:
-        g = FLOAT_FORMATS[fmt].group_size
-        return -1 if g is None else g
-    return int(default)
 
 
 def fit_weight_grid(

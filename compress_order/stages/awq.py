@@ -27,10 +27,11 @@ import torch
 from torch import Tensor
 
 from compress_order.core.errors import UserError
+from compress_order.core.schemes import FLOAT_FORMATS
 from compress_order.modeling.hessian import HessianStats
 from compress_order.modeling.scaling import Partner, float_grid_obstacle
 from compress_order.modeling.targets import Target
-from compress_order.numerics.formats import FLOAT_FORMATS, FloatGrid, group_scales, rebalance_tensor_scale
+from compress_order.numerics.formats import FloatGrid, group_scales, rebalance_tensor_scale
 from compress_order.numerics.quant import QuantGrid, grid_params
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
 

@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from compress_order.core.errors import UserError
+from compress_order.core.schemes import check_format
 from compress_order.core.specs import BITS, GROUP_SIZE, SPARSITY, declared
 from compress_order.modeling.targets import Target
-from compress_order.numerics.formats import check_format, fit_weight_grid
+from compress_order.numerics.formats import fit_weight_grid
 from compress_order.numerics.prune import nm_sparsity, parse_nm
 from compress_order.numerics.quant import QuantGrid
 

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from compress_order.core.errors import UserError
+from compress_order.core.schemes import FLOAT_FORMATS, format_group
 from compress_order.core.specs import BITS
 from compress_order.modeling.targets import Target
-from compress_order.numerics.formats import FLOAT_FORMATS, fit_float_grid, format_group
+from compress_order.numerics.formats import fit_float_grid
 from compress_order.numerics.quant import fit_grid
 from compress_order.stages.base import QuantMixin, Stage, set_quantized
 
