@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -48,6 +50,10 @@ def test_run_writes_tidy_rows_for_every_node(tiny_overrides, tmp_path):
     assert set(disk["depth"]) == {0, 1, 2} and disk["stages"].iloc[0] == "magnitude,rtn"
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "◀ best" in summary and "non-overlapping windows of 64 tokens" in summary
+    # one shape, one dtype: the dense-simulated latency is timed once and every node reports that figure
+    assert json.loads((tmp_path / "out" / "run_stats.json").read_text())["latency_timings"] == 1
+    assert sim[sim["metric"] == "latency_ms"]["value"].nunique() == 1
+    assert "1 timing(s) for 5 evaluated node(s)" in summary
     assert "int4_weight_only(bf16) speed-up" in summary and "int8_weight_only(fp32) speed-up" in summary
     samples = pd.read_parquet(tmp_path / "out" / "samples.parquet")
     nll = samples[samples["order"] == "dense"]["value"]

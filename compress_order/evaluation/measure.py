@@ -107,6 +107,14 @@ def decode_ms_per_token(
 _CLEAR_REFS, _STATUS = "/proc/self/clear_refs", "/proc/self/status"
 
 
+def shape_signature(model: nn.Module, targets: dict[str, Target]) -> tuple:
+    """What a dense forward's time depends on: every parameter's name, shape and dtype, and the layers removed
+    from the computation (dropped experts). Two nodes alike in these run the same kernels on the same shapes,
+    whatever their weights' values."""
+    params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters())
+    return params, tuple(sorted(n for n, t in targets.items() if t.constraint.dropped))
+
+
 def reset_peak(device: torch.device) -> None:
     """Start a new peak: CUDA's allocator statistics, or (Linux) the process's peak resident set (VmHWM), which
     writing 5 to /proc/self/clear_refs resets. Elsewhere the CPU peak stays the process's peak so far."""

@@ -62,6 +62,7 @@ class RunStats:
     from_other_jobs: int = 0  # nodes another job was computing, picked up at the end
     taken_over: int = 0  # stale claims of dead jobs, computed here
     saved: int = 0
+    latency_timings: int = 0  # distinct model shapes whose dense-simulated latency was timed (pipeline.RunContext)
     wall_s: float = 0.0
     # calibration tokens per expert (min / median / max, experts without any) per MoE layer, by node
     expert_tokens: dict = field(default_factory=dict)
@@ -150,6 +151,13 @@ def run(settings: RunSettings, out_dir: Path, store: NodeStore | None = None) ->
     summary = summary_markdown(df, executor.primary, executor.protocol)
     if executor.ctx is not None and executor.ctx.coverage is not None:
         summary += f"- {executor.ctx.coverage.line(_full_coverage(df))}\n"
+    if executor.ctx is not None and stats.evaluations:
+        stats.latency_timings = len(executor.ctx.latency)
+        summary += (
+            f"- latency (dense-simulated): timed once per distinct model shape, {stats.latency_timings} timing(s) "
+            f"for {stats.evaluations} evaluated node(s); nodes of one shape and dtype share the figure (a dense "
+            f"kernel's time does not depend on the weights' values)\n"
+        )
     if plans[0].predict_only:
         summary += "\n" + _predicted(settings, df, out_dir, executor.primary, stats)
     write_text(out_dir / SUMMARY, summary)
