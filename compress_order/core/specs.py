@@ -70,6 +70,7 @@ def one_of(options: Sequence[str]) -> Spec:
 
 
 SCOPE = one_of(("row", "layer"))  # which weights a pruner ranks together: the whole matrix, or each output row
+GRID = one_of(("keep", "refit"))  # a weight-updating pruner after a quantizer: round onto its grid, or fit one anew
 FLAG = Spec(lambda v: isinstance(v, bool), "must be true or false")
 
 # Shared by the root config and the stages that read them (stages/base.py, expert_prune.py, mixed.py).
