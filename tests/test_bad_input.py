@@ -33,6 +33,13 @@ BAD = [
     (["stages=[{name:magnitude,scope:rwo}]"], "magnitude scope=rwo is unknown; valid: row, layer"),
     (["stages=[{name:wanda,scope:rwo}]"], "wanda scope=rwo is unknown; valid: row, layer"),
     (["stages=[{name:rtn,sym:maybe}]"], "rtn sym=maybe must be true or false"),  # a declared bool takes booleans only
+    (["stages=[{name:sparsegpt,grid:bogus},rtn]"], "sparsegpt grid=bogus is unknown; valid: keep, refit"),
+    # `grid` (keep or refit an earlier grid) belongs to pruners that update weights: refused on those that do not,
+    # and on the joint schedule, which fits its own grid
+    (["stages=[{name:magnitude,grid:refit},rtn]"], "unknown parameter 'grid' for stage 'magnitude'"),
+    (["stages=[{name:wanda,grid:keep},rtn]"], "unknown parameter 'grid' for stage 'wanda'"),
+    (["stages=[{name:expert_prune,grid:refit},rtn]"], "unknown parameter 'grid' for stage 'expert_prune'"),
+    (["joint=[{name:sparsegpt_gptq,grid:refit}]"], "unknown parameter 'grid' for stage 'sparsegpt_gptq'"),
     # A typo never runs with the default value: unknown keys name the closest valid one.
     (["stages=[{name:magnitude,spars:0.3},rtn]"], "unknown parameter 'spars' for stage 'magnitude'; did you mean 'sparsity'? valid: label, nm, scope, sparsity"),
     (["joint=[{name:sparsegpt_gptq,bitz:3}]"], "unknown parameter 'bitz' for stage 'sparsegpt_gptq'; did you mean 'bits'?"),

@@ -15,6 +15,7 @@ from compress_order.stages.calibration import calibrate_and_compress
 from compress_order.numerics.constraints import nm_holds, required_zeros
 from compress_order.core.errors import UserError
 from compress_order.modeling.hessian import HessianStats, damped_inverse_cholesky, layer_columns
+from compress_order.numerics.formats import fit_float_grid
 from compress_order.numerics.obs import obs_solve
 from compress_order.numerics.prune import row_quota_mask, spread_quota
 from compress_order.stages.base import Stage
@@ -213,6 +214,133 @@ def test_joint_records_mask_and_grid_exactly():
     run_stage(GPTQ(3, 16, blocksize=16, name="gptq"), t2, X)
     e_joint, e_seq = recon_error(W, t.weight, X), recon_error(W, t2.weight, X)
     assert e_joint < 1.25 * e_seq, (e_joint, e_seq)  # one pass is about as good as two
+
+
+# ----------------------------------------------------------------------------------------------- grid: keep | refit
+
+
+def pruned_alone(t: Target, X: Tensor, sparsity: float, nm: str | None) -> Tensor:
+    """What SparseGPT writes on `t`'s current weights and mask without any grid: refit's first solve."""
+    c = t.constraint
+    u = Target("alone", nn.Linear(t.shape[1], t.shape[0], bias=False))
+    u.set_weight(t.weight.clone())
+    u.constraint.mask = None if c.mask is None else c.mask.clone()
+    return run_stage(SparseGPT(sparsity, nm, blocksize=16, name="sparsegpt"), u, X)
+
+
+def minmax_by_hand(w: Tensor, bits: int, gs: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero-point of every (row, group) of w, from the min-max definition (0 in the range)."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // gs, gs)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
+    maxq = 2**bits - 1
+    scale = (hi - lo) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+    return scale, zero
+
+
+QUANTIZERS = {
+    "rtn3-g16": lambda: RTN(3, 16, name="rtn"),
+    "rtn4-g16-sym": lambda: RTN(4, 16, sym=True, name="rtn"),
+    "rtn4-channel": lambda: RTN(4, -1, name="rtn"),
+    "gptq3-g16": lambda: GPTQ(3, 16, blocksize=16, name="gptq"),
+    "rtn-mxfp4": lambda: RTN(4, 32, format="mxfp4", name="rtn"),
+    "rtn-nvfp4": lambda: RTN(4, 16, format="nvfp4", name="rtn"),
+}
+
+
+@pytest.mark.parametrize("nm", [None, "2:4"])
+@pytest.mark.parametrize("quant", list(QUANTIZERS))
+def test_sparsegpt_refit_lies_on_a_fresh_grid_of_the_same_kind(quant, nm):
+    X = correlated_inputs(600, 64)
+    t = linear_target()
+    run_stage(Magnitude(0.2, name="magnitude"), t, X)  # earlier zeros
+    quantizer = QUANTIZERS[quant]()
+    run_stage(quantizer, t, X)
+    c = t.constraint
+    earlier, earlier_mask = c.grid, c.mask.clone()
+    sparsity = 0.5 if nm else 0.6
+    alone = pruned_alone(t, X, sparsity, nm)
+    run_stage(SparseGPT(sparsity, nm, blocksize=16, grid="refit", name="sparsegpt"), t, X)
+    w, g = t.weight, c.grid
+    # A new grid of the earlier one's kind, recorded, and every weight exactly on it (t.check() ran too).
+    assert g is not earlier and type(g) is type(earlier)
+    assert (g.fmt, g.bits, g.group_size, g.sym, g.scale.shape) == (
+        earlier.fmt, earlier.bits, earlier.group_size, earlier.sym, earlier.scale.shape,
+    )  # fmt: skip
+    assert not torch.equal(g.scale, earlier.scale)
+    codes = g.codes(w)
+    assert torch.equal(g.dequant(codes), w) and torch.equal(codes, codes.round())
+    # Its ranges are those of the pruning's own result, group by group.
+    if g.fmt == "int":
+        scale, zero = minmax_by_hand(alone, g.bits, g.group_size, g.sym)
+        torch.testing.assert_close(g.scale, scale, rtol=1e-6, atol=0)
+        assert torch.equal(g.zero, zero) and bool(((codes >= 0) & (codes <= g.maxq)).all())
+    elif g.fmt == "mxfp4":  # 2^(floor(log2 max|w|) - 2): E2M1's largest value is 1.5 · 2^2
+        amax = alone.abs().reshape(32, -1, 32).amax(-1)
+        assert torch.equal(g.scale, torch.exp2(torch.floor(torch.log2(amax)) - 2))
+    else:
+        fresh = fit_float_grid(alone, g.fmt, g.group_size)
+        assert torch.equal(g.scale, fresh.scale) and torch.equal(g.tensor_scale, fresh.tensor_scale)
+        assert g.problem() is None
+    # Earlier zeros stay zero, the mask only grows, and the target is met exactly.
+    assert not bool((earlier_mask < c.mask).any()) and bool((w[~earlier_mask] == 0).all())
+    if nm:
+        assert nm_holds(c.mask, 2, 4)
+    else:
+        assert int((~c.mask).sum()) == required_zeros(0.6, w.numel())
+    assert c.applied == ["magnitude", quantizer.label, "sparsegpt"]
+
+
+def twin_inputs(n: int = 800, pairs: int = 32, seed: int = 0) -> Tensor:
+    """Inputs in near-identical pairs of columns: pruning one of a pair moves its weight onto its twin, so the
+    twin's value leaves the range a quantizer fit before pruning."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, pairs, generator=g)
+    return torch.stack([base, base + 0.05 * torch.randn(n, pairs, generator=g)], 2).reshape(n, 2 * pairs)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_refit_reconstructs_better_where_the_earlier_range_clamps(bits):
+    X = twin_inputs()
+    errs, clamped = {}, None
+    for mode in ("keep", "refit"):
+        t = linear_target()
+        run_stage(RTN(bits, 16, name="rtn"), t, X)
+        Wq, earlier = t.weight.clone(), t.constraint.grid
+        if clamped is None:  # the updates the earlier ranges cannot hold
+            alone = pruned_alone(t, X, 0.5, None)
+            clamped = int((earlier.dequant(earlier.codes(alone)) - alone).abs().gt(earlier._expand(earlier.scale)).sum())
+        run_stage(SparseGPT(0.5, blocksize=16, grid=mode, name="sparsegpt"), t, X)
+        errs[mode] = recon_error(Wq, t.weight, X)  # SparseGPT's objective: the entering layer's output
+    assert clamped > 50, clamped  # of 1024 kept weights
+    assert errs["refit"] < 0.8 * errs["keep"], errs
+
+
+def test_keep_is_the_default_and_refit_changes_nothing_without_an_earlier_grid():
+    X = correlated_inputs(600, 64)
+    out = {}
+    for quantized in (False, True):
+        for mode in (None, "keep", "refit"):
+            t = linear_target()
+            if quantized:
+                run_stage(GPTQ(3, 16, blocksize=16, name="gptq"), t, X)
+            grid = t.constraint.grid
+            kw = {} if mode is None else {"grid": mode}
+            out[quantized, mode] = run_stage(SparseGPT(0.5, blocksize=16, name="sparsegpt", **kw), t, X)
+            assert (t.constraint.grid is grid) == (mode != "refit" or not quantized)
+    assert torch.equal(out[False, None], out[False, "keep"]) and torch.equal(out[False, None], out[False, "refit"])
+    assert torch.equal(out[True, None], out[True, "keep"]) and not torch.equal(out[True, None], out[True, "refit"])
+
+
+def test_grid_setting_is_checked():
+    with pytest.raises(UserError, match=r"^sparsegpt grid=bogus is unknown; valid: keep, refit$"):
+        SparseGPT(0.5, grid="bogus", name="sparsegpt")
+    with pytest.raises(UserError, match=r"grid=True is unknown"):
+        SparseGPT(0.5, grid=True, name="sparsegpt")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -43,6 +43,28 @@ def test_run_end_to_end_with_joint(tiny_overrides, tmp_path):
     assert all(math.isfinite(v) for v in ppl)
 
 
+def test_run_with_refit_grid_after_a_quantizer(tiny_overrides, tmp_path):
+    """grid=refit changes only what follows a quantizer: sparsegpt alone and the prefix gptq are the keep run's."""
+    from compress_order.config.compose import compose_config
+    from helpers import run
+
+    ppl = {}
+    for mode, first in (("keep", "sparsegpt"), ("refit", "{name:sparsegpt,grid:refit}")):
+        cfg = compose_config(
+            tiny_overrides + [f"stages=[{first},gptq]", "sparsity=0.5", "bits=4", "group_size=32", "device=cpu"]
+        )
+        df = run(cfg, tmp_path / mode)
+        sp = df[df.metric == "sparsity"].set_index("order")["value"]
+        assert all(v >= 0.5 - 1e-9 for o, v in sp.items() if o not in ("dense", "gptq")), sp
+        ppl[mode] = df[df.metric == "perplexity"].set_index("order")["value"].to_dict()
+    label = "sparsegpt(grid=refit)"
+    assert set(ppl["refit"]) == {"dense", label, "gptq", f"{label} > gptq", f"gptq > {label}"}, ppl["refit"]
+    keep, refit = ppl["keep"], ppl["refit"]
+    assert refit[label] == keep["sparsegpt"] and refit["gptq"] == keep["gptq"]
+    assert refit[f"{label} > gptq"] == keep["sparsegpt > gptq"]  # no earlier grid: the setting changes nothing
+    assert refit[f"gptq > {label}"] != keep["gptq > sparsegpt"] and math.isfinite(refit[f"gptq > {label}"])
+
+
 # ----------------------------------------------------------------------------------------------- quality (slow)
 
 

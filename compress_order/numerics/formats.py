@@ -208,6 +208,13 @@ def fit_weight_grid(
     return fit_float_grid(w, fmt, group_size)
 
 
+def refit_like(grid: QuantGrid | FloatGrid, w: Tensor) -> QuantGrid | FloatGrid:
+    """A grid of `grid`'s kind (format, bits, group size, symmetry) fit anew to `w`: min-max for INT, max-scaled
+    for a float format (NVFP4's per-tensor scale too). A range clipped when `grid` was fit (RTN's `clip`, AWQ's
+    search) is not searched again."""
+    return fit_weight_grid(w, grid.fmt, grid.bits, grid.group_size, grid.sym)
+
+
 def lazy_grid(w: Tensor, fmt: str, bits: int, group_size: int, sym: bool) -> QuantGrid | FloatGrid:
     """A grid whose groups the solver fits as it reaches them (`fit_group`); a float grid's per-tensor scale is
     fixed now, from the whole weight."""

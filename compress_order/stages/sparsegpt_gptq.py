@@ -3,6 +3,10 @@
 Each lazy block first chooses its pruned weights (as SparseGPT), then every column is rounded onto the grid and
 both the pruning and the rounding error are fed to the columns still to come. The layer ends with a mask (at
 exactly the target sparsity) and a grid that every weight lies on; an earlier mask is kept.
+
+It takes no `grid` setting (SparseGPT's keep | refit of an earlier quantizer's grid): its pruning updates are rounded
+onto the grid it fits itself, each group's range from the kept, updated weights when the solver reaches the group,
+kept from then on; an earlier grid is replaced by it. `grid=` on this stage is refused as an unknown parameter.
 """
 
 from __future__ import annotations
