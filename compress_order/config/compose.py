@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from compress_order.config.names import model_name
 from compress_order.core.errors import UserError
 from compress_order.core.files import check_writable
 from compress_order.core.paths import ASSETS_DIR, CONF_DIR
@@ -21,6 +22,8 @@ from compress_order.modeling.act import act_format_bits, act_format_granularity
 from compress_order.numerics.formats import format_bits, format_group
 
 OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), replace=True)
+# a model's name follows its weights unless model.name is given (names.py)
+OmegaConf.register_new_resolver("model_name", model_name, replace=True)
 # bits and group_size follow the number format unless given (formats.py)
 OmegaConf.register_new_resolver("format_bits", format_bits, replace=True)
 OmegaConf.register_new_resolver("format_group", format_group, replace=True)
