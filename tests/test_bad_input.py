@@ -33,6 +33,9 @@ BAD = [
     (["stages=[{name:magnitude,scope:rwo}]"], "magnitude scope=rwo is unknown; valid: row, layer"),
     (["stages=[{name:wanda,scope:rwo}]"], "wanda scope=rwo is unknown; valid: row, layer"),
     (["stages=[{name:rtn,sym:maybe}]"], "rtn sym=maybe must be true or false"),  # a declared bool takes booleans only
+    # an explicit setting that cannot apply is refused (its default adapts): float codebooks have no zero-point
+    (["format=mxfp4", "stages=[{name:rtn,sym:false}]"], "stage 'rtn(sym=False)': sym=false cannot apply: format=mxfp4 is a symmetric codebook"),
+    (["format=nvfp4", "joint=[{name:sparsegpt_gptq,sym:false}]"], "stage 'sparsegpt+gptq': sym=false cannot apply"),
     # A typo never runs with the default value: unknown keys name the closest valid one.
     (["stages=[{name:magnitude,spars:0.3},rtn]"], "unknown parameter 'spars' for stage 'magnitude'; did you mean 'sparsity'? valid: label, nm, scope, sparsity"),
     (["joint=[{name:sparsegpt_gptq,bitz:3}]"], "unknown parameter 'bitz' for stage 'sparsegpt_gptq'; did you mean 'bits'?"),

@@ -57,6 +57,13 @@ class Stage:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
 
+    @classmethod
+    def inapplicable(cls, params: dict[str, Any]) -> dict[str, str]:
+        """Parameters the stage would not apply as their value says, with why (resolved `params`, defaults filled
+        in). Such a parameter's default is adapted (documented with the stage); given explicitly, in the stage
+        entry or its yaml, it is refused (config/stages.py), so a label never names a setting that did nothing."""
+        return {}
+
     def validate(self, targets: dict[str, Target]) -> None:
         """Raise UserError for settings that cannot apply to these layers (before any work is done)."""
 
@@ -108,6 +115,15 @@ class PruneMixin:
 
 
 class QuantMixin:
+    @classmethod
+    def inapplicable(cls, params: dict[str, Any]) -> dict[str, str]:
+        """`sym=false` asks for zero-points, which a float format's codebook has none of: its default adapts to
+        symmetric, an explicit `sym: false` is refused."""
+        fmt = params.get("format", "int")
+        if fmt != "int" and params.get("sym") is False:
+            return {"sym": f"format={fmt} is a symmetric codebook without zero-points; drop sym or use format=int"}
+        return {}
+
     def _init_quant(self, bits: int, group_size: int, sym: bool, fmt: str = "int") -> None:
         BITS.check(bits, "bits")
         GROUP_SIZE.check(group_size, "group_size")
