@@ -25,6 +25,7 @@ BAD = [
     (["stages=[{name:magnitude,nm:'4:4'}]"], "needs 0 < N < M"),
     (["-m", "bits=3,9"], "bits=9 is outside 2-8"),  # every sweep point is checked before the first runs
     (["model.path=/nonexistent/dir"], "local path '/nonexistent/dir' does not exist"),
+    (["data=wikipedia", "data.train=/nonexistent/train.txt"], "train file '/nonexistent/train.txt' does not exist; prepare it with: python scripts/get_wikipedia.py"),
     (["stages=[{name:magnitude,nm:'2:4',sparsity:0.7}]"], "contradicts N:M 2:4"),
     (["stages=[{name:gptq,act_order:true}]", "group_size=32"], "act_order"),
     (["group_size=0"], "group_size=0 must be a positive integer or -1"),
@@ -149,3 +150,25 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "unknown stage 'wanda_typo'" in out.stderr
+
+
+# What `run` refuses, `validate` refuses too, before any model loads and for every point of a sweep (issue #41).
+BOTH = [
+    (["data=wikipedia"], "data 'wikipedia': train file '/nonexistent/wikipedia/wikipedia/train.txt' does not exist"),
+    (["data=news"], "data 'news': train file '/nonexistent/wikipedia/news/train.txt' does not exist"),
+    (["-m", "data=shakespeare,wikipedia"], "data 'wikipedia': train file"),  # job 0 once ran, then job 1 failed
+    (["model=resnet18", "data=mnist", "model.checkpoint=/no/such.pth"], "checkpoint '/no/such.pth' does not exist"),
+    (["model=gemma3_270m"], "fetch it with: python scripts/get_gemma3.py"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("args,message", BOTH, ids=[" ".join(a) for a, _ in BOTH])
+def test_validate_refuses_what_run_refuses(command, args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COMPRESS_ORDER_CACHE", "/nonexistent")  # no prepared data or fetched weights
+    out = [f"store_dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    rc = exit_code([command, *args, *out])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert "valid" not in captured.out and not list(tmp_path.rglob("*"))  # nothing ran, nothing written
