@@ -159,6 +159,14 @@ BOTH = [
     (["-m", "data=shakespeare,wikipedia"], "data 'wikipedia': train file"),  # job 0 once ran, then job 1 failed
     (["model=resnet18", "data=mnist", "model.checkpoint=/no/such.pth"], "checkpoint '/no/such.pth' does not exist"),
     (["model=gemma3_270m"], "fetch it with: python scripts/get_gemma3.py"),
+    # what the model's task refuses is known from its loader, before it loads; the hint is what it does report
+    (["model=mnist_resnet", "data=mnist", "eval.metrics=[kld]"], "kld compare next-token distributions of a language model; model 'mnist-resnet' is an image classifier; it reports top1, top5, nll for every node; drop eval.metrics"),
+    (["model=mnist_resnet", "data=mnist", "eval.metrics=[top1_agree]"], "top1_agree compare next-token"),
+    (["model=mnist_resnet", "data=shakespeare"], "model 'mnist-resnet' is an image classifier but data 'shakespeare' is not an image dataset"),
+    (["data=mnist"], "model 'charllama' is a language model but data 'mnist' is not a text dataset"),
+    (["model=mnist_resnet", "data=mnist", "eval.max_windows=4"], "eval.max_windows=4 caps a language model's text windows (images: eval.max_examples)"),
+    (["model=mnist_resnet", "data=mnist", "eval.word_perplexity=true"], "eval.word_perplexity=true scores a language model's text"),
+    (["eval.max_examples=4"], "eval.max_examples=4 caps an image classifier's test images; model 'charllama' is a language model"),
 ]
 
 

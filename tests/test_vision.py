@@ -315,7 +315,8 @@ def test_classifier_and_dataset_class_mismatch(image_folder, tiny_ckpt, capsys, 
             f"model.kwargs.channels={TINY_KWARGS['channels']}", "data=mnist"]  # fmt: skip
     _bad(args, "predicts 5 classes but data 'mnist' has 10", capsys, tmp_path)
     # a checkpoint that does not fit the architecture asked for
-    _bad(["model=mnist_resnet", f"model.checkpoint={tiny_ckpt}"], "does not fit resnet18", capsys, tmp_path)
+    # (with image data: a text dataset for an image classifier is refused first, before the model loads)
+    _bad(["model=mnist_resnet", "data=mnist", f"model.checkpoint={tiny_ckpt}"], "does not fit resnet18", capsys, tmp_path)
 
 
 def test_unlabelled_dataset_and_missing_weights(image_folder, tiny_ckpt, capsys, tmp_path):

@@ -9,6 +9,7 @@ a frozen core.settings.RunSettings.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         )
     seeds = tuple(c["seeds"]) if c["seeds"] is not None else tuple(c["seed"] + i for i in range(c["replicates"]))
     cache = c.get("state_cache") or {}
-    return RunSettings(
+    settings = RunSettings(
         model=_loader(c["model"]),
         data=_loader(c["data"]),
         stages=stages,
@@ -78,6 +79,25 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         ),
         save=Save(enabled=c["save"], format=c["save_format"]),
     )
+    _check_task(settings)
+    return settings
+
+
+def _check_task(settings: RunSettings) -> None:
+    """What the task of this kind of model refuses, before it loads: data of another kind (a text dataset for an
+    image classifier), settings it would ignore (kld on an image classifier). The model loader names its kind
+    (`kind`), the data loader's return type says what the data is."""
+    from compress_order.config.validate import target_object
+    from compress_order.evaluation.tasks import check_task
+
+    kind = getattr(target_object(settings.model.target), "kind", None)
+    if kind is None:  # a loader of the user's own: its task is known once it has loaded
+        return
+    try:
+        data_type = typing.get_type_hints(target_object(settings.data.target)).get("return")
+    except Exception:  # noqa: BLE001  (an annotation that does not resolve says nothing)
+        data_type = None
+    check_task(kind, data_type if isinstance(data_type, type) else None, settings)
 
 
 def _loader(node: dict[str, Any]) -> Loader:

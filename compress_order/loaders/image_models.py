@@ -178,3 +178,4 @@ def _check_timm_node(node: dict[str, Any]) -> None:
 
 
 timm_classifier.check_node = _check_timm_node  # type: ignore[attr-defined]
+timm_classifier.kind = IMAGE_CLASSIFIER  # type: ignore[attr-defined]  (the task that evaluates it, before it loads)

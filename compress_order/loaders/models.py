@@ -134,3 +134,4 @@ def _check_causal_lm_node(node: dict[str, Any]) -> None:
 
 
 causal_lm.check_node = _check_causal_lm_node  # type: ignore[attr-defined]
+causal_lm.kind = "causal_lm"  # type: ignore[attr-defined]  (the task that evaluates it, before it loads)
