@@ -180,3 +180,16 @@ def test_validate_refuses_what_run_refuses(command, args, message, tmp_path, mon
     err = captured.err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
     assert "valid" not in captured.out and not list(tmp_path.rglob("*"))  # nothing ran, nothing written
+
+
+def test_validate_says_what_only_the_loaded_model_can_tell(capsys):
+    """expert_prune on a dense model is refused by `run` once the model is loaded; `validate` cannot know, and says
+    so instead of a plain "valid"."""
+    assert main(["validate", "stages=[expert_prune,rtn]", "expert_sparsity=0.75"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "configuration(s) valid" in ln)
+    assert line.startswith("1 configuration(s) valid as far as can be checked without loading the model: ")
+    n = int(line.split("model: ", 1)[1].split(" checks need the model", 1)[0])
+    assert n == len(line.split(": ", 2)[2].split("; ")) >= 4
+    assert "expert_prune: the model has MoE layers" in line and "expert_sparsity=0.75 leaves every MoE layer" in line
+    assert "rtn: group_size=128 divides every layer's inputs" in line

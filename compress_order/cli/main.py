@@ -103,13 +103,17 @@ def cmd_run(args: list[str]) -> int:
 
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config.compose import validate_overrides
+    from compress_order.config.settings import model_checks
     from compress_order.run.plan import cost, plan_sweep, singles
     from compress_order.run.trie import build_trie, count_applications
 
     h, _ = _hydra_args(args)
     valid = validate_overrides(h.overrides, multirun=_multirun(h))
     plans, jobs = plan_sweep(valid)
+    later: list[str] = []  # what only a loaded model can tell, over every configuration
     for settings in valid:
+        checks = model_checks(settings)
+        later += [c for c in checks if c not in later]
         labels = [s.label for s in settings.stages]
         trie = build_trie(labels, [s.label for s in settings.joint])
         n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
@@ -121,7 +125,10 @@ def cmd_validate(args: list[str]) -> int:
             f"ok: model={settings.model.name} data={settings.data.name} stages={labels} bits={settings.bits} "
             f"sparsity={settings.sparsity}: {shape}" + (f", seeds {seeds}" if len(seeds) > 1 else "")
         )
-    print(f"{len(valid)} configuration(s) valid")
+    print(
+        f"{len(valid)} configuration(s) valid as far as can be checked without loading the model: {len(later)} "
+        f"checks need the model (a run makes them once it has loaded it, before any stage): {'; '.join(later)}"
+    )
     print(cost(plans, jobs).line())
     _print_saving(valid, plans, jobs)
     return 0

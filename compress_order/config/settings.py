@@ -90,7 +90,7 @@ def _check_task(settings: RunSettings) -> None:
     from compress_order.config.validate import target_object
     from compress_order.evaluation.tasks import check_task
 
-    kind = getattr(target_object(settings.model.target), "kind", None)
+    kind = model_kind(settings)
     if kind is None:  # a loader of the user's own: its task is known once it has loaded
         return
     try:
@@ -127,3 +127,28 @@ def _eval(ev: dict[str, Any], device: torch.device) -> Eval:
         tasks=tuple(ev.get("tasks") or ()),
         lm_eval=LmEval(**{**lm, "model_args": frozen_mapping(lm.get("model_args") or {})}),
     )
+
+
+def model_kind(settings: RunSettings) -> str | None:
+    """The kind of model (the task that evaluates it) the model loader declares; None when it declares none."""
+    from compress_order.config.validate import target_object
+
+    return getattr(target_object(settings.model.target), "kind", None)
+
+
+def model_checks(settings: RunSettings) -> list[str]:
+    """What is checked only once the model is loaded: each stage's checks against the layers, the task's against
+    the model and data, that every weight matrix is a target or in model.skip, and loading the weights itself."""
+    from compress_order.config.stages import build_stage
+    from compress_order.evaluation.tasks import model_checks as task_checks
+
+    kind = model_kind(settings)
+    out = [
+        f"model '{settings.model.name}' loads",
+        f"data '{settings.data.name}' loads",
+        "every weight matrix is a stage target or in model.skip",
+    ]
+    out += task_checks(kind, settings) if kind is not None else []
+    for spec in settings.stages + settings.joint:
+        out += build_stage(spec).model_checks()
+    return list(dict.fromkeys(out))

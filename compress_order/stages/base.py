@@ -64,6 +64,13 @@ class Stage:
         entry or its yaml, it is refused (config/stages.py), so a label never names a setting that did nothing."""
         return {}
 
+    def model_checks(self) -> list[str]:
+        """The checks `validate` (and the run's probes) make once the model is loaded, one phrase each: what
+        `compress-order validate` cannot check without loading it."""
+        if self.scales_inputs:
+            return [f"{self.label}: a norm or linear layer absorbs each layer group's input scales"]
+        return []
+
     def validate(self, targets: dict[str, Target]) -> None:
         """Raise UserError for settings that cannot apply to these layers (before any work is done)."""
 
@@ -106,6 +113,12 @@ class PruneMixin:
             sparsity = implied
         self.sparsity = float(SPARSITY.check(sparsity, "sparsity"))
 
+    def model_checks(self) -> list[str]:
+        own = (
+            [] if self.nm is None else [f"{self.label}: N:M {self.nm[0]}:{self.nm[1]}'s M divides every layer's inputs"]
+        )
+        return [*super().model_checks(), *own]  # type: ignore[misc]  (a mixin of Stage subclasses)
+
     def _validate_nm(self, targets: dict[str, Target]) -> None:
         if self.nm is None:
             return
@@ -131,6 +144,12 @@ class QuantMixin:
         self.format = fmt
         # float codebooks are symmetric: no zero-point whatever `sym` says
         self.bits, self.group_size, self.sym = int(bits), int(group_size), bool(sym) or fmt != "int"
+
+    def model_checks(self) -> list[str]:
+        own = (
+            [f"{self.label}: group_size={self.group_size} divides every layer's inputs"] if self.group_size > 0 else []
+        )
+        return [*super().model_checks(), *own]  # type: ignore[misc]  (a mixin of Stage subclasses)
 
     def _fit(self, w: Tensor, clip: float = 1.0):
         """The stage's grid for a weight, in its format."""

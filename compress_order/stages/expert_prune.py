@@ -37,6 +37,13 @@ class ExpertPrune(Stage):
         SPARSITY.check(expert_sparsity, "expert_prune expert_sparsity")
         self.expert_sparsity, self.criterion = float(expert_sparsity), criterion
 
+    def model_checks(self) -> list[str]:
+        return [
+            *super().model_checks(),
+            f"{self.label}: the model has MoE layers",
+            f"{self.label}: expert_sparsity={self.expert_sparsity:g} leaves every MoE layer its router's top-k experts",
+        ]
+
     def validate(self, targets: dict[str, Target]) -> None:
         experts = [t for t in targets.values() if t.index is not None]
         if not experts:

@@ -34,6 +34,10 @@ class Task(Protocol):
     def check(cls, settings: RunSettings, data_type: type | None) -> None:
         """Model-free: UserError for data of another kind and for settings this task would ignore."""
 
+    @classmethod
+    def model_checks(cls, settings: RunSettings) -> list[str]:
+        """The checks building the task makes once the model and data are loaded, one phrase each."""
+
 
 TASKS: Registry[Callable[..., Task]] = Registry("model kind")
 
@@ -57,3 +61,7 @@ def check_task(kind: str, data_type: type | None, settings: RunSettings) -> None
     """Before any model loads (the configuration edge): what the task of models of `kind` refuses of the settings,
     and data of a type it cannot evaluate (`data_type`: what the data loader returns; None: unknown)."""
     _registered().lookup(kind).check(settings, data_type)
+
+
+def model_checks(kind: str, settings: RunSettings) -> list[str]:
+    return _registered().lookup(kind).model_checks(settings)

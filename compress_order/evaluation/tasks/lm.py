@@ -66,6 +66,15 @@ class LMTask:
                 f"eval.max_windows caps its windows"
             )
 
+    @classmethod
+    def model_checks(cls, settings: RunSettings) -> list[str]:
+        data = f"data '{settings.data.name}'"
+        return [
+            f"the validation text of {data} fills one window of the model's tokens",
+            f"the train text of {data} holds calibration.nsamples segments",
+            *(["the tokenizer has a BOS token (model.bos)"] if settings.model.get("bos") else []),
+        ]
+
     def __init__(self, lm: LoadedModel, data: TextSplits, settings: RunSettings):
         ev = settings.eval
         self.check(settings, type(data))

@@ -50,6 +50,13 @@ class VisionTask:
                 shown = list(value) if isinstance(value, tuple) else "true" if value is True else value
                 raise UserError(f"eval.{key}={shown} {what}; {name}; drop eval.{key}")
 
+    @classmethod
+    def model_checks(cls, settings: RunSettings) -> list[str]:
+        return [
+            f"data '{settings.data.name}' has labels on its evaluated split",
+            f"model '{settings.model.name}' predicts as many classes as data '{settings.data.name}' has",
+        ]
+
     def __init__(self, lm: LoadedModel, data: ImageSplits, settings: RunSettings):
         ev = settings.eval
         self.check(settings, type(data))
