@@ -46,6 +46,12 @@ BAD = [
     (["calibration.nsample=3"], "unknown key 'calibration.nsample'; did you mean 'nsamples'?"),
     (["+eval.latency.repeat=3"], "unknown key 'eval.latency.repeat'; did you mean 'repeats'?"),
     (["+model.pth=/x"], "unknown key 'model.pth'; did you mean 'path'?"),
+    # a loader's declared bool takes true/false only (once ran as bos=true); a key its yaml leaves out says how to add it
+    (["model.bos=maybe"], "model.bos=maybe must be true or false"),
+    (["model.bos=2"], "model.bos=2 must be true or false"),
+    (["+model.trust_remote_code=yes"], "model.trust_remote_code=yes must be true or false"),
+    (["+model.bos=true"], "'model.bos' is in the config already: set it with model.bos=... (+ adds a key it lacks)"),
+    (["model.revision=main"], "'model.revision' is not set by this model config (its loader's default applies); to set it: +model.revision=..."),
     # Numbers are checked before any model is loaded.
     (["calibration.nsamples=0"], "calibration.nsamples=0 must be an integer ≥ 1"),
     (["calibration.nsamples=-1"], "calibration.nsamples=-1 must be an integer ≥ 1"),

@@ -80,6 +80,12 @@ def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR, hydra: bool 
         bad = re.match(r"Could not override '([^']+)'", first)
         if bad:  # a key the config does not have: name the closest one
             raise _unknown_override(bad.group(1), overrides, conf_dir) from None
+        there = re.match(r"Could not append to config\. An item is already at '([^']+)'", first)
+        if there:  # `+key=` adds a key; this one is declared already
+            key = there.group(1)
+            raise UserError(
+                f"'{key}' is in the config already: set it with {key}=... (+ adds a key it lacks)"
+            ) from None
         raise UserError(first) from None
     finally:
         GlobalHydra.instance().clear()
@@ -98,7 +104,28 @@ def _unknown_override(key: str, overrides: list[str], conf_dir: Path) -> UserErr
         node = None
     if not isinstance(node, DictConfig):
         return UserError(f"unknown key '{key}'; the config has no such key (to add one, use +{key}=...)")
-    return unknown_key(key, [k for k in node.keys() if k not in ("hydra", "_target_")])
+    valid = [k for k in node.keys() if k not in ("hydra", "_target_")]
+    added = _loader_param(node, key)
+    if added is not None:  # a parameter the group's loader takes that its yaml leaves at the loader's default
+        return UserError(
+            f"'{key}' is not set by this {parent} config (its loader's default applies); to set it: +{key}=..."
+        )
+    return unknown_key(key, valid)
+
+
+def _loader_param(node: DictConfig, key: str) -> str | None:
+    """`key`'s last part when the `_target_` of `node` (a model or data group) takes it as a parameter."""
+    from compress_order.config.validate import target_params
+
+    target = node.get("_target_") if "_target_" in node else None
+    if not isinstance(target, str):
+        return None
+    try:
+        params = target_params(target)
+    except UserError:
+        return None
+    name = key.rsplit(".", 1)[-1]
+    return name if params is not None and name in params else None
 
 
 def sweep_params(overrides: list[str]) -> list[str]:
