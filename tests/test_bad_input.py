@@ -71,6 +71,7 @@ BAD = [
     (["seeds=[1,-2]"], "seeds=[1, -2] must hold integers ≥ 0 only"),
     (["seeds=[1,2]", "replicates=3"], "replicates=3 contradicts seeds=[1, 2]"),
     (["--cfg", "bogus"], "--cfg takes one of: job, hydra, all (got 'bogus')"),
+    (["--cfg", "job", "bits=3,4"], "bits=3,4 gives 2 values without -m: for a list write bits=[3,4]"),
     (["act_bits=1"], "act_bits=1 is outside 2-16"),
     (["act_bits=17"], "act_bits=17 is outside 2-16"),
     (["act_bits=8", "act_granularity=channel"], "act_granularity=channel is unknown; valid: token, tensor, static"),
@@ -144,7 +145,7 @@ def test_cuda_requested_without_cuda(tiny_overrides, capsys):
 def test_unknown_command_and_validate(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'; valid: " in capsys.readouterr().err
-    assert main(["validate", "bits=3,4", "sparsity=0.5"]) == 0
+    assert main(["validate", "-m", "bits=3,4", "sparsity=0.5"]) == 0  # a sweep needs -m (issue #41: was without)
     out = capsys.readouterr().out
     assert out.count("ok: ") == 2 and "2 orders, 4 stage applications" in out
 
@@ -165,6 +166,10 @@ BOTH = [
     (["-m", "data=shakespeare,wikipedia"], "data 'wikipedia': train file"),  # job 0 once ran, then job 1 failed
     (["model=resnet18", "data=mnist", "model.checkpoint=/no/such.pth"], "checkpoint '/no/such.pth' does not exist"),
     (["model=gemma3_270m"], "fetch it with: python scripts/get_gemma3.py"),
+    # a comma value without -m is neither a list nor a sweep: one line naming both (was Hydra's five lines, exit 1,
+    # after a plan for 2 jobs; validate called it a 2-point sweep)
+    (["eval.metrics=perplexity,kld"], "eval.metrics=perplexity,kld gives 2 values without -m: for a list write eval.metrics=[perplexity,kld], to sweep over them add -m"),
+    (["bits=3,4"], "bits=3,4 gives 2 values without -m: for a list write bits=[3,4], to sweep over them add -m"),
     # what the model's task refuses is known from its loader, before it loads; the hint is what it does report
     (["model=mnist_resnet", "data=mnist", "eval.metrics=[kld]"], "kld compare next-token distributions of a language model; model 'mnist-resnet' is an image classifier; it reports top1, top5, nll for every node; drop eval.metrics"),
     (["model=mnist_resnet", "data=mnist", "eval.metrics=[top1_agree]"], "top1_agree compare next-token"),
@@ -185,7 +190,8 @@ def test_validate_refuses_what_run_refuses(command, args, message, tmp_path, mon
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
-    assert "valid" not in captured.out and not list(tmp_path.rglob("*"))  # nothing ran, nothing written
+    assert "valid" not in captured.out and "plan:" not in captured.out  # nothing planned or ran
+    assert not list(tmp_path.rglob("*"))  # nothing written
 
 
 def test_validate_says_what_only_the_loaded_model_can_tell(capsys):

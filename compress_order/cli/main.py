@@ -89,6 +89,8 @@ def cmd_run(args: list[str]) -> int:
 
     _check_flags(args)
     h, ordered = _hydra_args(args)
+    if h.cfg and not _multirun(h):  # --cfg prints the config Hydra composes, which a sweep value does not
+        config.no_sweep(h.overrides)
     if not (h.cfg or h.info or h.help or h.hydra_help or h.shell_completion):  # these only print
         from compress_order.run.plan import cost, plan_sweep
 

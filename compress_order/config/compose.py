@@ -67,6 +67,20 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
     return combos or [[]]
 
 
+def no_sweep(overrides: list[str]) -> None:
+    """Without -m a comma value is neither a list nor a sweep (Hydra's "Ambiguous value"): one line naming both."""
+    expand_overrides(overrides)  # a line Hydra's grammar refuses, as one line
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    for o in parsed:
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            values = list(o.sweep_string_iterator())
+            raise UserError(
+                f"{o.input_line} gives {len(values)} values without -m: for a list write {key}=[{','.join(values)}], "
+                f"to sweep over them add -m"
+            )
+
+
 def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR, hydra: bool = False) -> DictConfig:
     """Compose conf/config.yaml with overrides, as `compress-order run` would (without running)."""
     GlobalHydra.instance().clear()
@@ -144,8 +158,11 @@ def validate_overrides(overrides: list[str], multirun: bool = False) -> list[Run
 
     if multirun:
         overrides = list(overrides) + sweep_params(overrides)
+    if not multirun:
+        no_sweep(overrides)
+    combos = expand_overrides(overrides)
     jobs = []
-    for combo in expand_overrides(overrides):
+    for combo in combos:
         settings = run_settings(compose_config(combo))
         if settings.store.dir is not None:  # None: no store (every node computed, nothing shared or resumed)
             check_writable(settings.store.dir, "store_dir")
