@@ -82,6 +82,9 @@ BAD = [
     (["state_cache.dir=null", "state_cache.max_gb=-1"], "state_cache.max_gb=-1 must be a number > 0"),
     (["state_cache.dir=5"], "state_cache.dir=5 must be a folder or null (no cache)"),
     (["expert_sparsity=1.5"], "expert_sparsity=1.5 is outside [0, 1)"),
+    (["expert_sparsity=abc"], "expert_sparsity=abc is not a number; valid: [0, 1)"),  # not "outside [0, 1)"
+    (["sparsity=true"], "sparsity=true is not a number; valid: [0, 1)"),
+    (["bits=3.5"], "bits=3.5 is not an integer; valid: 2-8"),
     (["calibration.true_sequential=maybe"], "calibration.true_sequential=maybe must be true or false"),
     (["calibration.moe_all_experts=2"], "calibration.moe_all_experts=2 must be true or false"),
     (["calibration.device=tpu"], "calibration.device=tpu is unknown; valid: auto, cpu, cuda, cuda:N"),
