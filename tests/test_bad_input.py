@@ -208,3 +208,22 @@ def test_validate_says_what_only_the_loaded_model_can_tell(capsys):
     assert n == len(line.split(": ", 2)[2].split("; ")) >= 4
     assert "expert_prune: the model has MoE layers" in line and "expert_sparsity=0.75 leaves every MoE layer" in line
     assert "rtn: group_size=128 divides every layer's inputs" in line
+
+
+@pytest.mark.parametrize("command", ["validate", "list"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_and_does_nothing_else(command, flag, capsys):
+    assert main([command, flag]) == 0  # validate --help once validated the default config
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: compress-order {command}") and "ok: " not in out and "model:" not in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["validate", "--cfg", "job"], "validate takes overrides and -m only, not --cfg"),
+    (["validate", "--config-name", "other"], "validate takes overrides and -m only, not --config-name"),
+    (["list", "models"], "list takes no arguments (got models)"),
+])  # fmt: skip
+def test_flags_a_command_does_not_read_are_refused(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

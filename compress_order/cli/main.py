@@ -103,6 +103,48 @@ def cmd_run(args: list[str]) -> int:
     return hydra_main(ordered)
 
 
+VALIDATE_USAGE = """usage: compress-order validate [-m] [OVERRIDES]
+
+Compose the config as `compress-order run` would and run every check that needs no model (with -m, or an
+experiment that sweeps: for every point of the sweep), then print each configuration's trie, the checks only a
+loaded model can make, and the plan's cost. Nothing is loaded, run or written. Exit 0: valid as far as can be
+checked without the model; exit 2: one line saying what is wrong.
+
+examples:
+  compress-order validate stages=[rtn,magnitude] bits=4
+  compress-order validate -m bits=3,4 sparsity=0.5,0.7
+  compress-order validate -m experiment=mini_lm"""
+
+LIST_USAGE = """usage: compress-order list
+
+The models, datasets, evaluation settings, experiments and launchers (config groups), the stages with their
+parameters, the latency backends and the metrics."""
+
+
+def _only_sweep_flags(h: argparse.Namespace, command: str) -> None:
+    """`validate` reads overrides and -m; a Hydra flag that only `run` acts on is refused, not ignored."""
+    used = [
+        flag
+        for flag, given in (
+            ("--cfg", h.cfg),
+            ("--resolve", h.resolve),
+            ("--package", h.package),
+            ("--info", h.info),
+            ("--run", h.run),
+            ("--config-path", h.config_path),
+            ("--config-name", h.config_name),
+            ("--config-dir", h.config_dir),
+            ("--experimental-rerun", h.experimental_rerun),
+            ("--shell-completion", h.shell_completion),
+        )
+        if given
+    ]
+    if used:
+        raise UserError(
+            f"{command} takes overrides and -m only, not {' '.join(used)}; see compress-order {command} --help"
+        )
+
+
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config.compose import validate_overrides
     from compress_order.config.settings import model_checks
@@ -110,6 +152,10 @@ def cmd_validate(args: list[str]) -> int:
     from compress_order.run.trie import build_trie, count_applications
 
     h, _ = _hydra_args(args)
+    if h.help or h.hydra_help:
+        print(VALIDATE_USAGE)
+        return 0
+    _only_sweep_flags(h, "validate")
     valid = validate_overrides(h.overrides, multirun=_multirun(h))
     plans, jobs = plan_sweep(valid)
     later: list[str] = []  # what only a loaded model can tell, over every configuration
@@ -145,6 +191,11 @@ def _print_saving(valid: list[RunSettings], plans: list, jobs: int) -> None:
 
 
 def cmd_list(args: list[str]) -> int:
+    if args and args[0] in ("-h", "--help"):
+        print(LIST_USAGE)
+        return 0
+    if args:
+        raise UserError(f"list takes no arguments (got {' '.join(args)}); see compress-order list --help")
     from omegaconf import OmegaConf
 
     from compress_order.config.compose import GROUPS
