@@ -761,3 +761,14 @@ def test_save_format_compressed_tensors_with_a_float_format_is_no_longer_refused
     assert (ck["compression_format"], ck["exact"], ck["vllm"]["servable"]) == ("mxfp4-pack-quantized", True, True)
     assert summary_line(ck).startswith("compressed-tensors mxfp4-pack-quantized, MXFP4 E2M1 group 32, E8M0 scales; "
                                        "exact; vLLM W4A16 MXFP4 serves it; ")  # fmt: skip
+
+
+def test_export_from_a_sweep_folder_names_its_jobs(tmp_path, capsys):
+    from compress_order.cli.main import main
+
+    for job in ("0", "1"):
+        (tmp_path / "sweep" / job / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / job / ".hydra" / "config.yaml").write_text("{}")
+    assert main(["export", str(tmp_path / "sweep"), "--order", "magnitude > rtn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is a sweep's folder; export from one of its 2 jobs: {tmp_path / 'sweep' / '0'}" in err[0]
