@@ -21,6 +21,14 @@ BAD = [
     (["sparsity=1.0"], "sparsity=1.0 is outside [0, 1)"),
     (["sparsity=-0.1"], "sparsity=-0.1 is outside [0, 1)"),
     (["stages=[]"], "the stage list is empty; choose from: "),
+    (["stages=rtn"], "stages=rtn must be a list, e.g. stages=[rtn]"),  # was read letter by letter: unknown stage 'r'
+    (["joint=sparsegpt_gptq"], "joint=sparsegpt_gptq must be a list, e.g. joint=[sparsegpt_gptq]"),
+    # a model setting the load would refuse or misread is refused before it (seqlen=0 was a ZeroDivisionError)
+    (["model.seqlen=0"], "model.seqlen=0 must be an integer ≥ 1 or null"),
+    (["model.seqlen=abc"], "model.seqlen=abc must be an integer ≥ 1 or null"),
+    (["model.dtype=float64"], "model.dtype=float64 is unknown; valid: float32, float16, bfloat16, auto"),
+    (["model.skip=lm_head"], "model.skip=lm_head must be a list of regexes, e.g. model.skip=[lm_head]"),
+    (["model.skip=['[']"], "model.skip: '[' is not a regex"),
     (["group_size=96"], "group_size=96 does not divide the 128 input features"),
     (["stages=[{name:magnitude,nm:'4:4'}]"], "needs 0 < N < M"),
     (["-m", "bits=3,9"], "bits=9 is outside 2-8"),  # every sweep point is checked before the first runs

@@ -41,6 +41,8 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[StageSpec]:
     in; the label rule and each quantizer's number format checked (the class's own checks: `build_stage`)."""
     root = OmegaConf.to_container(cfg, resolve=False)
     entries = root.get(key) or []  # names, or plain mappings
+    if not isinstance(entries, list):  # `stages=rtn` would be read letter by letter
+        raise UserError(f"{key}={entries} must be a list, e.g. {key}=[{entries}]")
     if not entries and key == "stages":
         raise UserError(f"the stage list is empty; choose from: {choices(stage_files())}")
     out = []

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compress_order.core.errors import UserError, brief
-from compress_order.loaders.models import LoadedModel
+from compress_order.loaders.models import LoadedModel, check_skip
 
 IMAGE_CLASSIFIER = "image_classifier"
 
@@ -173,6 +173,8 @@ def timm_classifier(
 def _check_timm_node(node: dict[str, Any]) -> None:
     """Config-time check (validate.check_config): an unknown architecture is reported before anything runs."""
     _check_arch(str(node.get("name")), str(node.get("arch")))
+    if node.get("skip") is not None:  # null: the architecture's own stem conv and classifier
+        check_skip(node["skip"])
     if isinstance(node.get("checkpoint"), str):
         _check_checkpoint(str(node.get("name")), node["checkpoint"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,8 +127,25 @@ def causal_lm(
     )
 
 
+def check_skip(skip: Any) -> None:
+    """`model.skip`: a list of regexes (a bare string would be read as one regex per character)."""
+    if not isinstance(skip, (list, tuple)) or not all(isinstance(r, str) for r in skip):
+        raise UserError(f"model.skip={skip} must be a list of regexes, e.g. model.skip=[lm_head]")
+    for r in skip:
+        try:
+            re.compile(r)
+        except re.error as e:
+            raise UserError(f"model.skip: '{r}' is not a regex ({e})") from None
+
+
 def _check_causal_lm_node(node: dict[str, Any]) -> None:
-    """Config-time check (validate.check_config): local weights are there before any model loads."""
+    """Config-time check (validate.check_config): the values a load would refuse or misread, and that local
+    weights are there, before any model loads."""
+    _dtype(node.get("dtype", "auto"))
+    seqlen = node.get("seqlen")
+    if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1):
+        raise UserError(f"model.seqlen={seqlen} must be an integer ≥ 1 or null (the model's context length)")
+    check_skip(node.get("skip", ["lm_head"]))
     path = node.get("path")
     if isinstance(path, str):
         _check_local(str(node.get("name")), path, node.get("gguf_file"), node.get("missing_hint"))
