@@ -177,6 +177,13 @@ BOTH = [
     (["-m", "data=shakespeare,wikipedia"], "data 'wikipedia': train file"),  # job 0 once ran, then job 1 failed
     (["model=resnet18", "data=mnist", "model.checkpoint=/no/such.pth"], "checkpoint '/no/such.pth' does not exist"),
     (["model=gemma3_270m"], "fetch it with: python scripts/get_gemma3.py"),
+    # data settings a load would refuse (line_rows once only when the files were read)
+    (["data=wikitext2", "data.line_rows=maybe"], "data.line_rows=maybe is unknown; valid: keep, strip"),
+    (["data=c4", "data.train_docs=-1"], "data.train_docs=-1 must be an integer ≥ 1 or null"),
+    (["model=mnist_resnet", "data=mnist", "data.test_size=0"], "data.test_size=0 must be an integer ≥ 1"),
+    (["model=mnist_resnet", "data=image_folder"], "data 'image_folder': set data.path to a hub dataset name or a local image folder"),
+    (["model=mnist_resnet", "data=image_folder", "data.path=/nope"], "image folder '/nope' does not exist"),
+    (["model=mnist_resnet", "data=image_folder", "data.path=/tmp", "data.holdout=5"], "data.holdout=5 must be in (0, 1)"),
     # a comma value without -m is neither a list nor a sweep: one line naming both (was Hydra's five lines, exit 1,
     # after a plan for 2 jobs; validate called it a 2-point sweep)
     (["eval.metrics=perplexity,kld"], "eval.metrics=perplexity,kld gives 2 values without -m: for a list write eval.metrics=[perplexity,kld], to sweep over them add -m"),

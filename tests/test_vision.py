@@ -42,8 +42,12 @@ STAGE_DIR = CONF_DIR / "stage"
 
 
 @pytest.mark.parametrize("group,name", [("model", m) for m in MODELS] + [("data", d) for d in DATA])
-def test_vision_configs_compose(group, name):
+def test_vision_configs_compose(group, name, tmp_path):
     cfg = compose_config([f"{group}={name}"])
+    if name == "image_folder":  # data.path is the user's to give: refused without it, before any model loads (#41)
+        with pytest.raises(UserError, match="set data.path"):
+            check_config(cfg)
+        cfg = compose_config([f"{group}={name}", f"data.path={tmp_path}"])
     check_config(cfg)
     assert cfg[group]["_target_"].startswith(("compress_order.loaders.image_models.", "compress_order.loaders.image_data."))
 

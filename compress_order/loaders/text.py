@@ -6,7 +6,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from compress_order.core.errors import UserError
 
@@ -93,7 +93,7 @@ def hf_text(
     train_docs: int | None = None,
     seed: int = 0,
     max_windows: int | None = None,
-    line_rows: str = "keep",
+    line_rows: Literal["keep", "strip"] = "keep",
 ) -> TextSplits:
     """A text dataset through `datasets.load_dataset`: from the hub, or from local files with `path`.
 
@@ -188,7 +188,12 @@ def _local_paths(name: str, path: str | list[str]) -> list[Path]:
 
 
 def _check_hf_text_node(node: dict[str, Any]) -> None:
-    """Config-time check (validate.check_config): local files named by `data.path` are there."""
+    """Config-time check (validate.check_config): counts in range, and local files named by `data.path` there."""
+    from compress_order.core.specs import integer
+
+    for key in ("valid_docs", "train_docs", "max_windows"):
+        if key in node:
+            integer(1, null="all").check(node[key], f"data.{key}")
     if node.get("path"):
         _local_paths(str(node.get("name")), node["path"])
 
