@@ -80,6 +80,8 @@ BAD = [
     (["seeds=[1,2]", "replicates=3"], "replicates=3 contradicts seeds=[1, 2]"),
     (["--cfg", "bogus"], "--cfg takes one of: job, hydra, all (got 'bogus')"),
     (["--cfg", "job", "bits=3,4"], "bits=3,4 gives 2 values without -m: for a list write bits=[3,4]"),
+    (["--config-name", "other"], "--config-name is not supported: a run composes compress_order/conf"),  # was checked
+    (["--config-dir", "/tmp"], "--config-dir is not supported"),  # against the default config, then run unchecked
     (["act_bits=1"], "act_bits=1 is outside 2-16"),
     (["act_bits=17"], "act_bits=17 is outside 2-16"),
     (["act_bits=8", "act_granularity=channel"], "act_granularity=channel is unknown; valid: token, tensor, static"),

@@ -89,6 +89,16 @@ def cmd_run(args: list[str]) -> int:
 
     _check_flags(args)
     h, ordered = _hydra_args(args)
+    other = [
+        f
+        for f, v in (("--config-path", h.config_path), ("--config-name", h.config_name), ("--config-dir", h.config_dir))
+        if v
+    ]
+    if other:  # the checks before a run compose compress_order/conf; another config would run unchecked
+        raise UserError(
+            f"{' '.join(other)} is not supported: a run composes compress_order/conf, which every check reads before "
+            f"it starts; choose experiment=NAME and overrides"
+        )
     if h.cfg and not _multirun(h):  # --cfg prints the config Hydra composes, which a sweep value does not
         config.no_sweep(h.overrides)
     if not (h.cfg or h.info or h.help or h.hydra_help or h.shell_completion):  # these only print
