@@ -89,6 +89,8 @@ BAD = [
     # a calibrated stage and eval.tasks are off in these runs), so a bad value is never run and saved.
     (["act_granularity=channel"], "act_granularity=channel is unknown; valid: token, tensor, static"),
     (["save=false", "save_format=gguf"], "save_format=gguf is unknown"),
+    # nothing to pack: was a StopIteration traceback after every node had been computed
+    (["save=true", "save_format=compressed-tensors", "stages=[magnitude]"], "save_format=compressed-tensors packs quantization grids, and the order magnitude quantizes nothing"),
     (["state_cache.dir=null", "state_cache.max_gb=-1"], "state_cache.max_gb=-1 must be a number > 0"),
     (["state_cache.dir=5"], "state_cache.dir=5 must be a folder or null (no cache)"),
     (["expert_sparsity=1.5"], "expert_sparsity=1.5 is outside [0, 1)"),

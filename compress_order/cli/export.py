@@ -84,6 +84,10 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     if order not in full:
         valid = "; ".join(sorted(" > ".join(o) for o in full))
         raise UserError(f"order '{' > '.join(order)}' is not a full order of this run; valid: {valid}")
+    from compress_order.config.validate import target_object
+    from compress_order.export.checkpoint import check_packable
+
+    check_packable(fmt, list(order), [getattr(target_object(by_label[lab].target), "kind", "") for lab in order])
     seeds = settings.seeds
     if seed is not None and seed not in seeds:
         raise UserError(f"seed {seed} is not a calibration seed of this run; valid: {', '.join(map(str, seeds))}")

@@ -80,7 +80,18 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         save=Save(enabled=c["save"], format=c["save_format"]),
     )
     _check_task(settings)
+    if settings.save.enabled:
+        _check_save(settings)
     return settings
+
+
+def _check_save(settings: RunSettings) -> None:
+    """The full orders of `stages` hold every stage: a format they cannot be written in is refused now."""
+    from compress_order.config.validate import target_object
+    from compress_order.export.checkpoint import check_packable
+
+    kinds = [getattr(target_object(s.target), "kind", "") for s in settings.stages]
+    check_packable(settings.save.format, [s.label for s in settings.stages], kinds)
 
 
 def _check_task(settings: RunSettings) -> None:
