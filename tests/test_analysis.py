@@ -284,6 +284,26 @@ def test_cli_table_analyze_collect(sweep, tmp_path, capsys):
         assert capsys.readouterr().err.startswith("compress-order: error:")
 
 
+@pytest.mark.parametrize("args,message", [
+    (["analyze", "{sweep}", "--n-boot", "-5"], "--n-boot: -5 is negative"),  # ran as no intervals
+    (["frontier", "{sweep}", "--n-boot", "-1"], "--n-boot: -1 is negative"),
+    (["best", "{sweep}", "--max-bits", "-1"], "--max-bits: -1 is not a budget; give a number > 0"),
+    (["best", "{sweep}", "--max-latency-ms", "0"], "--max-latency-ms: 0 is not a budget"),
+    (["best", "{sweep}", "--max-size", "0GB"], "--max-size 0GB is not a budget; give a size > 0"),
+    # outputs that cannot be written: one line before any work (was a traceback after it)
+    (["table", "{sweep}", "--out", "/proc/t.md"], "--out /proc/t.md: its folder '/proc' is not writable"),
+    (["collect", "{sweep}", "--out", "/proc/all.parquet"], "--out /proc/all.parquet: its folder '/proc' is not writable"),
+    (["collect", "{sweep}", "--out", "{tmp}"], "use a .parquet or .csv file name"),
+    (["analyze", "{sweep}", "--out-dir", "/proc/report"], "--out-dir '/proc/report' is not writable"),
+    (["frontier", "{sweep}", "--out", "/proc/report"], "--out '/proc/report' is not writable"),
+])  # fmt: skip
+def test_analysis_options_out_of_range_exit_2_with_one_line(args, message, sweep, tmp_path, capsys):
+    argv = [a.format(sweep=sweep, tmp=tmp_path) for a in args]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 # --- experiment configs ------------------------------------------------------------------------------------------
 
 def sweep_points(name: str) -> list[list[str]]:

@@ -108,7 +108,7 @@ def test_model_bos_leads_every_window_and_calibration_segment_with_it(tiny_llama
     from compress_order.evaluation.tasks.lm import encode
 
     with pytest.raises(UserError, match="model.bos=true but its tokenizer has no BOS token"):
-        build(compose_config([f"model.path={tiny_llama}", "+model.bos=true"]).model)
+        build(compose_config([f"model.path={tiny_llama}", "model.bos=true"]).model)  # declared: no +
     ckpt = Path(shutil.copytree(tiny_llama, tmp_path / "with_bos"))
     tok = AutoTokenizer.from_pretrained(ckpt)
     tok.bos_token = "<unk>"  # a char tokenizer given a BOS token, as Gemma's has
@@ -116,7 +116,7 @@ def test_model_bos_leads_every_window_and_calibration_segment_with_it(tiny_llama
     over = [f"model.path={ckpt}", "model.seqlen=16", "device=cpu", "calibration.nsamples=4"]
     text = "To be, or not to be, that is the question:\n" * 40
     plain = LMTask(build(compose_config(over).model), TextSplits("t", text, text), settings(compose_config(over)))
-    cfg = compose_config([*over, "+model.bos=true"])
+    cfg = compose_config([*over, "model.bos=true"])
     lm = build(cfg.model)
     bos = lm.tokenizer.bos_token_id
     assert bos is not None and lm.bos == bos

@@ -158,7 +158,7 @@ def test_validate_checks_metric_names_and_the_kld_scheme_without_a_model(args, m
 @pytest.mark.parametrize("args,message", [
     (["model=mnist_resnet", "data=mnist", "eval.metrics=[kld]"],
      "eval.metrics: kld compare next-token distributions of a language model; model 'mnist-resnet' is an image "
-     "classifier; drop them (eval.metrics=[perplexity])"),
+     "classifier; it reports top1, top5, nll for every node; drop eval.metrics"),  # not perplexity, it has none
     (["eval.metrics=[perplexity,kl]"], "eval.metrics: unknown metric(s) kl; valid: perplexity, kld, top1_agree"),
 ])  # fmt: skip
 def test_bad_metric_requests_exit_2_with_one_line(args, message, tmp_path, capsys):

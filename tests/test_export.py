@@ -761,3 +761,28 @@ def test_save_format_compressed_tensors_with_a_float_format_is_no_longer_refused
     assert (ck["compression_format"], ck["exact"], ck["vllm"]["servable"]) == ("mxfp4-pack-quantized", True, True)
     assert summary_line(ck).startswith("compressed-tensors mxfp4-pack-quantized, MXFP4 E2M1 group 32, E8M0 scales; "
                                        "exact; vLLM W4A16 MXFP4 serves it; ")  # fmt: skip
+
+
+def test_export_from_a_sweep_folder_names_its_jobs(tmp_path, capsys):
+    from compress_order.cli.main import main
+
+    for job in ("0", "1"):
+        (tmp_path / "sweep" / job / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / job / ".hydra" / "config.yaml").write_text("{}")
+    assert main(["export", str(tmp_path / "sweep"), "--order", "magnitude > rtn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is a sweep's folder; export from one of its 2 jobs: {tmp_path / 'sweep' / '0'}" in err[0]
+
+
+def test_export_to_compressed_tensors_of_an_order_that_quantizes_nothing_is_refused(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from compress_order.cli.main import main
+    from compress_order.config.compose import compose_config
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose_config(["stages=[magnitude,wanda]"]), run_dir / ".hydra" / "config.yaml")
+    assert main(["export", str(run_dir), "--order", "magnitude > wanda", "--format", "compressed-tensors"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the order magnitude > wanda quantizes nothing; use save_format=dense" in err[0], err

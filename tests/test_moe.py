@@ -362,18 +362,22 @@ BAD_MOE = [
     (["stages=[expert_prune]", "expert_sparsity=1.0"], "error: expert_sparsity=1.0 is outside [0, 1)"),
     (["stages=[{name:expert_prune,expert_sparsity:1.0}]"], "expert_prune expert_sparsity=1.0 is outside [0, 1)"),
     (["stages=[expert_prune]", "expert_sparsity=0.75"], "leaves 1 of 4 experts in model.layers.0.mlp.experts, "
-                                                        "fewer than the router's top-k=2"),
+                                                        "fewer than the router's top-k=2 (the largest "
+                                                        "expert_sparsity that works here is 0.5)"),
+    (["stages=[expert_prune]", "expert_sparsity=abc"], "error: expert_sparsity=abc is not a number; valid: [0, 1)"),
     (["stages=[{name:expert_prune,criterion:size}]"], "expert_prune criterion=size is unknown; valid: frequency, reap"),
 ]
 # a router in groups (DeepSeek-V3: 8 experts, 2 groups of 4, one group per token, top-2)
 BAD_GROUPED = [
-    ("0.75", "leaves 1 of the 4 experts of each of the 2 router groups in model.layers.1.mlp.experts; a group needs 2"),
+    ("0.75", "leaves 1 of the 4 experts of each of the 2 router groups in model.layers.1.mlp.experts; a group needs 2"
+             " for its score (the largest expert_sparsity that works here is 0.5)"),
 ]
 
 
 @pytest.mark.parametrize("sparsity,message", BAD_GROUPED)
 def test_expert_prune_that_would_empty_a_router_group_exits_2(sparsity, message, moe_overrides, tmp_path, capsys):
     ckpt = save_tiny_moe("DeepSeek-V3", tmp_path / "ds")
+    capsys.readouterr()  # save_pretrained's progress bar is the test's own output, not the command's
     args = [o for o in moe_overrides if not o.startswith("model.path")] + [f"model.path={ckpt}"]
     rc = _rc(["run", *args, "stages=[expert_prune]", f"expert_sparsity={sparsity}"])
     err = capsys.readouterr().err.strip().splitlines()

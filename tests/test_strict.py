@@ -152,3 +152,17 @@ def test_result_and_store_files_respect_the_umask(tiny_overrides, tmp_path):
     files = [tmp_path / "a" / "results.parquet", tmp_path / "a" / "summary.md", *(tmp_path / "store").rglob("*.json")]
     modes = {stat.S_IMODE(p.stat().st_mode) for p in files}
     assert modes == {0o644}, {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+
+
+def test_a_damaged_store_record_is_warned_about_on_stderr(tiny_overrides, tmp_path, capsys):
+    """The warning once went to stdout only (Hydra's console handler), mixed into the results a pipe reads."""
+    base = _without(tiny_overrides, "hydra.run.dir") + ["stages=[rtn]", "eval.backends=none"]
+    assert exit_code(["run", *base, f"hydra.run.dir={tmp_path / 'a'}"]) == 0
+    record = next(p for p in (tmp_path / "store").rglob("*.json") if p.parent.name != QUARANTINE)
+    record.write_text("garbage")
+    capsys.readouterr()
+    assert exit_code(["run", *base, f"hydra.run.dir={tmp_path / 'b'}"]) == 0
+    captured = capsys.readouterr()
+    assert "is damaged" in captured.err and str(record) in captured.err
+    assert "is damaged" not in captured.out and "WARNING" not in captured.out
+    assert "[INFO] - plan: " in captured.out  # information stays where it was

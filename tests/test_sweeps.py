@@ -27,16 +27,22 @@ def _sweep_overrides(tiny_overrides: list[str]) -> list[str]:
 
 
 def test_failing_job_is_recorded_and_the_sweep_finishes(tiny_overrides, tmp_path, capsys):
+    import shutil
+
     base = [o for o in _sweep_overrides(tiny_overrides) if not o.startswith("model.path")]
     good = next(o for o in tiny_overrides if o.startswith("model.path")).split("=", 1)[1]
-    rc = exit_code(["run", "-m", *base, f"model.path={good},/no/such/model"])
+    # a missing folder is refused before the sweep starts (validate's checks); damaged weights only when loaded
+    broken = tmp_path / "broken_model"
+    shutil.copytree(good, broken)
+    (broken / "config.json").write_text("{not json")
+    rc = exit_code(["run", "-m", *base, f"model.path={good},{broken}"])
     captured = capsys.readouterr()
     assert rc == 1
-    assert "sweep: 2 jobs, 1 ok, 1 failed" in captured.out and "/no/such/model" in captured.err
+    assert "sweep: 2 jobs, 1 ok, 1 failed" in captured.out and str(broken) in captured.err
     sweep = tmp_path / "sweep"
     df = pd.read_parquet(sweep / "results.parquet")
     failed = df[df["status"] == "failed"]
-    assert len(failed) == 1 and "does not exist" in failed["error"].iloc[0] and failed["job"].iloc[0] == 1
+    assert len(failed) == 1 and "cannot load" in failed["error"].iloc[0] and failed["job"].iloc[0] == 1
     assert (df[df["job"] == 0]["status"] != "failed").all() and df[df["job"] == 0]["order"].nunique() == 5
     assert (sweep / "1" / "failed.json").is_file()
 

@@ -42,8 +42,12 @@ STAGE_DIR = CONF_DIR / "stage"
 
 
 @pytest.mark.parametrize("group,name", [("model", m) for m in MODELS] + [("data", d) for d in DATA])
-def test_vision_configs_compose(group, name):
+def test_vision_configs_compose(group, name, tmp_path):
     cfg = compose_config([f"{group}={name}"])
+    if name == "image_folder":  # data.path is the user's to give: refused without it, before any model loads (#41)
+        with pytest.raises(UserError, match="set data.path"):
+            check_config(cfg)
+        cfg = compose_config([f"{group}={name}", f"data.path={tmp_path}"])
     check_config(cfg)
     assert cfg[group]["_target_"].startswith(("compress_order.loaders.image_models.", "compress_order.loaders.image_data."))
 
@@ -315,7 +319,8 @@ def test_classifier_and_dataset_class_mismatch(image_folder, tiny_ckpt, capsys, 
             f"model.kwargs.channels={TINY_KWARGS['channels']}", "data=mnist"]  # fmt: skip
     _bad(args, "predicts 5 classes but data 'mnist' has 10", capsys, tmp_path)
     # a checkpoint that does not fit the architecture asked for
-    _bad(["model=mnist_resnet", f"model.checkpoint={tiny_ckpt}"], "does not fit resnet18", capsys, tmp_path)
+    # (with image data: a text dataset for an image classifier is refused first, before the model loads)
+    _bad(["model=mnist_resnet", "data=mnist", f"model.checkpoint={tiny_ckpt}"], "does not fit resnet18", capsys, tmp_path)
 
 
 def test_unlabelled_dataset_and_missing_weights(image_folder, tiny_ckpt, capsys, tmp_path):

@@ -34,6 +34,28 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def _count(text: str) -> int:
+    """A whole number ≥ 0 (bootstrap resamples; 0: none)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative; give 0 (no intervals) or more resamples")
+    return n
+
+
+def _budget(text: str) -> float:
+    """A number > 0 (a budget of bits or milliseconds)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: '{text}'") from None
+    if not x > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not a budget; give a number > 0")
+    return x
+
+
 def _parser(cmd: str) -> _Parser:
     p = _Parser(prog=f"compress-order {cmd}", description=DESCRIPTION)
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, multirun folders or collected files")
@@ -50,7 +72,7 @@ def _parser(cmd: str) -> _Parser:
     p.add_argument("--metric", help="metric to compare (default: perplexity if present, else top1)")
     if cmd in ("frontier", "best"):
         p.add_argument("--backend", default=SIMULATED, help=f"backend whose latency_ms is read (default: {SIMULATED})")
-        p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
+        p.add_argument("--n-boot", type=_count, default=1000, help="bootstrap resamples (0: no intervals)")
     if cmd == "frontier":
         p.add_argument("--x", default="size_bytes", choices=frontier.COSTS, help="the cost axis")
         p.add_argument("--format", default="markdown", choices=["markdown", "csv", "latex"])
@@ -59,8 +81,8 @@ def _parser(cmd: str) -> _Parser:
         return p
     if cmd == "best":
         p.add_argument("--max-size", metavar="SIZE", help="size budget: 500MB, 1.2GB, 800kB, 2GiB or bytes")
-        p.add_argument("--max-bits", type=float, metavar="BITS", help="average packed bits per weight")
-        p.add_argument("--max-latency-ms", type=float, metavar="MS", help="latency_ms of --backend")
+        p.add_argument("--max-bits", type=_budget, metavar="BITS", help="average packed bits per weight")
+        p.add_argument("--max-latency-ms", type=_budget, metavar="MS", help="latency_ms of --backend")
         return p
     if cmd == "table":
         p.add_argument("--format", default="markdown", choices=["markdown", "csv", "latex"])
@@ -75,7 +97,7 @@ def _parser(cmd: str) -> _Parser:
         )
     else:
         p.add_argument("--out-dir", help="where tables and figures go (default: PATH/analysis)")
-        p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
+        p.add_argument("--n-boot", type=_count, default=1000, help="bootstrap resamples (0: no intervals)")
         p.add_argument("--no-plots", action="store_true")
     return p
 
@@ -85,16 +107,39 @@ def main(cmd: str, args: list[str]) -> int:
         ns = _parser(cmd).parse_args(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    _check_outputs(cmd, ns)
     df = apply_where(collect.collect(ns.paths), ns.where)
     if df.empty:
         raise UserError("no rows left after --where " + " ".join(ns.where))
     return HANDLERS.lookup(cmd)(df, ns)
 
 
+def _output_dir(ns: argparse.Namespace, given: str | None) -> Path:
+    """Where analyze and frontier write: the folder given, else PATH/analysis (beside a collected file)."""
+    first = Path(ns.paths[0])
+    return Path(given) if given else (first if first.is_dir() else first.parent) / "analysis"
+
+
+def _check_outputs(cmd: str, ns: argparse.Namespace) -> None:
+    """What a command will write can be written, before any rows are read: one line, not a traceback at the end."""
+    from compress_order.core.files import check_writable
+
+    if cmd == "collect" and Path(ns.out).suffix not in (".parquet", ".csv"):
+        raise UserError(f"--out {ns.out}: use a .parquet or .csv file name")
+    if cmd == "best" and ns.max_size is not None and not frontier.parse_size(ns.max_size) > 0:
+        raise UserError(f"--max-size {ns.max_size} is not a budget; give a size > 0, e.g. 1.2GB")
+    if cmd in ("collect", "table") and ns.out:
+        if Path(ns.out).is_dir():
+            raise UserError(f"--out {ns.out} is a folder; give a file name")
+        check_writable(str(Path(ns.out).expanduser().absolute().parent), f"--out {ns.out}: its folder")
+    elif cmd == "analyze":
+        check_writable(str(_output_dir(ns, ns.out_dir)), "--out-dir" if ns.out_dir else "the analysis folder")
+    elif cmd == "frontier":
+        check_writable(str(_output_dir(ns, ns.out)), "--out" if ns.out else "the analysis folder")
+
+
 def _collect(df: pd.DataFrame, ns: argparse.Namespace) -> int:
     out = Path(ns.out)
-    if out.suffix not in (".parquet", ".csv"):
-        raise UserError(f"--out {out}: use a .parquet or .csv file name")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
         df.to_parquet(out, index=False)
@@ -120,8 +165,7 @@ def _table(df: pd.DataFrame, ns: argparse.Namespace) -> int:
 
 
 def _analyze(df: pd.DataFrame, ns: argparse.Namespace) -> int:
-    first = Path(ns.paths[0])
-    out_dir = Path(ns.out_dir) if ns.out_dir else (first if first.is_dir() else first.parent) / "analysis"
+    out_dir = _output_dir(ns, ns.out_dir)
     text = write_report(df, out_dir, metric=ns.metric, n_boot=ns.n_boot, plots=not ns.no_plots)
     print(f"{collect.describe(df)}\n\n{text}", end="")
     return 0
@@ -133,8 +177,7 @@ def _frontier(df: pd.DataFrame, ns: argparse.Namespace) -> int:
     table, caption = frontier.frontier_table(pts, ns.x, metric, direction(df, metric) > 0)
     text = render(table, ns.format, caption)
     print(text, end="")
-    first = Path(ns.paths[0])
-    out_dir = Path(ns.out) if ns.out else (first if first.is_dir() else first.parent) / "analysis"
+    out_dir = _output_dir(ns, ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = {"markdown": "md", "csv": "csv", "latex": "tex"}[ns.format]
     (out_dir / f"frontier.{suffix}").write_text(text)

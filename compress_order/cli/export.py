@@ -68,6 +68,12 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
 
     saved = Path(run_dir).joinpath(*SAVED_CONFIG)
     if not saved.is_file():
+        jobs = sorted(
+            (p for p in Path(run_dir).glob("[0-9]*") if p.joinpath(*SAVED_CONFIG).is_file()), key=lambda p: int(p.name)
+        )
+        if jobs:  # a sweep's folder: its jobs are the runs
+            shown = ", ".join(str(p) for p in jobs[:3]) + (", ..." if len(jobs) > 3 else "")
+            raise UserError(f"{run_dir} is a sweep's folder; export from one of its {len(jobs)} jobs: {shown}")
         raise UserError(f"{run_dir} has no .hydra/config.yaml; expected the folder of a `compress-order run`")
     cfg = load_saved(saved)
     check_savable(cfg.get("act_format"))  # the reason such a run cannot be exported, before checking the rest
@@ -78,6 +84,10 @@ def export_order(run_dir: Path, order: tuple[str, ...], fmt: str = "auto", seed:
     if order not in full:
         valid = "; ".join(sorted(" > ".join(o) for o in full))
         raise UserError(f"order '{' > '.join(order)}' is not a full order of this run; valid: {valid}")
+    from compress_order.config.validate import target_object
+    from compress_order.export.checkpoint import check_packable
+
+    check_packable(fmt, list(order), [getattr(target_object(by_label[lab].target), "kind", "") for lab in order])
     seeds = settings.seeds
     if seed is not None and seed not in seeds:
         raise UserError(f"seed {seed} is not a calibration seed of this run; valid: {', '.join(map(str, seeds))}")

@@ -89,6 +89,18 @@ def cmd_run(args: list[str]) -> int:
 
     _check_flags(args)
     h, ordered = _hydra_args(args)
+    other = [
+        f
+        for f, v in (("--config-path", h.config_path), ("--config-name", h.config_name), ("--config-dir", h.config_dir))
+        if v
+    ]
+    if other:  # the checks before a run compose compress_order/conf; another config would run unchecked
+        raise UserError(
+            f"{' '.join(other)} is not supported: a run composes compress_order/conf, which every check reads before "
+            f"it starts; choose experiment=NAME and overrides"
+        )
+    if h.cfg and not _multirun(h):  # --cfg prints the config Hydra composes, which a sweep value does not
+        config.no_sweep(h.overrides)
     if not (h.cfg or h.info or h.help or h.hydra_help or h.shell_completion):  # these only print
         settings = config.validate_overrides(h.overrides, _multirun(h))  # every sweep point, before heavy work
         from compress_order.run.plan import cost, plan_sweep  # imports torch: after the checks
@@ -101,16 +113,66 @@ def cmd_run(args: list[str]) -> int:
     return hydra_main(ordered)
 
 
+VALIDATE_USAGE = """usage: compress-order validate [-m] [OVERRIDES]
+
+Compose the config as `compress-order run` would and run every check that needs no model (with -m, or an
+experiment that sweeps: for every point of the sweep), then print each configuration's trie, the checks only a
+loaded model can make, and the plan's cost. Nothing is loaded, run or written. Exit 0: valid as far as can be
+checked without the model; exit 2: one line saying what is wrong.
+
+examples:
+  compress-order validate stages=[rtn,magnitude] bits=4
+  compress-order validate -m bits=3,4 sparsity=0.5,0.7
+  compress-order validate -m experiment=mini_lm"""
+
+LIST_USAGE = """usage: compress-order list
+
+The models, datasets, evaluation settings, experiments and launchers (config groups), the stages with their
+parameters, the latency backends and the metrics."""
+
+
+def _only_sweep_flags(h: argparse.Namespace, command: str) -> None:
+    """`validate` reads overrides and -m; a Hydra flag that only `run` acts on is refused, not ignored."""
+    used = [
+        flag
+        for flag, given in (
+            ("--cfg", h.cfg),
+            ("--resolve", h.resolve),
+            ("--package", h.package),
+            ("--info", h.info),
+            ("--run", h.run),
+            ("--config-path", h.config_path),
+            ("--config-name", h.config_name),
+            ("--config-dir", h.config_dir),
+            ("--experimental-rerun", h.experimental_rerun),
+            ("--shell-completion", h.shell_completion),
+        )
+        if given
+    ]
+    if used:
+        raise UserError(
+            f"{command} takes overrides and -m only, not {' '.join(used)}; see compress-order {command} --help"
+        )
+
+
 def cmd_validate(args: list[str]) -> int:
     from compress_order.config.compose import validate_overrides
+    from compress_order.config.settings import model_checks
 
     h, _ = _hydra_args(args)
+    if h.help or h.hydra_help:
+        print(VALIDATE_USAGE)
+        return 0
+    _only_sweep_flags(h, "validate")
     valid = validate_overrides(h.overrides, multirun=_multirun(h))
     from compress_order.run.plan import cost, plan_sweep, singles  # imports torch: after the checks
     from compress_order.run.trie import build_trie, count_applications
 
     plans, jobs = plan_sweep(valid)
+    later: list[str] = []  # what only a loaded model can tell, over every configuration
     for settings in valid:
+        checks = model_checks(settings)
+        later += [c for c in checks if c not in later]
         labels = [s.label for s in settings.stages]
         trie = build_trie(labels, [s.label for s in settings.joint])
         n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
@@ -122,7 +184,10 @@ def cmd_validate(args: list[str]) -> int:
             f"ok: model={settings.model.name} data={settings.data.name} stages={labels} bits={settings.bits} "
             f"sparsity={settings.sparsity}: {shape}" + (f", seeds {seeds}" if len(seeds) > 1 else "")
         )
-    print(f"{len(valid)} configuration(s) valid")
+    print(
+        f"{len(valid)} configuration(s) valid as far as can be checked without loading the model: {len(later)} "
+        f"checks need the model (a run makes them once it has loaded it, before any stage): {'; '.join(later)}"
+    )
     print(cost(plans, jobs).line())
     _print_saving(valid, plans, jobs)
     return 0
@@ -137,6 +202,11 @@ def _print_saving(valid: list[RunSettings], plans: list, jobs: int) -> None:
 
 
 def cmd_list(args: list[str]) -> int:
+    if args and args[0] in ("-h", "--help"):
+        print(LIST_USAGE)
+        return 0
+    if args:
+        raise UserError(f"list takes no arguments (got {' '.join(args)}); see compress-order list --help")
     from omegaconf import OmegaConf
 
     from compress_order.config.compose import GROUPS

@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from compress_order.config.names import model_name
 from compress_order.core.errors import UserError
 from compress_order.core.files import check_writable
 from compress_order.core.paths import ASSETS_DIR, CONF_DIR
@@ -20,6 +21,8 @@ from compress_order.core.schemes import act_format_bits, act_format_granularity,
 from compress_order.core.settings import RunSettings
 
 OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel), replace=True)
+# a model's name follows its weights unless model.name is given (names.py)
+OmegaConf.register_new_resolver("model_name", model_name, replace=True)
 # bits and group_size follow the number format unless given (formats.py)
 OmegaConf.register_new_resolver("format_bits", format_bits, replace=True)
 OmegaConf.register_new_resolver("format_group", format_group, replace=True)
@@ -63,6 +66,20 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
     return combos or [[]]
 
 
+def no_sweep(overrides: list[str]) -> None:
+    """Without -m a comma value is neither a list nor a sweep (Hydra's "Ambiguous value"): one line naming both."""
+    expand_overrides(overrides)  # a line Hydra's grammar refuses, as one line
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    for o in parsed:
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            values = list(o.sweep_string_iterator())
+            raise UserError(
+                f"{o.input_line} gives {len(values)} values without -m: for a list write {key}=[{','.join(values)}], "
+                f"to sweep over them add -m"
+            )
+
+
 def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR, hydra: bool = False) -> DictConfig:
     """Compose conf/config.yaml with overrides, as `compress-order run` would (without running)."""
     GlobalHydra.instance().clear()
@@ -76,6 +93,12 @@ def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR, hydra: bool 
         bad = re.match(r"Could not override '([^']+)'", first)
         if bad:  # a key the config does not have: name the closest one
             raise _unknown_override(bad.group(1), overrides, conf_dir) from None
+        there = re.match(r"Could not append to config\. An item is already at '([^']+)'", first)
+        if there:  # `+key=` adds a key; this one is declared already
+            key = there.group(1)
+            raise UserError(
+                f"'{key}' is in the config already: set it with {key}=... (+ adds a key it lacks)"
+            ) from None
         raise UserError(first) from None
     finally:
         GlobalHydra.instance().clear()
@@ -94,7 +117,28 @@ def _unknown_override(key: str, overrides: list[str], conf_dir: Path) -> UserErr
         node = None
     if not isinstance(node, DictConfig):
         return UserError(f"unknown key '{key}'; the config has no such key (to add one, use +{key}=...)")
-    return unknown_key(key, [k for k in node.keys() if k not in ("hydra", "_target_")])
+    valid = [k for k in node.keys() if k not in ("hydra", "_target_")]
+    added = _loader_param(node, key)
+    if added is not None:  # a parameter the group's loader takes that its yaml leaves at the loader's default
+        return UserError(
+            f"'{key}' is not set by this {parent} config (its loader's default applies); to set it: +{key}=..."
+        )
+    return unknown_key(key, valid)
+
+
+def _loader_param(node: DictConfig, key: str) -> str | None:
+    """`key`'s last part when the `_target_` of `node` (a model or data group) takes it as a parameter."""
+    from compress_order.config.validate import target_params
+
+    target = node.get("_target_") if "_target_" in node else None
+    if not isinstance(target, str):
+        return None
+    try:
+        params = target_params(target)
+    except UserError:
+        return None
+    name = key.rsplit(".", 1)[-1]
+    return name if params is not None and name in params else None
 
 
 def sweep_params(overrides: list[str]) -> list[str]:
@@ -113,8 +157,11 @@ def validate_overrides(overrides: list[str], multirun: bool = False) -> list[Run
 
     if multirun:
         overrides = list(overrides) + sweep_params(overrides)
+    if not multirun:
+        no_sweep(overrides)
+    combos = expand_overrides(overrides)
     jobs = []
-    for combo in expand_overrides(overrides):
+    for combo in combos:
         settings = run_settings(compose_config(combo))
         if settings.store.dir is not None:  # None: no store (every node computed, nothing shared or resumed)
             check_writable(settings.store.dir, "store_dir")

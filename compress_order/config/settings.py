@@ -9,6 +9,7 @@ a frozen core.settings.RunSettings.
 
 from __future__ import annotations
 
+import typing
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
@@ -51,7 +52,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         )
     seeds = tuple(c["seeds"]) if c["seeds"] is not None else tuple(c["seed"] + i for i in range(c["replicates"]))
     cache = c.get("state_cache") or {}
-    return RunSettings(
+    settings = RunSettings(
         model=_loader(c["model"]),
         data=_loader(c["data"]),
         stages=stages,
@@ -79,6 +80,36 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         ),
         save=Save(enabled=c["save"], format=c["save_format"]),
     )
+    _check_task(settings)
+    if settings.save.enabled:
+        _check_save(settings)
+    return settings
+
+
+def _check_save(settings: RunSettings) -> None:
+    """The full orders of `stages` hold every stage: a format they cannot be written in is refused now."""
+    from compress_order.config.validate import target_object
+    from compress_order.export.checkpoint import check_packable
+
+    kinds = [getattr(target_object(s.target), "kind", "") for s in settings.stages]
+    check_packable(settings.save.format, [s.label for s in settings.stages], kinds)
+
+
+def _check_task(settings: RunSettings) -> None:
+    """What the task of this kind of model refuses, before it loads: data of another kind (a text dataset for an
+    image classifier), settings it would ignore (kld on an image classifier). The model loader names its kind
+    (`kind`), the data loader's return type says what the data is."""
+    from compress_order.config.validate import target_object
+    from compress_order.evaluation.tasks import check_task
+
+    kind = model_kind(settings)
+    if kind is None:  # a loader of the user's own: its task is known once it has loaded
+        return
+    try:
+        data_type = typing.get_type_hints(target_object(settings.data.target)).get("return")
+    except Exception:  # noqa: BLE001  (an annotation that does not resolve says nothing)
+        data_type = None
+    check_task(kind, data_type if isinstance(data_type, type) else None, settings)
 
 
 def _loader(node: dict[str, Any]) -> Loader:
@@ -110,3 +141,28 @@ def _eval(ev: dict[str, Any], device: torch.device) -> Eval:
         tasks=tuple(ev.get("tasks") or ()),
         lm_eval=LmEval(**{**lm, "model_args": frozen_mapping(lm.get("model_args") or {})}),
     )
+
+
+def model_kind(settings: RunSettings) -> str | None:
+    """The kind of model (the task that evaluates it) the model loader declares; None when it declares none."""
+    from compress_order.config.validate import target_object
+
+    return getattr(target_object(settings.model.target), "kind", None)
+
+
+def model_checks(settings: RunSettings) -> list[str]:
+    """What is checked only once the model is loaded: each stage's checks against the layers, the task's against
+    the model and data, that every weight matrix is a target or in model.skip, and loading the weights itself."""
+    from compress_order.config.stages import build_stage
+    from compress_order.evaluation.tasks import model_checks as task_checks
+
+    kind = model_kind(settings)
+    out = [
+        f"model '{settings.model.name}' loads",
+        f"data '{settings.data.name}' loads",
+        "every weight matrix is a stage target or in model.skip",
+    ]
+    out += task_checks(kind, settings) if kind is not None else []
+    for spec in settings.stages + settings.joint:
+        out += build_stage(spec).model_checks()
+    return list(dict.fromkeys(out))

@@ -43,6 +43,8 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[StageSpec]:
     in; the label rule and each quantizer's number format checked (the class's own checks: `build_stage`)."""
     root = OmegaConf.to_container(cfg, resolve=False)
     entries = root.get(key) or []  # names, or plain mappings
+    if not isinstance(entries, list):  # `stages=rtn` would be read letter by letter
+        raise UserError(f"{key}={entries} must be a list, e.g. {key}=[{entries}]")
     if not entries and key == "stages":
         raise UserError(f"the stage list is empty; choose from: {choices(stage_files())}")
     out = []
@@ -50,6 +52,7 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[StageSpec]:
         name, overrides = entry_name_overrides(entry)
         node = OmegaConf.load(stage_files().lookup(name).path)
         _check_params(name, node, overrides)
+        node_keys = [k for k in node if k != "_target_"]  # what the yaml sets, beside the class's defaults
         node = OmegaConf.merge(node, overrides)
         # Resolve the stage's ${...} against the root config (bits, sparsity, group_size, ...).
         tmp = OmegaConf.create({**{k: v for k, v in root.items() if k != "hydra"}, "_stage_": node})
@@ -58,6 +61,7 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[StageSpec]:
         resolved.update({k: v for k, v in stage_defaults(resolved["_target_"]).items() if k not in resolved})
         resolved.update(name=name, label=entry_label(entry))
         _check_format(resolved, root.get("format", "int"))
+        _check_applicable(resolved, set(overrides) | set(node_keys))
         out.append(resolved)
     labels: dict[str, dict] = {}
     for sc in out:
@@ -65,6 +69,18 @@ def stage_configs(cfg: DictConfig, key: str = "stages") -> list[StageSpec]:
             raise UserError(f"two different stages share the label '{sc['label']}'; give one a distinct label")
         labels[sc["label"]] = sc
     return [_spec(sc) for sc in out]
+
+
+def _check_applicable(sc: dict, explicit: set[str]) -> None:
+    """A setting given explicitly (in the entry, or bound by the stage's yaml) that the stage cannot apply is
+    refused; a default the stage adapts is not (stages/base.py Stage.inapplicable)."""
+    from compress_order.config.validate import target_object
+
+    params = {k: v for k, v in sc.items() if k not in ("_target_", "name", "label")}
+    for key, why in target_object(sc["_target_"]).inapplicable(params).items():
+        if key in explicit:
+            value = str(sc[key]).lower() if isinstance(sc[key], bool) else sc[key]
+            raise UserError(f"stage '{sc['label']}': {key}={value} cannot apply: {why}")
 
 
 def _spec(sc: dict) -> StageSpec:

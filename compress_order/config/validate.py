@@ -119,9 +119,27 @@ def _check_known_keys(c: dict) -> None:
         params = target_params(target)
         if params is not None:
             _check_keys({k: v for k, v in node.items() if k != "_target_"}, dict.fromkeys(params), f"{group}.")
+        _check_declared(target_object(target), node, group)
         check = getattr(target_object(target), "check_node", None)
         if callable(check):  # a loader's own value checks that need no model (e.g. an architecture name)
             check(node)
+
+
+def _check_declared(loader: Any, node: dict, group: str) -> None:
+    """Each loader parameter whose annotation declares its values (`bool`: true or false, `Literal[...]`: its
+    options) is checked like a stage's: `+model.bos=maybe` is an error, never `bos=true`."""
+    import typing
+
+    from compress_order.core.specs import declared
+
+    try:
+        hints = typing.get_type_hints(loader)
+    except Exception:  # noqa: BLE001  (annotations that do not resolve declare nothing)
+        return
+    for key, value in node.items():
+        spec = declared(hints[key]) if key in hints else None
+        if spec is not None:
+            spec.check(value, f"{group}.{key}")
 
 
 def check_number_format(cfg: DictConfig, fmt: str, bits: int, group_size: int) -> None:

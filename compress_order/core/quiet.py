@@ -30,3 +30,11 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.fragment == fragment for f in logger.filters):
             logger.addFilter(_DropMessage(fragment))
+
+
+class BelowWarning(logging.Filter):
+    """Passes records below WARNING: the job's console handler prints those on stdout, while warnings and errors
+    go to stderr (conf/config.yaml `hydra.job_logging`), where a user and a pipe expect them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING

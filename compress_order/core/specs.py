@@ -26,11 +26,16 @@ class Spec:
 
     ok: Callable[[Any], bool]
     phrase: str
+    kind: Callable[[Any], bool] | None = None  # the value's type (a number), tested first
+    not_kind: str = ""  # the phrase when that fails (`expert_sparsity=abc is not a number`, not "outside [0, 1)")
 
     def check(self, value: Any, key: str) -> Any:
         """The value, if valid; else UserError naming `key` (a stage passes e.g. `expert_prune expert_sparsity`)."""
+        shown = str(value).lower() if isinstance(value, bool) else value  # as the command line writes it
+        if self.kind is not None and not self.kind(value):
+            raise UserError(f"{key}={shown} {self.not_kind}")
         if not self.ok(value):
-            raise UserError(f"{key}={value} {self.phrase}")
+            raise UserError(f"{key}={shown} {self.phrase}")
         return value
 
 
@@ -50,7 +55,12 @@ def integer(low: int, *, null: str | None = None, note: str = "") -> Spec:
 
 
 def integer_range(low: int, high: int) -> Spec:
-    return Spec(lambda v: _is_int(v) and low <= v <= high, f"is outside {low}-{high} (an integer)")
+    return Spec(
+        lambda v: _is_int(v) and low <= v <= high,
+        f"is outside {low}-{high} (an integer)",
+        _is_int,
+        f"is not an integer; valid: {low}-{high}",
+    )
 
 
 def number(low: float, *, null: bool = False) -> Spec:
@@ -63,7 +73,9 @@ def number(low: float, *, null: bool = False) -> Spec:
 
 def fraction() -> Spec:
     """A number in [0, 1): a share of weights or experts removed (1 would remove all)."""
-    return Spec(lambda v: _is_number(v) and 0 <= v < 1, "is outside [0, 1)")
+    return Spec(
+        lambda v: _is_number(v) and 0 <= v < 1, "is outside [0, 1)", _is_number, "is not a number; valid: [0, 1)"
+    )
 
 
 def one_of(options: Sequence[str]) -> Spec:

@@ -53,13 +53,13 @@ def requested(metrics: Sequence[str] | str | None) -> list[str]:
     return [n for n in REFERENCE_METRICS if n in names]
 
 
-def reject_on(metrics: Sequence[str], what: str) -> None:
-    """A task without next-token distributions (an image classifier): reference metrics are a one-line error."""
+def reject_on(metrics: Sequence[str], what: str, instead: str) -> None:
+    """A task without next-token distributions (an image classifier): reference metrics are a one-line error,
+    `instead` saying what that task reports."""
     asked = [n for n in REFERENCE_METRICS if n in metrics]
     if asked:
         raise UserError(
-            f"eval.metrics: {', '.join(asked)} compare next-token distributions of a language model; "
-            f"{what}; drop them (eval.metrics=[perplexity])"
+            f"eval.metrics: {', '.join(asked)} compare next-token distributions of a language model; {what}; {instead}"
         )
 
 

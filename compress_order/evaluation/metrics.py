@@ -92,7 +92,8 @@ for _m in [
     Metric(
         "coverage",
         True,
-        "share of the targeted weight matrices' elements that the node's stages compressed "
+        "share of the targeted weight matrices' elements that the node's stages compressed: on a quantization "
+        "grid, pruned (one weight or more) or removed; a transform (smoothquant) compresses nothing "
         "(targets: every weight matrix outside embeddings, biases and model.skip)",
         summary=True,
     ),

@@ -101,6 +101,17 @@ def checkpoint_format(targets: dict[str, Target], fmt: str = "auto") -> str:
     return fmt
 
 
+def check_packable(fmt: str, order: list[str], kinds: list[str]) -> None:
+    """compressed-tensors packs quantization grids: a full order whose stages (`kinds`: each one's Stage.kind)
+    quantize nothing has none to pack, so asking for that format is refused before any work (`auto` writes such a
+    node dense)."""
+    if fmt == "compressed-tensors" and not any(k in ("quantize", "joint") for k in kinds):
+        raise UserError(
+            f"save_format=compressed-tensors packs quantization grids, and the order {' > '.join(order)} quantizes "
+            f"nothing; use save_format=dense (or auto, which writes it dense)"
+        )
+
+
 def save_node(
     lm: LoadedModel,
     targets: dict[str, Target],
@@ -167,6 +178,8 @@ def save_model(
     from compress_order.evaluation.measure import compression_metrics
 
     fmt = checkpoint_format(targets, fmt)
+    if fmt == "compressed-tensors" and all(t.constraint.grid is None for t in targets.values()):
+        raise UserError(f"compressed-tensors packs quantization grids; {' > '.join(order)} holds none (save it dense)")
     remove_stale_writes(dest.parent)
     tmp = dest.with_name(f".{dest.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
     try:

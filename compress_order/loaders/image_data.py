@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from compress_order.core.errors import UserError, brief
+from compress_order.core.specs import Spec, integer
 
 
 class ArrayImages(Sequence):
@@ -307,3 +308,39 @@ def hf_images(
         classes=classes,
         test_description=desc,
     )
+
+
+# Config-time checks (validate.check_config): what a load would refuse, before any model loads; a setting read only
+# under another (holdout without calibration_split: null) is checked with it off too.
+def _check_values(node: dict[str, Any], specs: dict[str, Spec]) -> None:
+    for key, spec in specs.items():
+        if key in node:
+            spec.check(node[key], f"data.{key}")
+
+
+def _check_mnist_node(node: dict[str, Any]) -> None:
+    _check_values(node, {"test_size": integer(1, note="test digits of the 5,000"), "split_seed": integer(0)})
+
+
+def _check_fashion_node(node: dict[str, Any]) -> None:
+    root = node.get("root")
+    if root and not Path(str(root)).expanduser().is_dir():
+        raise UserError(
+            f"data '{node.get('name')}': data.root '{root}' does not exist; pass the folder of the IDX files"
+        )
+
+
+def _check_hf_images_node(node: dict[str, Any]) -> None:
+    name, path = node.get("name"), node.get("path")
+    if not path:
+        raise UserError(f"data '{name}': set data.path to a hub dataset name or a local image folder")
+    local = Path(str(path)).expanduser()
+    if (str(path).startswith(("/", "./", "../", "~")) or local.exists()) and not local.is_dir():
+        raise UserError(f"data '{name}': image folder '{path}' does not exist")
+    holdout = Spec(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1, "must be in (0, 1)")
+    _check_values(node, {"holdout": holdout, "calibration_pool": integer(1), "split_seed": integer(0)})
+
+
+mnist.check_node = _check_mnist_node  # type: ignore[attr-defined]
+fashion_mnist.check_node = _check_fashion_node  # type: ignore[attr-defined]
+hf_images.check_node = _check_hf_images_node  # type: ignore[attr-defined]

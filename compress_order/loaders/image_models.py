@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compress_order.core.errors import UserError, brief
-from compress_order.loaders.models import LoadedModel
+from compress_order.loaders.models import LoadedModel, check_skip
 
 IMAGE_CLASSIFIER = "image_classifier"
 
@@ -60,13 +60,18 @@ def io_layers(model: Any) -> list[str]:
     return [f"^{re.escape(n)}$" for n in names]
 
 
+def _check_checkpoint(name: str, path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"model '{name}': checkpoint '{path}' does not exist; pass model.checkpoint=/path/to/weights")
+    return p
+
+
 def _read_checkpoint(name: str, path: str) -> dict[str, Any]:
     from safetensors import SafetensorError
     from timm.models import load_state_dict
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"model '{name}': checkpoint '{path}' does not exist; pass model.checkpoint=/path/to/weights")
+    p = _check_checkpoint(name, path)
     try:  # safetensors, or a torch file holding a state dict (maybe under 'state_dict' / 'model'); no pickled code
         return load_state_dict(str(p), use_ema=False, weights_only=True)
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
@@ -168,6 +173,11 @@ def timm_classifier(
 def _check_timm_node(node: dict[str, Any]) -> None:
     """Config-time check (validate.check_config): an unknown architecture is reported before anything runs."""
     _check_arch(str(node.get("name")), str(node.get("arch")))
+    if node.get("skip") is not None:  # null: the architecture's own stem conv and classifier
+        check_skip(node["skip"])
+    if isinstance(node.get("checkpoint"), str):
+        _check_checkpoint(str(node.get("name")), node["checkpoint"])
 
 
 timm_classifier.check_node = _check_timm_node  # type: ignore[attr-defined]
+timm_classifier.kind = IMAGE_CLASSIFIER  # type: ignore[attr-defined]  (the task that evaluates it, before it loads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,23 @@ def _decompressed(path: str) -> dict[str, Any]:
     return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
 
 
+def _check_local(name: str, path: str, gguf_file: str | None, missing_hint: str | None) -> None:
+    """A local path is there, and a folder (without a GGUF file named) holds a checkpoint's config.json."""
+    local_file = os.path.join(path, gguf_file) if gguf_file else path
+    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(local_file)):
+        hint = missing_hint or "pass model.path=/dir/with/config.json"
+        raise UserError(f"model '{name}': local path '{local_file}' does not exist; {hint}")
+    if (
+        not gguf_file
+        and os.path.isdir(os.path.expanduser(path))
+        and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
+    ):
+        raise UserError(
+            f"model '{name}': folder '{path}' has no config.json; expected a Hugging Face checkpoint folder "
+            f"(config.json, *.safetensors weights, tokenizer files) or model.gguf_file=<file in it>"
+        )
+
+
 def causal_lm(
     name: str,
     path: str,
@@ -78,19 +96,7 @@ def causal_lm(
 
     hf_logging.disable_progress_bar()  # one bar (the order trie's) is enough
 
-    local_file = os.path.join(path, gguf_file) if gguf_file else path
-    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(local_file)):
-        hint = missing_hint or "pass model.path=/dir/with/config.json"
-        raise UserError(f"model '{name}': local path '{local_file}' does not exist; {hint}")
-    if (
-        not gguf_file
-        and os.path.isdir(os.path.expanduser(path))
-        and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
-    ):
-        raise UserError(
-            f"model '{name}': folder '{path}' has no config.json; expected a Hugging Face checkpoint folder "
-            f"(config.json, *.safetensors weights, tokenizer files) or model.gguf_file=<file in it>"
-        )
+    _check_local(name, path, gguf_file, missing_hint)
     kw: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -119,3 +125,31 @@ def causal_lm(
         seqlen=int(seqlen),
         bos=tok.bos_token_id if bos else None,
     )
+
+
+def check_skip(skip: Any) -> None:
+    """`model.skip`: a list of regexes (a bare string would be read as one regex per character)."""
+    if not isinstance(skip, (list, tuple)) or not all(isinstance(r, str) for r in skip):
+        raise UserError(f"model.skip={skip} must be a list of regexes, e.g. model.skip=[lm_head]")
+    for r in skip:
+        try:
+            re.compile(r)
+        except re.error as e:
+            raise UserError(f"model.skip: '{r}' is not a regex ({e})") from None
+
+
+def _check_causal_lm_node(node: dict[str, Any]) -> None:
+    """Config-time check (validate.check_config): the values a load would refuse or misread, and that local
+    weights are there, before any model loads."""
+    _dtype(node.get("dtype", "auto"))
+    seqlen = node.get("seqlen")
+    if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1):
+        raise UserError(f"model.seqlen={seqlen} must be an integer ≥ 1 or null (the model's context length)")
+    check_skip(node.get("skip", ["lm_head"]))
+    path = node.get("path")
+    if isinstance(path, str):
+        _check_local(str(node.get("name")), path, node.get("gguf_file"), node.get("missing_hint"))
+
+
+causal_lm.check_node = _check_causal_lm_node  # type: ignore[attr-defined]
+causal_lm.kind = "causal_lm"  # type: ignore[attr-defined]  (the task that evaluates it, before it loads)

@@ -6,7 +6,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from compress_order.core.errors import UserError
 
@@ -21,11 +21,16 @@ class TextSplits:
     max_windows: int | None = None  # evaluation windows the dataset's protocol scores (C4: 256), None: all
 
 
-def _read(path: str, what: str, name: str, missing_hint: str | None = None) -> str:
-    p = Path(path)
-    if not p.is_file():
+def _missing(path: str, what: str, name: str, missing_hint: str | None = None) -> None:
+    """UserError when a text file is not there (also checked before any model loads: `check_node`)."""
+    if not Path(path).expanduser().is_file():
         hint = missing_hint or f"set data.{what}=/path/to/text"
         raise UserError(f"data '{name}': {what} file '{path}' does not exist; {hint}")
+
+
+def _read(path: str, what: str, name: str, missing_hint: str | None = None) -> str:
+    _missing(path, what, name, missing_hint)
+    p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -43,6 +48,16 @@ def text_files(name: str, train: str, valid: str, missing_hint: str | None = Non
     return TextSplits(
         name=name, train=_read(train, "train", name, missing_hint), valid=_read(valid, "valid", name, missing_hint)
     )
+
+
+def _check_text_files_node(node: dict[str, Any]) -> None:
+    """Config-time check (validate.check_config): both files are there (an unprepared `data=wikipedia` is refused
+    by `validate` and before a sweep's first job, not when its job loads the data)."""
+    for what in ("train", "valid"):
+        _missing(str(node.get(what)), what, str(node.get("name")), node.get("missing_hint"))
+
+
+text_files.check_node = _check_text_files_node  # type: ignore[attr-defined]
 
 
 # File formats `data.path` may hold, by suffix → the `datasets` builder that reads them.
@@ -78,7 +93,7 @@ def hf_text(
     train_docs: int | None = None,
     seed: int = 0,
     max_windows: int | None = None,
-    line_rows: str = "keep",
+    line_rows: Literal["keep", "strip"] = "keep",
 ) -> TextSplits:
     """A text dataset through `datasets.load_dataset`: from the hub, or from local files with `path`.
 
@@ -133,10 +148,7 @@ def _local_rows(
     from datasets.exceptions import DatasetGenerationError
 
     datasets.disable_progress_bars()  # reading local files takes seconds; the run's own bar is enough
-    paths = [Path(p).expanduser() for p in ([path] if isinstance(path, str) else path)]
-    for p in paths:
-        if not p.exists():
-            raise UserError(f"data '{name}': data.path '{p}' does not exist; pass a folder or files of the dataset")
+    paths = _local_paths(name, path)
     disk = [p for p in paths if (p / "dataset_dict.json").is_file()]
     if disk:  # a DatasetDict written by `save_to_disk`
         ds = datasets.load_from_disk(str(disk[0]))
@@ -165,6 +177,28 @@ def _local_rows(
     if builder == "text":  # one row per line, shaped like the hub's rows of the same files
         return [ln.strip() if line_rows == "strip" else (ln if ln.strip() else "") for ln in ds["text"]]
     return _column(name, ds, field, str(found[0]))
+
+
+def _local_paths(name: str, path: str | list[str]) -> list[Path]:
+    paths = [Path(p).expanduser() for p in ([path] if isinstance(path, str) else path)]
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"data '{name}': data.path '{p}' does not exist; pass a folder or files of the dataset")
+    return paths
+
+
+def _check_hf_text_node(node: dict[str, Any]) -> None:
+    """Config-time check (validate.check_config): counts in range, and local files named by `data.path` there."""
+    from compress_order.core.specs import integer
+
+    for key in ("valid_docs", "train_docs", "max_windows"):
+        if key in node:
+            integer(1, null="all").check(node[key], f"data.{key}")
+    if node.get("path"):
+        _local_paths(str(node.get("name")), node["path"])
+
+
+hf_text.check_node = _check_hf_text_node  # type: ignore[attr-defined]
 
 
 def _builder(f: Path) -> str:

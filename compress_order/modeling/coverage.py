@@ -113,8 +113,17 @@ def load_targets(model: nn.Module, skip: list[str] | tuple[str, ...]) -> tuple[d
     return targets, check_coverage(model, targets, skip)
 
 
+def compressed(t: Target) -> bool:
+    """Whether a target holds anything compressed: weights on a quantization grid, at least one weight pruned, or
+    the whole matrix removed (an expert). A stage that only transforms (smoothquant rescales input channels) leaves
+    its layers uncompressed, so a node of transforms alone claims no coverage."""
+    c = t.constraint
+    return c.dropped or c.grid is not None or (c.mask is not None and not bool(c.mask.all()))
+
+
 def compressed_share(targets: dict[str, Target]) -> float:
-    """The share of the targets' weights that some stage compressed (the node's `coverage` metric)."""
+    """The share of the targets' weights that the node's stages compressed (the node's `coverage` metric): what
+    `compressed` says of each target, not which stages ran on it."""
     total = sum(t.shape[0] * t.shape[1] for t in targets.values())
-    done = sum(t.shape[0] * t.shape[1] for t in targets.values() if t.constraint.applied)
+    done = sum(t.shape[0] * t.shape[1] for t in targets.values() if compressed(t))
     return done / total if total else 0.0

@@ -58,6 +58,20 @@ class Stage:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
 
+    @classmethod
+    def inapplicable(cls, params: dict[str, Any]) -> dict[str, str]:
+        """Parameters the stage would not apply as their value says, with why (resolved `params`, defaults filled
+        in). Such a parameter's default is adapted (documented with the stage); given explicitly, in the stage
+        entry or its yaml, it is refused (config/stages.py), so a label never names a setting that did nothing."""
+        return {}
+
+    def model_checks(self) -> list[str]:
+        """The checks `validate` (and the run's probes) make once the model is loaded, one phrase each: what
+        `compress-order validate` cannot check without loading it."""
+        if self.scales_inputs:
+            return [f"{self.label}: a norm or linear layer absorbs each layer group's input scales"]
+        return []
+
     def validate(self, targets: dict[str, Target]) -> None:
         """Raise UserError for settings that cannot apply to these layers (before any work is done)."""
 
@@ -100,6 +114,12 @@ class PruneMixin:
             sparsity = implied
         self.sparsity = float(SPARSITY.check(sparsity, "sparsity"))
 
+    def model_checks(self) -> list[str]:
+        own = (
+            [] if self.nm is None else [f"{self.label}: N:M {self.nm[0]}:{self.nm[1]}'s M divides every layer's inputs"]
+        )
+        return [*super().model_checks(), *own]  # type: ignore[misc]  (a mixin of Stage subclasses)
+
     def _validate_nm(self, targets: dict[str, Target]) -> None:
         if self.nm is None:
             return
@@ -109,6 +129,15 @@ class PruneMixin:
 
 
 class QuantMixin:
+    @classmethod
+    def inapplicable(cls, params: dict[str, Any]) -> dict[str, str]:
+        """`sym=false` asks for zero-points, which a float format's codebook has none of: its default adapts to
+        symmetric, an explicit `sym: false` is refused."""
+        fmt = params.get("format", "int")
+        if fmt != "int" and params.get("sym") is False:
+            return {"sym": f"format={fmt} is a symmetric codebook without zero-points; drop sym or use format=int"}
+        return {}
+
     def _init_quant(self, bits: int, group_size: int, sym: bool, fmt: str = "int") -> None:
         BITS.check(bits, "bits")
         GROUP_SIZE.check(group_size, "group_size")
@@ -116,6 +145,12 @@ class QuantMixin:
         self.format = fmt
         # float codebooks are symmetric: no zero-point whatever `sym` says
         self.bits, self.group_size, self.sym = int(bits), int(group_size), bool(sym) or fmt != "int"
+
+    def model_checks(self) -> list[str]:
+        own = (
+            [f"{self.label}: group_size={self.group_size} divides every layer's inputs"] if self.group_size > 0 else []
+        )
+        return [*super().model_checks(), *own]  # type: ignore[misc]  (a mixin of Stage subclasses)
 
     def _fit(self, w: Tensor, clip: float = 1.0):
         """The stage's grid for a weight, in its format."""

@@ -37,6 +37,13 @@ class ExpertPrune(Stage):
         SPARSITY.check(expert_sparsity, "expert_prune expert_sparsity")
         self.expert_sparsity, self.criterion = float(expert_sparsity), criterion
 
+    def model_checks(self) -> list[str]:
+        return [
+            *super().model_checks(),
+            f"{self.label}: the model has MoE layers",
+            f"{self.label}: expert_sparsity={self.expert_sparsity:g} leaves every MoE layer its router's top-k experts",
+        ]
+
     def validate(self, targets: dict[str, Target]) -> None:
         experts = [t for t in targets.values() if t.index is not None]
         if not experts:
@@ -54,13 +61,17 @@ class ExpertPrune(Stage):
             groups = _config_groups(config)
             per_group = e // groups[0] if groups else e
             left = per_group - self.removed_count(per_group)
+            k = getattr(config, "num_experts_per_tok", None)
+            # the fewest experts a layer (or each router group) must keep, and the largest share that keeps them
+            top_k = k if isinstance(k, int) else 1
+            keep = max(2, -(-top_k // groups[1])) if groups else top_k  # a group scores with 2; ceil(k / groups)
+            largest = f"the largest expert_sparsity that works here is {max(per_group - keep, 0) / per_group:g}"
             if groups and left < 2:
                 raise UserError(
                     f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {left} of the "
                     f"{per_group} experts of each of the {groups[0]} router groups in {unit}; a group "
-                    f"needs 2 for its score (lower expert_sparsity)"
+                    f"needs 2 for its score ({largest})"
                 )
-            k = getattr(config, "num_experts_per_tok", None)
             reachable = groups[1] * left if groups else left  # the experts a token can still be routed to
             if isinstance(k, int) and reachable < k:
                 where = (
@@ -70,7 +81,7 @@ class ExpertPrune(Stage):
                 )
                 raise UserError(
                     f"expert_prune expert_sparsity={self.expert_sparsity:g} leaves {where} in {unit}, "
-                    f"fewer than the router's top-k={k}"
+                    f"fewer than the router's top-k={k} ({largest})"
                 )
 
     def removed_count(self, num_experts: int) -> int:

@@ -89,6 +89,11 @@ class MixedRTN(QuantMixin, Stage):
         self.budget = None if budget is None else float(budget)
         self.plan: dict[str, int | str] = {}  # layer name → bits, or a float format's name; set by validate
 
+    def model_checks(self) -> list[str]:
+        formats = sorted({b for _, b in self.bits_map if isinstance(b, str)})
+        own = [f"{self.label}: the groups of {', '.join(formats)} divide their layers' inputs"] if formats else []
+        return [*super().model_checks(), *own]
+
     def _mapped(self, name: str) -> int | str | None:
         return next((b for pattern, b in self.bits_map if pattern.search(name)), None)
 

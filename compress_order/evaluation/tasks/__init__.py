@@ -30,6 +30,14 @@ class Task(Protocol):
     def latency(self, model: nn.Module) -> dict[str, float]:
         """Timing metrics of a fixed-shape forward."""
 
+    @classmethod
+    def check(cls, settings: RunSettings, data_type: type | None) -> None:
+        """Model-free: UserError for data of another kind and for settings this task would ignore."""
+
+    @classmethod
+    def model_checks(cls, settings: RunSettings) -> list[str]:
+        """The checks building the task makes once the model and data are loaded, one phrase each."""
+
 
 TASKS: Registry[Callable[..., Task]] = Registry("model kind")
 
@@ -39,7 +47,21 @@ def register(kind: str) -> Callable:
     return TASKS.registers(kind)
 
 
-def build_task(lm: LoadedModel, data: Any, settings: RunSettings) -> Task:
+def _registered() -> Registry[Callable[..., Task]]:
     for mod in pkgutil.iter_modules(__path__):  # each module registers its kinds
         importlib.import_module(f"{__name__}.{mod.name}")
-    return TASKS.lookup(lm.kind)(lm, data, settings)
+    return TASKS
+
+
+def build_task(lm: LoadedModel, data: Any, settings: RunSettings) -> Task:
+    return _registered().lookup(lm.kind)(lm, data, settings)
+
+
+def check_task(kind: str, data_type: type | None, settings: RunSettings) -> None:
+    """Before any model loads (the configuration edge): what the task of models of `kind` refuses of the settings,
+    and data of a type it cannot evaluate (`data_type`: what the data loader returns; None: unknown)."""
+    _registered().lookup(kind).check(settings, data_type)
+
+
+def model_checks(kind: str, settings: RunSettings) -> list[str]:
+    return _registered().lookup(kind).model_checks(settings)

@@ -55,12 +55,29 @@ def with_bos(rows: Tensor, bos: int | None) -> Tensor:
 class LMTask:
     primary_metric = "perplexity"
 
+    @classmethod
+    def check(cls, settings: RunSettings, data_type: type | None) -> None:
+        name = f"model '{settings.model.name}' is a language model"
+        if data_type is not None and not issubclass(data_type, TextSplits):
+            raise UserError(f"{name} but data '{settings.data.name}' is not a text dataset")
+        if settings.eval.max_examples is not None:
+            raise UserError(
+                f"eval.max_examples={settings.eval.max_examples} caps an image classifier's test images; {name}: "
+                f"eval.max_windows caps its windows"
+            )
+
+    @classmethod
+    def model_checks(cls, settings: RunSettings) -> list[str]:
+        data = f"data '{settings.data.name}'"
+        return [
+            f"the validation text of {data} fills one window of the model's tokens",
+            f"the train text of {data} holds calibration.nsamples segments",
+            *(["the tokenizer has a BOS token (model.bos)"] if settings.model.get("bos") else []),
+        ]
+
     def __init__(self, lm: LoadedModel, data: TextSplits, settings: RunSettings):
         ev = settings.eval
-        if not isinstance(data, TextSplits):
-            raise UserError(
-                f"model '{lm.name}' is a language model but data '{settings.data.name}' is not a text dataset"
-            )
+        self.check(settings, type(data))
         self.device = torch.device(settings.device)
         self.seqlen = ev.seqlen or lm.seqlen
         self.batch_size = ev.batch_size

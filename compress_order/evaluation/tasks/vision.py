@@ -28,12 +28,38 @@ CACHE_BYTES = 1 << 30
 class VisionTask:
     primary_metric = "top1"
 
+    metrics = ("top1", "top5", "nll")  # reported for every node (top-k: at most the number of classes)
+    # settings only a language model's task reads, and what they do (each null or off by default)
+    LM_ONLY = {
+        "offload": "streams the blocks of a language model",
+        "max_windows": "caps a language model's text windows (images: eval.max_examples)",
+        "seqlen": "is a language model's window length",
+        "word_perplexity": "scores a language model's text",
+        "tasks": "are lm-eval tasks of a language model",
+    }
+
+    @classmethod
+    def check(cls, settings: RunSettings, data_type: type | None) -> None:
+        name = f"model '{settings.model.name}' is an image classifier"
+        if data_type is not None and not issubclass(data_type, ImageSplits):
+            raise UserError(f"{name} but data '{settings.data.name}' is not an image dataset")
+        reject_on(settings.eval.metrics, name, f"it reports {', '.join(cls.metrics)} for every node; drop eval.metrics")
+        for key, what in cls.LM_ONLY.items():
+            value = getattr(settings.eval, key)
+            if value not in (None, False, ()):
+                shown = list(value) if isinstance(value, tuple) else "true" if value is True else value
+                raise UserError(f"eval.{key}={shown} {what}; {name}; drop eval.{key}")
+
+    @classmethod
+    def model_checks(cls, settings: RunSettings) -> list[str]:
+        return [
+            f"data '{settings.data.name}' has labels on its evaluated split",
+            f"model '{settings.model.name}' predicts as many classes as data '{settings.data.name}' has",
+        ]
+
     def __init__(self, lm: LoadedModel, data: ImageSplits, settings: RunSettings):
         ev = settings.eval
-        if not isinstance(data, ImageSplits):
-            raise UserError(
-                f"model '{lm.name}' is an image classifier but data '{settings.data.name}' is not an image dataset"
-            )
+        self.check(settings, type(data))
         if data.test_labels is None:
             raise UserError(
                 f"data '{data.name}' has no labels on its evaluated split; top-1 needs them "
@@ -44,12 +70,6 @@ class VisionTask:
             raise UserError(
                 f"model '{lm.name}' predicts {n_model} classes but data '{data.name}' has {data.num_classes}; "
                 f"use a checkpoint trained on these classes (model.checkpoint=...)"
-            )
-        reject_on(ev.metrics, f"model '{lm.name}' is an image classifier")
-        if ev.offload is not None:
-            raise UserError(
-                f"eval.offload streams the blocks of a language model; model '{lm.name}' is an image "
-                f"classifier, drop eval.offload"
             )
         from timm.data import create_transform
 
