@@ -48,7 +48,7 @@ def test_run_with_refit_grid_after_a_quantizer(tiny_overrides, tmp_path):
     from compress_order.config.compose import compose_config
     from helpers import run
 
-    ppl = {}
+    ppl, keys = {}, {}
     for mode, first in (("keep", "sparsegpt"), ("refit", "{name:sparsegpt,grid:refit}")):
         cfg = compose_config(
             tiny_overrides + [f"stages=[{first},gptq]", "sparsity=0.5", "bits=4", "group_size=32", "device=cpu"]
@@ -57,12 +57,17 @@ def test_run_with_refit_grid_after_a_quantizer(tiny_overrides, tmp_path):
         sp = df[df.metric == "sparsity"].set_index("order")["value"]
         assert all(v >= 0.5 - 1e-9 for o, v in sp.items() if o not in ("dense", "gptq")), sp
         ppl[mode] = df[df.metric == "perplexity"].set_index("order")["value"].to_dict()
+        keys[mode] = df[df.metric == "perplexity"].set_index("order")["node_key"].to_dict()
     label = "sparsegpt(grid=refit)"
     assert set(ppl["refit"]) == {"dense", label, "gptq", f"{label} > gptq", f"gptq > {label}"}, ppl["refit"]
     keep, refit = ppl["keep"], ppl["refit"]
     assert refit[label] == keep["sparsegpt"] and refit["gptq"] == keep["gptq"]
     assert refit[f"{label} > gptq"] == keep["sparsegpt > gptq"]  # no earlier grid: the setting changes nothing
     assert refit[f"gptq > {label}"] != keep["gptq > sparsegpt"] and math.isfinite(refit[f"gptq > {label}"])
+    # where there is no earlier grid the setting is inert: one node, one key (computed once in a shared store)
+    assert keys["refit"][label] == keys["keep"]["sparsegpt"]
+    assert keys["refit"][f"{label} > gptq"] == keys["keep"]["sparsegpt > gptq"]
+    assert keys["refit"][f"gptq > {label}"] != keys["keep"]["gptq > sparsegpt"]
 
 
 # ----------------------------------------------------------------------------------------------- quality (slow)

@@ -23,6 +23,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_object
+
 from compress_order.core.paths import ASSETS_DIR, PACKAGE_DIR
 from compress_order.core.settings import Calibration, RunSettings, StageSpec, plain
 
@@ -90,7 +92,13 @@ def stage_identity(spec: StageSpec) -> dict:
 
 def node_key(base: dict, prefix: list[StageSpec], calibrated: bool, calibration: Calibration, seed: int) -> str:
     """The store key of the node reached by applying `prefix` to the dense model."""
-    ident: dict[str, Any] = {"base": base, "prefix": [stage_identity(s) for s in prefix]}
+    classes = [get_object(s.target) for s in prefix]
+    kinds = tuple(cls.kind for cls in classes)
+    steps = [
+        _portable({"_target_": s.target, **plain(cls.identity(s.params, kinds[:i]))})
+        for i, (s, cls) in enumerate(zip(prefix, classes))
+    ]
+    ident: dict[str, Any] = {"base": base, "prefix": steps}
     if calibrated:
         ident["calibration"] = plain(calibration)
         ident["seed"] = seed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -71,6 +72,12 @@ class Stage:
         if self.scales_inputs:
             return [f"{self.label}: a norm or linear layer absorbs each layer group's input scales"]
         return []
+
+    @classmethod
+    def identity(cls, params: Mapping[str, Any], earlier_kinds: tuple[str, ...]) -> dict[str, Any]:
+        """The parameters that decide what this stage does after stages of `earlier_kinds` (in order): all of
+        them, unless a stage knows that one of its settings changes nothing there (node keys, run/identity.py)."""
+        return dict(params)
 
     def validate(self, targets: dict[str, Target]) -> None:
         """Raise UserError for settings that cannot apply to these layers (before any work is done)."""

@@ -16,7 +16,7 @@ On a layer without an earlier grid the setting changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from torch import Tensor
@@ -67,6 +67,14 @@ class SparseGPT(PruneMixin, Stage):
         check_solver_params("sparsegpt", blocksize, percdamp)
         self.blocksize, self.percdamp = int(blocksize), float(percdamp)
         self.grid = grid
+
+    @classmethod
+    def identity(cls, params: Mapping[str, Any], earlier_kinds: tuple[str, ...]) -> dict[str, Any]:
+        """Without an earlier quantizer there is no grid to keep or refit: `grid` changes nothing, so the node is
+        the same whatever it says (one node, one key)."""
+        if any(kind in ("quantize", "joint") for kind in earlier_kinds):
+            return dict(params)
+        return {k: v for k, v in params.items() if k != "grid"}
 
     def validate(self, targets: dict[str, Target]) -> None:
         self._validate_nm(targets)
