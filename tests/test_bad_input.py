@@ -124,6 +124,16 @@ BAD = [
     (["stages=[expert_prune,rtn]"], "stage 'expert_prune' removes experts, but the model has no MoE layer"),
     (["stages=[{name:smoothquant,alpha:1.5}]"], "smoothquant alpha=1.5 is outside [0, 1]"),
     (["stages=[{name:awq,min_clip:0}]"], "awq min_clip=0 is outside (0, 1]"),
+    # rotate and sleb (issue #39): settings before any model loads, the model's structure before the first node
+    (["stages=[{name:rotate,matrix:foo},rtn]"], "rotate matrix=foo is unknown; valid: hadamard, random"),
+    (["stages=[{name:rotate,heads:maybe},rtn]"], "rotate heads=maybe must be true or false"),
+    (["stages=[{name:sleb,blocks:0},rtn]"], "sleb blocks=0 is not a count (a whole number >= 1) or a share in (0, 1)"),
+    (["stages=[{name:sleb,blocks:-1},rtn]"], "sleb blocks=-1 is not a count"),
+    (["stages=[{name:sleb,blocks:2.5},rtn]"], "sleb blocks=2.5 is not a count"),
+    (["stages=[{name:sleb,blocks:1.0},rtn]"], "sleb blocks=1.0 is not a count"),  # a share must be below 1
+    (["stages=[{name:sleb,blocks:abc},rtn]"], "sleb blocks=abc is not a count"),
+    (["stages=[{name:sleb,blocks:2},rtn]"], "sleb blocks=2 removes 2 of the model's 2 decoder blocks; at most 1"),
+    (["stages=[{name:sleb,blocks:0.9},rtn]"], "sleb blocks=0.9 removes 2 of the model's 2 decoder blocks"),
     (["hydra.run.dir=/proc/compress-order"], "hydra.run.dir '/proc/compress-order' is not writable"),
     (["store_dir=/proc/compress-order"], "store_dir '/proc/compress-order' is not writable"),
 ]
@@ -206,6 +216,8 @@ BOTH = [
     (["data=mnist"], "model 'charllama' is a language model but data 'mnist' is not a text dataset"),
     (["model=mnist_resnet", "data=mnist", "eval.max_windows=4"], "eval.max_windows=4 caps a language model's text windows (images: eval.max_examples)"),
     (["model=mnist_resnet", "data=mnist", "eval.word_perplexity=true"], "eval.word_perplexity=true scores a language model's text"),
+    (["model=mnist_resnet", "data=mnist", "stages=[rotate,rtn]"], "stage 'rotate' applies to a language model only; model 'mnist-resnet' is an image classifier"),
+    (["model=mnist_resnet", "data=mnist", "stages=[sleb,rtn]"], "stage 'sleb' applies to a language model only"),
     (["eval.max_examples=4"], "eval.max_examples=4 caps an image classifier's test images; model 'charllama' is a language model"),
 ]
 

@@ -76,7 +76,7 @@ def embedded():
     cfg = compose_config(["calibration.nsamples=2", "calibration.seqlen=32", "eval.max_windows=1", "device=cpu"])
     lm = build(cfg.model)
     task = build_task(lm, build(cfg.data), settings(cfg))
-    state = ModelState(lm.model, find_targets(lm.model, lm.skip))
+    state = ModelState(lm.model, find_targets(lm.model, lm.skip), whole=True)  # a rotation changes embeddings too
     return cfg, task, state, state.snapshot()
 
 
@@ -113,6 +113,14 @@ def test_stage_config_compresses_the_embedded_model(name, embedded, embedded_moe
     state.restore(dense)
     apply_stage(stage, state, task, settings(cfg).calibration)  # checks every layer's recorded constraints
     assert not state.equal(dense)
+    if stage.whole_model and stage.kind == "prune":  # removes whole blocks (sleb): their layers are gone, the rest kept
+        removed = [t for t in state.targets.values() if t.constraint.dropped]
+        assert removed and all(t.constraint.applied == [stage.label] and not t.weight.any() for t in removed)
+        assert all(not t.constraint.applied for t in state.targets.values() if not t.constraint.dropped)
+        assert len(state.blocks.kept) == len(state.blocks.original) - round(sc["blocks"] * len(state.blocks.original))
+        state.restore(dense)
+        assert not state.blocks.removed and state.equal(dense)
+        return
     for t in state.targets.values():
         c = t.constraint
         assert c.applied == [stage.label]

@@ -105,6 +105,14 @@ def _check_task(settings: RunSettings) -> None:
     kind = model_kind(settings)
     if kind is None:  # a loader of the user's own: its task is known once it has loaded
         return
+    for spec in settings.stages + settings.joint:
+        kinds = getattr(target_object(spec.target), "model_kinds", None)
+        if kinds is not None and kind not in kinds:
+            words = {"causal_lm": "a language model", "image_classifier": "an image classifier"}
+            raise UserError(
+                f"stage '{spec.label}' applies to {' or '.join(words.get(k, k) for k in kinds)} only; model "
+                f"'{settings.model.name}' is {words.get(kind, kind)} (choose another stage or model)"
+            )
     try:
         data_type = typing.get_type_hints(target_object(settings.data.target)).get("return")
     except Exception:  # noqa: BLE001  (an annotation that does not resolve says nothing)

@@ -119,11 +119,15 @@ def _check_params(name: str, node: DictConfig, overrides: dict) -> None:
             raise unknown_key(key, valid, "parameter", f" for stage '{name}'")
 
 
-def is_calibrated(spec: StageSpec) -> bool:
-    """Whether a stage's class reads calibration statistics (its result depends on the seed)."""
+def stage_class(spec: StageSpec) -> type[Stage]:
     from hydra.utils import get_object
 
-    return getattr(get_object(spec.target), "needs", None) is not None
+    return get_object(spec.target)
+
+
+def is_calibrated(spec: StageSpec) -> bool:
+    """Whether a stage's class reads calibration statistics (its result depends on the seed)."""
+    return getattr(stage_class(spec), "needs", None) is not None
 
 
 def build_stage(spec: StageSpec) -> Stage:

@@ -103,6 +103,12 @@ for _m in [
         "bytes of the whole model in its packed form (uncompressed layers at dense_bits)",
         summary=True,
     ),
+    Metric(
+        "blocks_removed",
+        False,
+        "decoder blocks the node's stages removed (sleb), on nodes that removed any; their weights count as "
+        "zeros in sparsity and as removed in coverage",
+    ),
     Metric("latency_ms", False, "median milliseconds of a fixed-shape forward", summary=True, measured=True),
     Metric("latency_ms_iqr", False, "inter-quartile range of the forward timings (ms)", measured=True),
     Metric("images_per_s", True, "images per second at a fixed batch", measured=True),

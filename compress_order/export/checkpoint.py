@@ -59,7 +59,7 @@ from compress_order.core.schema import MODELS_DIR, SAVE_FORMATS, SIDECAR, SIDECA
 from compress_order.core.settings import Activations, RunSettings
 from compress_order.loaders.models import LoadedModel
 from compress_order.modeling.moe import renamed_after_removal, without_removed_experts
-from compress_order.modeling.targets import Target
+from compress_order.modeling.targets import Target, by_current_name
 
 if TYPE_CHECKING:  # ct_export imports compressed-tensors, which a run without save=true does not need
     from compress_order.export.compressed_tensors import ActScheme
@@ -177,6 +177,12 @@ def save_model(
     from compress_order.core.files import file_mode
     from compress_order.evaluation.measure import compression_metrics
 
+    size_bytes = compression_metrics(lm.model, targets, dense_bits)["size_bytes"]  # removed blocks count 0
+    current = by_current_name(lm.model, targets)
+    if input_scales is not None:  # by the names the checkpoint gives the layers
+        names = {id(t): n for n, t in current.items()}
+        input_scales = {names[id(targets[n])]: v for n, v in input_scales.items() if id(targets[n]) in names}
+    targets = current
     fmt = checkpoint_format(targets, fmt)
     if fmt == "compressed-tensors" and all(t.constraint.grid is None for t in targets.values()):
         raise UserError(f"compressed-tensors packs quantization grids; {' > '.join(order)} holds none (save it dense)")
@@ -196,7 +202,7 @@ def save_model(
         checkpoint.update(
             disk_bytes=weight_bytes(tmp),
             dense_bits=dense_bits,
-            size_bytes=compression_metrics(lm.model, targets, dense_bits)["size_bytes"],
+            size_bytes=size_bytes,
         )
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)

@@ -13,8 +13,9 @@ transposed (E, in, out) where the module says `is_transposed`), so each of its E
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -197,39 +198,184 @@ def find_targets(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> di
     return found
 
 
-# A target's weight and constraint by its name; the model's 1-D parameters (norm weights, biases) under
-# "param:<name>" with no constraint: stages that rescale inputs fold their factors into those.
+# A target's weight and constraint by its name; the model's other parameters under "param:<name>" with no
+# constraint (1-D ones always: stages that rescale inputs fold their factors into norms and biases; all of them for
+# a stage that rewrites the model as a whole); the model's structure under "struct:<what>".
 Snapshot = dict[str, tuple[Tensor, LayerConstraint | None]]
-PARAM = "param:"
+PARAM, STRUCT = "param:", "struct:"
+# Per-layer settings of a config, rewritten when blocks are removed: lists with one entry per layer, lists of
+# layer indices, and counts of leading layers (the first k dense MLPs, the first layers without sliding windows).
+PER_LAYER_LISTS = ("layer_types",)
+LAYER_INDEX_LISTS = ("mlp_only_layers",)
+LEADING_COUNTS = ("first_k_dense_replace", "max_window_layers")
+
+
+@dataclass
+class BlockList:
+    """A model's list of repeated blocks as loaded, and which of them (indices into `original`) it holds now."""
+
+    container: nn.ModuleList
+    original: tuple[nn.Module, ...]
+    config: dict  # the per-layer config settings as loaded
+    kept: tuple[int, ...]
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.original)) if i not in self.kept)
+
+
+def text_config(model: nn.Module):
+    """The config describing the decoder (a multimodal model's text part), or None."""
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def by_current_name(model: nn.Module, targets: dict[str, Target]) -> dict[str, Target]:
+    """The targets the model holds now, by the names it gives them now: a removed block's are left out, the
+    blocks after it renumbered (targets keep their names as loaded; a checkpoint holds the current ones)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, Target] = {}
+    for t in targets.values():
+        if id(t.module) in names:
+            out[names[id(t.module)] + ("" if t.index is None else f".{t.index}.{t.param}")] = t
+    return out
 
 
 class ModelState:
-    """The model's compressible weights plus their constraints, and every 1-D parameter: what a trie node
-    snapshots and restores, so siblings start from their parent exactly whatever a stage rescaled."""
+    """The model's compressible weights plus their constraints, its other parameters, and its structure (which
+    blocks it holds, whether its embeddings are tied): what a trie node snapshots and restores, so siblings start
+    from their parent exactly whatever a stage rescaled, rotated or removed.
 
-    def __init__(self, model: nn.Module, targets: dict[str, Target], snapshot_device: str = "cpu"):
+    Targets keep the names they had when loaded: a target of a removed block stays (as removed, zero weights) so
+    sparsity and coverage count it; `by_current_name` gives the names the model has now (what a checkpoint holds)."""
+
+    def __init__(self, model: nn.Module, targets: dict[str, Target], snapshot_device: str = "cpu", whole: bool = False):
         self.model = model
         self.targets = targets
         self.snapshot_device = snapshot_device
-        self.params = {n: p for n, p in model.named_parameters() if p.dim() == 1}
+        self.whole = whole  # snapshot every parameter, not only targets and 1-D ones
+        self.blocks: BlockList | None = None  # set by the first removal of blocks
+        self.tied0 = self.tied()
+
+    def params(self) -> dict[str, nn.Parameter]:
+        """The parameters a snapshot keeps beside the targets' weights (named as the model holds them now)."""
+        own = {id(t.parameter) for t in self.targets.values()}
+        return {n: p for n, p in self.model.named_parameters() if (self.whole or p.dim() == 1) and id(p) not in own}
+
+    # ---- structure: tied embeddings, removed blocks
+
+    def tied(self) -> bool:
+        get_in, get_out = (
+            getattr(self.model, "get_input_embeddings", None),
+            getattr(self.model, "get_output_embeddings", None),
+        )
+        if not callable(get_in) or not callable(get_out):
+            return False
+        inp, out = get_in(), get_out()
+        return inp is not None and out is not None and out.weight is inp.weight
+
+    def untie(self) -> None:
+        """Give the output embedding its own copy of the input embedding's weight (a stage is about to change one
+        of them alone); the config says so, so a saved checkpoint reloads untied."""
+        if not self.tied():
+            return
+        out = self.model.get_output_embeddings()
+        out.weight = nn.Parameter(out.weight.data.clone(), requires_grad=False)
+        self.model.config.tie_word_embeddings = False
+
+    def _tie(self) -> None:
+        self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+        self.model.config.tie_word_embeddings = True
+
+    def remove_blocks(self, container: nn.ModuleList, positions: list[int], label: str = "") -> None:
+        """Remove the blocks at `positions` (in the list as it is now) from the model for good: their targets are
+        marked removed (zero weights, all pruned), the config describes the blocks left."""
+        if self.blocks is None:
+            config = text_config(self.model)
+            keys = PER_LAYER_LISTS + LAYER_INDEX_LISTS + LEADING_COUNTS
+            saved = {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+            self.blocks = BlockList(container, tuple(container), saved, tuple(range(len(container))))
+        assert container is self.blocks.container, "one block list per model"
+        gone = [self.blocks.kept[p] for p in positions]
+        for i in gone:
+            ids = {id(m) for m in self.blocks.original[i].modules()}
+            for t in self.targets.values():
+                if id(t.module) in ids and not t.constraint.dropped:
+                    c = t.constraint
+                    t.set_weight(torch.zeros_like(t.weight))
+                    c.mask = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+                    c.min_sparsity, c.dropped = 1.0, True
+                    c.applied.append(label)
+        self._set_blocks(tuple(i for i in self.blocks.kept if i not in gone))
+
+    def _set_blocks(self, kept: tuple[int, ...]) -> None:
+        b = self.blocks
+        assert b is not None
+        del b.container[:]
+        b.container.extend([b.original[i] for i in kept])
+        b.kept = kept
+        for position, block in enumerate(b.container):  # the KV cache is indexed by a block's position
+            for m in block.modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = position
+        config = text_config(self.model)
+        config.num_hidden_layers = len(kept)
+        for key, value in b.config.items():
+            if key in PER_LAYER_LISTS:
+                setattr(config, key, [value[i] for i in kept])
+            elif key in LAYER_INDEX_LISTS:
+                setattr(config, key, [p for p, i in enumerate(kept) if i in value])
+            else:
+                setattr(config, key, sum(i < value for i in kept))
+
+    @contextmanager
+    def without_block(self, container: nn.ModuleList, position: int) -> Iterator[None]:
+        """The model as if the block at `position` were removed, for a forward (scoring which block to remove)."""
+        if self.blocks is None:
+            self.remove_blocks(container, [])
+        assert self.blocks is not None
+        kept = self.blocks.kept
+        self._set_blocks(kept[:position] + kept[position + 1 :])
+        try:
+            yield
+        finally:
+            self._set_blocks(kept)
+
+    # ---- snapshots
 
     def snapshot(self) -> Snapshot:
         snap: Snapshot = {
             n: (t.stored.to(self.snapshot_device, copy=True), t.constraint.clone(self.snapshot_device))
             for n, t in self.targets.items()
         }
-        for n, p in self.params.items():
+        for n, p in self.params().items():
             snap[PARAM + n] = (p.data.to(self.snapshot_device, copy=True), None)
+        if self.blocks is not None:
+            snap[STRUCT + "blocks"] = (torch.tensor(self.blocks.kept, dtype=torch.long), None)
+        snap[STRUCT + "tied"] = (torch.tensor(self.tied()), None)
         return snap
 
     def restore(self, snap: Snapshot) -> None:
+        if self.blocks is not None:
+            entry = snap.get(STRUCT + "blocks")
+            kept = tuple(range(len(self.blocks.original))) if entry is None else tuple(entry[0].tolist())
+            if kept != self.blocks.kept:
+                self._set_blocks(kept)
+        tied = bool(snap[STRUCT + "tied"][0]) if STRUCT + "tied" in snap else self.tied0
+        if tied and not self.tied():
+            self._tie()
+        elif not tied and self.tied():
+            self.untie()
         for n, t in self.targets.items():
             w, c = snap[n]
             t.stored.copy_(w)
             t.constraint = c.clone(t.device)
-        for n, p in self.params.items():
-            if PARAM + n in snap:  # snapshots from before 1-D parameters were kept hold none
+        for n, p in self.params().items():
+            if PARAM + n in snap:
                 p.data.copy_(snap[PARAM + n][0])
+            elif self.whole:  # a parameter the snapshot does not hold would keep another node's values
+                raise RuntimeError(f"snapshot lacks parameter {n}")
 
     def check(self) -> None:
         for t in self.targets.values():
@@ -238,6 +384,7 @@ class ModelState:
     @torch.no_grad()
     def equal(self, snap: Snapshot) -> bool:
         """Bit-exact comparison with a snapshot (tests, and a guard after restores)."""
+        params = self.params()
         return all(torch.equal(t.stored.cpu(), snap[n][0].cpu()) for n, t in self.targets.items()) and all(
-            torch.equal(p.data.cpu(), snap[PARAM + n][0].cpu()) for n, p in self.params.items() if PARAM + n in snap
+            torch.equal(p.data.cpu(), snap[PARAM + n][0].cpu()) for n, p in params.items() if PARAM + n in snap
         )

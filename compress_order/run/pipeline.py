@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from compress_order.config.stages import build_stage
+from compress_order.config.stages import build_stage, stage_class
 from compress_order.core.instantiate import build
 from compress_order.core.schema import SIMULATED, NodeRecord
 from compress_order.core.settings import Calibration, Loader, RunSettings, StageSpec
@@ -46,7 +46,9 @@ def apply_stage(
     if act is not None and stage.needs is not None:
         act.observe(state.model, task.calibration_batches())
     live = {n: t for n, t in state.targets.items() if not t.constraint.dropped}  # a removed expert stays removed
-    if stage.needs is None:
+    if stage.whole_model:
+        stage.compress_model(state, None if stage.needs is None else task.calibration_batches())
+    elif stage.needs is None:
         for t in live.values():
             stage.compress(t, None)
     else:
@@ -81,10 +83,11 @@ class RunContext:
         data = build(settings.data.node())
         lm.model.to(device)
         targets, coverage = load_targets(lm.model, lm.skip)  # every weight matrix a target or skipped on purpose
+        whole = any(stage_class(spec).rewrites_all for spec in settings.stages + settings.joint)
         act = None
         if settings.act is not None:
             act = ActQuant(settings.act.bits, settings.act.granularity, settings.act.format).install(targets)
-        return cls(lm, data, targets, ModelState(lm.model, targets), act, device, coverage)
+        return cls(lm, data, targets, ModelState(lm.model, targets, whole=whole), act, device, coverage)
 
     @property
     def static_act(self) -> ActQuant | None:
@@ -94,13 +97,14 @@ class RunContext:
     def fresh_dense(self, model: Loader) -> Snapshot:
         """The dense weights from a fresh load (the loaded model may already be compressed)."""
         fresh = build(model.node())
-        return ModelState(fresh.model, find_targets(fresh.model, self.lm.skip)).snapshot()
+        return ModelState(fresh.model, find_targets(fresh.model, self.lm.skip), whole=self.state.whole).snapshot()
 
     def build_stages(self, specs: dict[str, StageSpec]) -> dict[str, Stage]:
         """Each stage by label, checked against the layers before any work."""
         stages = {lab: build_stage(spec) for lab, spec in specs.items()}
         for s in stages.values():
             s.validate(self.targets)
+            s.validate_model(self.state)
         return stages
 
     def check_model(self, stages: dict[str, Stage], task: Task, calibration: Calibration) -> None:
@@ -136,6 +140,8 @@ class RunContext:
             self.static_act.observe(model, task.calibration_batches())
         metrics, samples = task.evaluate(model)
         metrics.update(compression_metrics(model, self.targets, dense_bits))
+        if self.state.blocks is not None and self.state.blocks.removed:
+            metrics["blocks_removed"] = len(self.state.blocks.removed)
         with act_paused():  # fake activation rounding is no kernel: time what the weights cost
             signature = shape_signature(model, self.targets)
             if signature not in self.latency:

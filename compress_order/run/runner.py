@@ -66,6 +66,7 @@ class RunStats:
     wall_s: float = 0.0
     # calibration tokens per expert (min / median / max, experts without any) per MoE layer, by node
     expert_tokens: dict = field(default_factory=dict)
+    removed_blocks: dict = field(default_factory=dict)  # the blocks (indices as loaded) each node has removed
 
 
 def stage_list(specs: tuple[StageSpec, ...]) -> str:
@@ -300,6 +301,9 @@ class TrieWalk:
             log.warning("order %s is infeasible: %s", node.label, why)
             return
         self.stats.applications += 1
+        blocks = self.ctx.state.blocks
+        if blocks is not None and blocks.removed:
+            self.stats.removed_blocks[node.label] = list(blocks.removed)
         if node.children and cache.root is not None:
             cache.save(key, self.ctx.state.snapshot())
 

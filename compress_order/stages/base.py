@@ -18,7 +18,7 @@ from torch import Tensor
 from compress_order.core.errors import UserError
 from compress_order.core.schemes import check_format
 from compress_order.core.specs import BITS, GROUP_SIZE, SPARSITY, declared
-from compress_order.modeling.targets import Target
+from compress_order.modeling.targets import ModelState, Target
 from compress_order.numerics.formats import fit_weight_grid
 from compress_order.numerics.prune import nm_sparsity, parse_nm
 from compress_order.numerics.quant import QuantGrid
@@ -30,6 +30,12 @@ class Stage:
     # True: the driver finds, for each group of layers fed one tensor, the producer of that tensor (a norm or a
     # linear layer) and passes it to `compress_group`, so the stage may rescale input channels (scaling.py).
     scales_inputs: ClassVar[bool] = False
+    # True: the stage rewrites the model as a whole (`compress_model`), not one layer at a time: a rotation of the
+    # residual stream, removing blocks. The trie's snapshots then keep every parameter and the model's structure.
+    whole_model: ClassVar[bool] = False
+    rewrites_all: ClassVar[bool] = False  # changes parameters beyond targets and 1-D ones (embeddings, lm_head)
+    # The kinds of model (the loader's `kind`) the stage applies to; None: any. Checked before any model loads.
+    model_kinds: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, name: str, label: str | None = None):
         self.name = name
@@ -81,6 +87,15 @@ class Stage:
 
     def validate(self, targets: dict[str, Target]) -> None:
         """Raise UserError for settings that cannot apply to these layers (before any work is done)."""
+
+    def validate_model(self, state: ModelState) -> None:
+        """For `whole_model` stages: raise UserError for a model whose structure the stage cannot handle (before
+        any node is computed)."""
+
+    def compress_model(self, state: ModelState, batches: list[Any] | None) -> None:
+        """For `whole_model` stages: rewrite the model (its live targets' constraints kept and extended), with the
+        calibration batches when the stage `needs` data."""
+        raise NotImplementedError
 
     def feasible(self, targets: dict[str, Target]) -> str | None:
         """Why this stage cannot follow what the layers already hold (None: it can). Asked before each
