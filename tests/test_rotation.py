@@ -215,3 +215,27 @@ def test_rotation_and_block_removal_in_every_order_through_the_runner(tmp_path):
     for folder in saved:
         assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 5
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_left_unrotated_stops_the_run_in_any_dtype(dtype, monkeypatch):
+    """The probe compares float32 logits: one reader left out changes them by ~1%, far above rounding, while a
+    correct rotation of a bfloat16 model passes and leaves it in bfloat16."""
+    import compress_order.stages.rotate as rotate_module
+
+    model = _tiny("LLaMA").to(dtype)
+    state = ModelState(model, find_targets(model, ["lm_head"]), whole=True)
+    snap = state.snapshot()
+    Rotate(name="rotate").compress_model(state, None)
+    assert model.get_input_embeddings().weight.dtype == dtype and model.lm_head.weight.dtype == dtype
+    state.restore(snap)
+    real = rotate_module.residual_map
+
+    def one_reader_short(*args, **kwargs):
+        rmap = real(*args, **kwargs)
+        rmap.norms[0][1].pop(1)  # block 0's k_proj keeps reading the unrotated stream
+        return rmap
+
+    monkeypatch.setattr(rotate_module, "residual_map", one_reader_short)
+    with pytest.raises(UserError, match="its structure is not one rotate knows"):
+        Rotate(name="rotate").compress_model(state, None)
