@@ -127,6 +127,7 @@ BAD = [
     # rotate and sleb (issue #39): settings before any model loads, the model's structure before the first node
     (["stages=[{name:rotate,matrix:foo},rtn]"], "rotate matrix=foo is unknown; valid: hadamard, random"),
     (["stages=[{name:rotate,heads:maybe},rtn]"], "rotate heads=maybe must be true or false"),
+    (["save=true", "stages=[{name:rotate,online:true},rtn]"], "save=true: rotate online=true applies a Hadamard to down_proj's input at run time"),
     (["stages=[{name:sleb,blocks:0},rtn]"], "sleb blocks=0 is not a count (a whole number >= 1) or a share in (0, 1)"),
     (["stages=[{name:sleb,blocks:-1},rtn]"], "sleb blocks=-1 is not a count"),
     (["stages=[{name:sleb,blocks:2.5},rtn]"], "sleb blocks=2.5 is not a count"),

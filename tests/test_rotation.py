@@ -239,3 +239,32 @@ def test_a_layer_left_unrotated_stops_the_run_in_any_dtype(dtype, monkeypatch):
     monkeypatch.setattr(rotate_module, "residual_map", one_reader_short)
     with pytest.raises(UserError, match="its structure is not one rotate knows"):
         Rotate(name="rotate").compress_model(state, None)
+
+
+def test_online_rotation_of_down_proj_inputs_keeps_the_function_and_is_undone_for_siblings():
+    model = _tiny("LLaMA")
+    state = ModelState(model, find_targets(model, ["lm_head"]), whole=True)
+    ids = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits
+    snap = state.snapshot()
+    Rotate(name="rotate", online=True).compress_model(state, None)
+    downs = [m for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    assert state.online is not None and all(getattr(m, "online_rotation", False) for m in downs)
+    with torch.no_grad():
+        assert (model(ids).logits - before).abs().max() <= 1e-6 * before.abs().max()
+    rotated = state.snapshot()
+    state.restore(snap)  # the sibling order: no run-time rotation left behind
+    assert state.online is None and not any(m._forward_pre_hooks for m in downs)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    state.restore(rotated)  # and back (a state cache reload)
+    with torch.no_grad():
+        assert (model(ids).logits - before).abs().max() <= 1e-6 * before.abs().max()
+
+
+def test_online_rotation_needs_down_proj_linears():
+    model = _tiny("Mixtral")
+    state = ModelState(model, find_targets(model, ["lm_head"]), whole=True)
+    with pytest.raises(UserError, match="fused experts compute theirs inside"):
+        Rotate(name="rotate", online=True).validate_model(state)

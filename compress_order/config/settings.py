@@ -93,6 +93,11 @@ def _check_save(settings: RunSettings) -> None:
 
     kinds = [getattr(target_object(s.target), "kind", "") for s in settings.stages]
     check_packable(settings.save.format, [s.label for s in settings.stages], kinds)
+    for spec in settings.stages:
+        unsavable = getattr(target_object(spec.target), "unsavable", None)
+        why = None if unsavable is None else unsavable(dict(spec.params))
+        if why is not None:
+            raise UserError(f"save=true: {why}")
 
 
 def _check_task(settings: RunSettings) -> None:

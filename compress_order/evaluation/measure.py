@@ -108,11 +108,12 @@ _CLEAR_REFS, _STATUS = "/proc/self/clear_refs", "/proc/self/status"
 
 
 def shape_signature(model: nn.Module, targets: dict[str, Target]) -> tuple:
-    """What a dense forward's time depends on: every parameter's name, shape and dtype, and the layers removed
-    from the computation (dropped experts). Two nodes alike in these run the same kernels on the same shapes,
+    """What a dense forward's time depends on: every parameter's name, shape and dtype, the layers removed
+    from the computation (dropped experts), and the layers whose input is rotated at run time. Two nodes alike in these run the same kernels on the same shapes,
     whatever their weights' values."""
     params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters())
-    return params, tuple(sorted(n for n, t in targets.items() if t.constraint.dropped))
+    online = tuple(n for n, m in model.named_modules() if getattr(m, "online_rotation", False))  # extra matmuls
+    return params, tuple(sorted(n for n, t in targets.items() if t.constraint.dropped)), online
 
 
 def reset_peak(device: torch.device) -> None:

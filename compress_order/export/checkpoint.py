@@ -177,6 +177,11 @@ def save_model(
     from compress_order.core.files import file_mode
     from compress_order.evaluation.measure import compression_metrics
 
+    if any(getattr(m, "online_rotation", False) for m in lm.model.modules()):
+        raise UserError(
+            f"{' > '.join(order)} rotates layer inputs at run time (rotate online=true), which no checkpoint "
+            f"format written here expresses; rebuild the order without online to save it"
+        )
     size_bytes = compression_metrics(lm.model, targets, dense_bits)["size_bytes"]  # removed blocks count 0
     current = by_current_name(lm.model, targets)
     if input_scales is not None:  # by the names the checkpoint gives the layers

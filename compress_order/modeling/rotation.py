@@ -189,6 +189,24 @@ def _head_parts(model: nn.Module, attn: nn.Module, config, rmap: ResidualMap, wh
     rmap.outputs.append((Along(o.weight.data, 1), d))
 
 
+def online_sites(model: nn.Module, blocks: nn.ModuleList) -> dict[str, nn.Linear]:
+    """The down projections whose input an online rotation turns (by their names in the model), or UserError for
+    a block whose down projection is inside a fused experts module (no input to turn from outside)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    sites: dict[str, nn.Linear] = {}
+    for i, block in enumerate(blocks):
+        mlp = getattr(block, "mlp", None)
+        down = getattr(mlp, "down_proj", None)
+        if not isinstance(down, nn.Linear):
+            raise _unsupported(
+                model,
+                f"block {i}: online=true turns a down_proj Linear's input at run time, and this "
+                f"block's MLP has none (fused experts compute theirs inside)",
+            )
+        sites[names[id(down)]] = down
+    return sites
+
+
 @torch.no_grad()
 def rotate_along(a: Along, q: Tensor) -> None:
     """Every vector of `a.tensor` along `a.axis` becomes v·Q, in float64, written back in place in its dtype; a

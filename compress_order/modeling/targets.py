@@ -224,6 +224,14 @@ class BlockList:
         return tuple(i for i in range(len(self.original)) if i not in self.kept)
 
 
+def _encode(names: tuple[str, ...]) -> Tensor:
+    return torch.tensor(list("\n".join(names).encode()), dtype=torch.uint8)
+
+
+def _decode(data: Tensor) -> tuple[str, ...]:
+    return tuple(bytes(data.tolist()).decode().split("\n"))
+
+
 def text_config(model: nn.Module):
     """The config describing the decoder (a multimodal model's text part), or None."""
     config = getattr(model, "config", None)
@@ -257,6 +265,8 @@ class ModelState:
         self.whole = whole  # snapshot every parameter, not only targets and 1-D ones
         self.blocks: BlockList | None = None  # set by the first removal of blocks
         self.tied0 = self.tied()
+        self.online: tuple[Tensor, tuple[str, ...]] | None = None  # a rotation applied to layers' inputs at run time
+        self._online_hooks: list = []
 
     def params(self) -> dict[str, nn.Parameter]:
         """The parameters a snapshot keeps beside the targets' weights (named as the model holds them now)."""
@@ -342,6 +352,31 @@ class ModelState:
         finally:
             self._set_blocks(kept)
 
+    def set_online(self, online: tuple[Tensor, tuple[str, ...]] | None) -> None:
+        """Rotate the inputs of the named modules by a matrix at run time (x ← x·H, before anything else that
+        reads them: activation quantization, calibration), or remove such a rotation (None)."""
+        for h in self._online_hooks:
+            h.remove()
+        for m in self.model.modules():
+            m.__dict__.pop("online_rotation", None)
+        self._online_hooks, self.online = [], online
+        if online is None:
+            return
+        matrix, names = online
+        cast: dict[tuple, Tensor] = {}
+
+        def rotate_input(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            key = (x.device, x.dtype)
+            if key not in cast:
+                cast[key] = matrix.to(x.device, x.dtype)
+            return (x @ cast[key], *args[1:])
+
+        for name in names:
+            module = self.model.get_submodule(name)
+            module.online_rotation = True  # export refuses a model holding one: no checkpoint format here says it
+            self._online_hooks.append(module.register_forward_pre_hook(rotate_input, prepend=True))
+
     # ---- snapshots
 
     def snapshot(self) -> Snapshot:
@@ -354,6 +389,9 @@ class ModelState:
         if self.blocks is not None:
             snap[STRUCT + "blocks"] = (torch.tensor(self.blocks.kept, dtype=torch.long), None)
         snap[STRUCT + "tied"] = (torch.tensor(self.tied()), None)
+        if self.online is not None:
+            snap[STRUCT + "online"] = (self.online[0].to(self.snapshot_device, copy=True), None)
+            snap[STRUCT + "online_at"] = (_encode(self.online[1]), None)
         return snap
 
     def restore(self, snap: Snapshot) -> None:
@@ -367,6 +405,9 @@ class ModelState:
             self._tie()
         elif not tied and self.tied():
             self.untie()
+        online = snap.get(STRUCT + "online")
+        if online is not None or self.online is not None:
+            self.set_online(None if online is None else (online[0], _decode(snap[STRUCT + "online_at"][0])))
         for n, t in self.targets.items():
             w, c = snap[n]
             t.stored.copy_(w)

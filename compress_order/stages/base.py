@@ -72,6 +72,11 @@ class Stage:
         entry or its yaml, it is refused (config/stages.py), so a label never names a setting that did nothing."""
         return {}
 
+    @classmethod
+    def unsavable(cls, params: dict[str, Any]) -> str | None:
+        """Why a model holding this stage's result cannot be saved (`save=true`, `compress-order export`), or None."""
+        return None
+
     def model_checks(self) -> list[str]:
         """The checks `validate` (and the run's probes) make once the model is loaded, one phrase each: what
         `compress-order validate` cannot check without loading it."""

@@ -4,7 +4,10 @@ outliers of the stream's channels are spread over all of them, so weights and ac
 
 Q is a randomised Hadamard matrix diag(±1)·H/√n (`matrix: hadamard`, numerics/hadamard.py), or a Haar-random
 orthogonal matrix (`matrix: random`, any width), drawn from the stage's own `seed`. `heads: true` also rotates
-every value head and the o_proj columns that read it. The fused layers are modeling/rotation.py's.
+every value head and the o_proj columns that read it. `online: true` adds QuaRot's rotation of down_proj's input
+at run time (x ← x·H by a pre-hook, before activation quantization sees it; W_down ← W_down·H): what `act_bits`
+needs, and a model no saved checkpoint here can express (save refuses it). The fused layers are
+modeling/rotation.py's.
 
 Order: rotating a layer that is already pruned or on a grid would refill its zeros and move it off the grid, so
 rotate after a pruner or quantizer is infeasible (reported, not run). After sleb or expert_prune it is feasible:
@@ -24,7 +27,7 @@ from compress_order.core.errors import UserError
 from compress_order.modeling.act import paused as act_paused
 from compress_order.modeling.batches import model_forward
 from compress_order.modeling.blocks import find_blocks
-from compress_order.modeling.rotation import SUPPORTED, residual_map, rotate_residual
+from compress_order.modeling.rotation import SUPPORTED, Along, online_sites, residual_map, rotate_along, rotate_residual
 from compress_order.modeling.targets import ModelState, Target
 from compress_order.numerics.hadamard import hadamard_orders, random_orthogonal, randomized_hadamard
 from compress_order.stages.base import Stage
@@ -41,14 +44,28 @@ class Rotate(Stage):
     model_kinds = ("causal_lm",)
 
     def __init__(
-        self, matrix: Literal["hadamard", "random"] = "hadamard", heads: bool = False, seed: int = 0, **kw: Any
+        self,
+        matrix: Literal["hadamard", "random"] = "hadamard",
+        heads: bool = False,
+        online: bool = False,
+        seed: int = 0,
+        **kw: Any,
     ):
         """matrix: hadamard (randomised Hadamard, QuaRot) | random (Haar-random orthogonal, any width);
         heads: also rotate each value head and o_proj's matching columns; seed: draws the random signs / matrix."""
         super().__init__(**kw)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError(f"rotate seed={seed} must be an integer")
-        self.matrix, self.heads, self.seed = matrix, heads, seed
+        self.matrix, self.heads, self.online, self.seed = matrix, heads, online, seed
+
+    @classmethod
+    def unsavable(cls, params: dict[str, Any]) -> str | None:
+        if params.get("online"):
+            return (
+                "rotate online=true applies a Hadamard to down_proj's input at run time, which no checkpoint format "
+                "written here expresses (a saved model would compute something else); save without online"
+            )
+        return None
 
     def model_checks(self) -> list[str]:
         return [
@@ -79,6 +96,9 @@ class Rotate(Stage):
         self._rotation(rmap.hidden, self.seed, "hidden size")
         if self.heads:
             self._rotation(rmap.values[0][1], self.seed + 1, "head width")
+        if self.online:
+            sites = online_sites(state.model, self._blocks(state))
+            self._rotation(next(iter(sites.values())).in_features, self.seed + 2, "intermediate size")
 
     def feasible(self, targets: dict[str, Target]) -> str | None:
         done = next(
@@ -112,6 +132,14 @@ class Rotate(Stage):
         q = self._rotation(rmap.hidden, self.seed, "hidden size")
         head_q = self._rotation(rmap.values[0][1], self.seed + 1, "head width") if self.heads else None
         rotate_residual(rmap, q, head_q)
+        if self.online:  # x ← x·H before each down_proj at run time, W ← W·H: the product is unchanged
+            if state.online is not None:
+                raise UserError(f"stage '{self.label}': the model already holds an online rotation")
+            sites = online_sites(model, self._blocks(state))
+            h = self._rotation(next(iter(sites.values())).in_features, self.seed + 2, "intermediate size")
+            for down in sites.values():
+                rotate_along(Along(down.weight.data, 1), h)
+            state.set_online((h.float(), tuple(sites)))
         change = float((_probe_logits(model) - before).norm() / before.norm().clamp_min(1e-12))
         if not wide:
             model.to(dtype)
