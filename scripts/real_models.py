@@ -38,6 +38,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from compress_order.analysis import bootstrap, collect, pih
+from compress_order.analysis.tables import direction
 from compress_order.config.compose import compose_config
 from compress_order.config.settings import run_settings
 from compress_order.run.runner import run
@@ -51,6 +52,10 @@ NOTES = {
 }  # fmt: skip
 BATCH = {"smollm2": 4, "gemma3_270m": 2}  # the 262k-token vocabulary of Gemma: 2 windows of float32 logits ≈ 1 GB
 PAIRS = {"sparsegpt-gptq": ("sparsegpt", "gptq"), "wanda-awq": ("wanda", "awq")}
+# The rotation cell (issue #39): QuaRot's rotation before the pair; its trie holds the rotated orders (full, with
+# rotate first) and the unrotated pair (depth 2); orders that rotate a compressed layer are infeasible.
+ROTATED = {"rotate-gptq-sparsegpt": ("rotate", "gptq", "sparsegpt")}
+ROTATION_CELLS = (("smollm2", "rotate-gptq-sparsegpt", 4, "50%"),)
 PATTERNS = ("50%", "2:4")
 KEPT = ROOT / "docs" / "real-models"  # committed copies of finished cells
 clock = time.perf_counter  # seconds; the tests replace it
@@ -71,6 +76,8 @@ class Cell:
         return f"{self.model}/{self.pair}-w{self.bits}-{self.pattern.replace(':', 'of').replace('%', 'pct')}"
 
     def stages(self) -> str:
+        if self.pair in ROTATED:
+            return f"[{','.join(ROTATED[self.pair])}]"
         prune, quant = PAIRS[self.pair]
         if self.pattern == "2:4":  # its own label, so tables say which pattern a row is
             prune = f"{{name:{prune},nm:'2:4',label:'{prune}-2:4'}}"
@@ -79,10 +86,12 @@ class Cell:
 
 def cells(models: list[str], pairs: list[str], bits: list[int], patterns: list[str]) -> list[Cell]:
     """Most telling first: the first pair at W4 50% on every model, then the other patterns, bits and pairs."""
-    grid = itertools.product(pairs, bits, patterns, models)
-    return sorted((Cell(m, p, b, s) for p, b, s, m in grid),
-                  key=lambda c: (pairs.index(c.pair), bits.index(c.bits), patterns.index(c.pattern),
-                                 models.index(c.model)))  # fmt: skip
+    grid = itertools.product([p for p in pairs if p in PAIRS], bits, patterns, models)
+    out = sorted((Cell(m, p, b, s) for p, b, s, m in grid),
+                 key=lambda c: (pairs.index(c.pair), bits.index(c.bits), patterns.index(c.pattern),
+                                models.index(c.model)))  # fmt: skip
+    # the rotation cells of the protocol that the filters keep, last
+    return out + [Cell(*c) for c in ROTATION_CELLS if c[0] in models and c[1] in pairs and c[2] in bits and c[3] in patterns]
 
 
 def overrides(cell: Cell, args: argparse.Namespace) -> list[str]:
@@ -209,6 +218,7 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
                          f"[{_fmt(r['A_low'], 3)}, {_fmt(r['A_high'], 3)}] | {a_kld} | {r['predicted']} | "
                          f"{r['observed']} / {obs_k} | {r['seeds_agreeing']}/{r['seeds']} |")  # fmt: skip
             headline.append((model, r, k))
+    lines += rotation_section(df, args.n_boot)
     lines += ["", "## Verdicts", ""]
     for metric, t in tables.items():
         if t.empty:
@@ -240,6 +250,35 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
                     f"{_fmt(r[win + '_value'])} | {_fmt(r[lose + '_value'])} | {a_kld} |")  # fmt: skip
     head += ["", headline_summary(both, ran, len(missing))]
     return "\n".join(lines), "\n".join(head)
+
+
+def rotation_section(df: pd.DataFrame, n_boot: int) -> list[str]:
+    """The rotation cells: each order's perplexity and KLD (means over seeds), and the order advantage of the pair
+    with and without the rotation before it: A = (quantizer first) − (pruner first), positive = quantizer first
+    better; the rotated A's interval is the bootstrap over windows and seeds of its two full orders."""
+    rows = df[df["stages"].isin([",".join(v) for v in ROTATED.values()])] if not df.empty else df
+    if rows.empty:
+        return []
+    lines = ["", "## Rotation (QuaRot's rotation before the pair)", "",
+             "`[rotate, gptq, sparsegpt]`: the orders that start with rotate prune a rotated model before or after "
+             "GPTQ; the same cell's depth-2 nodes are the pair without rotation; orders that rotate a pruned or "
+             "quantized layer are infeasible (reported, not run).", "",
+             "| model | W | metric | dense | rotate | gptq | rotate > gptq | sparsegpt | rotate > sparsegpt "
+             "| A (gptq first) | A rotated [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for metric in ("perplexity", "kld"):
+        nodes = pih.node_values(rows, metric)
+        diffs = bootstrap.order_differences(rows, metric, n_boot)
+        for (model, bits), g in nodes.groupby(["model", "bits"]):
+            v = g.groupby("order")["value"].mean()
+            d = direction(rows, metric)
+            a = d * (v.get("gptq > sparsegpt", math.nan) - v.get("sparsegpt > gptq", math.nan))
+            a_rot = d * (v.get("rotate > gptq > sparsegpt", math.nan) - v.get("rotate > sparsegpt > gptq", math.nan))
+            ci = diffs[(diffs["order_a"] == "rotate > gptq > sparsegpt") & (diffs["order_b"] == "rotate > sparsegpt > gptq")]
+            ci = "" if ci.empty else f" [{_fmt(ci['low'].iloc[0], 3)}, {_fmt(ci['high'].iloc[0], 3)}]"
+            lines.append(f"| {model} | {int(bits)} | {metric} | {_fmt(v.get('dense'))} | {_fmt(v.get('rotate'))} | "
+                         f"{_fmt(v.get('gptq'))} | {_fmt(v.get('rotate > gptq'))} | {_fmt(v.get('sparsegpt'))} | "
+                         f"{_fmt(v.get('rotate > sparsegpt'))} | {_fmt(a, 3)} | {_fmt(a_rot, 3)}{ci} |")  # fmt: skip
+    return lines
 
 
 def headline_summary(both: pd.DataFrame, ran: list[dict], n_missing: int) -> str:
@@ -286,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(NOTES), choices=sorted(NOTES))
-    ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=sorted(PAIRS))
+    ap.add_argument("--pairs", nargs="+", default=[*PAIRS, *ROTATED], choices=sorted([*PAIRS, *ROTATED]))
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

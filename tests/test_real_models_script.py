@@ -117,3 +117,18 @@ def test_a_budget_that_is_not_minutes_above_zero_is_refused_before_anything_runs
     err = capsys.readouterr().err
     assert stop.value.code == 2 and f"--budget-min: {value!r} is not a number of minutes above 0" in err
     assert not (tmp / "doc.md").exists()  # nothing rendered either
+
+
+def test_the_rotation_cell_reports_the_pair_with_and_without_rotation(study):
+    mod, paths, tmp = study
+    args = ["--models", "smollm2", "--pairs", "rotate-gptq-sparsegpt", "--bits", "4", "--patterns", "50%",
+            "--seeds", "0", "--n-boot", "200", *paths]  # fmt: skip
+    assert [c.folder for c in mod.cells(["smollm2"], ["rotate-gptq-sparsegpt"], [4], ["50%"])] == [
+        "smollm2/rotate-gptq-sparsegpt-w4-50pct"
+    ]
+    assert mod.main(args) == 0
+    doc = (tmp / "doc.md").read_text().splitlines()
+    assert "## Rotation (QuaRot's rotation before the pair)" in doc
+    rows = [ln for ln in doc if ln.startswith("| tiny | 4 | ")]
+    assert len(rows) == 2 and all(ln.count("|") == 12 and "[" in ln.split("|")[-2] for ln in rows), rows
+    assert "—" not in rows[0]  # every node of the table ran: the rotated orders, the pair and the singles
