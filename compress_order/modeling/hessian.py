@@ -35,6 +35,9 @@ def layer_columns(module: nn.Module, inp: Tensor) -> Tensor:
     return inp.reshape(-1, inp.shape[-1])
 
 
+ROW_BLOCK = 256  # columns per block row of H's accumulation
+
+
 class HessianStats:
     """Running H = 2/n Σ xᵀx (or just its diagonal) of one layer's inputs; `add_batch` from a forward hook."""
 
@@ -49,6 +52,7 @@ class HessianStats:
         self._h: Tensor | None = None
         self._d: Tensor | None = None
         self._u: dict[tuple[float, torch.device], Tensor] = {}  # damped_inverse_cholesky, per damping and device
+        self._mirrored = True  # whether H's lower blocks hold the upper ones' transpose (add_batch writes above)
         # Per-column max and mean of |x|: what input-rescaling stages (SmoothQuant, AWQ) read, at O(n·in) cost.
         self.absmax = torch.zeros(self.cols, dtype=torch.float32, device=self.device)
         self._abssum = torch.zeros(self.cols, dtype=torch.float32, device=self.device)
@@ -73,8 +77,13 @@ class HessianStats:
         if self.diag_only:
             self._d.mul_(keep).add_(x.square().sum(0), alpha=2.0 / total)
         else:
+            # H is symmetric: only the block rows' upper parts are accumulated (about (1 + 1/k)/2 of the
+            # products with k block rows), the rest mirrored when H is read.
             x = x * math.sqrt(2.0 / total)
-            self._h.mul_(keep).addmm_(x.T, x)
+            for a0 in range(0, self.cols, ROW_BLOCK):
+                a1 = min(a0 + ROW_BLOCK, self.cols)
+                self._h[a0:a1, a0:].mul_(keep).addmm_(x[:, a0:a1].T, x[:, a0:])
+            self._mirrored = self.cols <= ROW_BLOCK
         self.n = total
         self._u.clear()
 
@@ -82,6 +91,11 @@ class HessianStats:
     def H(self) -> Tensor:
         if self._h is None:
             raise RuntimeError("these statistics keep only the diagonal of H (diag_only=True)")
+        if not self._mirrored:  # the blocks below the diagonal ones from those above
+            for a0 in range(0, self.cols, ROW_BLOCK):
+                a1 = min(a0 + ROW_BLOCK, self.cols)
+                self._h[a1:, a0:a1] = self._h[a0:a1, a1:].T
+            self._mirrored = True
         return self._h
 
     def diag(self) -> Tensor:
