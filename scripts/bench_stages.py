@@ -9,6 +9,9 @@ process's peak RSS (VmHWM, reset before each stage through /proc/self/clear_refs
 the process's CPU time over the stage (all threads): on a shared machine, with --threads 1, steadier than wall time.
 
     python scripts/bench_stages.py --nsamples 16 --seqlen 256 --device cpu
+    python scripts/bench_stages.py --device cpu --threads 1 --stages gptq sparsegpt --src ../main  # main's code
+
+Before/after of the solver work (#40): docs/development.md, "Kernel speed".
 """
 
 from __future__ import annotations
