@@ -5,9 +5,13 @@ Models: the embedded char-level LLaMA (compress_order/assets/charllama, skipped 
 randomly initialised LLaMA-shaped model of ~110M parameters (hidden 768, 12 layers, MLP 2048, vocab 32000,
 tied embeddings). Each stage starts from the dense weights; stages come from compress_order/conf/stage/*.yaml with the targets
 given here. Peak memory is the growth over the stage's start: CUDA max_memory_allocated on a GPU, else the
-process's peak RSS (VmHWM, reset before each stage through /proc/self/clear_refs, after malloc_trim).
+process's peak RSS (VmHWM, reset before each stage through /proc/self/clear_refs, after malloc_trim). `cpu_s` is
+the process's CPU time over the stage (all threads): on a shared machine, with --threads 1, steadier than wall time.
 
     python scripts/bench_stages.py --nsamples 16 --seqlen 256 --device cpu
+    python scripts/bench_stages.py --device cpu --threads 1 --stages gptq sparsegpt --src ../main  # main's code
+
+Before/after of the solver work (#40): docs/development.md, "Kernel speed".
 """
 
 from __future__ import annotations
@@ -23,7 +27,21 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+
+def _source_root() -> Path:
+    """`--src DIR`: the checkout whose compress_order is timed (default: this one), read before the imports below
+    so one script times two versions, e.g. `git worktree add ../main-copy main` against this branch."""
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a == "--src" and i + 1 < len(argv):
+            return Path(argv[i + 1]).resolve()
+        if a.startswith("--src="):
+            return Path(a.split("=", 1)[1]).resolve()
+    return ROOT
+
+
+sys.path.insert(0, str(_source_root()))
 
 from compress_order.stages.calibration import calibrate_and_compress  # noqa: E402
 from compress_order.config.compose import compose_config  # noqa: E402
@@ -128,7 +146,7 @@ def bench(model_name: str, model, batches, stages: list[Stage], device: torch.de
         state.restore(dense)
         stage.validate(targets)
         with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if stage.needs is None:
                 for t in targets.values():
                     stage.compress(t, None)
@@ -136,15 +154,15 @@ def bench(model_name: str, model, batches, stages: list[Stage], device: torch.de
                 calibrate_and_compress(model, targets, batches, stage, calib, device=device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         state.check()
         m = compression_metrics(model, targets)
         rows.append({
             "model": model_name, "params": f"{params / 1e6:.1f}M", "stage": stage.label,
-            "time_s": f"{seconds:.2f}", "peak_mem_MB": f"{mem.peak / 2**20:.0f}",
+            "time_s": f"{seconds:.2f}", "cpu_s": f"{cpu:.2f}", "peak_mem_MB": f"{mem.peak / 2**20:.0f}",
             "sparsity": f"{m['sparsity']:.3f}", "avg_bits": f"{m['avg_bits']:.2f}",
         })  # fmt: skip
-        print(f"  {model_name} {stage.label}: {seconds:.2f}s", file=sys.stderr, flush=True)
+        print(f"  {model_name} {stage.label}: {seconds:.2f}s ({cpu:.2f}s CPU)", file=sys.stderr, flush=True)
     state.restore(dense)
     return rows
 
@@ -161,7 +179,9 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16, help="calibration segments (default 16)")
     ap.add_argument("--seqlen", type=int, default=256, help="tokens per segment (default 256)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--stages", nargs="+", default=STAGES, help=f"compress_order/conf/stage names (default: {' '.join(STAGES)})")
+    ap.add_argument(
+        "--stages", nargs="+", default=STAGES, help=f"compress_order/conf/stage names (default: {' '.join(STAGES)})"
+    )
     ap.add_argument("--models", nargs="+", default=["charllama", "random100m"], choices=["charllama", "random100m"])
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--bits", type=int, default=4)
@@ -169,6 +189,7 @@ def main() -> None:
     ap.add_argument("--true-sequential", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--src", default=str(ROOT), help="checkout whose compress_order is timed (default: this one)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,7 +213,8 @@ def main() -> None:
             del model
     print(
         f"device={device} nsamples={args.nsamples} seqlen={args.seqlen} sparsity={args.sparsity} bits={args.bits} "
-        f"group_size={args.group_size} true_sequential={args.true_sequential} torch={torch.__version__}\n"
+        f"group_size={args.group_size} true_sequential={args.true_sequential} threads={torch.get_num_threads()} "
+        f"torch={torch.__version__} src={ASSETS_DIR.parents[1]}\n"
     )
     if rows:
         print(markdown(rows))

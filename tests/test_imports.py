@@ -217,3 +217,19 @@ def test_a_refused_config_is_refused_before_torch_is_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "bits=1 is outside 2-8" in out.stderr, out.stderr
     assert "torch imported: False False" in out.stdout, out.stdout
+
+
+def test_list_imports_neither_torch_nor_transformers():
+    """`compress-order list` reads the stages' defaults from their source (config/stages.declared_defaults) and
+    the backends from their table, so it starts in tenths of a second."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from compress_order.cli.main import main\n"
+        "assert main(['list']) == 0\n"
+        "print('torch imported:', 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "stage:" in out.stdout and "torch imported: False False" in out.stdout, out.stdout + out.stderr

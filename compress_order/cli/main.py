@@ -217,19 +217,22 @@ def cmd_list(args: list[str]) -> int:
         print(f"{group}:")
         for name, path in config_group(group).items():
             print(f"  {name:<22} {_first_comment(path)}")
-    from compress_order.config.stages import stage_defaults
+    from compress_order.config.stages import declared_defaults, stage_defaults
 
     print("stage:")
     for name, stage in stage_files().items():
         node = OmegaConf.to_container(OmegaConf.load(stage.path))
-        node.update({k: v for k, v in stage_defaults(stage.target).items() if k not in node})
+        defaults = declared_defaults(stage.target)  # from the source: no torch to import for a listing
+        if defaults is None:
+            defaults = stage_defaults(stage.target)
+        node.update({k: v for k, v in defaults.items() if k not in node})
         params = " ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
         print(f"  {name:<22} {params}")
-    from compress_order.evaluation.backends import BACKENDS
+    from compress_order.evaluation.backend_table import BACKEND_TABLE
 
     print("backends (eval.backends):")
-    for b in BACKENDS.values():
-        print(f"  {b.name:<22} {'/'.join(b.devices):<9} {b.description}")
+    for name, (devices, description) in BACKEND_TABLE.items():
+        print(f"  {name:<22} {'/'.join(devices):<9} {description}")
     print("metrics:")
     for m in METRICS.values():
         print(f"  {m.name:<22} {'↑' if m.higher_is_better else '↓'} {m.description}")

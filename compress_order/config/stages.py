@@ -11,7 +11,11 @@ method can appear twice with split budgets. Each entry's yaml is resolved agains
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import inspect
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -104,6 +108,90 @@ def stage_defaults(target: str) -> dict[str, Any]:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return out
+
+
+def declared_defaults(target: str) -> dict[str, Any] | None:
+    """`stage_defaults(target)` read from the stage modules' source instead of importing them (and torch with
+    them), for `compress-order list`; None where the source does not say it plainly (a base class from outside
+    the package, an `__init__` not written as a def, a default that is not a literal): import then."""
+    module, _, name = target.rpartition(".")
+    mro = _source_mro(module, name)
+    if mro is None:
+        return None
+    out: dict[str, Any] = {}
+    for cls in mro:
+        inits = [n for n in cls.body if _binds(n, "__init__")]
+        if not inits:
+            continue
+        init = inits[-1]
+        if not isinstance(init, ast.FunctionDef) or init.decorator_list:
+            return None
+        a = init.args
+        positional = a.posonlyargs + a.args
+        defaults = dict(zip([p.arg for p in positional[len(positional) - len(a.defaults) :]], a.defaults))
+        for p in a.args:  # positional-or-keyword, as stage_defaults reads them
+            if p.arg in defaults and p.arg not in ("name", "label"):
+                try:
+                    value = ast.literal_eval(defaults[p.arg])
+                except ValueError:
+                    return None
+                out.setdefault(p.arg, list(value) if isinstance(value, tuple) else value)
+        if a.kwarg is None:
+            return out
+    return out
+
+
+def _binds(node: ast.stmt, name: str) -> bool:
+    """Whether a class-body statement defines `name`."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name == name
+    targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+    return any(isinstance(t, ast.Name) and t.id == name for t in targets)
+
+
+@lru_cache(maxsize=None)
+def _source_classes(module: str) -> tuple[dict[str, ast.ClassDef], dict[str, str]] | None:
+    """A package module's top-level classes and the names it imports (`from m import x`: x -> "m.x")."""
+    if module.split(".")[0] != __name__.split(".")[0]:
+        return None
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    imported = {
+        a.asname or a.name: f"{n.module}.{a.name}"
+        for n in tree.body
+        if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module
+        for a in n.names
+    }
+    return classes, imported
+
+
+def _source_mro(module: str, name: str) -> list[ast.ClassDef] | None:
+    """The class's method resolution order (C3, `object` left out), each class as its source; None where a
+    base is not a class of the package's source."""
+    found = _source_classes(module)
+    if found is None:
+        return None
+    classes, imported = found
+    if name not in classes:
+        return _source_mro(*imported[name].rsplit(".", 1)) if name in imported else None
+    cls = classes[name]
+    if cls.keywords or not all(isinstance(b, ast.Name) for b in cls.bases):
+        return None  # a metaclass, or a base written as an expression
+    bases = [_source_mro(module, b.id) for b in cls.bases]  # type: ignore[attr-defined]
+    if any(b is None for b in bases):
+        return None
+    seqs = [list(b) for b in bases if b] + [[b[0] for b in bases if b]]
+    mro = [cls]
+    while any(seqs):
+        head = next((s[0] for s in seqs if s and not any(s[0] in t[1:] for t in seqs)), None)
+        if head is None:
+            return None  # no consistent order (Python would refuse the class)
+        mro.append(head)
+        seqs = [s[1:] if s and s[0] is head else s for s in seqs]
+    return mro
 
 
 def _check_params(name: str, node: DictConfig, overrides: dict) -> None:

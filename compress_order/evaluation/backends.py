@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from compress_order.core.errors import InvariantError, UserError, choices
 from compress_order.core.registry import Registry
 from compress_order.core.schema import DENSE_REFERENCE
+from compress_order.evaluation.backend_table import BACKEND_TABLE
 from compress_order.modeling.targets import Target, as_linear
 from compress_order.numerics.quant import QuantGrid
 
@@ -279,33 +280,13 @@ def _semi_structured(model: nn.Module, targets: dict[str, Target], device: torch
 
 
 BACKENDS: Registry[Backend] = Registry("backend", also=("auto", "none"))
-for _b in [
-    Backend(
-        "int8_weight_only",
-        ("cpu", "cuda"),
-        "torchao Int8Tensor of the node's codes (up to 8 bits), activations in the model's dtype",
-        _int8_fits,
-        _int8_weight_only,
-        _same,
-    ),
-    Backend(
-        "int4_weight_only",
-        ("cpu", "cuda"),
-        "torchao int4 tinygemm of the node's codes (up to 4 bits, groups of 32-256), bf16 activations",
-        _int4_fits,
-        _int4_weight_only,
-        _int4_act,
-    ),
-    Backend(
-        "sparse_2_4",
-        ("cuda",),
-        "2:4 semi-structured sparse matmul (torch.sparse), fp16",
-        _semi_structured_fits,
-        _semi_structured,
-        _half_act,
-    ),
-]:
-    BACKENDS.register(_b.name, _b)
+KERNELS = {  # name -> (fits, convert, act_dtype); devices and description in backend_table.py
+    "int8_weight_only": (_int8_fits, _int8_weight_only, _same),
+    "int4_weight_only": (_int4_fits, _int4_weight_only, _int4_act),
+    "sparse_2_4": (_semi_structured_fits, _semi_structured, _half_act),
+}
+for _name, (_devices, _description) in BACKEND_TABLE.items():
+    BACKENDS.register(_name, Backend(_name, _devices, _description, *KERNELS[_name]))
 
 
 def latency_entries(

@@ -35,6 +35,9 @@ def layer_columns(module: nn.Module, inp: Tensor) -> Tensor:
     return inp.reshape(-1, inp.shape[-1])
 
 
+ROW_BLOCK = 256  # columns per block row of H's accumulation
+
+
 class HessianStats:
     """Running H = 2/n Σ xᵀx (or just its diagonal) of one layer's inputs; `add_batch` from a forward hook."""
 
@@ -48,6 +51,8 @@ class HessianStats:
         self.n = 0  # input rows (tokens, or conv patches) seen so far
         self._h: Tensor | None = None
         self._d: Tensor | None = None
+        self._u: dict[tuple[float, torch.device], Tensor] = {}  # damped_inverse_cholesky, per damping and device
+        self._mirrored = True  # whether H's lower blocks hold the upper ones' transpose (add_batch writes above)
         # Per-column max and mean of |x|: what input-rescaling stages (SmoothQuant, AWQ) read, at O(n·in) cost.
         self.absmax = torch.zeros(self.cols, dtype=torch.float32, device=self.device)
         self._abssum = torch.zeros(self.cols, dtype=torch.float32, device=self.device)
@@ -72,14 +77,25 @@ class HessianStats:
         if self.diag_only:
             self._d.mul_(keep).add_(x.square().sum(0), alpha=2.0 / total)
         else:
+            # H is symmetric: only the block rows' upper parts are accumulated (about (1 + 1/k)/2 of the
+            # products with k block rows), the rest mirrored when H is read.
             x = x * math.sqrt(2.0 / total)
-            self._h.mul_(keep).addmm_(x.T, x)
+            for a0 in range(0, self.cols, ROW_BLOCK):
+                a1 = min(a0 + ROW_BLOCK, self.cols)
+                self._h[a0:a1, a0:].mul_(keep).addmm_(x[:, a0:a1].T, x[:, a0:])
+            self._mirrored = self.cols <= ROW_BLOCK
         self.n = total
+        self._u.clear()
 
     @property
     def H(self) -> Tensor:
         if self._h is None:
             raise RuntimeError("these statistics keep only the diagonal of H (diag_only=True)")
+        if not self._mirrored:  # the blocks below the diagonal ones from those above
+            for a0 in range(0, self.cols, ROW_BLOCK):
+                a1 = min(a0 + ROW_BLOCK, self.cols)
+                self._h[a1:, a0:a1] = self._h[a0:a1, a1:].T
+            self._mirrored = True
         return self._h
 
     def diag(self) -> Tensor:
@@ -90,8 +106,18 @@ class HessianStats:
         """mean |x_j| per input column over every input row seen."""
         return self._abssum / max(self.n, 1)
 
+    def inverse_cholesky(self, percdamp: float, device: torch.device | str | None = None) -> Tensor:
+        """`damped_inverse_cholesky(H, percdamp)` on `device`, factored once for all the layers sharing these
+        statistics (q, k and v; gate and up) and the same damping."""
+        dev = torch.device(device) if device is not None else self.H.device
+        key = (float(percdamp), dev)
+        if key not in self._u:
+            self._u[key] = damped_inverse_cholesky(self.H.to(dev), percdamp)
+        return self._u[key]
+
     def free(self) -> None:
         self._h = self._d = None
+        self._u.clear()
 
 
 def damped_inverse_cholesky(H: Tensor, percdamp: float, tries: int = 6) -> Tensor:
@@ -100,8 +126,12 @@ def damped_inverse_cholesky(H: Tensor, percdamp: float, tries: int = 6) -> Tenso
     Dead inputs (never non-zero in calibration) get H_jj = 1 so the inverse exists; their rows and columns of H
     are zero, so they neither send nor receive error feedback. If the damped H is still not positive definite
     (rank-deficient X in float32), λ grows tenfold, a few times.
+
+    Without forming H⁻¹: with J the reversal permutation and JHJ = LLᵀ, U = J L⁻¹ J is upper triangular with a
+    positive diagonal and UᵀU = J (LLᵀ)⁻¹ J = H⁻¹, so it is H⁻¹'s Cholesky factor: one factorization and one
+    triangular inverse instead of a factorization, an inverse and a second factorization.
     """
-    H = H.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).flip(0, 1)  # a copy, reversed: JHJ
     d = H.diagonal()
     d[d == 0] = 1.0
     lam = percdamp * float(d.mean())
@@ -111,9 +141,23 @@ def damped_inverse_cholesky(H: Tensor, percdamp: float, tries: int = 6) -> Tenso
     for _ in range(tries):
         L, info = torch.linalg.cholesky_ex(H + lam * eye)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
+            U = lower_inverse(L).flip(0, 1)
+            if bool(torch.isfinite(U).all()):
                 return U
         lam *= 10
     raise RuntimeError(f"the damped Hessian ({H.shape[0]} columns) is not positive definite even with damping {lam:g}")
+
+
+def lower_inverse(L: Tensor, leaf: int = 128) -> Tensor:
+    """Inverse of a lower-triangular L by halves, [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹CA⁻¹, D⁻¹]]: the work in
+    matrix products (a triangular solve against the identity costs 1.5x the flops, at lower speed)."""
+    n = L.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    A, D = lower_inverse(L[:h, :h], leaf), lower_inverse(L[h:, h:], leaf)
+    out = torch.zeros_like(L)
+    out[:h, :h] = A
+    out[h:, h:] = D
+    out[h:, :h] = -(D @ (L[h:, :h] @ A))
+    return out

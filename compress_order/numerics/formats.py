@@ -17,6 +17,7 @@ even code, saturating at the largest one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -158,6 +159,16 @@ class FloatGrid:
         s = self.scale[:, j // self.group_size]
         book = codebook(self.bits, w.device)
         return (book[nearest_codes(w.float() / s, book)] * s).to(w.dtype)
+
+    def group_rounder(self, g: int) -> Callable[[Tensor], Tensor]:
+        """`round_column` for any column of group g: the codebook value by rounding (`round_to_codebook`, equal
+        to the indexed search value for value), the scale taken once."""
+        s, bits = self.scale[:, g].contiguous(), self.bits
+
+        def rnd(w: Tensor) -> Tensor:
+            return (round_to_codebook(w.float() / s, bits) * s).to(w.dtype)
+
+        return rnd
 
     def fit_group(self, g: int, span: Tensor) -> None:
         """Refit group g's scale from `span` (rows, group_size), keeping the per-tensor scale."""

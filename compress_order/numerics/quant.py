@@ -7,6 +7,7 @@ A grid stores one scale and one integer zero-point per (row, group). Codes are u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,19 @@ class QuantGrid:
         """Column j (rows,) rounded onto its per-row grid: the inner step of GPTQ-style solvers."""
         s, z = self.column(j)
         return quantize_column(w, s, z, self.maxq)
+
+    def group_rounder(self, g: int) -> Callable[[Tensor], Tensor]:
+        """`round_column` for any column of group g, its per-row bounds taken once: the solvers' inner loop."""
+        s, z = self.scale[:, g].contiguous(), self.zero[:, g]
+        lo, hi = -z, self.maxq - z
+
+        def rnd(w: Tensor) -> Tensor:
+            # clamp(round(w/s), -z, maxq-z) is clamp(round(w/s) + z, 0, maxq) - z exactly (integers below 2^24);
+            # + 0.0 turns -0 into +0, as the subtraction of z does.
+            q = torch.div(w.float(), s).round_().clamp_(lo, hi).mul_(s).add_(0.0)
+            return q.to(w.dtype)
+
+        return rnd
 
     def fit_group(self, g: int, span: Tensor) -> None:
         """Refit group g's min-max range from `span` (rows, group_size): GPTQ fits a group when it reaches it."""

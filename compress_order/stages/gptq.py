@@ -65,17 +65,19 @@ class GPTQ(QuantMixin, Stage):
     def compress(self, target: Target, stats: HessianStats) -> None:
         c = target.constraint
         w = target.weight.float()
-        H = stats.H.to(w.device)
         prior = c.mask
         rounding = column_grid(w, self.bits, self.group_size, self.sym, self.static_groups, self.format)
         perm = None
         if self.act_order:
             # Most-active inputs first: their errors can still be absorbed by the most other columns.
+            H = stats.H.to(w.device)
             perm = torch.argsort(H.diagonal(), descending=True, stable=True)
             w, H = w[:, perm], H[perm][:, perm]
             prior = None if prior is None else prior[:, perm]
             rounding.col_ids = perm.tolist()
-        U = damped_inverse_cholesky(H, self.percdamp)
+            U = damped_inverse_cholesky(H, self.percdamp)
+        else:
+            U = stats.inverse_cholesky(self.percdamp, w.device)
         q, _ = obs_solve(w, U, prior, 0, None, rounding, self.blocksize)
         if perm is not None:
             q = q[:, torch.argsort(perm)]

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from compress_order.core.errors import UserError
-from compress_order.modeling.hessian import HessianStats, damped_inverse_cholesky
+from compress_order.modeling.hessian import HessianStats
 from compress_order.modeling.targets import Target
 from compress_order.numerics.constraints import required_zeros
 from compress_order.numerics.formats import FloatGrid, refit_like
@@ -82,7 +82,7 @@ class SparseGPT(PruneMixin, Stage):
     def compress(self, target: Target, stats: HessianStats) -> None:
         c = target.constraint
         w = target.weight
-        U = damped_inverse_cholesky(stats.H.to(w.device), self.percdamp)
+        U = stats.inverse_cholesky(self.percdamp, w.device)
         n_prune = 0 if self.nm is not None else required_zeros(self.sparsity, w.numel())
 
         def solve(rounding: ColumnGrid | None) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress_order.modeling.hessian import HessianStats, damped_inverse_cholesky
+from compress_order.modeling.hessian import HessianStats
 from compress_order.modeling.targets import Target
 from compress_order.numerics.constraints import required_zeros
 from compress_order.numerics.obs import obs_solve
@@ -51,7 +51,7 @@ class SparseGPTGPTQ(PruneMixin, QuantMixin, Stage):
     def compress(self, target: Target, stats: HessianStats) -> None:
         c = target.constraint
         w = target.weight.float()
-        U = damped_inverse_cholesky(stats.H.to(w.device), self.percdamp)
+        U = stats.inverse_cholesky(self.percdamp, w.device)
         # Per-channel: one range per row from the current weights; groups: fit as the solver reaches them,
         # after the block's pruning choice, from the kept and updated weights.
         rounding = column_grid(w, self.bits, self.group_size, self.sym, static=False, fmt=self.format)
