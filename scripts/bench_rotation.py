@@ -23,7 +23,7 @@ from compress_order.config.compose import compose_config  # noqa: E402
 from compress_order.config.settings import run_settings  # noqa: E402
 from compress_order.run.pipeline import RunContext  # noqa: E402
 
-STAGES = ["rotate", "{name:rotate,heads:true}", "{name:sleb,blocks:1}", "{name:sleb,blocks:0.2}"]
+STAGES = ["rotate", "{name:rotate,heads:true}", "{name:sleb,blocks:1}", "{name:sleb,blocks:2}"]
 
 
 def main(argv: list[str]) -> None:
