@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from compress_order.modeling.coverage import compressed_share
 from compress_order.modeling.targets import Target
+from compress_order.numerics.constraints import nonzero_count
 
 
 def layer_bits(t: Target, dense_bits: int = 16, kept: int | None = None) -> tuple[float, str]:
@@ -44,14 +45,13 @@ def layer_bits(t: Target, dense_bits: int = 16, kept: int | None = None) -> tupl
 
 def _counts(targets: dict[str, Target]) -> dict[str, tuple[int, int]]:
     """Each target's non-zero weights and kept weights (its mask's, else all), counted where they live and read
-    back with one host sync per device, not one per layer. Non-zeros as a comparison then a bool count: on CPU
-    several times faster than counting a float tensor's non-zeros directly."""
+    back with one host sync per device, not one per layer (non-zeros by their bits: constraints.nonzero_count)."""
     queued: dict[torch.device, list[tuple[str, int, Tensor]]] = {}
     out: dict[str, list[int]] = {}
     for name, t in targets.items():
         w, mask = t.weight, t.constraint.mask
         out[name] = [0, w.numel()]
-        queued.setdefault(w.device, []).append((name, 0, (w != 0).count_nonzero()))
+        queued.setdefault(w.device, []).append((name, 0, nonzero_count(w)))
         if mask is not None:
             queued.setdefault(mask.device, []).append((name, 1, mask.count_nonzero()))
     for entries in queued.values():

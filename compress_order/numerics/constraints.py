@@ -65,18 +65,42 @@ def nm_holds(mask: Tensor, n: int, m: int) -> bool:
 CHUNK = 1 << 20
 
 
-def _nonzero(x: Tensor) -> Tensor:
-    """Whether a float tensor holds a value other than ±0 (NaN included), as a 0-d bool tensor: a float max
-    reduction, several times faster on CPU than a comparison and a bool `any`."""
-    return x.abs_().amax() != 0
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def magnitude_bits(w: Tensor) -> Tensor | None:
+    """A float tensor's bits as integers of its width, shifted left past the sign: 0 exactly where w is ±0 (a NaN
+    is not), so zeros are counted and tested with integer ops, several times faster on CPU than comparing floats.
+    None for a width without an integer type (float8: compare the floats)."""
+    int_type = _SAME_WIDTH_INT.get(w.element_size())
+    return None if int_type is None else w.view(int_type) << 1
+
+
+def nonzero_count(w: Tensor) -> Tensor:
+    """Weights other than ±0 (a NaN counts), as a 0-d tensor on w's device."""
+    bits = magnitude_bits(w)
+    return (w != 0).count_nonzero() if bits is None else bits.count_nonzero()
+
+
+def _nonzero_where(w: Tensor, where: Tensor | None = None) -> Tensor:
+    """Whether w holds a value other than ±0 (NaN included), at `where` (bool, w's shape) or anywhere: 0-d bool."""
+    bits = magnitude_bits(w)
+    hits = (w != 0) if bits is None else bits
+    return (hits if where is None else hits * where).count_nonzero() > 0
+
+
+def _differs(x: Tensor, y: Tensor) -> Tensor:
+    """Whether float32 x and y differ anywhere (NaN included), as 0-d bool: |x - y| has a non-zero max, as x - y = 0
+    only for x = y (with gradual underflow, torch's default); a float max reduction is several times faster on CPU
+    than a comparison and a bool `any`. x is overwritten."""
+    return x.sub_(y).abs_().amax() != 0
 
 
 def suspect(w: Tensor, c: LayerConstraint) -> Tensor | bool:
     """Whether the layer may break an invariant: True, False or a 0-d bool tensor on the weight's device (so the
     flags of many layers are read with one host sync). Never False for a layer `explain` finds broken; it may flag
-    a layer `explain` clears (a NaN or an inf kept in a weight, for instance), as it tests in fewer passes: on float32
-    copies of row slices, a pruned weight is non-zero when |w·pruned| has a non-zero max (x·1 = x, so a refill always
-    shows), a weight is off the grid when |projection - w| does (x - y = 0 only for x = y, with gradual underflow)."""
+    one that `explain` clears (an inf weight on an inf grid point), as it tests in fewer passes, on row slices that
+    stay in cache: zeros by their bits, the grid by |projection - w| (`project_float`), the sparsity by a count."""
     g, mask = c.grid, c.mask
     if (mask is not None and mask.shape != w.shape) or (
         g is not None and g.scale.shape != (w.shape[0], w.shape[1] // g.group_size)
@@ -93,13 +117,12 @@ def suspect(w: Tensor, c: LayerConstraint) -> Tensor | bool:
         step = max(1, CHUNK // w.shape[1])
         for i in range(0, w.shape[0], step):
             rows = slice(i, i + step)
-            y = w[rows].float()  # w's values exactly (w itself when float32: only read)
             if c.dropped:
-                flags.append(_nonzero(y.clone()))
+                flags.append(_nonzero_where(w[rows]))
             if mask is not None:
-                flags.append(_nonzero(y * ~mask[rows]))
+                flags.append(_nonzero_where(w[rows], ~mask[rows]))
             if g is not None:
-                flags.append(_nonzero(g.project_float(w[rows], rows).sub_(y)))
+                flags.append(_differs(g.project_float(w[rows], rows), w[rows].float()))
     return torch.stack(flags).any() if flags else False
 
 
