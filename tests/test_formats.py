@@ -47,6 +47,29 @@ def test_the_fast_rounding_of_activations_equals_the_indexed_codebook_path(bits)
     assert torch.isin(fast, book).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt,group", [("int", 32), ("int", -1), ("fp8", -1), ("nvfp4", 16), ("mxfp4", 32)])
+def test_project_float_is_the_projection_value_for_value(fmt, group, dtype):
+    """The invariant check's projection (scales broadcast, in place; codebook rounding without a search) equals
+    `project` on weights off the grid, on it, a step beside it, far out of range and not finite; row slices too."""
+    from compress_order.numerics.formats import fit_weight_grid
+
+    torch.manual_seed(3)
+    w = (torch.randn(24, 128) * torch.rand(24, 1) * 4).to(dtype)
+    g = fit_weight_grid(w, fmt, 8 if fmt in ("int", "fp8") else 4, group, sym=False)
+    q = g.project(w)
+    beside = torch.nextafter(q, torch.full_like(q, float("inf")))
+    wild = q.clone()
+    wild[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e4, -0.0, -1e-30]).to(dtype)
+    for x in (w, q, beside, (q.float() * (1 + 2**-9)).to(dtype), wild):
+        want, nan = g.project(x).float(), x.isnan()
+        got = g.project_float(x)
+        parts = torch.cat([g.project_float(x[i : i + 5], slice(i, i + 5)) for i in range(0, 24, 5)])
+        for mine in (got, parts):
+            assert bool(((mine == want) | nan).all())  # -0 == +0
+            assert bool((mine.to(dtype) != x)[nan].all())  # a NaN weight is off the grid either way
+
+
 @pytest.mark.parametrize("fmt,group", [("fp8", -1), ("fp8", 128), ("nvfp4", 16), ("mxfp4", 32)])
 def test_a_fitted_grid_holds_its_projection_exactly_and_keeps_zeros(fmt, group):
     torch.manual_seed(1)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress_order.numerics.constraints import LayerConstraint, check_invariants, levels_per_group
+from compress_order.numerics.constraints import LayerConstraint, check_invariants, check_layers, levels_per_group
 from compress_order.core.errors import InvariantError, UserError
+from compress_order.numerics.formats import fit_weight_grid
 from compress_order.numerics.quant import fit_grid
 from compress_order.stages.magnitude import Magnitude
 from compress_order.stages.rtn import RTN
@@ -102,6 +103,73 @@ def test_invariant_violations_are_errors():
     grid = fit_grid(torch.randn(4, 8), 2, 8, False)
     with pytest.raises(InvariantError, match="off the 2-bit grid"):
         check_invariants("x", torch.randn(4, 8) * 0.37, LayerConstraint(grid=grid, applied=["r"]))
+
+
+def _two_of_four(w: torch.Tensor) -> torch.Tensor:
+    """The 2:4 mask keeping the two largest |w| of every 4 consecutive inputs."""
+    rows, cols = w.shape
+    top = w.abs().reshape(rows, cols // 4, 4).topk(2, -1).indices
+    return torch.zeros(rows, cols // 4, 4, dtype=torch.bool).scatter_(-1, top, True).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,bits,group", [("int", 4, 32), ("nvfp4", 4, 16), ("fp8", 8, -1)])
+def test_the_fast_check_catches_one_off_grid_weight_one_refill_and_one_broken_nm_group(fmt, bits, group, dtype):
+    """check_invariants and check_layers test a layer in a few vectorised passes before counting anything: one
+    weight a single ulp off its grid, one pruned weight refilled with a value of the grid, and one group of 4
+    keeping 3 (same sparsity overall) are each caught, with the message the direct count gives."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    mask = _two_of_four(w)
+    grid = fit_weight_grid(w * mask, fmt, bits, group, sym=False)
+    q = grid.project((w * mask).to(dtype)) * mask
+    c = LayerConstraint(mask=mask, min_sparsity=0.5, nm=(2, 4), grid=grid, applied=["m", "r"])
+    check_invariants("x", q, c)
+    check_layers([("x", lambda: q, c)])
+    kept = mask.nonzero()
+    (i, j), (_, j2) = kept[0].tolist(), kept[1].tolist()  # two kept weights of row i, same group of 4
+    assert j // 4 == j2 // 4
+
+    def caught(w2: torch.Tensor, c2: LayerConstraint, match: str) -> None:
+        with pytest.raises(InvariantError, match=match):
+            check_invariants("x", w2, c2)
+        with pytest.raises(InvariantError, match=match):
+            check_layers([("ok", lambda: q, c), ("x", lambda: w2, c2), ("ok2", lambda: q, c)])
+
+    off = q.clone()
+    off[i, j] = torch.nextafter(off[i, j].float(), torch.tensor(float("inf"))).to(dtype)
+    if off[i, j] == q[i, j]:  # the float32 step vanished in the cast: one step of the dtype instead
+        off[i, j] = torch.nextafter(off[i, j], torch.tensor(float("inf"), dtype=dtype))
+    kind = "" if fmt == "int" else f" {fmt}"
+    caught(off, c, rf"layer x after \[m > r\]: 1 weights are off the {bits}-bit{kind} grid")
+
+    pruned = next(jj for jj in range(j // 4 * 4, j // 4 * 4 + 4) if not mask[i, jj])
+    refilled = q.clone()
+    refilled[i, pruned] = q[i, j]  # a value of the grid (same row and group): only the mask tells
+    caught(refilled, c, "layer x after .*: 1 pruned weights are non-zero")
+
+    # group j//4 keeps 3, another group of row i keeps 1: sparsity unchanged, the pattern broken
+    other = next(g for g in range(mask.shape[1] // 4) if g != j // 4)
+    give = [jj for jj in range(other * 4, other * 4 + 4) if mask[i, jj]][0]
+    broken_mask = mask.clone()
+    broken_mask[i, pruned], broken_mask[i, give] = True, False
+    moved = q.clone()
+    moved[i, give] = 0
+    nm = LayerConstraint(mask=broken_mask, min_sparsity=0.5, nm=(2, 4), grid=grid, applied=["m", "r"])
+    caught(moved, nm, "2:4 pattern broken")
+
+
+def test_check_layers_names_the_first_broken_layer_in_order():
+    w = torch.ones(4, 8)
+    bad = LayerConstraint(mask=torch.zeros(4, 8, dtype=torch.bool), applied=["m"])  # every weight refilled
+    fine = LayerConstraint()
+    with pytest.raises(InvariantError, match="layer b "):
+        check_layers([("a", lambda: w, fine), ("b", lambda: w, bad), ("c", lambda: w, bad)])
+    with pytest.raises(InvariantError, match="mask shape"):  # found on the host, still in order
+        check_layers(
+            [("a", lambda: w, fine), ("b", lambda: w, LayerConstraint(mask=torch.ones(2, 2, dtype=torch.bool)))]
+        )
+    check_layers([("a", lambda: w, fine), ("b", lambda: torch.zeros(4, 8), bad)])
 
 
 def test_stage_settings_are_checked():

@@ -9,19 +9,20 @@ import time
 from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from compress_order.modeling.coverage import compressed_share
 from compress_order.modeling.targets import Target
+from compress_order.numerics.constraints import nonzero_count
 
 
-def layer_bits(t: Target, dense_bits: int = 16) -> tuple[float, str]:
+def layer_bits(t: Target, dense_bits: int = 16, kept: int | None = None) -> tuple[float, str]:
     """Bits of one layer in its packed form, and the format used.
 
     Values take `bits` each when quantized, else `dense_bits`. A quantized layer adds a 16-bit scale per
     (row, group) and, when asymmetric, a `bits`-wide zero-point. A pruned layer stores only kept values plus
     its index metadata: ceil(log2 M) bits per kept value for N:M, a 1-bit-per-weight bitmask otherwise
-    (or plain dense storage, when that is smaller).
+    (or plain dense storage, when that is smaller). `kept`: the mask's kept weights, when already counted.
     """
     rows, cols = t.shape
     numel = rows * cols
@@ -34,7 +35,7 @@ def layer_bits(t: Target, dense_bits: int = 16) -> tuple[float, str]:
         overhead = c.grid.scale_bits()
     if c.mask is None:
         return numel * vbits + overhead, "dense"
-    kept = int(c.mask.sum())
+    kept = int(c.mask.count_nonzero()) if kept is None else kept
     if c.nm is not None:
         return kept * (vbits + math.ceil(math.log2(c.nm[1]))) + overhead, f"{c.nm[0]}:{c.nm[1]}"
     bitmask = kept * vbits + numel
@@ -42,22 +43,42 @@ def layer_bits(t: Target, dense_bits: int = 16) -> tuple[float, str]:
     return (bitmask + overhead, "bitmask") if bitmask < dense else (dense + overhead, "dense")
 
 
+def _counts(targets: dict[str, Target]) -> dict[str, tuple[int, int]]:
+    """Each target's non-zero weights and kept weights (its mask's, else all), counted where they live and read
+    back with one host sync per device, not one per layer (non-zeros by their bits: constraints.nonzero_count)."""
+    queued: dict[torch.device, list[tuple[str, int, Tensor]]] = {}
+    out: dict[str, list[int]] = {}
+    for name, t in targets.items():
+        w, mask = t.weight, t.constraint.mask
+        out[name] = [0, w.numel()]
+        queued.setdefault(w.device, []).append((name, 0, nonzero_count(w)))
+        if mask is not None:
+            queued.setdefault(mask.device, []).append((name, 1, mask.count_nonzero()))
+    for entries in queued.values():
+        for (name, i, _), value in zip(entries, torch.stack([e[2] for e in entries]).tolist()):
+            out[name][i] = value
+    return {name: (nonzero, kept) for name, (nonzero, kept) in out.items()}
+
+
 @torch.no_grad()
 def compression_metrics(model: nn.Module, targets: dict[str, Target], dense_bits: int = 16) -> dict[str, float]:
     target_params = {id(t.parameter) for t in targets.values()}
+    counts = _counts(targets)
     numel = zeros = 0
     bits = 0.0
-    for t in targets.values():
-        w = t.weight
-        numel += w.numel()
-        zeros += int((w == 0).sum())
-        bits += layer_bits(t, dense_bits)[0]
+    kept: dict[str, int] = {}
+    for name, t in targets.items():
+        rows, cols = t.shape
+        nonzero, kept[name] = counts[name]
+        numel += rows * cols
+        zeros += rows * cols - nonzero
+        bits += layer_bits(t, dense_bits, kept[name])[0]
     rest = sum(p.numel() for p in model.parameters() if id(p) not in target_params)
     return {
         "sparsity": zeros / numel,
         "avg_bits": bits / numel,
         "size_bytes": (bits + rest * dense_bits) / 8,
-        "coverage": compressed_share(targets),
+        "coverage": compressed_share(targets, kept),
     }
 
 

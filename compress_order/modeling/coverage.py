@@ -113,17 +113,22 @@ def load_targets(model: nn.Module, skip: list[str] | tuple[str, ...]) -> tuple[d
     return targets, check_coverage(model, targets, skip)
 
 
-def compressed(t: Target) -> bool:
+def compressed(t: Target, kept: int | None = None) -> bool:
     """Whether a target holds anything compressed: weights on a quantization grid, at least one weight pruned, or
     the whole matrix removed (an expert). A stage that only transforms (smoothquant rescales input channels) leaves
-    its layers uncompressed, so a node of transforms alone claims no coverage."""
+    its layers uncompressed, so a node of transforms alone claims no coverage. `kept`: the mask's kept weights,
+    when already counted."""
     c = t.constraint
-    return c.dropped or c.grid is not None or (c.mask is not None and not bool(c.mask.all()))
+    if c.dropped or c.grid is not None or c.mask is None:
+        return c.dropped or c.grid is not None
+    return (int(c.mask.count_nonzero()) if kept is None else kept) < c.mask.numel()
 
 
-def compressed_share(targets: dict[str, Target]) -> float:
+def compressed_share(targets: dict[str, Target], kept: dict[str, int] | None = None) -> float:
     """The share of the targets' weights that the node's stages compressed (the node's `coverage` metric): what
-    `compressed` says of each target, not which stages ran on it."""
-    total = sum(t.shape[0] * t.shape[1] for t in targets.values())
-    done = sum(t.shape[0] * t.shape[1] for t in targets.values() if compressed(t))
+    `compressed` says of each target, not which stages ran on it. `kept`: each target's kept weights, if counted."""
+    kept = kept or {}
+    sizes = {n: t.shape[0] * t.shape[1] for n, t in targets.items()}
+    total = sum(sizes.values())
+    done = sum(sizes[n] for n, t in targets.items() if compressed(t, kept.get(n)))
     return done / total if total else 0.0

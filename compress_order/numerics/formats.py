@@ -175,15 +175,34 @@ class FloatGrid:
         scale, _ = group_scales(span.abs().amax(1, keepdim=True), self.format, self.tensor_scale, keep_tensor=True)
         self.scale[:, g] = scale[:, 0]
 
-    def problem(self) -> str | None:
-        """Why the stored scales are not of the format (None: they are)."""
+    def project_float(self, w: Tensor, rows: slice = slice(None)) -> Tensor:
+        """`project(w).float()` for `w`, rows `rows` of the layer's weight, value for value (a NaN weight gives NaN,
+        off the grid either way): the same float32 division and product with each group's scale broadcast, and the
+        nearest codebook value from `round_to_codebook` (the indexed search's) instead of a search and a gather."""
+        s = self.scale[rows].unsqueeze(-1)
+        x = w.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(w.shape[0], -1, self.group_size)
+        x = round_to_codebook(x.div_(s), self.bits).mul_(s).view(w.shape)
+        return x if w.dtype == torch.float32 else x.to(w.dtype).float()
+
+    def invalid(self) -> Tensor:
+        """Whether `problem` has one (a 0-d bool tensor, read without a host sync)."""
         f = self.format
         s = self.scale if self.tensor_scale is None else self.scale / self.tensor_scale
-        if f.scale == "e8m0" and not bool((torch.exp2(torch.round(torch.log2(s))) == s).all()):
-            return "MX scales are not powers of two"
-        if f.scale == "e4m3+tensor" and not bool(torch.isclose(e4m3(s), s, rtol=1e-6, atol=0).all()):
-            return "NVFP4 group scales are not E4M3 values"
-        return None
+        if f.scale == "e8m0":
+            return (torch.exp2(torch.round(torch.log2(s))) != s).any()
+        if f.scale == "e4m3+tensor":
+            return (~torch.isclose(e4m3(s), s, rtol=1e-6, atol=0)).any()
+        return torch.zeros((), dtype=torch.bool, device=s.device)
+
+    def problem(self) -> str | None:
+        """Why the stored scales are not of the format (None: they are)."""
+        if not bool(self.invalid()):
+            return None
+        return (
+            "MX scales are not powers of two"
+            if self.format.scale == "e8m0"
+            else "NVFP4 group scales are not E4M3 values"
+        )
 
     def clone(self) -> "FloatGrid":
         ts = None if self.tensor_scale is None else self.tensor_scale.clone()

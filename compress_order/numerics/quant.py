@@ -75,9 +75,24 @@ class QuantGrid:
         """Refit group g's min-max range from `span` (rows, group_size): GPTQ fits a group when it reaches it."""
         self.scale[:, g], self.zero[:, g] = grid_params(span.amin(1), span.amax(1), self.bits, self.sym)
 
+    def project_float(self, w: Tensor, rows: slice = slice(None)) -> Tensor:
+        """`project(w).float()` for `w`, rows `rows` of the layer's weight, value for value: the same float32
+        operations, with each group's scale and zero-point broadcast instead of expanded to the weight's shape,
+        in place on one float32 copy (what the invariant check runs on every layer after every stage)."""
+        s, z = self.scale[rows].unsqueeze(-1), self.zero[rows].unsqueeze(-1)
+        x = w.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(w.shape[0], -1, self.group_size)
+        x.div_(s).round_().add_(z).clamp_(0, self.maxq).sub_(z).mul_(s)
+        x = x.view(w.shape)
+        return x if w.dtype == torch.float32 else x.to(w.dtype).float()
+
+    def invalid(self) -> Tensor:
+        """Whether `problem` has one (a 0-d bool tensor, read without a host sync)."""
+        z = self.zero
+        return ((z != torch.round(z)) | (z < 0) | (z > self.maxq)).any()
+
     def problem(self) -> str | None:
         """Why the grid is not a valid integer grid (None: it is): zero-points must be integer codes."""
-        if not bool(((self.zero == torch.round(self.zero)) & (self.zero >= 0) & (self.zero <= self.maxq)).all()):
+        if bool(self.invalid()):
             return "zero-points are not integer codes, so 0 is not on the grid"
         return None
 

@@ -25,6 +25,7 @@ from compress_order.modeling.act import ActQuant
 from compress_order.modeling.act import paused as act_paused
 from compress_order.modeling.coverage import Coverage, load_targets
 from compress_order.modeling.targets import ModelState, Snapshot, Target, find_targets
+from compress_order.numerics.constraints import check_layers
 from compress_order.stages.base import Stage
 
 
@@ -36,10 +37,10 @@ def apply_stage(
     act: ActQuant | None = None,
     report: dict | None = None,
 ) -> str | None:
-    """Apply one stage to every target layer, then check every layer's invariants. Returns why the stage cannot
-    follow what the layers hold (then nothing is changed), else None. With static activation ranges (`act`),
-    a calibrated stage reads statistics of activations quantized with ranges observed on the current weights.
-    `report` receives the calibration tokens per expert of each MoE layer."""
+    """Apply one stage to every target layer, then check the invariants of every layer it could change. Returns
+    why the stage cannot follow what the layers hold (then nothing is changed), else None. With static activation
+    ranges (`act`), a calibrated stage reads statistics of activations quantized with ranges observed on the current
+    weights. `report` receives the calibration tokens per expert of each MoE layer."""
     why = stage.feasible(state.targets)
     if why is not None:
         return why
@@ -55,7 +56,10 @@ def apply_stage(
         from compress_order.stages.calibration import calibrate_and_compress
 
         calibrate_and_compress(state.model, live, task.calibration_batches(), stage, calibration, report=report)
-    state.check()
+    # The layers the stage could change: a layer-wise stage gets the live targets only (a removed expert's weights
+    # and constraint are untouched); the flags of all layers are read with one host sync.
+    touched = state.targets if stage.whole_model else live
+    check_layers((t.name, lambda t=t: t.weight, t.constraint) for t in touched.values())
     return None
 
 
