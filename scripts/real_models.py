@@ -262,9 +262,12 @@ def rotation_section(df: pd.DataFrame, n_boot: int) -> list[str]:
     lines = ["", "## Rotation (QuaRot's rotation before the pair)", "",
              "`[rotate, gptq, sparsegpt]`: the orders that start with rotate prune a rotated model before or after "
              "GPTQ; the same cell's depth-2 nodes are the pair without rotation; orders that rotate a pruned or "
-             "quantized layer are infeasible (reported, not run).", "",
-             "| model | W | metric | dense | rotate | gptq | rotate > gptq | sparsegpt | rotate > sparsegpt "
-             "| A (gptq first) | A rotated [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "quantized layer are infeasible (reported, not run). A = (GPTQ first) − (SparseGPT first) in the "
+             "metric's better direction: A > 0 means GPTQ first is better, A < 0 pruning first; A without rotation "
+             "compares `gptq > sparsegpt` with `sparsegpt > gptq`, A rotated `rotate > gptq > sparsegpt` with "
+             "`rotate > sparsegpt > gptq` (95% paired bootstrap over windows and seeds).", "",
+             "| model | W | metric | seeds | dense | rotate | gptq | rotate > gptq | sparsegpt | rotate > sparsegpt "
+             "| A | A rotated [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for metric in ("perplexity", "kld"):
         nodes = pih.node_values(rows, metric)
         diffs = bootstrap.order_differences(rows, metric, n_boot)
@@ -275,7 +278,7 @@ def rotation_section(df: pd.DataFrame, n_boot: int) -> list[str]:
             a_rot = d * (v.get("rotate > gptq > sparsegpt", math.nan) - v.get("rotate > sparsegpt > gptq", math.nan))
             ci = diffs[(diffs["order_a"] == "rotate > gptq > sparsegpt") & (diffs["order_b"] == "rotate > sparsegpt > gptq")]
             ci = "" if ci.empty else f" [{_fmt(ci['low'].iloc[0], 3)}, {_fmt(ci['high'].iloc[0], 3)}]"
-            lines.append(f"| {model} | {int(bits)} | {metric} | {_fmt(v.get('dense'))} | {_fmt(v.get('rotate'))} | "
+            lines.append(f"| {model} | {int(bits)} | {metric} | {g['seed'].nunique()} | {_fmt(v.get('dense'))} | {_fmt(v.get('rotate'))} | "
                          f"{_fmt(v.get('gptq'))} | {_fmt(v.get('rotate > gptq'))} | {_fmt(v.get('sparsegpt'))} | "
                          f"{_fmt(v.get('rotate > sparsegpt'))} | {_fmt(a, 3)} | {_fmt(a_rot, 3)}{ci} |")  # fmt: skip
     return lines

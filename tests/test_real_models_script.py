@@ -130,5 +130,5 @@ def test_the_rotation_cell_reports_the_pair_with_and_without_rotation(study):
     doc = (tmp / "doc.md").read_text().splitlines()
     assert "## Rotation (QuaRot's rotation before the pair)" in doc
     rows = [ln for ln in doc if ln.startswith("| tiny | 4 | ")]
-    assert len(rows) == 2 and all(ln.count("|") == 12 and "[" in ln.split("|")[-2] for ln in rows), rows
+    assert len(rows) == 2 and all(ln.count("|") == 13 and "[" in ln.split("|")[-2] for ln in rows), rows
     assert "—" not in rows[0]  # every node of the table ran: the rotated orders, the pair and the singles

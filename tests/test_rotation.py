@@ -268,3 +268,10 @@ def test_online_rotation_needs_down_proj_linears():
     state = ModelState(model, find_targets(model, ["lm_head"]), whole=True)
     with pytest.raises(UserError, match="fused experts compute theirs inside"):
         Rotate(name="rotate", online=True).validate_model(state)
+
+
+def test_a_hidden_size_without_a_hadamard_matrix_is_one_line_naming_it():
+    with pytest.raises(UserError, match=r"no Hadamard matrix of order 52 \(the hidden size\).*use matrix=random"):
+        Rotate(name="rotate")._rotation(52, 0, "hidden size")
+    q = Rotate(name="rotate", matrix="random")._rotation(52, 0, "hidden size")
+    assert torch.allclose(q @ q.T, torch.eye(52, dtype=torch.float64), atol=1e-12)
