@@ -254,18 +254,19 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
 
 def rotation_section(df: pd.DataFrame, n_boot: int) -> list[str]:
     """The rotation cells: each order's perplexity and KLD (means over seeds), and the order advantage of the pair
-    with and without the rotation before it: A = (quantizer first) − (pruner first), positive = quantizer first
-    better; the rotated A's interval is the bootstrap over windows and seeds of its two full orders."""
+    with and without the rotation before it: A = (pruner first) − (quantizer first) in the metric's better
+    direction, positive = pruning first better, as the pair tables above; the rotated A's interval is the
+    bootstrap over windows and seeds of its two full orders."""
     rows = df[df["stages"].isin([",".join(v) for v in ROTATED.values()])] if not df.empty else df
     if rows.empty:
         return []
     lines = ["", "## Rotation (QuaRot's rotation before the pair)", "",
              "`[rotate, gptq, sparsegpt]`: the orders that start with rotate prune a rotated model before or after "
              "GPTQ; the same cell's depth-2 nodes are the pair without rotation; orders that rotate a pruned or "
-             "quantized layer are infeasible (reported, not run). A = (GPTQ first) − (SparseGPT first) in the "
-             "metric's better direction: A > 0 means GPTQ first is better, A < 0 pruning first; A without rotation "
-             "compares `gptq > sparsegpt` with `sparsegpt > gptq`, A rotated `rotate > gptq > sparsegpt` with "
-             "`rotate > sparsegpt > gptq` (95% paired bootstrap over windows and seeds).", "",
+             "quantized layer are infeasible (reported, not run). A = (SparseGPT first) − (GPTQ first) in the "
+             "metric's better direction, as in the tables above: A > 0 means pruning first is better; A without "
+             "rotation compares `sparsegpt > gptq` with `gptq > sparsegpt`, A rotated `rotate > sparsegpt > gptq` "
+             "with `rotate > gptq > sparsegpt` (95% paired bootstrap over windows and seeds).", "",
              "| model | W | metric | seeds | dense | rotate | gptq | rotate > gptq | sparsegpt | rotate > sparsegpt "
              "| A | A rotated [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for metric in ("perplexity", "kld"):
@@ -274,10 +275,15 @@ def rotation_section(df: pd.DataFrame, n_boot: int) -> list[str]:
         for (model, bits), g in nodes.groupby(["model", "bits"]):
             v = g.groupby("order")["value"].mean()
             d = direction(rows, metric)
-            a = d * (v.get("gptq > sparsegpt", math.nan) - v.get("sparsegpt > gptq", math.nan))
-            a_rot = d * (v.get("rotate > gptq > sparsegpt", math.nan) - v.get("rotate > sparsegpt > gptq", math.nan))
-            ci = diffs[(diffs["order_a"] == "rotate > gptq > sparsegpt") & (diffs["order_b"] == "rotate > sparsegpt > gptq")]
-            ci = "" if ci.empty else f" [{_fmt(ci['low'].iloc[0], 3)}, {_fmt(ci['high'].iloc[0], 3)}]"
+            a = d * (v.get("sparsegpt > gptq", math.nan) - v.get("gptq > sparsegpt", math.nan))
+            a_rot = d * (v.get("rotate > sparsegpt > gptq", math.nan) - v.get("rotate > gptq > sparsegpt", math.nan))
+            fwd, rev = "rotate > sparsegpt > gptq", "rotate > gptq > sparsegpt"
+            ci = ""
+            for a_, b_, sign in ((fwd, rev, 1), (rev, fwd, -1)):  # the pair as order_differences listed it
+                hit = diffs[(diffs["order_a"] == a_) & (diffs["order_b"] == b_)]
+                if not hit.empty:
+                    lo, hi = sorted((sign * hit["low"].iloc[0], sign * hit["high"].iloc[0]))
+                    ci = f" [{_fmt(lo, 3)}, {_fmt(hi, 3)}]"
             lines.append(f"| {model} | {int(bits)} | {metric} | {g['seed'].nunique()} | {_fmt(v.get('dense'))} | {_fmt(v.get('rotate'))} | "
                          f"{_fmt(v.get('gptq'))} | {_fmt(v.get('rotate > gptq'))} | {_fmt(v.get('sparsegpt'))} | "
                          f"{_fmt(v.get('rotate > sparsegpt'))} | {_fmt(a, 3)} | {_fmt(a_rot, 3)}{ci} |")  # fmt: skip
