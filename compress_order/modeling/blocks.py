@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from compress_order.core.errors import UserError
 from compress_order.modeling.batches import model_forward
 from compress_order.modeling.batches import to_device as _to
 from compress_order.modeling.targets import Target
@@ -104,6 +105,15 @@ def find_blocks(model: nn.Module, targets: Mapping[str, Target]) -> tuple[str, B
         type(best[3]).__name__,
     )
     return best[2], best[3]
+
+
+def decoder_blocks(model: nn.Module, targets: Mapping[str, Target], who: str) -> nn.ModuleList:
+    """The model's list of decoder blocks for a stage that edits or walks it whole (`who` names the stage), or
+    UserError when it has none."""
+    found = find_blocks(model, targets)
+    if found is None or not isinstance(found[1], nn.ModuleList):
+        raise UserError(f"{who}: no list of decoder blocks found in {type(model).__name__}")
+    return found[1]
 
 
 @dataclass

@@ -301,15 +301,10 @@ class ModelState:
     def remove_blocks(self, container: nn.ModuleList, positions: list[int], label: str = "") -> None:
         """Remove the blocks at `positions` (in the list as it is now) from the model for good: their targets are
         marked removed (zero weights, all pruned), the config describes the blocks left."""
-        if self.blocks is None:
-            config = text_config(self.model)
-            keys = PER_LAYER_LISTS + LAYER_INDEX_LISTS + LEADING_COUNTS
-            saved = {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
-            self.blocks = BlockList(container, tuple(container), saved, tuple(range(len(container))))
-        assert container is self.blocks.container, "one block list per model"
-        gone = [self.blocks.kept[p] for p in positions]
+        blocks = self._track(container)
+        gone = [blocks.kept[p] for p in positions]
         for i in gone:
-            ids = {id(m) for m in self.blocks.original[i].modules()}
+            ids = {id(m) for m in blocks.original[i].modules()}
             for t in self.targets.values():
                 if id(t.module) in ids and not t.constraint.dropped:
                     c = t.constraint
@@ -317,7 +312,17 @@ class ModelState:
                     c.mask = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
                     c.min_sparsity, c.dropped = 1.0, True
                     c.applied.append(label)
-        self._set_blocks(tuple(i for i in self.blocks.kept if i not in gone))
+        self._set_blocks(tuple(i for i in blocks.kept if i not in gone))
+
+    def _track(self, container: nn.ModuleList) -> BlockList:
+        """The block list as loaded (and its per-layer config settings), recorded before its first edit."""
+        if self.blocks is None:
+            config = text_config(self.model)
+            keys = PER_LAYER_LISTS + LAYER_INDEX_LISTS + LEADING_COUNTS
+            saved = {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+            self.blocks = BlockList(container, tuple(container), saved, tuple(range(len(container))))
+        assert container is self.blocks.container, "one block list per model"
+        return self.blocks
 
     def _set_blocks(self, kept: tuple[int, ...]) -> None:
         b = self.blocks
@@ -342,10 +347,7 @@ class ModelState:
     @contextmanager
     def without_block(self, container: nn.ModuleList, position: int) -> Iterator[None]:
         """The model as if the block at `position` were removed, for a forward (scoring which block to remove)."""
-        if self.blocks is None:
-            self.remove_blocks(container, [])
-        assert self.blocks is not None
-        kept = self.blocks.kept
+        kept = self._track(container).kept
         self._set_blocks(kept[:position] + kept[position + 1 :])
         try:
             yield

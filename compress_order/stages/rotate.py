@@ -21,12 +21,12 @@ import logging
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from compress_order.core.errors import UserError
 from compress_order.modeling.act import paused as act_paused
 from compress_order.modeling.batches import model_forward
-from compress_order.modeling.blocks import find_blocks
+from compress_order.modeling.blocks import decoder_blocks
 from compress_order.modeling.rotation import SUPPORTED, Along, online_sites, residual_map, rotate_along, rotate_residual
 from compress_order.modeling.targets import ModelState, Target
 from compress_order.numerics.hadamard import hadamard_orders, random_orthogonal, randomized_hadamard
@@ -75,11 +75,8 @@ class Rotate(Stage):
             + (" and head width" if self.heads else ""),
         ]
 
-    def _blocks(self, state: ModelState):
-        found = find_blocks(state.model, state.targets)
-        if found is None:
-            raise UserError(f"stage '{self.label}': no decoder blocks found in {type(state.model).__name__}")
-        return found[1]
+    def _blocks(self, state: ModelState) -> nn.ModuleList:
+        return decoder_blocks(state.model, state.targets, f"stage '{self.label}'")
 
     def _rotation(self, n: int, seed: int, what: str) -> Tensor:
         if self.matrix == "random":

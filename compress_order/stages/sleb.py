@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from compress_order.core.errors import UserError
 from compress_order.modeling.batches import model_forward
-from compress_order.modeling.blocks import find_blocks
+from compress_order.modeling.blocks import decoder_blocks
 from compress_order.modeling.targets import ModelState, text_config
 from compress_order.stages.base import Stage
 
@@ -54,10 +54,7 @@ class Sleb(Stage):
         return [*super().model_checks(), f"{self.label}: blocks={self.blocks} leaves at least one decoder block"]
 
     def _blocks(self, state: ModelState) -> nn.ModuleList:
-        found = find_blocks(state.model, state.targets)
-        if found is None or not isinstance(found[1], nn.ModuleList):
-            raise UserError(f"stage '{self.label}': no list of decoder blocks found in {type(state.model).__name__}")
-        return found[1]
+        return decoder_blocks(state.model, state.targets, f"stage '{self.label}'")
 
     def validate_model(self, state: ModelState) -> None:
         n = len(self._blocks(state))
