@@ -49,6 +49,12 @@ BAD = [
     (["stages=[{name:wanda,grid:keep},rtn]"], "unknown parameter 'grid' for stage 'wanda'"),
     (["stages=[{name:expert_prune,grid:refit},rtn]"], "unknown parameter 'grid' for stage 'expert_prune'"),
     (["joint=[{name:sparsegpt_gptq,grid:refit}]"], "unknown parameter 'grid' for stage 'sparsegpt_gptq'"),
+    # orders= names full orders of the stages by label; anything else names the valid ones
+    (["orders=[[rtn,foo]]"], "orders: [rtn, foo] is not an order of the stages [magnitude, rtn]; valid: [magnitude, rtn], [rtn, magnitude]"),
+    (["orders=[[rtn]]"], "orders: [rtn] is not an order of the stages [magnitude, rtn]"),
+    (["orders=[]"], "orders=[] must be null (every order) or a list of orders, e.g. [[magnitude, rtn]]"),
+    (["orders=rtn"], "orders=rtn must be null (every order) or a list of orders"),
+    (["orders=[[rtn,magnitude]]", "predict_only=true"], "orders= lists full orders, which predict_only=true does not compute"),
     # an explicit setting that cannot apply is refused (its default adapts): float codebooks have no zero-point
     (["format=mxfp4", "stages=[{name:rtn,sym:false}]"], "stage 'rtn(sym=False)': sym=false cannot apply: format=mxfp4 is a symmetric codebook"),
     (["format=nvfp4", "joint=[{name:sparsegpt_gptq,sym:false}]"], "stage 'sparsegpt+gptq': sym=false cannot apply"),

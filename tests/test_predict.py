@@ -72,6 +72,25 @@ def test_predict_only_runs_n_plus_1_nodes_and_a_full_run_reuses_them(tiny_overri
     assert "no full order in these runs" in (tmp_path / "report" / "table.md").read_text() and expected in text
 
 
+def test_listed_orders_run_with_their_prefixes_and_a_full_run_reuses_them(tiny_overrides, tmp_path, capsys):
+    """orders=[[...]]: only the listed full orders and their prefixes are computed, under the keys of the whole trie
+    (one quantize-first order under a new setting need not recompute the other orders)."""
+    base = tiny_overrides + ["eval.backends=none", THREE]
+    listed = "orders=[[rtn,more,magnitude],[rtn,magnitude,more]]"
+    assert exit_code(["validate", *base, listed]) == 0
+    assert "2 listed orders, 5 stage applications (of 6 orders, 15 stage applications)" in capsys.readouterr().out
+    part = run(compose_config(base + [listed]), tmp_path / "o")
+    assert set(part["order"]) == {"dense", "rtn", "rtn > more", "rtn > magnitude", "rtn > more > magnitude",
+                                  "rtn > magnitude > more"}  # fmt: skip
+    assert _stats(tmp_path / "o")["applications"] == 5
+    assert "2 of the 6 orders ran (`orders=`)" in (tmp_path / "o" / "summary.md").read_text()
+    full = run(compose_config(base), tmp_path / "f")
+    stats = _stats(tmp_path / "f")
+    assert (stats["evaluations"], stats["from_store"]) == (10, 6)
+    keys = lambda df: df.drop_duplicates("order").set_index("order")["node_key"]  # noqa: E731
+    pd.testing.assert_series_equal(keys(part), keys(full).loc[keys(part).index])
+
+
 def test_a_predict_only_sweep_gathers_the_predictions(tiny_overrides, tmp_path, capsys):
     assert exit_code(["run", "-m", *_base(tiny_overrides), "predict_only=true", "sparsity=0.5,0.7"]) == 0
     out = capsys.readouterr().out

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import load_script
 
-ARGS = ["--models", "smollm2", "--pairs", "sparsegpt-gptq", "--bits", "4", "--seeds", "0", "--n-boot", "200"]
+ARGS = ["--models", "smollm2", "--pairs", "sparsegpt-gptq", "--bits", "4", "--seeds", "0", "--n-boot", "200", "--grids", "keep"]
 
 
 @pytest.fixture

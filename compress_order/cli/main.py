@@ -165,7 +165,7 @@ def cmd_validate(args: list[str]) -> int:
         return 0
     _only_sweep_flags(h, "validate")
     valid = validate_overrides(h.overrides, multirun=_multirun(h))
-    from compress_order.run.plan import cost, plan_sweep, singles  # imports torch: after the checks
+    from compress_order.run.plan import cost, plan_sweep, plan_trie  # imports torch: after the checks
     from compress_order.run.trie import build_trie, count_applications
 
     plans, jobs = plan_sweep(valid)
@@ -178,7 +178,10 @@ def cmd_validate(args: list[str]) -> int:
         n_full = sum(1 for n in trie.walk() if n.depth == len(labels))
         shape = f"{n_full} orders, {count_applications(trie)} stage applications"
         if settings.predict_only:  # the plan's trie: dense and each stage alone
-            shape = f"predict only: {count_applications(singles(trie))} single stages (of {shape})"
+            shape = f"predict only: {count_applications(plan_trie(settings, True))} single stages (of {shape})"
+        elif settings.orders is not None:  # the listed orders and their prefixes
+            cut = plan_trie(settings, False)
+            shape = f"{len(settings.orders)} listed orders, {count_applications(cut)} stage applications (of {shape})"
         seeds = list(settings.seeds)
         print(
             f"ok: model={settings.model.name} data={settings.data.name} stages={labels} bits={settings.bits} "

@@ -71,6 +71,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         threads=c["threads"],
         dense_bits=c["dense_bits"],
         predict_only=c["predict_only"],
+        orders=_orders(c["orders"], stages, joint),
         store=Store(
             dir=None if c["store_dir"] is None else str(c["store_dir"]),
             claim_timeout=float(c["store_claim_timeout"]),
@@ -84,6 +85,30 @@ def run_settings(cfg: DictConfig) -> RunSettings:
     if settings.save.enabled:
         _check_save(settings)
     return settings
+
+
+def _orders(value: Any, stages: tuple, joint: tuple) -> tuple[tuple[str, ...], ...] | None:
+    """`orders`: null (every order), or a list of full orders, each the stages' labels in some order (or one joint
+    schedule's label alone); anything else is one line naming the order and the valid ones."""
+    if value is None:
+        return None
+    from collections import Counter
+    from itertools import permutations
+
+    labels = [s.label for s in stages]
+    valid = list(dict.fromkeys(permutations(labels))) + [(j.label,) for j in joint]
+    shown = ", ".join("[" + ", ".join(o) + "]" for o in valid[:8]) + (", ..." if len(valid) > 8 else "")
+    if not isinstance(value, list) or not value:
+        raise UserError(f"orders={value} must be null (every order) or a list of orders, e.g. [[{', '.join(labels)}]]")
+    out = []
+    for order in value:
+        names = tuple(order) if isinstance(order, list) and all(isinstance(x, str) for x in order) else None
+        ok = names is not None and (Counter(names) == Counter(labels) or names in valid)
+        if not ok:
+            said = "[" + ", ".join(map(str, order)) + "]" if isinstance(order, list) else order
+            raise UserError(f"orders: {said} is not an order of the stages [{', '.join(labels)}]; valid: {shown}")
+        out.append(names)
+    return tuple(dict.fromkeys(out))
 
 
 def _check_save(settings: RunSettings) -> None:

@@ -104,6 +104,8 @@ def check_config(cfg: DictConfig) -> None:
     topk_setting(c["eval"].get("kld_topk"), c["eval"].get("kld_tail_samples", 0))
     if c["predict_only"] and c["save"]:
         raise UserError("save=true writes full orders, which predict_only=true does not compute; drop one of them")
+    if c["predict_only"] and c["orders"] is not None:
+        raise UserError("orders= lists full orders, which predict_only=true does not compute; drop one of them")
 
 
 def _check_known_keys(c: dict) -> None:

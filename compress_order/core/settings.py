@@ -167,6 +167,7 @@ class RunSettings:
     threads: int | None = None
     dense_bits: int = 16
     predict_only: bool = False
+    orders: tuple[tuple[str, ...], ...] | None = None  # the full orders to compute (labels); None: every order
     store: Store = field(default_factory=Store)
     save: Save = field(default_factory=Save)
 

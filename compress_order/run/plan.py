@@ -15,7 +15,7 @@ from compress_order.config.stages import is_calibrated
 from compress_order.core.settings import RunSettings, StageSpec
 from compress_order.run.identity import base_identity, node_key
 from compress_order.run.store import NodeStore
-from compress_order.run.trie import Node, build_trie
+from compress_order.run.trie import Node, build_trie, restrict
 
 
 @dataclass
@@ -55,14 +55,22 @@ def singles(trie: Node) -> Node:
     return Node((), [Node(c.order) for c in trie.children if c.covers is None])
 
 
+def plan_trie(settings: RunSettings, predict_only: bool) -> Node:
+    """The nodes a job computes: every order of the stages (and joint schedules), cut to the dense model and the
+    singles by `predict_only`, or to the listed `orders` and their prefixes."""
+    joint = settings.joint if not predict_only else ()
+    trie = build_trie([s.label for s in settings.stages], [s.label for s in joint])
+    if predict_only:
+        return singles(trie)
+    return restrict(trie, settings.orders) if settings.orders is not None else trie
+
+
 def make_plan(settings: RunSettings, store: NodeStore, predict_only: bool | None = None) -> Plan:
     """The trie and keys of one seed's job (`settings.seed`). Reads only whether records exist.
     `predict_only` (default: the settings') keeps the dense and single-stage nodes only."""
     predict_only = settings.predict_only if predict_only is None else predict_only
     joint = settings.joint if not predict_only else ()
-    trie = build_trie([s.label for s in settings.stages], [s.label for s in joint])
-    if predict_only:
-        trie = singles(trie)
+    trie = plan_trie(settings, predict_only)
     base = base_identity(settings)
     by_label = {s.label: s for s in settings.stages + joint}
     keys = {}

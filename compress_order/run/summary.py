@@ -3,6 +3,9 @@ backend's figures), rendered from the run's tidy rows."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pandas as pd
 
 from compress_order.core.schema import DENSE_REFERENCE, SIMULATED
@@ -67,6 +70,13 @@ def summary_markdown(df: pd.DataFrame, primary: str, protocol: str) -> str:
         f"cast to it, `dense(dtype)` — ÷ packed forward, same shapes, timed back to back; n/a: no kernel for that "
         f"format, reasons in results)",
     ]
+    labels = str(ok["stages"].iloc[0]).split(",")
+    n_orders = math.factorial(len(labels)) // math.prod(math.factorial(k) for k in Counter(labels).values())
+    n_full = int((full["depth"] == n_stages).sum()) if best_order is not None else 0
+    if 0 < n_full < n_orders:  # orders= listed some (or a run stopped early): "best" is not over every order
+        lines.append(
+            f"- {n_full} of the {n_orders} orders ran (`orders=`): `best` is the best of those, not of every order"
+        )
     if n_seeds > 1:
         lines.append(
             f"- values are means over {n_seeds} calibration seeds ({', '.join(map(str, sorted(ok['seed'].unique())))}), "

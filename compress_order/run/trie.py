@@ -56,6 +56,17 @@ def build_trie(labels: list[str], joint: list[str] = ()) -> Node:
     return root
 
 
+def restrict(root: Node, orders: tuple[tuple[str, ...], ...]) -> Node:
+    """The trie cut to the listed full orders and their prefixes (the dense root always): the nodes keep the orders
+    they have in the whole trie, so their store keys are the same and a later full run reuses them."""
+    keep = {o[:k] for o in orders for k in range(len(o) + 1)}
+
+    def cut(node: Node) -> Node:
+        return Node(node.order, [cut(c) for c in node.children if c.order in keep], node.covers)
+
+    return cut(root)
+
+
 def count_applications(root: Node) -> int:
     return sum(1 for n in root.walk() if n.order)
 
