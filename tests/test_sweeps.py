@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
 
-from helpers import exit_code, terminal_lines
+from helpers import exit_code, held_run, terminal_lines, wait_for
 
 from compress_order.cli.main import main
 from compress_order.config.compose import compose_config
@@ -74,14 +73,13 @@ def test_sigkill_loses_at_most_the_node_in_flight(tiny_overrides, tmp_path):
     store = tmp_path / "store"
     stages = "stages=[magnitude,rtn,{name:magnitude,sparsity:0.8,label:more}]"  # 1 + 3 + 6 + 6 = 16 nodes
     cmd = [sys.executable, "-m", "compress_order", "run", *tiny_overrides, stages]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(store.rglob("*.json"))) < 2 and proc.poll() is None:
-        time.sleep(0.02)
+    held, env = held_run(cmd[3:], at=3, ready=tmp_path / "held")  # killed while the 3rd node evaluates
+    proc = subprocess.Popen(held, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
+    wait_for(tmp_path / "held", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {p.stem: p.stat().st_mtime_ns for p in store.rglob("*.json")}
-    assert 2 <= len(finished) < 16, proc.stderr.read()[-1500:]
+    assert len(finished) == 2, proc.stderr.read()[-1500:]
     assert not list(store.rglob("*.tmp"))  # no torn files pose as results
     again = tmp_path / "again"
     rerun = [a for a in cmd if not a.startswith("hydra.run.dir")] + [f"hydra.run.dir={again}"]
