@@ -153,3 +153,14 @@ def test_analyze_reports_agreement_per_model_and_stage_pair(tmp_path):
     assert table.loc["m2", counts].tolist() == [1, 1, 0, 1, 0]
     assert (out / "agreement.md").read_text().count("| magnitude,rtn |") == 2 and (out / "agreement.tex").is_file()
     assert "## Can the prediction from singles be trusted?" in text
+
+
+def test_an_order_may_name_a_stage_by_its_name_where_one_stage_has_it():
+    """`orders=[[gptq,sparsegpt]]` for the label `sparsegpt(grid=refit)`, which a shell would need quoted; a name
+    two stages share stays ambiguous and must be given by label."""
+    from compress_order.config.settings import run_settings
+
+    s = run_settings(compose_config(["stages=[{name:sparsegpt,grid:refit},gptq]", "orders=[[gptq,sparsegpt]]"]))
+    assert s.orders == (("gptq", "sparsegpt(grid=refit)"),)
+    assert exit_code(["validate", "stages=[magnitude,{name:magnitude,sparsity:0.8,label:more}]",
+                      "orders=[[magnitude,magnitude]]"]) == 2  # fmt: skip

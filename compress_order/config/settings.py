@@ -100,9 +100,14 @@ def _orders(value: Any, stages: tuple, joint: tuple) -> tuple[tuple[str, ...], .
     shown = ", ".join("[" + ", ".join(o) + "]" for o in valid[:8]) + (", ..." if len(valid) > 8 else "")
     if not isinstance(value, list) or not value:
         raise UserError(f"orders={value} must be null (every order) or a list of orders, e.g. [[{', '.join(labels)}]]")
+    # a stage may be named by its label or, where one stage has it, by its name (`sparsegpt` for the label
+    # `sparsegpt(grid=refit)`, which a shell would make you quote)
+    by_name = Counter(s.name for s in stages + joint)
+    alias = {s.name: s.label for s in stages + joint if by_name[s.name] == 1 and s.name not in labels}
     out = []
     for order in value:
-        names = tuple(order) if isinstance(order, list) and all(isinstance(x, str) for x in order) else None
+        ok_type = isinstance(order, list) and all(isinstance(x, str) for x in order)
+        names = tuple(alias.get(x, x) for x in order) if ok_type else None
         ok = names is not None and (Counter(names) == Counter(labels) or names in valid)
         if not ok:
             said = "[" + ", ".join(map(str, order)) + "]" if isinstance(order, list) else order
