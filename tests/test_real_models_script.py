@@ -135,28 +135,41 @@ def test_the_rotation_cell_reports_the_pair_with_and_without_rotation(study):
     assert "—" not in rows[0]  # every node of the table ran: the rotated orders, the pair and the singles
 
 
-def test_refit_cells_run_the_quantize_first_order_and_pair_it_with_the_kept_cell(study):
-    """#42: a refit cell computes `gptq > sparsegpt` (grid=refit) and its prefix only; the document pairs it with
-    the kept cell's prune-first order on the same windows and reports A and the verdict under both settings."""
+def test_a_refit_cell_reruns_its_kept_twin_then_only_the_quantize_first_order_and_pairs_them(study):
+    """#42: a refit cell computes its kept twin again and `gptq > sparsegpt` (grid=refit) with its prefix from the
+    same store; the document pairs the refit order with the twin's prune-first order on the same windows and
+    reports A and the verdict under both settings."""
     mod, paths, tmp = study
     args = [*ARGS[:-2], "--grids", "keep", "refit", "--patterns", "50%", *paths]
     assert [c.folder for c in mod.cells(["smollm2"], ["sparsegpt-gptq"], [4], ["50%"])] == [
         "smollm2/sparsegpt-gptq-w4-50pct", "smollm2/sparsegpt-gptq-w4-50pct-refit"
     ]  # fmt: skip
     assert mod.main(args) == 0
-    refit = pd.read_parquet(tmp / "kept" / "smollm2/sparsegpt-gptq-w4-50pct-refit" / "results.parquet")
+    cell = tmp / "kept" / "smollm2/sparsegpt-gptq-w4-50pct-refit"
+    keep, refit = (pd.read_parquet(cell / part / "results.parquet") for part in ("keep", "refit"))
     assert set(refit["order"]) == {"dense", "gptq", "gptq > sparsegpt-refit"}  # the prune-first order is reused
-    kept = pd.read_parquet(tmp / "kept" / "smollm2/sparsegpt-gptq-w4-50pct" / "results.parquet")
+    assert set(keep["order"]) == {"dense", "gptq", "sparsegpt", "gptq > sparsegpt", "sparsegpt > gptq"}
     ppl = lambda df, o: df[(df["order"] == o) & (df["metric"] == "perplexity")]["value"].iloc[0]  # noqa: E731
-    assert ppl(refit, "gptq") == pytest.approx(ppl(kept, "gptq"), rel=1e-6)  # the shared nodes agree
+    assert ppl(refit, "gptq") == ppl(keep, "gptq")  # the refit order's prefix is the keep run's own node
+    assert json.loads((tmp / "kept" / "cells.json").read_text())["smollm2/sparsegpt-gptq-w4-50pct-refit"]["refit_min"] >= 0
     doc = (tmp / "doc.md").read_text()
-    assert "## Quantize then prune: the earlier grid kept or refit" in doc
+    assert "## Quantize then prune: the earlier grid kept or refit" in doc and "Left out" not in doc
+    assert "the same nodes differ by up to 0%" in doc  # the tables above ran with the same code here
     rows = [ln for ln in doc.splitlines() if ln.startswith("| tiny | [sparsegpt, gptq] W4 g32 | 1 |")]
     assert len(rows) == 1  # the keep/refit table (the pair's table above lists its model in a heading)
     row = rows[0].split(" | ")
-    assert float(row[3]) == pytest.approx(ppl(kept, "sparsegpt > gptq"), rel=1e-3)  # prune first: the kept node
-    assert float(row[4]) == pytest.approx(ppl(kept, "gptq > sparsegpt"), rel=1e-3)
+    assert float(row[3]) == pytest.approx(ppl(keep, "sparsegpt > gptq"), rel=1e-3)
+    assert float(row[4]) == pytest.approx(ppl(keep, "gptq > sparsegpt"), rel=1e-3)
     assert float(row[5]) == pytest.approx(ppl(refit, "gptq > sparsegpt-refit"), rel=1e-3)
     assert " → " in row[-2] and " → " in row[-1]
     assert "PIH (weaker stage first, from the singles) right by perplexity in" in doc
     assert "With the earlier grid refit instead of kept" in (tmp / "README.md").read_text()
+
+    # a refit run that does not share the keep run's nodes (another version, another store) is not paired
+    df = pd.read_parquet(cell / "refit" / "results.parquet")
+    df.loc[df["order"] == "gptq", "value"] *= 1.01
+    df.to_parquet(cell / "refit" / "results.parquet")
+    assert mod.main([*args, "--render-only"]) == 0
+    doc = (tmp / "doc.md").read_text()
+    assert "Left out (their refit run does not share the keep run's nodes" in doc and "smollm2/sparsegpt-gptq-w4-50pct-refit." in doc
+    assert not [ln for ln in doc.splitlines() if ln.startswith("| tiny | [sparsegpt, gptq] W4 g32 | 1 |")]
