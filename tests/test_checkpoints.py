@@ -341,3 +341,18 @@ def test_every_node_of_a_trie_with_whole_model_stages_matches_full_snapshots(lab
     assert len(seen) == 16 and seen.keys() == ref.keys()
     for order in ref:
         assert _same(seen[order], ref[order]), order
+
+
+def test_a_constraint_holds_its_mask_as_bits_and_is_changed_only_by_setting_one():
+    from compress_order.numerics.constraints import LayerConstraint
+
+    mask = torch.rand(6, 20) < 0.3
+    c = LayerConstraint(mask=mask)
+    assert c.packed_mask.numel() == 15 and torch.equal(c.mask, mask) and int(c.kept()) == int(mask.sum())
+    read = c.mask
+    read[:] = True  # an edit of what was read is not the constraint's mask
+    assert torch.equal(c.mask, mask)
+    c.mask = read
+    assert bool(c.mask.all()) and torch.equal(c.clone().mask, read)
+    with pytest.raises(TypeError, match="bool"):
+        c.mask = read.float()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -209,7 +209,7 @@ def find_targets(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> di
 # constraint (1-D ones always: stages that rescale inputs fold their factors into norms and biases; all of them for
 # a stage that rewrites the model as a whole); the model's structure under "struct:<what>".
 Snapshot = dict[str, tuple[Tensor, LayerConstraint | None]]
-PARAM, STRUCT, MASK = "param:", "struct:", "mask:"  # a checkpoint keeps a target's mask packed under "mask:<name>"
+PARAM, STRUCT = "param:", "struct:"
 _NO_WEIGHT = torch.empty(0)  # a checkpoint's entry for a target: its weight is in `copies` or still in the model
 
 
@@ -291,7 +291,7 @@ class WeightCopy:
 
 
 class Checkpoint:
-    """A copy-on-write snapshot (ModelState.checkpoint): the constraints (masks packed), the other parameters and
+    """A copy-on-write snapshot (ModelState.checkpoint): the constraints (their masks are bits), the other parameters and
     the structure as taken; a target's weight only once it is about to be overwritten (`copies`), checked unchanged
     by its `sums` otherwise. A `whole` state's checkpoint copies every weight at once (`sums` None): its stages
     write parameters directly."""
@@ -305,6 +305,7 @@ class Checkpoint:
     def nbytes(self) -> int:
         """Bytes of the copies it holds (weights, masks, parameters, structure; grids are not counted)."""
         own = sum(e[0].numel() * e[0].element_size() for e in self.snap.values())
+        own += sum(b.numel() for _, c in self.snap.values() if c is not None and (b := c.packed_mask) is not None)
         return own + sum(c.nbytes() for c in {id(c): c for c in self.copies.values()}.values())
 
     def close(self) -> None:
@@ -523,10 +524,7 @@ class ModelState:
         ck = Checkpoint(self)
         self._rest(ck.snap)
         for n, t in self.targets.items():
-            c = t.constraint
-            ck.snap[n] = (_NO_WEIGHT, replace(c, mask=None).clone(self.snapshot_device))
-            if c.mask is not None:  # an eighth of a bool mask's bytes
-                ck.snap[MASK + n] = (pack_bits(c.mask).to(self.snapshot_device), None)
+            ck.snap[n] = (_NO_WEIGHT, t.constraint.clone(self.snapshot_device))
         if self.whole:
             for n, t in self.targets.items():
                 ck.copies[n] = self._shared_copy(t) or WeightCopy.of(t.weight, t.constraint, self.snapshot_device)
@@ -602,10 +600,7 @@ class ModelState:
             elif ck.sums is None or not torch.equal(fingerprint(t.stored), ck.sums[n]):
                 raise RuntimeError(f"{n} changed since the checkpoint without Target.set_weight")
             assert c is not None
-            c = c.clone(t.device)
-            if MASK + n in snap:
-                c.mask = unpack_bits(snap[MASK + n][0], t.shape, t.device)
-            t.constraint = c
+            t.constraint = c.clone(t.device)
         for n, p in self.params().items():
             if PARAM + n in snap:
                 p.data.copy_(snap[PARAM + n][0])

@@ -32,6 +32,15 @@ def unpack_bits(bits: Tensor, shape: tuple[int, ...] | torch.Size, device: torch
     return out.reshape(-1)[:n].reshape(shape)
 
 
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)  # set bits of each byte
+
+
+def count_bits(bits: Tensor) -> Tensor:
+    """How many bits are set in packed bits (a bool mask's count_nonzero; the padding is zeros), as a 0-d int64
+    tensor on their device."""
+    return (torch.bincount(bits.reshape(-1), minlength=256) * _POPCOUNT.to(bits.device)).sum()
+
+
 def raw_bits(w: Tensor) -> Tensor:
     """A float tensor's raw bits as integers of its width (bit-exact comparisons: -0.0 is not 0.0, NaN is itself)."""
     return w.contiguous().view(_INT_OF_WIDTH[w.element_size()])
