@@ -356,3 +356,37 @@ def test_a_constraint_holds_its_mask_as_bits_and_is_changed_only_by_setting_one(
     assert bool(c.mask.all()) and torch.equal(c.clone().mask, read)
     with pytest.raises(TypeError, match="bool"):
         c.mask = read.float()
+
+
+def test_dense_weights_are_read_back_from_the_model_files_instead_of_copied(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from compress_order.modeling.weight_files import model_folder, safetensors_spans
+
+    _llama().save_pretrained(tmp_path / "m")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    state = ModelState(model, find_targets(model, ["lm_head"]))
+    folder = model_folder(model)
+    assert folder is not None and state.share_files(safetensors_spans(folder)) == len(state.targets)
+    dense, before = state.snapshot(), _state_of(state)
+    ck = state.checkpoint()
+    assert all(c.file is not None for c in ck.copies.values()) and set(ck.copies) == set(state.targets)
+    assert ck.nbytes() < 0.05 * sum(t.weight.numel() * 2 for t in state.targets.values())  # no weight copied
+    for t in state.targets.values():
+        STAGES["magnitude"].compress(t)
+    nested = state.checkpoint()  # pruned weights differ from the files: copied on write as usual
+    STAGES["rtn"].compress(state.targets["model.layers.0.mlp.up_proj"])
+    assert (
+        set(nested.copies) == {"model.layers.0.mlp.up_proj"}
+        and nested.copies["model.layers.0.mlp.up_proj"].file is None
+    )
+    nested.close()
+    state.restore(ck)
+    assert _same(_state_of(state), before) and state.equal(ck) and state.equal(dense)
+    ck.close()
+    ck = state.checkpoint()
+    (tmp_path / "m" / "model.safetensors").write_bytes((tmp_path / "m" / "model.safetensors").read_bytes())
+    STAGES["magnitude"].compress(state.targets["model.layers.0.mlp.up_proj"])
+    with pytest.raises(RuntimeError, match="changed during the run"):  # a rewritten file is never read back
+        state.restore(ck)
+    ck.close()

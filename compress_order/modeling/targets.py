@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from compress_order.core.errors import UserError
+from compress_order.modeling.weight_files import FileSpan
 from compress_order.numerics.bits import fingerprint, pack_bits, raw_bits, unpack_bits
 from compress_order.numerics.constraints import LayerConstraint, check_invariants
 from compress_order.numerics.quant import QuantGrid
@@ -217,13 +218,14 @@ _NO_WEIGHT = torch.empty(0)  # a checkpoint's entry for a target: its weight is 
 class WeightCopy:
     """A target's weight as a checkpoint keeps it, bit-exact, in the smallest of these forms: the 2-D view whole;
     its kept entries with the mask in bits (pruned entries are zeros, a sign bit each for -0.0); uint8 codes on its
-    integer grid (with the -0.0 bits); or a shared snapshot's tensor in the stored layout (no copy of its own). A
-    pruned or quantized weight takes well under its dense bytes."""
+    integer grid (with the -0.0 bits); a shared snapshot's tensor in the stored layout, or the model file's bytes (no
+    copy of its own). A pruned or quantized weight takes well under its dense bytes."""
 
     shape: tuple[int, int]
     dtype: torch.dtype
     whole: Tensor | None = None
     stored: Tensor | None = None  # the stored layout, referred to, not owned
+    file: FileSpan | None = None  # the stored layout, read back from the model's file
     values: Tensor | None = None  # the kept entries, row-major
     keep: Tensor | None = None  # packed mask of the kept entries
     codes: Tensor | None = None  # uint8 (rows, cols)
@@ -268,9 +270,13 @@ class WeightCopy:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def weight(self, device: torch.device | str) -> Tensor:
-        """The 2-D weight, exactly as copied (for a `stored` copy: the stored layout)."""
+        """The 2-D weight, exactly as copied (for a `stored` or `file` copy: the stored layout)."""
         if self.stored is not None:
             return self.stored.to(device)
+        if self.file is not None:
+            w = torch.empty(self.file.shape, dtype=self.file.dtype)
+            self.file.read_into(w)
+            return w.to(device)
         if self.whole is not None:
             return self.whole.to(device)
         if self.codes is not None:
@@ -286,6 +292,9 @@ class WeightCopy:
     def write(self, t: Target) -> None:
         """Put the weight back into the target, exactly as copied."""
         stored = t.stored
+        if self.file is not None:
+            self.file.read_into(stored)
+            return
         w = self.weight(t.device)
         stored.copy_(w if self.stored is not None else t.adapter.from_2d(w, stored.shape))
 
@@ -381,6 +390,7 @@ class ModelState:
         self._online_hooks: list = []
         self._open: list[Checkpoint] = []  # checkpoints not closed yet, oldest first
         self._shared: tuple[Snapshot, dict[str, Tensor]] | None = None  # see `share`
+        self._files: dict[str, tuple[FileSpan, Tensor]] = {}  # see `share_files`
 
     def params(self) -> dict[str, nn.Parameter]:
         """The parameters a snapshot keeps beside the targets' weights (named as the model holds them now)."""
@@ -543,12 +553,29 @@ class ModelState:
         while a weight still equals its entry there refers to that tensor instead of copying it."""
         self._shared = (snap, {n: fingerprint(snap[n][0]) for n in self.targets})
 
+    def share_files(self, spans: dict[str, FileSpan]) -> int:
+        """The model's weight files (weight_files.safetensors_spans, by parameter name): a checkpoint taken while a
+        weight still equals its bytes there reads it back from the file rather than copying it. A target is matched
+        by its parameter's name and checked bit-equal to its bytes now. Returns how many targets have a file."""
+        self._files = {}
+        for n, t in self.targets.items():
+            span = spans.get(f"{n}.{t.param}") if t.index is None else None
+            if span is not None and span.equals(t.stored):
+                self._files[n] = (span, fingerprint(t.stored))
+        return len(self._files)
+
     def _shared_copy(self, t: Target, sums: Tensor | None = None) -> WeightCopy | None:
-        """A copy referring to the shared snapshot's tensor of a weight bit-equal to it, else None."""
+        """A copy of a weight that refers to what holds it anyway, checked bit-equal: the model's file, or the shared
+        snapshot; else None."""
+        sums = fingerprint(t.stored) if sums is None else sums
+        if t.name in self._files:
+            span, file_sums = self._files[t.name]
+            if torch.equal(sums, file_sums) and span.equals(t.stored):
+                return WeightCopy(t.shape, t.dtype, file=span)
         if self._shared is None:
             return None
         snap, shared_sums = self._shared
-        if not torch.equal(fingerprint(t.stored) if sums is None else sums, shared_sums[t.name]):
+        if not torch.equal(sums, shared_sums[t.name]):
             return None
         w = snap[t.name][0]
         if not torch.equal(raw_bits(t.stored), raw_bits(w.to(t.device))):
@@ -622,7 +649,7 @@ class ModelState:
         c = ck.copies.get(t.name)
         if c is None:
             return ck.sums is not None and torch.equal(fingerprint(t.stored), ck.sums[t.name])
-        now = t.stored if c.stored is not None else t.weight
+        now = t.stored if c.stored is not None or c.file is not None else t.weight
         return torch.equal(raw_bits(now.cpu()), raw_bits(c.weight("cpu")))
 
     @torch.no_grad()
