@@ -97,7 +97,9 @@ def test_invariant_violations_are_errors():
     c = LayerConstraint(mask=torch.ones(4, 8, dtype=torch.bool), min_sparsity=0.5, applied=["m"])
     with pytest.raises(InvariantError, match="required by sparsity"):
         check_invariants("x", w, c)
-    c.mask[:, :4] = False
+    mask = c.mask
+    mask[:, :4] = False
+    c.mask = mask  # a constraint's mask is replaced, not edited in place (it is held as bits)
     with pytest.raises(InvariantError, match="non-zero"):
         check_invariants("x", w, c)
     grid = fit_grid(torch.randn(4, 8), 2, 8, False)

@@ -33,9 +33,9 @@ def layer_bits(t: Target, dense_bits: int = 16, kept: int | None = None) -> tupl
     overhead = 0.0
     if c.grid is not None:
         overhead = c.grid.scale_bits()
-    if c.mask is None:
+    if c.packed_mask is None:
         return numel * vbits + overhead, "dense"
-    kept = int(c.mask.count_nonzero()) if kept is None else kept
+    kept = int(c.kept()) if kept is None else kept  # type: ignore[arg-type]
     if c.nm is not None:
         return kept * (vbits + math.ceil(math.log2(c.nm[1]))) + overhead, f"{c.nm[0]}:{c.nm[1]}"
     bitmask = kept * vbits + numel
@@ -49,11 +49,11 @@ def _counts(targets: dict[str, Target]) -> dict[str, tuple[int, int]]:
     queued: dict[torch.device, list[tuple[str, int, Tensor]]] = {}
     out: dict[str, list[int]] = {}
     for name, t in targets.items():
-        w, mask = t.weight, t.constraint.mask
+        w, kept = t.weight, t.constraint.kept()
         out[name] = [0, w.numel()]
         queued.setdefault(w.device, []).append((name, 0, nonzero_count(w)))
-        if mask is not None:
-            queued.setdefault(mask.device, []).append((name, 1, mask.count_nonzero()))
+        if kept is not None:
+            queued.setdefault(kept.device, []).append((name, 1, kept))
     for entries in queued.values():
         for (name, i, _), value in zip(entries, torch.stack([e[2] for e in entries]).tolist()):
             out[name][i] = value

@@ -146,7 +146,8 @@ def device_of(module: nn.Module, default: torch.device) -> torch.device:
 def _move_constraints(targets: list[Target], device: torch.device) -> None:
     for t in targets:
         c = t.constraint
-        if (c.mask is not None and c.mask.device != device) or (c.grid is not None and c.grid.scale.device != device):
+        bits = c.packed_mask
+        if (bits is not None and bits.device != device) or (c.grid is not None and c.grid.scale.device != device):
             t.constraint = c.clone(device)
 
 

@@ -119,9 +119,9 @@ def compressed(t: Target, kept: int | None = None) -> bool:
     its layers uncompressed, so a node of transforms alone claims no coverage. `kept`: the mask's kept weights,
     when already counted."""
     c = t.constraint
-    if c.dropped or c.grid is not None or c.mask is None:
+    if c.dropped or c.grid is not None or c.packed_mask is None:
         return c.dropped or c.grid is not None
-    return (int(c.mask.count_nonzero()) if kept is None else kept) < c.mask.numel()
+    return (int(c.kept()) if kept is None else kept) < t.stored.numel()  # type: ignore[arg-type]
 
 
 def compressed_share(targets: dict[str, Target], kept: dict[str, int] | None = None) -> float:

@@ -22,7 +22,10 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from compress_order.core.errors import UserError
+from compress_order.modeling.weight_files import FileSpan
+from compress_order.numerics.bits import fingerprint, pack_bits, raw_bits, unpack_bits
 from compress_order.numerics.constraints import LayerConstraint, check_invariants
+from compress_order.numerics.quant import QuantGrid
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class Target:
     constraint: LayerConstraint = field(default_factory=LayerConstraint)
     param: str = "weight"
     index: int | None = None  # the expert, for a fused experts parameter
+    # Called before the weight is overwritten: open copy-on-write checkpoints save it first (ModelState.checkpoint)
+    before_write: Callable[["Target"], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def adapter(self) -> LayerAdapter:
@@ -161,6 +166,9 @@ class Target:
         return self.adapter.to_2d(self.stored)
 
     def set_weight(self, w2d: Tensor) -> None:
+        """The one writer of a layer-wise stage (and of block removal): checkpoints rely on it to copy on write."""
+        if self.before_write is not None:
+            self.before_write(self)
         stored = self.stored
         stored.copy_(self.adapter.from_2d(w2d, stored.shape))
 
@@ -203,6 +211,119 @@ def find_targets(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> di
 # a stage that rewrites the model as a whole); the model's structure under "struct:<what>".
 Snapshot = dict[str, tuple[Tensor, LayerConstraint | None]]
 PARAM, STRUCT = "param:", "struct:"
+_NO_WEIGHT = torch.empty(0)  # a checkpoint's entry for a target: its weight is in `copies` or still in the model
+
+
+@dataclass
+class WeightCopy:
+    """A target's weight as a checkpoint keeps it, bit-exact, in the smallest of these forms: the 2-D view whole;
+    its kept entries with the mask in bits (pruned entries are zeros, a sign bit each for -0.0); uint8 codes on its
+    integer grid (with the -0.0 bits); a shared snapshot's tensor in the stored layout, or the model file's bytes (no
+    copy of its own). A pruned or quantized weight takes well under its dense bytes."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    whole: Tensor | None = None
+    stored: Tensor | None = None  # the stored layout, referred to, not owned
+    file: FileSpan | None = None  # the stored layout, read back from the model's file
+    values: Tensor | None = None  # the kept entries, row-major
+    keep: Tensor | None = None  # packed mask of the kept entries
+    codes: Tensor | None = None  # uint8 (rows, cols)
+    grid: QuantGrid | None = None
+    negzero: Tensor | None = None  # packed bits of the entries that are -0.0
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, w: Tensor, c: LayerConstraint, device: torch.device | str) -> "WeightCopy":
+        """The smallest exact copy of the 2-D weight `w` that the layer's constraint suggests: each form is checked
+        to give `w` back bit for bit (else the whole weight is kept)."""
+        shape, elt, n = tuple(w.shape), w.element_size(), w.numel()
+        best, size = None, n * elt
+        negzero = (w == 0) & torch.signbit(w)
+        mask = c.mask
+        if mask is not None and mask.shape == w.shape and n // 4 + int(mask.sum()) * elt < size:
+            if not bool((w[~mask] != 0).any()):  # else the pruned entries are not what the mask says
+                values = w[mask].to(device)
+                best = cls(shape, w.dtype, values=values, keep=pack_bits(mask).to(device))  # type: ignore[arg-type]
+                size = n // 4 + values.numel() * elt
+        g = c.grid
+        if (
+            type(g) is QuantGrid
+            and g.bits <= 8
+            and n + n // 8 + 8 * g.scale.numel() < size  # codes, sign bits, the grid's float32 scales and zeros
+            and g.scale.shape == (shape[0], shape[1] // g.group_size)
+        ):
+            codes = g.codes(w)
+            back = g.dequant(codes, w.dtype).masked_fill_(negzero, -0.0)
+            if torch.equal(raw_bits(back), raw_bits(w)):
+                codes8 = codes.to(torch.uint8).to(device)
+                best = cls(shape, w.dtype, codes=codes8, grid=g.to(device).clone())  # type: ignore[arg-type]
+            del back, codes
+        if best is None:
+            return cls(shape, w.dtype, whole=w.to(device, copy=True))  # type: ignore[arg-type]
+        best.negzero = pack_bits(negzero).to(device)
+        return best
+
+    def nbytes(self) -> int:
+        """Bytes it owns (a shared snapshot's tensor is not counted)."""
+        parts = (self.whole, self.values, self.keep, self.codes, self.negzero)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def weight(self, device: torch.device | str) -> Tensor:
+        """The 2-D weight, exactly as copied (for a `stored` or `file` copy: the stored layout)."""
+        if self.stored is not None:
+            return self.stored.to(device)
+        if self.file is not None:
+            w = torch.empty(self.file.shape, dtype=self.file.dtype)
+            self.file.read_into(w)
+            return w.to(device)
+        if self.whole is not None:
+            return self.whole.to(device)
+        if self.codes is not None:
+            assert self.grid is not None
+            w = self.grid.to(device).dequant(self.codes.to(device).float(), self.dtype)
+        else:
+            assert self.keep is not None and self.values is not None
+            w = torch.zeros(self.shape, dtype=self.dtype, device=device)
+            w.masked_scatter_(unpack_bits(self.keep, self.shape, device), self.values.to(device))
+        assert self.negzero is not None
+        return w.masked_fill_(unpack_bits(self.negzero, self.shape, device), -0.0)
+
+    def write(self, t: Target) -> None:
+        """Put the weight back into the target, exactly as copied."""
+        stored = t.stored
+        if self.file is not None:
+            self.file.read_into(stored)
+            return
+        w = self.weight(t.device)
+        stored.copy_(w if self.stored is not None else t.adapter.from_2d(w, stored.shape))
+
+
+class Checkpoint:
+    """A copy-on-write snapshot (ModelState.checkpoint): the constraints (their masks are bits), the other parameters and
+    the structure as taken; a target's weight only once it is about to be overwritten (`copies`), checked unchanged
+    by its `sums` otherwise. A `whole` state's checkpoint copies every weight at once (`sums` None): its stages
+    write parameters directly."""
+
+    def __init__(self, state: "ModelState") -> None:
+        self.state = state
+        self.snap: Snapshot = {}
+        self.copies: dict[str, WeightCopy] = {}
+        self.sums: dict[str, Tensor] | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of the copies it holds (weights, masks, parameters, structure; grids are not counted)."""
+        own = sum(e[0].numel() * e[0].element_size() for e in self.snap.values())
+        own += sum(b.numel() for _, c in self.snap.values() if c is not None and (b := c.packed_mask) is not None)
+        return own + sum(c.nbytes() for c in {id(c): c for c in self.copies.values()}.values())
+
+    def close(self) -> None:
+        """No restore follows: stop copying into it and free what it holds."""
+        self.state._close(self)
+        self.snap.clear()
+        self.copies.clear()
+
+
 # Per-layer settings of a config, rewritten when blocks are removed: lists with one entry per layer, lists of
 # layer indices, and counts of leading layers (the first k dense MLPs, the first layers without sliding windows).
 PER_LAYER_LISTS = ("layer_types",)
@@ -267,6 +388,9 @@ class ModelState:
         self.tied0 = self.tied()
         self.online: tuple[Tensor, tuple[str, ...]] | None = None  # a rotation applied to layers' inputs at run time
         self._online_hooks: list = []
+        self._open: list[Checkpoint] = []  # checkpoints not closed yet, oldest first
+        self._shared: tuple[Snapshot, dict[str, Tensor]] | None = None  # see `share`
+        self._files: dict[str, tuple[FileSpan, Tensor]] = {}  # see `share_files`
 
     def params(self) -> dict[str, nn.Parameter]:
         """The parameters a snapshot keeps beside the targets' weights (named as the model holds them now)."""
@@ -381,11 +505,8 @@ class ModelState:
 
     # ---- snapshots
 
-    def snapshot(self) -> Snapshot:
-        snap: Snapshot = {
-            n: (t.stored.to(self.snapshot_device, copy=True), t.constraint.clone(self.snapshot_device))
-            for n, t in self.targets.items()
-        }
+    def _rest(self, snap: Snapshot) -> None:
+        """The parameters beside the targets and the structure into `snap`."""
         for n, p in self.params().items():
             snap[PARAM + n] = (p.data.to(self.snapshot_device, copy=True), None)
         if self.blocks is not None:
@@ -394,9 +515,96 @@ class ModelState:
         if self.online is not None:
             snap[STRUCT + "online"] = (self.online[0].to(self.snapshot_device, copy=True), None)
             snap[STRUCT + "online_at"] = (_encode(self.online[1]), None)
+
+    def snapshot(self) -> Snapshot:
+        """Every target's weight and constraint and the rest of the state, standalone: it stays valid whatever the
+        model does next (the state cache saves it; several seeds restart from the dense one)."""
+        snap: Snapshot = {
+            n: (t.stored.to(self.snapshot_device, copy=True), t.constraint.clone(self.snapshot_device))
+            for n, t in self.targets.items()
+        }
+        self._rest(snap)
         return snap
 
-    def restore(self, snap: Snapshot) -> None:
+    def checkpoint(self) -> Checkpoint:
+        """A snapshot for the order trie that copies a target's weight only when it is first written after this
+        (`Target.set_weight`, or a restore), so a weight no later stage touches is never copied, and one copy serves
+        every open checkpoint that lacks it. A state whose stages rewrite the model as a whole (`whole`) has its
+        parameters written directly: then every weight is copied now. Close it as soon as no restore will follow."""
+        ck = Checkpoint(self)
+        self._rest(ck.snap)
+        for n, t in self.targets.items():
+            ck.snap[n] = (_NO_WEIGHT, t.constraint.clone(self.snapshot_device))
+        if self.whole:
+            for n, t in self.targets.items():
+                ck.copies[n] = self._shared_copy(t) or WeightCopy.of(t.weight, t.constraint, self.snapshot_device)
+        else:
+            ck.sums = {n: fingerprint(t.stored) for n, t in self.targets.items()}
+            for n, t in self.targets.items():
+                t.before_write = self._before_write
+                shared = self._shared_copy(t, ck.sums[n])
+                if shared is not None:
+                    ck.copies[n] = shared
+        self._open.append(ck)
+        return ck
+
+    def share(self, snap: Snapshot) -> None:
+        """A standalone snapshot kept anyway (the runner's dense weights, for several seeds): a checkpoint taken
+        while a weight still equals its entry there refers to that tensor instead of copying it."""
+        self._shared = (snap, {n: fingerprint(snap[n][0]) for n in self.targets})
+
+    def share_files(self, spans: dict[str, FileSpan]) -> int:
+        """The model's weight files (weight_files.safetensors_spans, by parameter name): a checkpoint taken while a
+        weight still equals its bytes there reads it back from the file rather than copying it. A target is matched
+        by its parameter's name and checked bit-equal to its bytes now. Returns how many targets have a file."""
+        self._files = {}
+        for n, t in self.targets.items():
+            span = spans.get(f"{n}.{t.param}") if t.index is None else None
+            if span is not None and span.equals(t.stored):
+                self._files[n] = (span, fingerprint(t.stored))
+        return len(self._files)
+
+    def _shared_copy(self, t: Target, sums: Tensor | None = None) -> WeightCopy | None:
+        """A copy of a weight that refers to what holds it anyway, checked bit-equal: the model's file, or the shared
+        snapshot; else None."""
+        sums = fingerprint(t.stored) if sums is None else sums
+        if t.name in self._files:
+            span, file_sums = self._files[t.name]
+            if torch.equal(sums, file_sums) and span.equals(t.stored):
+                return WeightCopy(t.shape, t.dtype, file=span)
+        if self._shared is None:
+            return None
+        snap, shared_sums = self._shared
+        if not torch.equal(sums, shared_sums[t.name]):
+            return None
+        w = snap[t.name][0]
+        if not torch.equal(raw_bits(t.stored), raw_bits(w.to(t.device))):
+            return None
+        return WeightCopy(t.shape, t.dtype, stored=w)
+
+    def _close(self, ck: Checkpoint) -> None:
+        if ck in self._open:
+            self._open.remove(ck)
+        if not any(c.sums is not None for c in self._open):
+            for t in self.targets.values():
+                t.before_write = None
+
+    def _before_write(self, t: Target) -> None:
+        """Copy the weight about to be overwritten into every open checkpoint that lacks it: unwritten since the
+        oldest of them was taken, it is what each of them saw."""
+        lacking = [ck for ck in self._open if t.name not in ck.copies]
+        if lacking:
+            copy = WeightCopy.of(t.weight, t.constraint, self.snapshot_device)
+            for ck in lacking:
+                ck.copies[t.name] = copy
+
+    def restore(self, snap: Snapshot | Checkpoint) -> None:
+        """Put back what a snapshot or an open checkpoint holds: structure, weights, constraints, parameters."""
+        ck = snap if isinstance(snap, Checkpoint) else None
+        if ck is not None:
+            if ck not in self._open:
+                raise RuntimeError("restore from a closed checkpoint")
+            snap = ck.snap
         if self.blocks is not None:
             entry = snap.get(STRUCT + "blocks")
             kept = tuple(range(len(self.blocks.original))) if entry is None else tuple(entry[0].tolist())
@@ -412,7 +620,13 @@ class ModelState:
             self.set_online(None if online is None else (online[0], _decode(snap[STRUCT + "online_at"][0])))
         for n, t in self.targets.items():
             w, c = snap[n]
-            t.stored.copy_(w)
+            if ck is None:
+                self._write(t, lambda t=t, w=w: t.stored.copy_(w))
+            elif n in ck.copies:
+                self._write(t, ck.copies[n].write)
+            elif ck.sums is None or not torch.equal(fingerprint(t.stored), ck.sums[n]):
+                raise RuntimeError(f"{n} changed since the checkpoint without Target.set_weight")
+            assert c is not None
             t.constraint = c.clone(t.device)
         for n, p in self.params().items():
             if PARAM + n in snap:
@@ -420,14 +634,34 @@ class ModelState:
             elif self.whole:  # a parameter the snapshot does not hold would keep another node's values
                 raise RuntimeError(f"snapshot lacks parameter {n}")
 
+    def _write(self, t: Target, write: Callable[[Target], object]) -> None:
+        """Overwrite a target's weight from a snapshot: open checkpoints that lack it copy it first."""
+        if self._open:
+            self._before_write(t)
+        write(t)
+
     def check(self) -> None:
         for t in self.targets.values():
             t.check()
 
+    def _holds(self, t: Target, ck: Checkpoint) -> bool:
+        """Whether the target's weight is bit-equal to what the checkpoint holds for it."""
+        c = ck.copies.get(t.name)
+        if c is None:
+            return ck.sums is not None and torch.equal(fingerprint(t.stored), ck.sums[t.name])
+        now = t.stored if c.stored is not None or c.file is not None else t.weight
+        return torch.equal(raw_bits(now.cpu()), raw_bits(c.weight("cpu")))
+
     @torch.no_grad()
-    def equal(self, snap: Snapshot) -> bool:
-        """Bit-exact comparison with a snapshot (tests, and a guard after restores)."""
+    def equal(self, snap: Snapshot | Checkpoint) -> bool:
+        """Bit-exact comparison of the weights and parameters with a snapshot or an open checkpoint (tests, and a
+        guard after restores)."""
         params = self.params()
-        return all(torch.equal(t.stored.cpu(), snap[n][0].cpu()) for n, t in self.targets.items()) and all(
+        if isinstance(snap, Checkpoint):
+            ck, snap = snap, snap.snap
+            same = all(self._holds(t, ck) for t in self.targets.values())
+        else:
+            same = all(torch.equal(t.stored.cpu(), snap[n][0].cpu()) for n, t in self.targets.items())
+        return same and all(
             torch.equal(p.data.cpu(), snap[PARAM + n][0].cpu()) for n, p in params.items() if PARAM + n in snap
         )

@@ -16,28 +16,74 @@ import torch
 from torch import Tensor
 
 from compress_order.core.errors import InvariantError
+from compress_order.numerics.bits import count_bits, pack_bits, unpack_bits
 from compress_order.numerics.quant import QuantGrid
+
+
+class PackedMask:
+    """A constraint's `mask`, held as bits (an eighth of a bool mask's bytes: a sweep keeps every layer's mask for
+    as long as the model holds it) and read as the bool tensor it was set to, on the same device. Each read unpacks
+    a new tensor: a mask is changed by setting a new one, never by editing what was read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.bits, self.shape = f"_{name}_bits", f"_{name}_shape"
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Tensor | None:
+        if obj is None:  # the dataclass asks for the field's default
+            return None
+        bits = getattr(obj, self.bits)
+        return None if bits is None else unpack_bits(bits, getattr(obj, self.shape), bits.device)
+
+    def __set__(self, obj: object, mask: Tensor | None) -> None:
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"a mask is a bool tensor, not {mask.dtype}")
+        setattr(obj, self.bits, None if mask is None else pack_bits(mask))
+        setattr(obj, self.shape, None if mask is None else tuple(mask.shape))
 
 
 @dataclass
 class LayerConstraint:
-    mask: Tensor | None = None  # bool (rows, cols); True = weight kept
+    mask: Tensor | None = PackedMask()  # type: ignore[assignment]  # bool (rows, cols); True = weight kept
     min_sparsity: float = 0.0  # largest sparsity target promised by a pruning stage
     nm: tuple[int, int] | None = None  # N kept in every M consecutive inputs
     grid: QuantGrid | None = None
     applied: list[str] = field(default_factory=list)  # stage labels, in order
     dropped: bool = False  # an expert removed by expert pruning: all zero, never routed to, never compressed again
 
+    @property
+    def packed_mask(self) -> Tensor | None:
+        """The mask's bits as held (numerics.bits.pack_bits), without unpacking them."""
+        return self._mask_bits  # type: ignore[attr-defined]
+
+    def __getstate__(self) -> dict:
+        """Pickled (the state cache) with the bool mask, as a checkout that holds masks unpacked reads it."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_mask_bits", "_mask_shape")}
+        return state | {"mask": self.mask}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        mask = state.pop("mask", None)
+        self.__dict__.update(state)
+        self.mask = mask
+
+    def kept(self) -> Tensor | None:
+        """The mask's kept count (its count_nonzero) from its bits, as a 0-d tensor on its device; None: no mask."""
+        bits = self.packed_mask
+        return None if bits is None else count_bits(bits)
+
     def clone(self, device: torch.device | str | None = None) -> "LayerConstraint":
-        dev = device if device is not None else (self.mask.device if self.mask is not None else None)
-        return LayerConstraint(
-            mask=None if self.mask is None else self.mask.to(dev, copy=True),
+        bits = self.packed_mask
+        dev = device if device is not None else (bits.device if bits is not None else None)
+        out = LayerConstraint(
             min_sparsity=self.min_sparsity,
             nm=self.nm,
             grid=None if self.grid is None else (self.grid.to(dev) if dev is not None else self.grid.clone()),
             applied=list(self.applied),
             dropped=self.dropped,
         )
+        if bits is not None:  # the bits as they are: no unpacking
+            out._mask_bits, out._mask_shape = bits.to(dev, copy=True), self._mask_shape  # type: ignore[attr-defined]
+        return out
 
     def keep_mask(self, shape: torch.Size, device: torch.device) -> Tensor:
         """The current mask, or all-True when the layer was never pruned."""

@@ -25,6 +25,7 @@ from compress_order.modeling.act import ActQuant
 from compress_order.modeling.act import paused as act_paused
 from compress_order.modeling.coverage import Coverage, load_targets
 from compress_order.modeling.targets import ModelState, Snapshot, Target, find_targets
+from compress_order.modeling.weight_files import model_folder, safetensors_spans
 from compress_order.numerics.constraints import check_layers
 from compress_order.stages.base import Stage
 
@@ -88,10 +89,14 @@ class RunContext:
         lm.model.to(device)
         targets, coverage = load_targets(lm.model, lm.skip)  # every weight matrix a target or skipped on purpose
         whole = any(stage_class(spec).rewrites_all for spec in settings.stages + settings.joint)
+        state = ModelState(lm.model, targets, whole=whole)
+        folder = model_folder(lm.model)
+        if folder is not None:  # checkpoints read dense weights back from the files instead of copying them
+            state.share_files(safetensors_spans(folder))
         act = None
         if settings.act is not None:
             act = ActQuant(settings.act.bits, settings.act.granularity, settings.act.format).install(targets)
-        return cls(lm, data, targets, ModelState(lm.model, targets, whole=whole), act, device, coverage)
+        return cls(lm, data, targets, state, act, device, coverage)
 
     @property
     def static_act(self) -> ActQuant | None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from compress_order.core.errors import Interrupted
 from compress_order.core.files import write_text
+from compress_order.core.memory import return_freed_blocks
 from compress_order.core.paths import PACKAGE_DIR
 from compress_order.core.schema import STATS_FILE, SUMMARY, NodeRecord
 from compress_order.core.settings import RunSettings, StageSpec
@@ -94,6 +95,7 @@ def run(settings: RunSettings, out_dir: Path, store: NodeStore | None = None) ->
     """Plan (keys, store, cost) → execute (the trie, once per calibration seed) → record (rows, summary, stats).
     `store`: the node store of `store_dir` (a test passes one with its own clock)."""
     start = time.perf_counter()
+    return_freed_blocks()  # stage temporaries must not stay resident beside the trie's checkpoints
     if settings.threads:
         torch.set_num_threads(settings.threads)
     store = NodeStore(settings.store.dir, settings.store.claim_timeout) if store is None else store
@@ -207,6 +209,7 @@ class Executor:
         self.cache = StateCache(self.settings.store.cache_dir, self.settings.store.cache_max_gb)
         if self.settings.several_seeds:  # several tries start from the dense weights
             self._dense = self.ctx.state.snapshot()
+            self.ctx.state.share(self._dense)  # the trie's root checkpoint refers to it rather than copy again
         return self.ctx
 
     def dense(self) -> Snapshot:

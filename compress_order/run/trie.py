@@ -2,7 +2,8 @@
 
 Orders are the distinct permutations of the labels (a repeated stage gives deduplicated orders). A depth-first
 walk applies a node's stage on top of its parent's state; before the second and later children the parent's
-weights and constraints are restored from a snapshot, so n stages cost Σₖ n!/(n−k)! applications, not n·n!.
+weights and constraints are restored from a checkpoint (copy-on-write, closed after its last restore), so n stages
+cost Σₖ n!/(n−k)! applications, not n·n!.
 """
 
 from __future__ import annotations
@@ -92,15 +93,25 @@ def run_trie(
     def go(node: Node) -> None:
         visit(node)
         todo = [c for c in node.children if needed(c)]
-        snap = state.snapshot() if len(todo) > 1 else None
-        for child in node.children:
-            if child not in todo:  # finished subtree: report it, apply nothing
-                for n in child.walk():
-                    visit(n)
-                continue
-            if child is not todo[0]:
-                state.restore(snap)
-            apply(child)
-            go(child)
+        # copy-on-write: a weight is copied when a child first overwrites it; closed after the last restore, so the
+        # last child's subtree holds no copy for this node
+        ck = state.checkpoint() if len(todo) > 1 else None
+        try:
+            for child in node.children:
+                if child not in todo:  # finished subtree: report it, apply nothing
+                    for n in child.walk():
+                        visit(n)
+                    continue
+                if child is not todo[0]:
+                    assert ck is not None
+                    state.restore(ck)
+                    if child is todo[-1]:
+                        ck.close()
+                        ck = None
+                apply(child)
+                go(child)
+        finally:
+            if ck is not None:
+                ck.close()
 
     go(root)

@@ -1,0 +1,26 @@
+"""Host memory that a freed tensor gives back to the system."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_FROM = 1 << 20
+
+
+def return_freed_blocks(threshold: int = MMAP_FROM) -> bool:
+    """Allocate blocks of `threshold` bytes and more with their own mappings, returned to the system when freed.
+
+    glibc raises its threshold to the size of each such block freed (up to 32 MB), so a stage's per-layer
+    temporaries (masks, float32 copies, sort buffers) come from the heap afterwards, which keeps them once freed:
+    measured on a 57M-parameter bf16 LLaMA, magnitude pruning grew the resident set by 0.6 model-sizes of freed
+    temporaries. A fixed threshold stops the raising. Returns whether it applied (glibc only)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
