@@ -1,79 +1,49 @@
 """A loaded model's weights where its safetensors files hold them: a checkpoint of a weight that still equals its
 bytes on disk reads it back from there instead of keeping a copy in memory (the dense weights are the largest copy
-an order sweep would otherwise hold). Reads go through the page cache into the weight itself, never through a
-mapping, so they add nothing to the resident set."""
+an order sweep would otherwise hold). Each read maps the file only while one tensor is copied out of it, so it adds
+one weight, for a moment, to the resident set."""
 
 from __future__ import annotations
 
 import glob
-import json
 import os
-import struct
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-CHUNK = 1 << 24  # bytes read at a time when comparing
 
 
 @dataclass(frozen=True)
 class FileSpan:
-    """One tensor's bytes in a safetensors file, with the file's size and time when indexed (a file rewritten
-    since is refused, not read)."""
+    """One tensor of a safetensors file, with the file's size and time when indexed (a file rewritten since is
+    refused, not read)."""
 
     path: str
-    offset: int
+    name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     stamp: tuple[int, int]
 
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
-
-    def _open(self):
+    def _tensor(self) -> Tensor:
         st = os.stat(self.path)
         if (st.st_size, st.st_mtime_ns) != self.stamp:
             raise RuntimeError(f"{self.path} changed during the run: the dense weights it held are gone")
-        f = open(self.path, "rb", buffering=0)
-        f.seek(self.offset)
-        return f
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(self.name)
 
     def read_into(self, out: Tensor) -> None:
-        """The tensor's bytes into `out` (its dtype and shape), straight into its memory where it is a contiguous
-        CPU tensor."""
-        direct = out.device.type == "cpu" and out.is_contiguous()
-        dst = out if direct else torch.empty(self.shape, dtype=self.dtype)
-        buf = memoryview(dst.view(-1).view(torch.uint8).numpy()).cast("B")
-        with self._open() as f:
-            done = 0
-            while done < len(buf):  # a read may return less than asked
-                got = f.readinto(buf[done:])
-                if not got:
-                    raise RuntimeError(f"{self.path} ends inside a tensor")
-                done += got
-        if not direct:
-            out.copy_(dst)
+        """The tensor's values into `out` (its dtype and shape)."""
+        out.copy_(self._tensor())
 
     def equals(self, w: Tensor) -> bool:
-        """Whether `w` holds exactly these bytes (compared a chunk at a time)."""
+        """Whether `w` holds exactly these bytes (bit for bit: -0.0 and NaN payloads included)."""
         if w.dtype != self.dtype or tuple(w.shape) != self.shape:
             return False
-        flat = w.detach().reshape(-1).view(torch.uint8)
-        buf = torch.empty(min(CHUNK, self.nbytes), dtype=torch.uint8)
-        with self._open() as f:
-            for start in range(0, self.nbytes, CHUNK):
-                part = buf[: min(CHUNK, self.nbytes - start)]
-                if f.readinto(memoryview(part.numpy()).cast("B")) != part.numel():
-                    return False
-                if not torch.equal(part, flat[start : start + part.numel()].cpu()):
-                    return False
-        return True
+        t = self._tensor()
+        return torch.equal(t.view(-1).view(torch.uint8), w.detach().reshape(-1).view(torch.uint8).cpu())
 
 
 def safetensors_spans(folder: str) -> dict[str, FileSpan]:
@@ -81,16 +51,13 @@ def safetensors_spans(folder: str) -> dict[str, FileSpan]:
     spans: dict[str, FileSpan] = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         st = os.stat(path)
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, entry in header.items():
-            if name == "__metadata__" or entry.get("dtype") not in DTYPES:
-                continue
-            start = 8 + n + entry["data_offsets"][0]
-            spans[name] = FileSpan(
-                path, start, DTYPES[entry["dtype"]], tuple(entry["shape"]), (st.st_size, st.st_mtime_ns)
-            )
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                if part.get_dtype() in DTYPES:
+                    spans[name] = FileSpan(
+                        path, name, DTYPES[part.get_dtype()], tuple(part.get_shape()), (st.st_size, st.st_mtime_ns)
+                    )
     return spans
 
 
