@@ -271,7 +271,8 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
                          f"{r['observed']} / {obs_k} | {r['seeds_agreeing']}/{r['seeds']} |")  # fmt: skip
             headline.append((model, r, k))
     lines += rotation_section(df, args.n_boot)
-    refit_lines, refit_sentence = refit_section(list(refit), args)
+    n_refit = sum(str(r["cell"]).split(" ")[0].endswith("-refit") for r in ran) + sum(m.endswith("-refit") for m in missing)
+    refit_lines, refit_sentence = refit_section(list(refit), args, n_refit)
     lines += refit_lines
     lines += ["", "## Verdicts", ""]
     for metric, t in tables.items():
@@ -386,7 +387,7 @@ def _verdict(r: pd.Series | None) -> str:
     return ("pruning first" if r["A"] > 0 else "quantizing first") if r["significant"] else "undecided"
 
 
-def refit_section(pairs: list[tuple[Cell, Path, Path]], args: argparse.Namespace) -> tuple[list[str], str]:
+def refit_section(pairs: list[tuple[Cell, Path, Path]], args: argparse.Namespace, n_cells: int) -> tuple[list[str], str]:
     """Quantize then prune with the earlier grid kept or refit (issue #42): per setting, `gptq > sparsegpt` under
     each, A under each with its interval, the verdict under each; and a sentence for the README."""
     if not pairs:
@@ -465,15 +466,17 @@ def refit_section(pairs: list[tuple[Cell, Path, Path]], args: argparse.Namespace
     sentence = []
     lines.append("")
     for m, c in counts.items():
-        lines.append(f"- **{m}**: of {c['n']} settings, {c['same'] + c['flipped'] + c['lost']} have a verdict under "
+        lines.append(f"- **{m}**: of {c['n']} setting{'s' * (c['n'] != 1)}, {c['same'] + c['flipped'] + c['lost']} "
+                     "have a verdict under "
                      f"keep; under refit {c['same']} keep their sign, {c['flipped']} flip, {c['lost']} become "
                      f"undecided, and {c['gained']} undecided become decided.")  # fmt: skip
-        sentence.append(f"{c['same']} kept, {c['flipped']} flipped and {c['lost']} became undecided by {m}")
+        sentence.append(f"by {m} {c['same']} keep their sign, {c['flipped']} flip, {c['lost']} become undecided and "
+                        f"{c['gained']} undecided become decided")
     lines.append(f"- PIH (weaker stage first, from the singles) right by perplexity in {pih_right['keep']} of "
                  f"{n_pih} settings under keep, {pih_right['refit']} of {n_pih} under refit.")  # fmt: skip
-    summary = (f"With the earlier grid refit instead of kept (`grid: refit`, {n_pih} [sparsegpt, gptq] settings): "
-               f"of the verdicts under keep, {'; '.join(sentence)}; PIH right by perplexity in {pih_right['keep']} → "
-               f"{pih_right['refit']} of {n_pih}.")  # fmt: skip
+    summary = (f"With the earlier grid refit instead of kept (`grid: refit`; {n_pih} of the {n_cells} [sparsegpt, "
+               f"gptq] settings so far, both settings run at one version): {'; '.join(sentence)}; PIH is right by "
+               f"perplexity in {pih_right['keep']} → {pih_right['refit']} of {n_pih}.")  # fmt: skip
     return lines, summary
 
 
