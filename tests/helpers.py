@@ -209,9 +209,12 @@ def load_script(name: str):
 
 
 # A CLI run that stops inside the evaluation of its `HOLD_AT`-th node, having written `HOLD_FILE`: a test that
-# interrupts or kills it there knows how many nodes finished, however fast or loaded the machine is.
+# interrupts or kills it there knows how many nodes finished, however fast or loaded the machine is. SIGINT is
+# handled as in a terminal: a suite started in the background (`make test &`) passes SIGINT on ignored, and Python
+# then installs no KeyboardInterrupt handler.
 HELD_RUN = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # ctrl-c as in a terminal, even under a shell that ignores it
 from compress_order.evaluation.tasks.lm import LMTask
 real, seen = LMTask.evaluate, [0]
 def held(self, model):
