@@ -10,6 +10,8 @@ a frozen core.settings.RunSettings.
 from __future__ import annotations
 
 import typing
+from collections import Counter
+from itertools import permutations
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
@@ -92,9 +94,6 @@ def _orders(value: Any, stages: tuple, joint: tuple) -> tuple[tuple[str, ...], .
     schedule's label alone); anything else is one line naming the order and the valid ones."""
     if value is None:
         return None
-    from collections import Counter
-    from itertools import permutations
-
     labels = [s.label for s in stages]
     valid = list(dict.fromkeys(permutations(labels))) + [(j.label,) for j in joint]
     shown = ", ".join("[" + ", ".join(o) + "]" for o in valid[:8]) + (", ..." if len(valid) > 8 else "")
