@@ -27,6 +27,12 @@ def _stats(run_dir: Path) -> dict:
     return json.loads((run_dir / STATS_FILE).read_text())
 
 
+def _assert_same_keys(part: pd.DataFrame, full: pd.DataFrame) -> None:
+    """Every node of a cut run has the store key the full trie gives it (so the full run reuses it)."""
+    keys = lambda df: df.drop_duplicates("order").set_index("order")["node_key"]  # noqa: E731
+    pd.testing.assert_series_equal(keys(part), keys(full).loc[keys(part).index])
+
+
 def _base(tiny_overrides: list[str]) -> list[str]:
     return [o for o in tiny_overrides if not o.startswith("hydra.run.dir")] + ["eval.backends=none"]
 
@@ -63,8 +69,7 @@ def test_predict_only_runs_n_plus_1_nodes_and_a_full_run_reuses_them(tiny_overri
     full = run(compose_config(base), tmp_path / "f")
     stats = _stats(tmp_path / "f")
     assert (stats["evaluations"], stats["from_store"]) == (12, 4)
-    keys = lambda df: df.drop_duplicates("order").set_index("order")["node_key"]  # noqa: E731
-    pd.testing.assert_series_equal(keys(pred), keys(full).loc[keys(pred).index])
+    _assert_same_keys(pred, full)
     assert not (tmp_path / "f" / "predicted.md").exists()
 
     # analyze over the predict-only run: a table without full orders, the prediction in the PIH section
@@ -87,8 +92,7 @@ def test_listed_orders_run_with_their_prefixes_and_a_full_run_reuses_them(tiny_o
     full = run(compose_config(base), tmp_path / "f")
     stats = _stats(tmp_path / "f")
     assert (stats["evaluations"], stats["from_store"]) == (10, 6)
-    keys = lambda df: df.drop_duplicates("order").set_index("order")["node_key"]  # noqa: E731
-    pd.testing.assert_series_equal(keys(part), keys(full).loc[keys(part).index])
+    _assert_same_keys(part, full)
 
 
 def test_a_predict_only_sweep_gathers_the_predictions(tiny_overrides, tmp_path, capsys):
