@@ -203,4 +203,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from compress_order.core.quiet import quiet_third_party
+
+    quiet_third_party()  # as the command line does: third-party notices a user cannot act on
     main()

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from compress_order.config.compose import compose_config  # noqa: E402
 from compress_order.config.settings import run_settings  # noqa: E402
+from compress_order.core.errors import UserError  # noqa: E402
 from compress_order.run.pipeline import RunContext  # noqa: E402
 
 STAGES = ["rotate", "{name:rotate,heads:true}", "{name:sleb,blocks:1}", "{name:sleb,blocks:2}"]
@@ -54,4 +55,12 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from compress_order.core.quiet import quiet_third_party
+
+    quiet_third_party()  # as the command line does: third-party notices a user cannot act on
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__))
+    try:
+        main(sys.argv[1:])
+    except UserError as e:  # a bad override: one line, as the command line says it
+        sys.exit(print(f"bench_rotation: error: {e}", file=sys.stderr) or 2)

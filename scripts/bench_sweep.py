@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress_order.run.rows import STATS_FILE  # noqa: E402
+from compress_order.core.schema import STATS_FILE  # noqa: E402
 
 
 def sweep(folder: Path, store: str, windows: int, threads: int, extra: list[str]) -> dict:
@@ -75,4 +75,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from compress_order.core.quiet import quiet_third_party
+
+    quiet_third_party()  # as the command line does: third-party notices a user cannot act on
     main()
