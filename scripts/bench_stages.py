@@ -117,9 +117,12 @@ def charllama(device: torch.device):
 
 
 def text_batches(tokenizer, nsamples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
-    from compress_order.evaluation.tasks.lm import encode
+    try:
+        from compress_order.loaders.models import token_ids
+    except ImportError:  # --src: a checkout from before the loader tokenized the run's text
+        from compress_order.evaluation.tasks.lm import encode as token_ids
 
-    ids = encode(tokenizer, (ASSETS_DIR / "shakespeare" / "train.txt").read_text())
+    ids = token_ids(tokenizer, (ASSETS_DIR / "shakespeare" / "train.txt").read_text())
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g).tolist()
     return [ids[s : s + seqlen].unsqueeze(0) for s in starts]

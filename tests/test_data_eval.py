@@ -13,18 +13,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import run, settings
 
 from compress_order.cli.main import main
 from compress_order.config.compose import compose_config
-from compress_order.core.instantiate import build
-from compress_order.numerics.constraints import required_zeros
-from compress_order.loaders.text import TextSplits, hf_text
 from compress_order.core.errors import UserError
-from compress_order.export.checkpoint import load_constraints
+from compress_order.core.instantiate import build
 from compress_order.evaluation.metrics import METRICS
-from compress_order.numerics.quant import QuantGrid
-from helpers import run, settings
 from compress_order.evaluation.tasks.lm import LMTask, rolling_windows
+from compress_order.export.checkpoint import load_constraints
+from compress_order.loaders.text import TextSplits, hf_text
+from compress_order.numerics.constraints import required_zeros
+from compress_order.numerics.quant import QuantGrid
 
 WIKI_ROWS = ["", " = Robert Boulter = \n", "", " Robert Boulter is an English actor . \n", "", " He had a role . \n"]
 
@@ -105,7 +105,7 @@ def test_model_bos_leads_every_window_and_calibration_segment_with_it(tiny_llama
 
     from transformers import AutoTokenizer
 
-    from compress_order.evaluation.tasks.lm import encode
+    from compress_order.loaders.models import token_ids
 
     with pytest.raises(UserError, match="model.bos=true but its tokenizer has no BOS token"):
         build(compose_config([f"model.path={tiny_llama}", "model.bos=true"]).model)  # declared: no +
@@ -121,13 +121,48 @@ def test_model_bos_leads_every_window_and_calibration_segment_with_it(tiny_llama
     bos = lm.tokenizer.bos_token_id
     assert bos is not None and lm.bos == bos
     task = LMTask(lm, TextSplits("t", text, text), settings(cfg))
-    ids = encode(lm.tokenizer, text)
+    ids = token_ids(lm.tokenizer, text)
     n = len(task.windows)
     assert task.windows.shape == (n, 16) and n == ids.numel() // 15 and n > len(plain.windows)
     assert bool((task.windows[:, 0] == bos).all())  # an input only: perplexity scores the 15 tokens after it
     assert torch.equal(task.windows[:, 1:].flatten(), ids[: n * 15])
     assert all(int(b[0, 0]) == bos and b.shape == (1, 16) for b in task.calibration_batches())
     assert "each starts with BOS" in task.protocol and "BOS" not in plain.protocol
+
+
+def test_the_loader_tokenizes_the_runs_text_before_the_weights_and_once(tiny_llama, monkeypatch):
+    """The run's texts are tokenized before the weights load (the tokenizer's temporaries, ~400 bytes per token,
+    never sit beside the model), and every seed's task reuses those ids instead of tokenizing again."""
+    import transformers
+
+    from compress_order.loaders import models
+
+    events = []
+    tokenize, weights = models.token_ids, transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(models, "token_ids", lambda tok, text: events.append("tokenize") or tokenize(tok, text))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: events.append("weights") or weights(*a, **k),
+    )
+    text = "To be, or not to be, that is the question:\n" * 40
+    data = TextSplits("t", text[:900], text)
+    cfg = compose_config([f"model.path={tiny_llama}", "model.seqlen=16", "device=cpu", "calibration.nsamples=4"])
+    lm = build(dict(cfg.model), data=data)
+    assert events == ["tokenize", "tokenize", "weights"]
+    tasks = [LMTask(lm, data, settings(cfg)) for _ in range(2)]  # two seeds
+    assert events == ["tokenize", "tokenize", "weights"]
+    assert all(t.train_ids is lm.token_ids[data.train] for t in tasks)
+    assert torch.equal(tasks[0].train_ids, tokenize(lm.tokenizer, data.train))
+    fresh = build(dict(cfg.model))  # without the run's data (a fresh dense copy): tokenized on first use
+    assert fresh.token_ids == {} and torch.equal(LMTask(fresh, data, settings(cfg)).windows, tasks[0].windows)
+
+
+def test_model_data_is_no_config_key(tiny_overrides, capsys):
+    """The pipeline hands the loader the run's data: a yaml or an override cannot set it."""
+    assert main(["run", *tiny_overrides, "+model.data=x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.data" in err[0]
 
 
 def test_missing_split_and_missing_path_are_one_line_errors(tmp_path):
@@ -257,8 +292,14 @@ def test_missing_lm_eval_gives_the_install_hint(monkeypatch):
 def test_save_writes_full_orders_that_reload_to_the_same_perplexity(tiny_overrides, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    over = tiny_overrides + ["group_size=64", "bits=3", "sparsity=0.6", "save=true", "eval.backends=none",
-                             "stages=[magnitude,{name:rtn,sym:true,label:rtn}]"]  # transformers reloads symmetric grids
+    over = tiny_overrides + [
+        "group_size=64",
+        "bits=3",
+        "sparsity=0.6",
+        "save=true",
+        "eval.backends=none",
+        "stages=[magnitude,{name:rtn,sym:true,label:rtn}]",
+    ]  # transformers reloads symmetric grids
     cfg = compose_config(over)
     df = run(cfg, tmp_path / "out")
     models = tmp_path / "out" / "models"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from compress_order.config.compose import compose_config
-from compress_order.evaluation.metrics import METRICS
+import pytest
 from helpers import run
 
+from compress_order.config.compose import compose_config
+from compress_order.evaluation.metrics import METRICS
 
 PROBE = """
 import os, torch
@@ -39,3 +40,37 @@ def test_every_node_records_its_peak_memory(tiny_overrides, tmp_path):
     assert set(peak.index) == set(df["order"]) and (peak > 0).all()
     assert METRICS["peak_mem_mb"].measured and not METRICS["peak_mem_mb"].higher_is_better
     assert "peak_mem_mb" in (tmp_path / "out" / "summary.md").read_text()
+
+
+TRIM_PROBE = """
+import gc, sys
+from transformers import AutoTokenizer
+from compress_order.core.memory import trim_heap
+from compress_order.core.paths import ASSETS_DIR
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+tok = AutoTokenizer.from_pretrained(ASSETS_DIR / "charllama")
+text = (ASSETS_DIR / "shakespeare" / "train.txt").read_text()[:400_000]
+tok("warm up", add_special_tokens=False)
+gc.collect()
+base = rss_mb()
+ids = tok(text, add_special_tokens=False)["input_ids"]
+assert len(ids) == len(text)
+del ids
+gc.collect()
+kept = rss_mb()
+trimmed = trim_heap()
+print(base, kept, rss_mb(), trimmed)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc/self/status")
+def test_trim_heap_gives_back_what_tokenizing_left_resident():
+    """The runner trims the heap once a task has tokenized its text: what the tokenizer freed stayed resident."""
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, check=True).stdout.split()
+    base, kept, after = map(float, out[:3])
+    assert kept - base > 20, "tokenizing 400k characters left less than 20 MB resident: the probe tests nothing"
+    assert out[3] == "True" and after - base < 0.3 * (kept - base)

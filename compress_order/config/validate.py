@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from compress_order.core.errors import UserError, choices
+from compress_order.core.instantiate import LATE_ARGS
 from compress_order.core.paths import CONF_DIR
 from compress_order.core.specs import check_settings
 
@@ -120,6 +121,7 @@ def _check_known_keys(c: dict) -> None:
             raise UserError(f"{group} config has no _target_; choose one of conf/{group}/")
         params = target_params(target)
         if params is not None:
+            params = params - LATE_ARGS  # handed over by the pipeline, never set in a yaml
             _check_keys({k: v for k, v in node.items() if k != "_target_"}, dict.fromkeys(params), f"{group}.")
         _check_declared(target_object(target), node, group)
         check = getattr(target_object(target), "check_node", None)

@@ -111,6 +111,7 @@ def timm_classifier(
     kwargs: dict[str, Any] | None = None,
     data_config: dict[str, Any] | None = None,
     group_size: int | None = None,  # the group size that divides this model's layers (top-level default)
+    data: Any = None,  # the run's data (the pipeline passes it): nothing of it is needed before the weights
 ) -> LoadedModel:
     """A timm classifier: weights from `checkpoint` (a state dict or safetensors file) when given, else timm's
     pretrained weights from the hub (`pretrained`), else random. `num_classes` / `in_chans` left null are read

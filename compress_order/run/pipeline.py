@@ -84,8 +84,8 @@ class RunContext:
     @classmethod
     def load(cls, settings: RunSettings) -> RunContext:
         device = torch.device(settings.device)
-        lm = build(settings.model.node())
         data = build(settings.data.node())
+        lm = build(settings.model.node(), data=data)  # the loader tokenizes a text before the weights take memory
         lm.model.to(device)
         targets, coverage = load_targets(lm.model, lm.skip)  # every weight matrix a target or skipped on purpose
         whole = any(stage_class(spec).rewrites_all for spec in settings.stages + settings.joint)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from compress_order.core.errors import Interrupted
 from compress_order.core.files import write_text
-from compress_order.core.memory import return_freed_blocks
+from compress_order.core.memory import return_freed_blocks, trim_heap
 from compress_order.core.paths import PACKAGE_DIR
 from compress_order.core.schema import STATS_FILE, SUMMARY, NodeRecord
 from compress_order.core.settings import RunSettings, StageSpec
@@ -264,6 +264,7 @@ class TrieWalk:
         self.store, self.stats = ex.store, ex.stats
         self.stages = ctx.build_stages(plan.by_label)  # checked against the layers before any work
         self.task = ctx.task(job)
+        trim_heap()  # what building the task freed (word perplexity's tokens, the dense reference) goes back
         # the structure a stage needs (a scaling producer), also before any work
         ctx.check_model(self.stages, self.task, job.calibration)
         self.deferred: list[Node] = []

@@ -28,7 +28,7 @@ from compress_order.evaluation.measure import decode_ms_per_token, time_call
 from compress_order.evaluation.metrics import Metric
 from compress_order.evaluation.metrics import register as register_metric
 from compress_order.evaluation.tasks import register
-from compress_order.loaders.models import LoadedModel
+from compress_order.loaders.models import LoadedModel, token_ids
 from compress_order.loaders.text import TextSplits
 from compress_order.modeling.act import paused
 
@@ -40,10 +40,6 @@ for _m in (
     Metric("bits_per_byte", False, "lm-eval protocol: total NLL / UTF-8 bytes / ln 2 of the validation text"),
 ):
     register_metric(_m)
-
-
-def encode(tokenizer, text: str) -> Tensor:
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def with_bos(rows: Tensor, bos: int | None) -> Tensor:
@@ -81,7 +77,7 @@ class LMTask:
         self.device = torch.device(settings.device)
         self.seqlen = ev.seqlen or lm.seqlen
         self.batch_size = ev.batch_size
-        ids = encode(lm.tokenizer, data.valid)
+        ids = lm.encode(data.valid)
         self.bos = lm.bos
         span = self.seqlen - (self.bos is not None)  # text tokens per window
         full = ids.numel() // span
@@ -98,7 +94,7 @@ class LMTask:
         cal = settings.calibration
         self.nsamples, self.cal_seqlen = cal.nsamples, cal.seqlen or self.seqlen
         self.seed = settings.seed
-        self.train_ids = encode(lm.tokenizer, data.train)
+        self.train_ids = lm.encode(data.train)
         if self.train_ids.numel() <= self.cal_seqlen:
             raise UserError(
                 f"calibration seqlen={self.cal_seqlen} needs more than the {self.train_ids.numel()} tokens "
@@ -255,11 +251,11 @@ def _exp(x: float) -> float:
 
 
 def _text_prefix(tokenizer, text: str, ntokens: int) -> str:
-    """The characters covered by the first `ntokens` tokens of `text` (as `encode` splits it)."""
+    """The characters covered by the first `ntokens` tokens of `text` (as `token_ids` splits it)."""
     if getattr(tokenizer, "is_fast", False):
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         return text[: offsets[ntokens - 1][1]]
-    return tokenizer.decode(encode(tokenizer, text)[:ntokens])
+    return tokenizer.decode(token_ids(tokenizer, text)[:ntokens])
 
 
 def rolling_windows(n_targets: int, seqlen: int) -> list[tuple[int, int, int]]:
