@@ -41,6 +41,7 @@ from compress_order.analysis import bootstrap, collect, pih
 from compress_order.analysis.tables import direction
 from compress_order.config.compose import compose_config
 from compress_order.config.settings import run_settings
+from compress_order.core.schema import STATS_FILE
 from compress_order.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +168,12 @@ def keep(run_dir: Path, kept: Path, cfg: DictConfig) -> None:
             shutil.copy2(run_dir / name, tmp / name)
     shutil.rmtree(kept, ignore_errors=True)
     tmp.rename(kept)
+
+
+def computed(run_dir: Path) -> bool:
+    """Whether a finished run evaluated any node itself (rather than reading every one from the store)."""
+    stats = run_dir / STATS_FILE
+    return stats.is_file() and json.loads(stats.read_text()).get("evaluations", 0) > 0
 
 
 def write_log(log: Path, ran: dict[str, dict]) -> None:
@@ -570,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
             keep(args.out / cell.folder / part, args.kept / cell.folder / part, cfg)
             walls[part or "run"] = (clock() - t1) / 60
         ran[cell.folder] = {"cell": cell.folder, "seeds": len(args.seeds), "wall_min": (clock() - t0) / 60}
-        if cell.grid == "refit":  # the study's extra cost: the refit order alone (its prefix from the store)
+        if cell.grid == "refit" and computed(args.out / cell.folder / "refit"):
+            # the study's extra cost: the refit order alone (its prefix from the store); not recorded when an
+            # earlier, interrupted invocation had computed it and this one read it back
             ran[cell.folder]["refit_min"] = walls["refit"]
         write_log(log, ran)
     # A cell stopped part-way (killed, or a run in flight elsewhere) that the store holds rows of is kept too,

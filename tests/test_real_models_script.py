@@ -152,6 +152,9 @@ def test_a_refit_cell_reruns_its_kept_twin_then_only_the_quantize_first_order_an
     ppl = lambda df, o: df[(df["order"] == o) & (df["metric"] == "perplexity")]["value"].iloc[0]  # noqa: E731
     assert ppl(refit, "gptq") == ppl(keep, "gptq")  # the refit order's prefix is the keep run's own node
     assert json.loads((tmp / "kept" / "cells.json").read_text())["smollm2/sparsegpt-gptq-w4-50pct-refit"]["refit_min"] >= 0
+    assert mod.computed(tmp / "out" / "smollm2/sparsegpt-gptq-w4-50pct-refit" / "refit")
+    assert mod.main([*args, "--rerun"]) == 0  # every node from the store: no extra cost to record
+    assert "refit_min" not in json.loads((tmp / "kept" / "cells.json").read_text())["smollm2/sparsegpt-gptq-w4-50pct-refit"]
     doc = (tmp / "doc.md").read_text()
     assert "## Quantize then prune: the earlier grid kept or refit" in doc and "Left out" not in doc
     assert "the same nodes differ by up to 0%" in doc  # the tables above ran with the same code here
