@@ -186,7 +186,15 @@ def test_unknown_command_and_validate(capsys):
     assert "unknown command 'frobnicate'; valid: " in capsys.readouterr().err
     assert main(["validate", "-m", "bits=3,4", "sparsity=0.5"]) == 0  # a sweep needs -m (issue #41: was without)
     out = capsys.readouterr().out
-    assert out.count("ok: ") == 2 and "2 orders, 4 stage applications" in out
+    assert out.count("ok: ") == 2 and "2 orders, 4 stage applications" in out and "at most" not in out
+
+
+def test_validate_says_its_counts_are_at_most_when_a_stage_may_not_follow_another(capsys):
+    """rotate cannot follow a pruner or quantizer, which only the loaded layers tell: validate's counts are the most
+    a run applies, and say so."""
+    assert main(["validate", "experiment=mini_rotation"]) == 0
+    out = capsys.readouterr().out
+    assert "6 orders, 15 stage applications at most (rotate: whether it can follow the stages before it" in out
 
 
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):

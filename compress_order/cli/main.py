@@ -165,8 +165,10 @@ def cmd_validate(args: list[str]) -> int:
         return 0
     _only_sweep_flags(h, "validate")
     valid = validate_overrides(h.overrides, multirun=_multirun(h))
+    from compress_order.config.stages import stage_class
     from compress_order.run.plan import cost, plan_sweep, plan_trie  # imports torch: after the checks
     from compress_order.run.trie import build_trie, count_applications
+    from compress_order.stages.base import Stage
 
     plans, jobs = plan_sweep(valid)
     later: list[str] = []  # what only a loaded model can tell, over every configuration
@@ -183,6 +185,14 @@ def cmd_validate(args: list[str]) -> int:
             cut = plan_trie(settings, False)
             shape = f"{len(settings.orders)} listed orders, {count_applications(cut)} stage applications (of {shape})"
         seeds = list(settings.seeds)
+        # A stage that cannot follow some others (rotate after a pruner, SmoothQuant after a per-channel grid) is
+        # found out on the loaded layers: the counts are the most a run applies.
+        picky = [s.label for s in settings.stages if stage_class(s).feasible is not Stage.feasible]
+        if picky:
+            shape += (
+                f" at most ({', '.join(picky)}: whether it can follow the stages before it is decided on the loaded "
+                f"model; an order where it cannot is reported infeasible, not run)"
+            )
         print(
             f"ok: model={settings.model.name} data={settings.data.name} stages={labels} bits={settings.bits} "
             f"sparsity={settings.sparsity}: {shape}" + (f", seeds {seeds}" if len(seeds) > 1 else "")
