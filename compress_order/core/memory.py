@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from functools import lru_cache
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_FROM = 1 << 20
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt, malloc_trim), else None; looked up once (find_library may run
+    ldconfig)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 def return_freed_blocks(threshold: int = MMAP_FROM) -> bool:
@@ -16,14 +29,8 @@ def return_freed_blocks(threshold: int = MMAP_FROM) -> bool:
     temporaries (masks, float32 copies, sort buffers) come from the heap afterwards, which keeps them once freed:
     measured on a 57M-parameter bf16 LLaMA, magnitude pruning grew the resident set by 0.6 model-sizes of freed
     temporaries. A fixed threshold stops the raising. Returns whether it applied (glibc only)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def trim_heap() -> bool:
@@ -31,10 +38,5 @@ def trim_heap() -> bool:
     hundred bytes of small allocations per token (the tokenizer's strings, offsets and alignments); freed, they
     stay resident in the heap's holes: measured on the 1M characters of the embedded Shakespeare, 0.39 GB at the
     peak and 0.19 GB still resident afterwards, beside every node of the sweep. Returns whether pages went back."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0))
