@@ -3,6 +3,8 @@ model's bytes (packed masks, kept entries of pruned weights, codes of quantized 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,13 +79,23 @@ def test_weight_copies_are_bit_exact_and_small():
     copy = WeightCopy.of(w, t.constraint, "cpu")
     assert copy.values is not None and torch.equal(raw_bits(copy.weight("cpu")), raw_bits(w))
     assert copy.nbytes() <= 0.3 * dense + n // 4 + 2  # kept entries, mask and sign bits
-    STAGES["rtn"].compress(t)  # pruned and quantized: the kept entries are still the smallest form
+    STAGES["rtn"].compress(t)  # pruned and quantized, groups of 16: the kept entries still beat codes and scales
     copy = WeightCopy.of(t.weight, t.constraint, "cpu")
     assert torch.equal(raw_bits(copy.weight("cpu")), raw_bits(t.weight)) and copy.nbytes() <= 0.3 * dense + n // 4 + 2
+    p = state.targets["model.layers.0.mlp.down_proj"]
+    STAGES["magnitude"].compress(p)
+    RTN(bits=4, group_size=64, name="rtn").compress(p)  # groups of 64: the kept entries' codes, two to a byte
+    copy = WeightCopy.of(p.weight, p.constraint, "cpu")
+    assert copy.codes is not None and copy.keep is not None and copy.count == int(p.constraint.mask.sum())
+    assert torch.equal(raw_bits(copy.weight("cpu")), raw_bits(p.weight)) and copy.nbytes() <= 0.15 * n + n // 4 + 2
     q = state.targets["model.layers.1.mlp.up_proj"]
-    STAGES["rtn"].compress(q)  # quantized only: uint8 codes on its grid
+    STAGES["rtn"].compress(q)  # quantized only: every code, two to a byte
     copy = WeightCopy.of(q.weight, q.constraint, "cpu")
-    assert copy.codes is not None and copy.nbytes() <= n + n // 8
+    assert copy.codes is not None and copy.keep is None and copy.nbytes() <= n // 2 + n // 8 + 2
+    assert torch.equal(raw_bits(copy.weight("cpu")), raw_bits(q.weight))
+    q.constraint.grid = replace(q.constraint.grid, bits=8)  # 8-bit codes (the same values): one to a byte
+    copy = WeightCopy.of(q.weight, q.constraint, "cpu")
+    assert copy.codes is not None and copy.codes.numel() == n
     assert torch.equal(raw_bits(copy.weight("cpu")), raw_bits(q.weight))
 
 
@@ -191,8 +203,14 @@ def test_a_checkpoint_refers_to_a_shared_dense_snapshot_instead_of_copying():
     for t in state.targets.values():
         STAGES["magnitude"].compress(t)
     assert set(ck.copies) == set(state.targets)  # nothing copied on write
-    nested = state.checkpoint()  # no longer equal to the shared weights: copied on write as usual
+    nested, pruned = state.checkpoint(), _state_of(state)  # no longer equal to the shared weights
     assert not nested.copies
+    up = state.targets["model.layers.0.mlp.up_proj"]
+    STAGES["rtn"].compress(up)  # copied on write as a mask over the shared weight (it was pruned, not updated)
+    copy = nested.copies[up.name]
+    assert copy.stored is dense[up.name][0] and copy.keep is not None and copy.nbytes() <= up.weight.numel() // 4 + 2
+    state.restore(nested)
+    assert _same(_state_of(state), pruned) and state.equal(nested)
     nested.close()
     state.restore(ck)
     assert state.equal(dense) and state.equal(ck)
@@ -374,12 +392,18 @@ def test_dense_weights_are_read_back_from_the_model_files_instead_of_copied(tmp_
     assert ck.nbytes() < 0.05 * sum(t.weight.numel() * 2 for t in state.targets.values())  # no weight copied
     for t in state.targets.values():
         STAGES["magnitude"].compress(t)
-    nested = state.checkpoint()  # pruned weights differ from the files: copied on write as usual
+    nested, pruned_state = state.checkpoint(), _state_of(state)  # pruned weights differ from the files
     STAGES["rtn"].compress(state.targets["model.layers.0.mlp.up_proj"])
     assert (
         set(nested.copies) == {"model.layers.0.mlp.up_proj"}
-        and nested.copies["model.layers.0.mlp.up_proj"].file is None
+        and nested.copies["model.layers.0.mlp.up_proj"].file is not None
     )
+    # pruned without updating the kept entries: a mask over the file (two bits a weight: the mask and -0.0 signs)
+    pruned = nested.copies["model.layers.0.mlp.up_proj"]
+    n = pruned.shape[0] * pruned.shape[1]
+    assert pruned.keep is not None and pruned.nbytes() == 2 * ((n + 7) // 8)
+    state.restore(nested)
+    assert _same(_state_of(state), pruned_state) and state.equal(nested)
     nested.close()
     state.restore(ck)
     assert _same(_state_of(state), before) and state.equal(ck) and state.equal(dense)

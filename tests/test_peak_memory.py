@@ -74,3 +74,44 @@ def test_trim_heap_gives_back_what_tokenizing_left_resident():
     base, kept, after = map(float, out[:3])
     assert kept - base > 20, "tokenizing 400k characters left less than 20 MB resident: the probe tests nothing"
     assert out[3] == "True" and after - base < 0.3 * (kept - base)
+
+
+ARENA_PROBE = """
+import gc, sys, torch
+from transformers import AutoTokenizer
+from compress_order.core.memory import apart, return_freed_blocks, trim_heap
+from compress_order.core.paths import ASSETS_DIR
+from compress_order.loaders.models import token_ids
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+return_freed_blocks()
+tok = AutoTokenizer.from_pretrained(ASSETS_DIR / "charllama")
+text = (ASSETS_DIR / "shakespeare" / "train.txt").read_text()
+tokenize = apart if sys.argv[1] == "apart" else (lambda fn, *args: fn(*args))
+ids = tokenize(token_ids, tok, text)
+gc.collect()
+trim_heap()
+base = rss_mb()
+for _ in range(3):  # a stage's per-layer temporaries: tensors of a few MB, allocated and freed
+    ts = [torch.ones(2**20 * 5 // 4) for _ in range(20)]
+    del ts
+print(base, rss_mb(), len(ids))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's arenas and /proc/self/status")
+def test_tokenizing_apart_leaves_no_heap_holes_for_later_tensors_to_stay_resident_in():
+    """The loader tokenizes on a thread of its own (core.memory.apart): on the main thread, the heap holes the
+    tokenizer leaves (trimmed or not) are where later tensors land, resident after they are freed."""
+    def probe(how):
+        out = subprocess.run([sys.executable, "-c", ARENA_PROBE, how], capture_output=True, text=True, check=True)
+        base, after, n = out.stdout.split()
+        assert int(n) > 10**6  # the embedded Shakespeare's training text, tokenized
+        return float(after) - float(base)
+
+    inline, separate = probe("inline"), probe("apart")
+    assert inline > 50, f"tokenizing inline left {inline:.0f} MB of reused holes: the probe tests nothing"
+    assert separate < 20, f"{separate:.0f} MB of freed tensors stayed resident after tokenizing apart"

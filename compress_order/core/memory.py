@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_FROM = 1 << 20
@@ -40,3 +44,14 @@ def trim_heap() -> bool:
     peak and 0.19 GB still resident afterwards, beside every node of the sweep. Returns whether pages went back."""
     libc = _libc()
     return libc is not None and bool(libc.malloc_trim(0))
+
+
+def apart(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` on a thread of its own, for work that makes many small allocations (tokenizing a text).
+
+    glibc gives each thread its own malloc arena. On the main thread, the holes such work leaves in the heap (even
+    trimmed) are where later tensors of a megabyte or more land instead of getting a mapping of their own, and
+    there they stay resident once freed: measured after tokenizing the embedded Shakespeare (1M characters),
+    20 tensors of 5.5 MB allocated and freed left 110 MB resident; tokenized on its own thread, 1 MB."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()

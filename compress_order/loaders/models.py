@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compress_order.core.errors import UserError
-from compress_order.core.memory import trim_heap
+from compress_order.core.memory import apart, trim_heap
 from compress_order.loaders.text import TextSplits
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
@@ -34,7 +34,7 @@ class LoadedModel:
         """`text`'s token ids (`token_ids`), tokenized once per run: the tasks of every seed share them."""
         ids = self.token_ids.get(text)
         if ids is None:
-            ids = self.token_ids[text] = token_ids(self.tokenizer, text)
+            ids = self.token_ids[text] = apart(token_ids, self.tokenizer, text)
         return ids
 
 
@@ -123,8 +123,11 @@ def causal_lm(
     mkw = _decompressed(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
-        ids = {t: token_ids(tok, t) for t in (data.valid, data.train)} if isinstance(data, TextSplits) else {}
-        trim_heap()  # the tokenizer's freed temporaries go back before the weights arrive
+        # on a thread of its own (apart), and trimmed: the tokenizer's freed temporaries go back before the weights
+        # arrive, and leave no holes in the main heap for the run's tensors to stay resident in
+        texts = (data.valid, data.train) if isinstance(data, TextSplits) else ()
+        ids = {t: apart(token_ids, tok, t) for t in texts}
+        trim_heap()
         with warnings.catch_warnings():  # "quantization_config from the model will be used": ours only decompresses
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kw, **mkw)

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from compress_order.core.errors import UserError
 from compress_order.modeling.weight_files import FileSpan
-from compress_order.numerics.bits import fingerprint, pack_bits, raw_bits, unpack_bits
+from compress_order.numerics.bits import fingerprint, pack_bits, pack_codes, raw_bits, unpack_bits, unpack_codes
 from compress_order.numerics.constraints import LayerConstraint, check_invariants
 from compress_order.numerics.quant import QuantGrid
 
@@ -217,9 +217,11 @@ _NO_WEIGHT = torch.empty(0)  # a checkpoint's entry for a target: its weight is 
 @dataclass
 class WeightCopy:
     """A target's weight as a checkpoint keeps it, bit-exact, in the smallest of these forms: the 2-D view whole;
-    its kept entries with the mask in bits (pruned entries are zeros, a sign bit each for -0.0); uint8 codes on its
-    integer grid (with the -0.0 bits); a shared snapshot's tensor in the stored layout, or the model file's bytes (no
-    copy of its own). A pruned or quantized weight takes well under its dense bytes."""
+    its kept entries with the mask in bits (pruned entries are zeros, a sign bit each for -0.0); its codes on its
+    integer grid, two to a byte for grids of 4 bits or fewer (of the kept entries only, with the mask, when pruned;
+    the -0.0 bits beside); a shared snapshot's tensor in the stored layout, or the model file's bytes (no copy of
+    its own), whole or with a mask over it (a weight pruned without updating its kept entries: two bits a weight).
+    A pruned or quantized weight takes well under its dense bytes: a 4-bit one a quarter of bf16's."""
 
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -227,37 +229,55 @@ class WeightCopy:
     stored: Tensor | None = None  # the stored layout, referred to, not owned
     file: FileSpan | None = None  # the stored layout, read back from the model's file
     values: Tensor | None = None  # the kept entries, row-major
-    keep: Tensor | None = None  # packed mask of the kept entries
-    codes: Tensor | None = None  # uint8 (rows, cols)
+    keep: Tensor | None = None  # packed mask of the kept entries (of `values`, `codes`, `stored` or `file`)
+    codes: Tensor | None = None  # numerics.bits.pack_codes of the (kept) entries' codes, row-major
+    count: int = 0  # how many codes `codes` packs
     grid: QuantGrid | None = None
     negzero: Tensor | None = None  # packed bits of the entries that are -0.0
 
     @classmethod
     @torch.no_grad()
-    def of(cls, w: Tensor, c: LayerConstraint, device: torch.device | str) -> "WeightCopy":
+    def of(
+        cls, w: Tensor, c: LayerConstraint, device: torch.device | str, base: "WeightCopy | None" = None
+    ) -> "WeightCopy":
         """The smallest exact copy of the 2-D weight `w` that the layer's constraint suggests: each form is checked
-        to give `w` back bit for bit (else the whole weight is kept)."""
+        to give `w` back bit for bit (else the whole weight is kept). `base`: the layer's dense weight where it is
+        kept anyway (ModelState.dense_base), which a weight pruned from it is a mask over."""
         shape, elt, n = tuple(w.shape), w.element_size(), w.numel()
         best, size = None, n * elt
         negzero = (w == 0) & torch.signbit(w)
         mask = c.mask
-        if mask is not None and mask.shape == w.shape and n // 4 + int(mask.sum()) * elt < size:
-            if not bool((w[~mask] != 0).any()):  # else the pruned entries are not what the mask says
-                values = w[mask].to(device)
-                best = cls(shape, w.dtype, values=values, keep=pack_bits(mask).to(device))  # type: ignore[arg-type]
-                size = n // 4 + values.numel() * elt
+        if mask is not None and (mask.shape != w.shape or bool((w[~mask] != 0).any())):
+            mask = None  # the pruned entries are not what the mask says
+        kept = n if mask is None else int(mask.sum())
+        if mask is not None and base is not None:
+            over = base.weight(w.device).reshape(shape).masked_fill(~mask, 0.0).masked_fill_(negzero, -0.0)
+            if torch.equal(raw_bits(over), raw_bits(w)):
+                best = cls(shape, w.dtype, stored=base.stored, file=base.file, keep=pack_bits(mask).to(device))
+                size = n // 4
+            del over
+        if mask is not None and n // 4 + kept * elt < size:
+            values = w[mask].to(device)
+            best = cls(shape, w.dtype, values=values, keep=pack_bits(mask).to(device))  # type: ignore[arg-type]
+            size = n // 4 + kept * elt
         g = c.grid
         if (
             type(g) is QuantGrid
             and g.bits <= 8
-            and n + n // 8 + 8 * g.scale.numel() < size  # codes, sign bits, the grid's float32 scales and zeros
             and g.scale.shape == (shape[0], shape[1] // g.group_size)
+            # packed codes, sign bits (and mask bits), the grid's float32 scales and zeros
+            and (kept if g.bits > 4 else (kept + 1) // 2) + n // (8 if mask is None else 4) + 8 * g.scale.numel() < size
         ):
             codes = g.codes(w)
-            back = g.dequant(codes, w.dtype).masked_fill_(negzero, -0.0)
+            back = g.dequant(codes, w.dtype)
+            if mask is not None:
+                back.masked_fill_(~mask, 0.0)
+            back.masked_fill_(negzero, -0.0)
             if torch.equal(raw_bits(back), raw_bits(w)):
-                codes8 = codes.to(torch.uint8).to(device)
-                best = cls(shape, w.dtype, codes=codes8, grid=g.to(device).clone())  # type: ignore[arg-type]
+                flat = codes[mask] if mask is not None else codes
+                packed = pack_codes(flat, g.bits).to(device)
+                best = cls(shape, w.dtype, codes=packed, count=kept, grid=g.to(device).clone())  # type: ignore[arg-type]
+                best.keep = None if mask is None else pack_bits(mask).to(device)
             del back, codes
         if best is None:
             return cls(shape, w.dtype, whole=w.to(device, copy=True))  # type: ignore[arg-type]
@@ -270,33 +290,43 @@ class WeightCopy:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def weight(self, device: torch.device | str) -> Tensor:
-        """The 2-D weight, exactly as copied (for a `stored` or `file` copy: the stored layout)."""
-        if self.stored is not None:
-            return self.stored.to(device)
-        if self.file is not None:
-            w = torch.empty(self.file.shape, dtype=self.file.dtype)
-            self.file.read_into(w)
-            return w.to(device)
+        """The 2-D weight, exactly as copied (for a `stored` or `file` copy without a mask: the stored layout)."""
         if self.whole is not None:
             return self.whole.to(device)
-        if self.codes is not None:
+        keep = None if self.keep is None else unpack_bits(self.keep, self.shape, device)
+        if self.stored is not None or self.file is not None:
+            if self.stored is not None:
+                w = self.stored.to(device)
+            else:
+                assert self.file is not None
+                w = torch.empty(self.file.shape, dtype=self.file.dtype)
+                self.file.read_into(w)
+                w = w.to(device)
+            if keep is None:
+                return w
+            w = w.reshape(self.shape).masked_fill(~keep, 0.0)  # not in place: `stored` is the shared snapshot's
+        elif self.codes is not None:
             assert self.grid is not None
-            w = self.grid.to(device).dequant(self.codes.to(device).float(), self.dtype)
+            codes = unpack_codes(self.codes.to(device), self.grid.bits, self.count).float()
+            if keep is None:
+                w = self.grid.to(device).dequant(codes.view(self.shape), self.dtype)
+            else:
+                q = torch.zeros(self.shape, device=device).masked_scatter_(keep, codes)
+                w = self.grid.to(device).dequant(q, self.dtype).masked_fill_(~keep, 0.0)
         else:
-            assert self.keep is not None and self.values is not None
-            w = torch.zeros(self.shape, dtype=self.dtype, device=device)
-            w.masked_scatter_(unpack_bits(self.keep, self.shape, device), self.values.to(device))
+            assert keep is not None and self.values is not None
+            w = torch.zeros(self.shape, dtype=self.dtype, device=device).masked_scatter_(keep, self.values.to(device))
         assert self.negzero is not None
         return w.masked_fill_(unpack_bits(self.negzero, self.shape, device), -0.0)
 
     def write(self, t: Target) -> None:
         """Put the weight back into the target, exactly as copied."""
         stored = t.stored
-        if self.file is not None:
+        if self.file is not None and self.keep is None:
             self.file.read_into(stored)
             return
         w = self.weight(t.device)
-        stored.copy_(w if self.stored is not None else t.adapter.from_2d(w, stored.shape))
+        stored.copy_(w if self.stored is not None and self.keep is None else t.adapter.from_2d(w, stored.shape))
 
 
 class Checkpoint:
@@ -537,7 +567,9 @@ class ModelState:
             ck.snap[n] = (_NO_WEIGHT, t.constraint.clone(self.snapshot_device))
         if self.whole:
             for n, t in self.targets.items():
-                ck.copies[n] = self._shared_copy(t) or WeightCopy.of(t.weight, t.constraint, self.snapshot_device)
+                ck.copies[n] = self._shared_copy(t) or WeightCopy.of(
+                    t.weight, t.constraint, self.snapshot_device, self.dense_base(t)
+                )
         else:
             ck.sums = {n: fingerprint(t.stored) for n, t in self.targets.items()}
             for n, t in self.targets.items():
@@ -582,6 +614,18 @@ class ModelState:
             return None
         return WeightCopy(t.shape, t.dtype, stored=w)
 
+    def dense_base(self, t: Target) -> WeightCopy | None:
+        """The target's dense weight where the run keeps it anyway (the model's file, or the shared snapshot), for a
+        copy of a weight pruned from it to refer to; None where there is none, or where the stored layout is not
+        the 2-D view reshaped (a mask over it would need the layer's transpose)."""
+        if t.adapter.to_2d is not _flatten:
+            return None
+        if t.name in self._files:
+            return WeightCopy(t.shape, t.dtype, file=self._files[t.name][0])
+        if self._shared is not None:
+            return WeightCopy(t.shape, t.dtype, stored=self._shared[0][t.name][0])
+        return None
+
     def _close(self, ck: Checkpoint) -> None:
         if ck in self._open:
             self._open.remove(ck)
@@ -594,7 +638,7 @@ class ModelState:
         oldest of them was taken, it is what each of them saw."""
         lacking = [ck for ck in self._open if t.name not in ck.copies]
         if lacking:
-            copy = WeightCopy.of(t.weight, t.constraint, self.snapshot_device)
+            copy = WeightCopy.of(t.weight, t.constraint, self.snapshot_device, self.dense_base(t))
             for ck in lacking:
                 ck.copies[t.name] = copy
 
@@ -649,7 +693,7 @@ class ModelState:
         c = ck.copies.get(t.name)
         if c is None:
             return ck.sums is not None and torch.equal(fingerprint(t.stored), ck.sums[t.name])
-        now = t.stored if c.stored is not None or c.file is not None else t.weight
+        now = t.stored if (c.stored is not None or c.file is not None) and c.keep is None else t.weight
         return torch.equal(raw_bits(now.cpu()), raw_bits(c.weight("cpu")))
 
     @torch.no_grad()

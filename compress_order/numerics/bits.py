@@ -1,4 +1,5 @@
-"""Bool tensors packed eight to a byte, and floats by their raw bits: the exact, compact forms checkpoints keep."""
+"""Bool tensors packed eight to a byte, integer codes two to a byte, and floats by their raw bits: the exact,
+compact forms checkpoints keep."""
 
 from __future__ import annotations
 
@@ -30,6 +31,27 @@ def unpack_bits(bits: Tensor, shape: tuple[int, ...] | torch.Size, device: torch
     for i in range(8):  # one bool column per bit: no uint8 temporary of the unpacked size
         torch.ne(bits & (1 << i), 0, out=out[:, i])
     return out.reshape(-1)[:n].reshape(shape)
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Integer codes in [0, 2^bits) as flat uint8: two to a byte (low nibble first) for bits <= 4, else one each."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits > 4:
+        return flat
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_codes(packed: Tensor, bits: int, count: int) -> Tensor:
+    """The first `count` codes that `pack_codes` packed with `bits`, as flat uint8."""
+    if bits > 4:
+        return packed[:count]
+    out = torch.empty((packed.numel(), 2), dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 15, out=out[:, 0])
+    torch.bitwise_right_shift(packed, 4, out=out[:, 1])
+    return out.reshape(-1)[:count]
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)  # set bits of each byte
