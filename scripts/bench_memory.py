@@ -119,8 +119,9 @@ def _env() -> dict[str, str]:
 
 
 def _peak(cmd: list[str], out: Path, log: Path) -> int:
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
+    with open(log, "w") as f:  # run in the work folder: `python -c` puts the cwd first on sys.path, and a
+        # checkout there would shadow the one PYTHONPATH names
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=out.parent)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:3])}... failed (exit {proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
     return json.loads(out.read_text())["peak_kb"] * 1024
