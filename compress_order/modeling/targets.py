@@ -240,49 +240,61 @@ class WeightCopy:
     def of(
         cls, w: Tensor, c: LayerConstraint, device: torch.device | str, base: "WeightCopy | None" = None
     ) -> "WeightCopy":
-        """The smallest exact copy of the 2-D weight `w` that the layer's constraint suggests: each form is checked
-        to give `w` back bit for bit (else the whole weight is kept). `base`: the layer's dense weight where it is
-        kept anyway (ModelState.dense_base), which a weight pruned from it is a mask over."""
+        """The smallest exact copy of the 2-D weight `w` that the layer's constraint suggests: the forms are tried
+        smallest first, each checked to give `w` back bit for bit (else the whole weight is kept). `base`: the
+        layer's dense weight where it is kept anyway (ModelState.dense_base), which a weight pruned from it (and
+        not quantized: then it is off the dense values) is a mask over."""
         shape, elt, n = tuple(w.shape), w.element_size(), w.numel()
-        best, size = None, n * elt
         negzero = (w == 0) & torch.signbit(w)
         mask = c.mask
-        if mask is not None and (mask.shape != w.shape or bool((w[~mask] != 0).any())):
-            mask = None  # the pruned entries are not what the mask says
+        pruned = None if mask is None or mask.shape != w.shape else ~mask
+        if pruned is not None and bool(w[pruned].any()):
+            mask = pruned = None  # the pruned entries are not what the mask says
         kept = n if mask is None else int(mask.sum())
-        if mask is not None and base is not None:
-            over = base.weight(w.device).reshape(shape).masked_fill(~mask, 0.0).masked_fill_(negzero, -0.0)
-            if torch.equal(raw_bits(over), raw_bits(w)):
-                best = cls(shape, w.dtype, stored=base.stored, file=base.file, keep=pack_bits(mask).to(device))
-                size = n // 4
-            del over
-        if mask is not None and n // 4 + kept * elt < size:
-            values = w[mask].to(device)
-            best = cls(shape, w.dtype, values=values, keep=pack_bits(mask).to(device))  # type: ignore[arg-type]
-            size = n // 4 + kept * elt
         g = c.grid
-        if (
-            type(g) is QuantGrid
-            and g.bits <= 8
-            and g.scale.shape == (shape[0], shape[1] // g.group_size)
+        forms: list[tuple[int, Callable[[], WeightCopy | None]]] = []
+        if pruned is not None:
+            if base is not None and g is None:
+                forms.append((n // 4, lambda: cls._over(w, pruned, negzero, base)))
+            forms.append((n // 4 + kept * elt, lambda: cls(shape, w.dtype, values=w[mask])))
+        if type(g) is QuantGrid and g.bits <= 8 and g.scale.shape == (shape[0], shape[1] // g.group_size):
             # packed codes, sign bits (and mask bits), the grid's float32 scales and zeros
-            and (kept if g.bits > 4 else (kept + 1) // 2) + n // (8 if mask is None else 4) + 8 * g.scale.numel() < size
-        ):
-            codes = g.codes(w)
-            back = g.dequant(codes, w.dtype)
-            if mask is not None:
-                back.masked_fill_(~mask, 0.0)
-            back.masked_fill_(negzero, -0.0)
-            if torch.equal(raw_bits(back), raw_bits(w)):
-                flat = codes[mask] if mask is not None else codes
-                packed = pack_codes(flat, g.bits).to(device)
-                best = cls(shape, w.dtype, codes=packed, count=kept, grid=g.to(device).clone())  # type: ignore[arg-type]
-                best.keep = None if mask is None else pack_bits(mask).to(device)
-            del back, codes
+            codes = (kept if g.bits > 4 else (kept + 1) // 2) + n // (8 if pruned is None else 4) + 8 * g.scale.numel()
+            forms.append((codes, lambda: cls._codes(w, g, pruned, negzero, kept)))
+        best = None
+        for size, make in sorted(forms, key=lambda f: f[0]):
+            if size >= n * elt or (best := make()) is not None:
+                break
         if best is None:
             return cls(shape, w.dtype, whole=w.to(device, copy=True))  # type: ignore[arg-type]
+        for name in ("values", "codes", "grid"):
+            if (t := getattr(best, name)) is not None:
+                setattr(best, name, t.to(device))
+        best.keep = None if mask is None else pack_bits(mask).to(device)
         best.negzero = pack_bits(negzero).to(device)
         return best
+
+    @classmethod
+    def _over(cls, w: Tensor, pruned: Tensor, negzero: Tensor, base: "WeightCopy") -> "WeightCopy | None":
+        """A mask over `base`'s dense weight, if that gives `w` back."""
+        over = base.weight(w.device).reshape(w.shape).masked_fill(pruned, 0.0).masked_fill_(negzero, -0.0)
+        if not torch.equal(raw_bits(over), raw_bits(w)):
+            return None
+        return cls(tuple(w.shape), w.dtype, stored=base.stored, file=base.file)  # type: ignore[arg-type]
+
+    @classmethod
+    def _codes(cls, w: Tensor, g: QuantGrid, pruned: Tensor | None, negzero: Tensor, kept: int) -> "WeightCopy | None":
+        """The (kept) entries' codes on the grid `g`, packed, if they give `w` back."""
+        codes = g.codes(w)
+        back = g.dequant(codes, w.dtype)
+        if pruned is not None:
+            back.masked_fill_(pruned, 0.0)
+        if not torch.equal(raw_bits(back.masked_fill_(negzero, -0.0)), raw_bits(w)):
+            return None
+        del back
+        codes = codes.to(torch.uint8)
+        packed = pack_codes(codes if pruned is None else codes[~pruned], g.bits)
+        return cls(tuple(w.shape), w.dtype, codes=packed, count=kept, grid=g.clone())  # type: ignore[arg-type]
 
     def nbytes(self) -> int:
         """Bytes it owns (a shared snapshot's tensor is not counted)."""
