@@ -89,7 +89,7 @@ def rss_mb():
 
 return_freed_blocks()
 tok = AutoTokenizer.from_pretrained(ASSETS_DIR / "charllama")
-text = (ASSETS_DIR / "shakespeare" / "train.txt").read_text()
+text = (ASSETS_DIR / "shakespeare" / "train.txt").read_text()[:400_000]
 tokenize = apart if sys.argv[1] == "apart" else (lambda fn, *args: fn(*args))
 ids = tokenize(token_ids, tok, text)
 gc.collect()
@@ -109,7 +109,7 @@ def test_tokenizing_apart_leaves_no_heap_holes_for_later_tensors_to_stay_residen
     def probe(how):
         out = subprocess.run([sys.executable, "-c", ARENA_PROBE, how], capture_output=True, text=True, check=True)
         base, after, n = out.stdout.split()
-        assert int(n) > 10**6  # the embedded Shakespeare's training text, tokenized
+        assert int(n) == 400_000  # 400k characters of the embedded Shakespeare, one token each
         return float(after) - float(base)
 
     inline, separate = probe("inline"), probe("apart")
