@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compress_order.modeling.targets import ModelState, WeightCopy, find_targets
-from compress_order.numerics.bits import pack_bits, raw_bits, unpack_bits
+from compress_order.numerics.bits import fingerprint, pack_bits, raw_bits, unpack_bits
 from compress_order.run.pipeline import apply_stage
 from compress_order.run.trie import build_trie, run_trie
 from compress_order.stages.magnitude import Magnitude
@@ -64,6 +64,22 @@ def test_packed_bits_round_trip_any_length():
         assert torch.equal(unpack_bits(bits, (n,), "cpu"), mask)
     mask = torch.rand(6, 10) < 0.5
     assert torch.equal(unpack_bits(pack_bits(mask), (6, 10), "cpu"), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_fingerprint_sees_one_changed_entry_and_two_swapped(dtype):
+    w = torch.randn(6, 10).to(dtype)
+    same = fingerprint(w.clone())
+    assert torch.equal(fingerprint(w), same)
+    for edit in (
+        lambda v: v.__setitem__((2, 3), -v[2, 3]),  # a sign
+        lambda v: v.__setitem__((0, 0), torch.tensor(-0.0, dtype=dtype)),  # -0.0 for a value
+        lambda v: v.__setitem__((1, slice(None)), v[1].flip(0)),  # entries of a row swapped
+        lambda v: v.__setitem__((slice(None), 4), v[:, 4].flip(0)),  # entries of a column swapped
+    ):
+        v = w.clone()
+        edit(v)
+        assert not torch.equal(fingerprint(v), same)
 
 
 def test_weight_copies_are_bit_exact_and_small():
