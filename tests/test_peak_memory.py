@@ -115,3 +115,37 @@ def test_tokenizing_apart_leaves_no_heap_holes_for_later_tensors_to_stay_residen
     inline, separate = probe("inline"), probe("apart")
     assert inline > 50, f"tokenizing inline left {inline:.0f} MB of reused holes: the probe tests nothing"
     assert separate < 20, f"{separate:.0f} MB of freed tensors stayed resident after tokenizing apart"
+
+
+APART_WAIT_PROBE = """
+import sys, threading
+from compress_order.core.memory import apart
+
+def blocked():
+    print("started", flush=True)
+    threading.Event().wait()  # never set: only an interrupt of the caller ends the wait
+
+try:
+    apart(blocked)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_apart_returns_the_value_reraises_the_error_and_ctrl_c_does_not_wait_for_the_work():
+    import signal
+
+    from compress_order.core.memory import apart
+
+    assert apart(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(ValueError, match="bad text"):
+        apart(lambda: (_ for _ in ()).throw(ValueError("bad text")))
+    proc = subprocess.Popen([sys.executable, "-c", APART_WAIT_PROBE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)  # a failure would block forever: the timeout only ends it
+    finally:
+        proc.kill()
+    assert proc.returncode == 3 and out.strip() == "interrupted"
