@@ -260,7 +260,7 @@ class WeightCopy:
         if type(g) is QuantGrid and g.bits <= 8 and g.scale.shape == (shape[0], shape[1] // g.group_size):
             # packed codes, sign bits (and mask bits), the grid's float32 scales and zeros
             codes = (kept if g.bits > 4 else (kept + 1) // 2) + n // (8 if pruned is None else 4) + 8 * g.scale.numel()
-            forms.append((codes, lambda: cls._codes(w, g, pruned, negzero, kept)))
+            forms.append((codes, lambda: cls._codes(w, g, mask, negzero, kept)))
         best = None
         for size, make in sorted(forms, key=lambda f: f[0]):
             if size >= n * elt or (best := make()) is not None:
@@ -270,7 +270,7 @@ class WeightCopy:
         for name in ("values", "codes", "grid"):
             if (t := getattr(best, name)) is not None:
                 setattr(best, name, t.to(device))
-        best.keep = None if mask is None else pack_bits(mask).to(device)
+        best.keep = None if mask is None else c.packed_mask.to(device, copy=True)  # the constraint's own bits
         best.negzero = pack_bits(negzero).to(device)
         return best
 
@@ -283,17 +283,17 @@ class WeightCopy:
         return cls(tuple(w.shape), w.dtype, stored=base.stored, file=base.file)  # type: ignore[arg-type]
 
     @classmethod
-    def _codes(cls, w: Tensor, g: QuantGrid, pruned: Tensor | None, negzero: Tensor, kept: int) -> "WeightCopy | None":
+    def _codes(cls, w: Tensor, g: QuantGrid, mask: Tensor | None, negzero: Tensor, kept: int) -> "WeightCopy | None":
         """The (kept) entries' codes on the grid `g`, packed, if they give `w` back."""
         codes = g.codes(w)
         back = g.dequant(codes, w.dtype)
-        if pruned is not None:
-            back.masked_fill_(pruned, 0.0)
+        if mask is not None:
+            back.masked_fill_(~mask, 0.0)
         if not torch.equal(raw_bits(back.masked_fill_(negzero, -0.0)), raw_bits(w)):
             return None
         del back
         codes = codes.to(torch.uint8)
-        packed = pack_codes(codes if pruned is None else codes[~pruned], g.bits)
+        packed = pack_codes(codes if mask is None else codes[mask], g.bits)
         return cls(tuple(w.shape), w.dtype, codes=packed, count=kept, grid=g.clone())  # type: ignore[arg-type]
 
     def nbytes(self) -> int:
