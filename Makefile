@@ -31,8 +31,10 @@ $(WIKI): | $(STAMP)
 
 data: $(WIKI)  ## prepare the offline text data sets (wikipedia, news)
 
+# One worker per core (at most 4: each holds its own tiny models); a module's tests stay on one worker so its
+# fixtures are built once. `pytest tests/test_x.py` alone still runs in one process.
 test: $(STAMP) $(WIKI)  ## fast test suite
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=15
 
 test-slow: $(STAMP)  ## slow tests (shipped models, quality checks)
 	$(BIN)/python -m pytest -q -m slow
