@@ -251,6 +251,8 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
         lines.append(f"- **{m}**: {note}.")
     lines += ["", "## What ran", "", "| cell | seeds | wall (min) |", "|---|---|---|"]
     lines += [f"| {r['cell']} | {r['seeds']} | {_fmt(r['wall_min'], 3)} |" for r in ran] or ["| (none yet) | | |"]
+    lines += ["", "Wall: minutes of the runs that finished the cell, on a 2-core box shared with other work; nodes an "
+              "interrupted run of an earlier session left in the store are read back, not counted again."]
     if missing:
         lines += ["", f"Not run yet ({len(missing)} cells of the protocol; "
                   "`python scripts/real_models.py` resumes): " + ", ".join(missing) + "."]
