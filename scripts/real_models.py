@@ -254,7 +254,7 @@ def render(df: pd.DataFrame, ran: list[dict], args: argparse.Namespace, argv: li
     lines += ["", "Wall: minutes of the runs that finished the cell, on a 2-core box shared with other work; nodes an "
               "interrupted run of an earlier session left in the store are read back, not counted again."]
     if missing:
-        lines += ["", f"Not run yet ({len(missing)} cells of the protocol; "
+        lines += ["", f"Not run yet ({len(missing)} cell{'' if len(missing) == 1 else 's'} of the protocol; "
                   "`python scripts/real_models.py` resumes): " + ", ".join(missing) + "."]
     lines += ["", "A cell stopped part-way contributes the nodes it finished (kept in docs/real-models/ marked partial; "
               "the next invocation computes it whole); a setting appears below once both of its orders finished for at least one seed."]
