@@ -75,8 +75,7 @@ DRIFT_CAUSE = (
     "rewrite (47a7409, float32 arithmetic reordered) changes results: on SmolLM2's first block it changes 0.076% of "
     "GPTQ's codes, as many as perturbing the Hessian by 1e-7 relative, and GPTQ's rounding carries such differences "
     "through the blocks (perturbing the Hessian by 1e-6 on the old code moves GPTQ's perplexity 31.04 → 31.31); "
-    "calibration samples, Hessians and settings are identical. The changes are mixed in sign across seeds and "
-    "smaller than the seed-to-seed spread."
+    "calibration samples, Hessians and settings are identical."
 )
 GRIDS = ("keep", "refit")
 
@@ -385,6 +384,24 @@ def node_drift(a_dir: Path, b_dir: Path, depth: int = 1) -> float:
     return float(((both["value_a"] - both["value_b"]).abs() / both["value_a"].abs()).max())
 
 
+def drift_against_seeds(pairs: list[tuple[Path, Path]]) -> tuple[int, int, int, int]:
+    """How the nodes two versions both computed (beyond dense, up to depth 2) moved: how many values rose, how many
+    fell, and in how many of the (cell, order, metric) groups the largest move exceeds the spread of the older
+    version's values over seeds ((max − min) / |mean|)."""
+    up = down = over = groups = 0
+    for old_dir, new_dir in pairs:
+        a, b = (pd.read_parquet(p / "results.parquet") for p in (old_dir, new_dir))
+        a, b = (x[x["metric"].isin(["perplexity", "kld"]) & (x["depth"].between(1, 2))] for x in (a, b))
+        both = a.merge(b, on=["order", "seed", "metric", "backend"], suffixes=("_a", "_b"))
+        both = both[both["value_a"].abs() > 1e-6]
+        move = (both["value_b"] - both["value_a"]) / both["value_a"].abs()
+        up, down = up + int((move > 0).sum()), down + int((move < 0).sum())
+        for _, g in both.assign(move=move.abs()).groupby(["order", "metric"]):
+            spread = (g["value_a"].max() - g["value_a"].min()) / abs(g["value_a"].mean())
+            groups, over = groups + 1, over + int(g["move"].max() > spread)
+    return up, down, over, groups
+
+
 def _shas(folders: list[Path]) -> str:
     shas = {s[:7] for f in folders for s in pd.read_parquet(f / "results.parquet", columns=["git_sha"])["git_sha"]}
     return ", ".join(sorted(shas))
@@ -409,6 +426,7 @@ def refit_section(pairs: list[tuple[Cell, Path, Path]], args: argparse.Namespace
     refit = collect.collect(merged) if pairs else pd.DataFrame()
     older = [(args.kept / c.kept_twin.folder, k) for c, k, _ in pairs if (args.kept / c.kept_twin.folder).is_dir()]
     drift = max((node_drift(o, k, depth=2) for o, k in older), default=math.nan)
+    up, down, over, groups = drift_against_seeds(older)
     lines = ["", "## Quantize then prune: the earlier grid kept or refit", "",
              "After GPTQ, SparseGPT's updates are rounded onto the grid GPTQ fitted (`grid: keep`, every table above) "
              "or onto a grid of the same kind refit to the weights pruning writes (`grid: refit`, docs/stages.md). "
@@ -420,8 +438,10 @@ def refit_section(pairs: list[tuple[Cell, Path, Path]], args: argparse.Namespace
     if older:
         lines += ["", f"The keep runs here were computed at {_shas([k for _, k in older])}, the tables above at "
                   f"{_shas([o for o, _ in older])}: the same nodes differ by up to {_fmt(100 * drift, 2)}% "
-                  f"(perplexity or KLD, any seed). {DRIFT_CAUSE} So keep and refit are compared here only against "
-                  "each other, never against the tables above."]  # fmt: skip
+                  f"(perplexity or KLD, any seed). {DRIFT_CAUSE} Of the values both versions computed beyond dense, "
+                  f"{up} rose and {down} fell; in {over} of {groups} (setting, order, metric) the largest change "
+                  "exceeds the spread of the older values over seeds. So keep and refit are compared here only "
+                  "against each other, never against the tables above."]  # fmt: skip
     if unpaired:
         lines += ["", "Left out (their refit run does not share the keep run's nodes: different code or store): "
                   + ", ".join(unpaired) + "."]  # fmt: skip
@@ -483,8 +503,10 @@ def refit_section(pairs: list[tuple[Cell, Path, Path]], args: argparse.Namespace
                         f"{c['gained']} undecided become decided")
     lines.append(f"- PIH (weaker stage first, from the singles) right by perplexity in {pih_right['keep']} of "
                  f"{n_pih} settings under keep, {pih_right['refit']} of {n_pih} under refit.")  # fmt: skip
-    summary = (f"With the earlier grid refit instead of kept (`grid: refit`; {n_pih} of the {n_cells} [sparsegpt, "
-               f"gptq] settings so far, both settings run at one version): {'; '.join(sentence)}; PIH is right by "
+    ran = f"all {n_cells}" if n_pih == n_cells else f"{n_pih} of the {n_cells}"
+    so_far = "" if n_pih == n_cells else " so far"
+    summary = (f"With the earlier grid refit instead of kept (`grid: refit`; {ran} [sparsegpt, gptq] settings"
+               f"{so_far}, both settings run at one version): {'; '.join(sentence)}; PIH is right by "
                f"perplexity in {pih_right['keep']} → {pih_right['refit']} of {n_pih}.")  # fmt: skip
     return lines, summary
 

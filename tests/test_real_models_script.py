@@ -158,6 +158,7 @@ def test_a_refit_cell_reruns_its_kept_twin_then_only_the_quantize_first_order_an
     doc = (tmp / "doc.md").read_text()
     assert "## Quantize then prune: the earlier grid kept or refit" in doc and "Left out" not in doc
     assert "the same nodes differ by up to 0%" in doc  # the tables above ran with the same code here
+    assert "beyond dense, 0 rose and 0 fell; in 0 of " in doc
     rows = [ln for ln in doc.splitlines() if ln.startswith("| tiny | [sparsegpt, gptq] W4 g32 | 1 |")]
     assert len(rows) == 1  # the keep/refit table (the pair's table above lists its model in a heading)
     row = rows[0].split(" | ")
@@ -176,3 +177,23 @@ def test_a_refit_cell_reruns_its_kept_twin_then_only_the_quantize_first_order_an
     doc = (tmp / "doc.md").read_text()
     assert "Left out (their refit run does not share the keep run's nodes" in doc and "smollm2/sparsegpt-gptq-w4-50pct-refit." in doc
     assert not [ln for ln in doc.splitlines() if ln.startswith("| tiny | [sparsegpt, gptq] W4 g32 | 1 |")]
+
+
+def test_drift_between_versions_counts_moves_and_groups_beyond_the_seed_spread(tmp_path):
+    """The document's account of how nodes computed by two versions differ: rises and falls beyond dense, and the
+    (order, metric) groups whose largest move exceeds the older version's spread over seeds."""
+    mod = load_script("real_models")
+
+    def run(name, values):  # {(order, depth, metric): [value per seed]}
+        rows = [{"order": o, "depth": d, "metric": m, "backend": "none", "seed": s, "value": v}
+                for (o, d, m), vs in values.items() for s, v in enumerate(vs)]  # fmt: skip
+        (tmp_path / name).mkdir()
+        pd.DataFrame(rows).to_parquet(tmp_path / name / "results.parquet")
+        return tmp_path / name
+
+    old = run("old", {("dense", 0, "perplexity"): [10, 10], ("gptq", 1, "perplexity"): [20, 22],  # spread 2/21
+                      ("gptq", 1, "kld"): [0.5, 0.5], ("a > b", 2, "perplexity"): [30, 40]})  # fmt: skip
+    new = run("new", {("dense", 0, "perplexity"): [11, 10], ("gptq", 1, "perplexity"): [21, 22],  # 5% < 9.5%
+                      ("gptq", 1, "kld"): [0.4, 0.5],  # 20% > a spread of 0
+                      ("a > b", 2, "perplexity"): [33, 36]})  # 10% both ways < 29%  # fmt: skip
+    assert mod.drift_against_seeds([(old, new)]) == (2, 2, 1, 3)  # dense is left out; equal values count neither way
