@@ -372,13 +372,19 @@ def merge_refit(twin: Path, refit: Path, cell: Cell, out: Path) -> Path:
     return out
 
 
+def shared_nodes(a_dir: Path, b_dir: Path, depths: tuple[int, int]) -> pd.DataFrame:
+    """Perplexity and KLD of the nodes (depth in `depths`, inclusive) two runs both computed, per seed:
+    `value_a`, `value_b` side by side (values of 0, dense's KLD, left out)."""
+    a, b = (pd.read_parquet(p / "results.parquet") for p in (a_dir, b_dir))
+    a, b = (x[x["metric"].isin(["perplexity", "kld"]) & x["depth"].between(*depths)] for x in (a, b))
+    both = a.merge(b, on=["order", "seed", "metric", "backend"], suffixes=("_a", "_b"))
+    return both[both["value_a"].abs() > 1e-6]
+
+
 def node_drift(a_dir: Path, b_dir: Path, depth: int = 1) -> float:
     """Largest relative difference of perplexity and KLD, over seeds, between the nodes two runs both computed up
     to `depth` (dense and the singles by default); NaN when they share none."""
-    a, b = (pd.read_parquet(p / "results.parquet") for p in (a_dir, b_dir))
-    a, b = (x[x["metric"].isin(["perplexity", "kld"]) & (x["depth"] <= depth)] for x in (a, b))
-    both = a.merge(b, on=["order", "seed", "metric", "backend"], suffixes=("_a", "_b"))
-    both = both[both["value_a"].abs() > 1e-6]
+    both = shared_nodes(a_dir, b_dir, (0, depth))
     if both.empty:
         return math.nan
     return float(((both["value_a"] - both["value_b"]).abs() / both["value_a"].abs()).max())
@@ -390,10 +396,7 @@ def drift_against_seeds(pairs: list[tuple[Path, Path]]) -> tuple[int, int, int, 
     version's values over seeds ((max − min) / |mean|)."""
     up = down = over = groups = 0
     for old_dir, new_dir in pairs:
-        a, b = (pd.read_parquet(p / "results.parquet") for p in (old_dir, new_dir))
-        a, b = (x[x["metric"].isin(["perplexity", "kld"]) & (x["depth"].between(1, 2))] for x in (a, b))
-        both = a.merge(b, on=["order", "seed", "metric", "backend"], suffixes=("_a", "_b"))
-        both = both[both["value_a"].abs() > 1e-6]
+        both = shared_nodes(old_dir, new_dir, (1, 2))
         move = (both["value_b"] - both["value_a"]) / both["value_a"].abs()
         up, down = up + int((move > 0).sum()), down + int((move < 0).sum())
         for _, g in both.assign(move=move.abs()).groupby(["order", "metric"]):
@@ -503,10 +506,10 @@ def refit_section(pairs: list[tuple[Cell, Path, Path]], args: argparse.Namespace
                         f"{c['gained']} undecided become decided")
     lines.append(f"- PIH (weaker stage first, from the singles) right by perplexity in {pih_right['keep']} of "
                  f"{n_pih} settings under keep, {pih_right['refit']} of {n_pih} under refit.")  # fmt: skip
-    ran = f"all {n_cells}" if n_pih == n_cells else f"{n_pih} of the {n_cells}"
-    so_far = "" if n_pih == n_cells else " so far"
-    summary = (f"With the earlier grid refit instead of kept (`grid: refit`; {ran} [sparsegpt, gptq] settings"
-               f"{so_far}, both settings run at one version): {'; '.join(sentence)}; PIH is right by "
+    ran = f"all {n_cells} [sparsegpt, gptq] settings" if n_pih == n_cells else \
+        f"{n_pih} of the {n_cells} [sparsegpt, gptq] settings so far"
+    summary = (f"With the earlier grid refit instead of kept (`grid: refit`; {ran}, both settings run at one "
+               f"version): {'; '.join(sentence)}; PIH is right by "
                f"perplexity in {pih_right['keep']} → {pih_right['refit']} of {n_pih}.")  # fmt: skip
     return lines, summary
 
